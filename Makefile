@@ -1,0 +1,31 @@
+# hasten: `make test` builds (or reuses) .venv and runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines: pin the local CPU wheel so no multi-GB CUDA build is pulled.
+# On a CUDA machine run `make test TORCH_SPEC=torch` (or any spec you like).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test lint bench-solvers clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench-solvers: venv
+	$(PY) benchmarks/solver_overhead.py --out benchmarks/results/solver_overhead.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,67 @@
+"""hasten: make a pretrained diffusion model sample fast, and prove it.
+
+The public API in one place::
+
+    import hasten
+    den = hasten.EpsDenoiser(unet, hasten.VPDiscrete.from_betas("linear"))
+    sigmas = hasten.get_sigmas("karras", 10, den.schedule)
+    x = hasten.sample(den, noise * sigmas[0], sigmas, "dpmpp_2m")
+"""
+
+from . import models, schedules, solvers
+from .config import Config
+from .models import (
+    CFGDenoiser,
+    Denoiser,
+    DynamicThreshold,
+    EpsDenoiser,
+    FlowDenoiser,
+    VDenoiser,
+    X0Denoiser,
+)
+from .registry import Registry
+from .schedules import (
+    VE,
+    FlowMatching,
+    NoiseSchedule,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    get_sigmas,
+    karras,
+    logsnr_uniform,
+)
+from .solvers import NonFiniteOutputError, SampleOutput, Solver, available, get_solver, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VE",
+    "CFGDenoiser",
+    "Config",
+    "Denoiser",
+    "DynamicThreshold",
+    "EpsDenoiser",
+    "FlowDenoiser",
+    "FlowMatching",
+    "NoiseSchedule",
+    "NonFiniteOutputError",
+    "Registry",
+    "SampleOutput",
+    "Solver",
+    "VDenoiser",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "X0Denoiser",
+    "__version__",
+    "available",
+    "get_solver",
+    "get_sigmas",
+    "karras",
+    "logsnr_uniform",
+    "models",
+    "sample",
+    "schedules",
+    "solvers",
+]

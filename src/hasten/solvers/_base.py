@@ -1,0 +1,299 @@
+"""The solver contract, the solver registry and the one shared sampling loop.
+
+A solver is a frozen config (its options) with a pure ``step``: given the current ``x`` at
+``sigmas[i]``, the explicit state it returned last time and a counted model, it returns ``x`` at
+``sigmas[i + 1]`` and its new state. No hidden step counters: everything a step needs is in
+:class:`StepInfo` and the state, so tests can seed a multistep history exactly (diffrax / torchsde style).
+
+Reference: Karras et al., EDM, Alg. 1-2 (one readable loop); Kidger, diffrax (pure ``step`` with
+explicit solver state and a declared order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..registry import Registry
+from ..schedules.grids import from_sigmas
+
+__all__ = [
+    "SOLVERS",
+    "Model",
+    "NonFiniteOutputError",
+    "SampleOutput",
+    "Solver",
+    "StepHook",
+    "StepInfo",
+    "available",
+    "ddim_step",
+    "get_solver",
+    "register_solver",
+    "sample",
+]
+
+NoiseFn = Callable[[], Tensor]
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The denoiser returned NaN or infinity; the message names the step index and sigma."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """Where a step is: its index and the whole discretisation (Python floats, float64)."""
+
+    index: int
+    sigmas: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def sigma(self) -> float:
+        return self.sigmas[self.index]
+
+    @property
+    def sigma_next(self) -> float:
+        return self.sigmas[self.index + 1]
+
+    @property
+    def remaining(self) -> int:
+        """Steps left including this one (1 at the final step)."""
+        return self.num_steps - self.index
+
+
+class Model(Protocol):
+    """What a solver calls: the bound, counted denoiser ``model(x, sigma) -> x0_hat``."""
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor: ...
+
+
+class StepHook(Protocol):
+    """Told where sampling is before every step (caches and early exit key their state on it)."""
+
+    def begin_step(self, info: StepInfo) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver(Config):
+    """Base of every solver. Subclasses are frozen dataclasses whose fields are the solver's options.
+
+    Class attributes: ``name`` (registry key, k-diffusion vocabulary) and ``order`` (the global
+    convergence order, unless the subclass has an ``order`` option). ``step`` must be pure apart from
+    calling ``model`` and ``noise``.
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 1
+
+    @property
+    def convergence_order(self) -> int:
+        """The global order of accuracy the order tests check."""
+        return int(self.order)
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def min_steps(self) -> int:
+        """The fewest steps this solver can take."""
+        return 1
+
+    def step(
+        self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn
+    ) -> tuple[Tensor, Any]:  # pragma: no cover - interface
+        """Advance ``x`` from ``info.sigma`` to ``info.sigma_next``; returns ``(x_next, new_state)``."""
+        raise TypeError(f"{type(self).__name__} does not implement step()")
+
+
+def ddim_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """First-order exponential-integrator step: DDIM (eta = 0) = DPM-Solver-1 = Euler in VE form.
+
+    ``x' = (sigma' / sigma) x + (1 - sigma' / sigma) D``; exact when ``D`` is constant along the path.
+
+    Reference: Song et al., DDIM, Eq. 12; Lu et al., DPM-Solver, Eq. 3.7 (first order).
+    """
+    ratio = sigma_next / sigma
+    return ratio * x + (1.0 - ratio) * denoised
+
+
+@dataclasses.dataclass(frozen=True)
+class _SolverSpec:
+    cls: type[Solver]
+    defaults: Mapping[str, Any]
+
+
+SOLVERS: Registry[_SolverSpec] = Registry("solver")
+
+
+def register_solver(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver]]:
+    """Class decorator: register ``cls`` under ``name`` with option presets (stackable)."""
+
+    def decorator(cls: type[Solver]) -> type[Solver]:
+        unknown = set(defaults) - set(cls.option_names())
+        if unknown:
+            raise TypeError(f"preset {name!r}: {cls.__name__} has no option(s) {sorted(unknown)}")
+        SOLVERS.add(name, _SolverSpec(cls, dict(defaults)))
+        if not cls.__dict__.get("name"):
+            cls.name = name
+        return cls
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of all registered solvers."""
+    return SOLVERS.names()
+
+
+def get_solver(solver: str | Solver, **options: Any) -> Solver:
+    """Resolve a solver name (plus options) or pass a configured solver through.
+
+    Raises:
+        KeyError: unknown name (the message lists the available solvers).
+        TypeError: an option the solver does not take (the message lists those it does).
+    """
+    if isinstance(solver, Solver):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with an already-configured solver {solver!r}")
+        return solver
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a name or a Solver, got {type(solver).__name__}")
+    spec = SOLVERS.get(solver)
+    try:
+        return spec.cls.create(**{**spec.defaults, **options})
+    except TypeError as err:
+        raise TypeError(f"solver {solver!r}: {err}") from None
+
+
+class _CountedModel:
+    """Binds conditioning, checks every output and counts denoiser calls (NFE)."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], cond: Mapping[str, Any], x: Tensor, check_finite: bool):
+        self.denoiser, self.cond, self.check_finite = denoiser, dict(cond), check_finite
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.nfe = 0
+        self.step_index = 0
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+        sigma_b = torch.full((x.shape[0],), sigma, dtype=self.dtype, device=self.device)
+        out = self.denoiser(x, sigma_b, **self.cond)
+        self.nfe += 1
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the denoiser must return a Tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(
+                f"the denoiser returned shape {tuple(out.shape)} for input shape {tuple(x.shape)} "
+                f"at step {self.step_index} (sigma={sigma:.6g})"
+            )
+        out = out.to(self.dtype)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteOutputError(
+                f"the denoiser returned non-finite values at step {self.step_index} (sigma={sigma:.6g})"
+            )
+        return out
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """What :func:`sample` returns with ``return_info=True``."""
+
+    x: Tensor
+    nfe: int
+    sigmas: tuple[float, ...]
+    solver: Solver
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+def sample(
+    denoiser: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    solver: str | Solver = "dpmpp_2m",
+    *,
+    cond: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    hooks: Sequence[StepHook] = (),
+    callback: Callable[[int, float, Tensor], None] | None = None,
+    state: Any = None,
+    denoise_to_zero: bool = False,
+    check_finite: bool = True,
+    return_info: bool = False,
+    **options: Any,
+) -> Tensor | SampleOutput:
+    """Solve the diffusion ODE/SDE from ``sigmas[0]`` to ``sigmas[-1]`` with the chosen solver.
+
+    Args:
+        denoiser: ``D(x, sigma, **cond) -> x0_hat`` in VE form (see :mod:`hasten.models`).
+        x: Starting point at noise level ``sigmas[0]`` (e.g. ``noise * sigmas[0]``), shape ``[B, ...]``.
+        sigmas: Descending VE noise levels, length ``steps + 1``; the last may be 0.
+        solver: A registered name (see :func:`available`) or a configured :class:`Solver`.
+        cond: Conditioning passed to every denoiser call (``{"class_labels": y}``).
+        generator: Random source for stochastic solvers.
+        hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
+        callback: Called as ``callback(i, sigma_next, x)`` after every step.
+        state: Initial solver state (to resume, or to seed a multistep history exactly).
+        denoise_to_zero: If the grid ends above 0, finish with one extra denoiser call (DPM-Solver's
+            option); counted in NFE.
+        check_finite: Raise :class:`NonFiniteOutputError` on NaN/inf denoiser outputs.
+        return_info: Return a :class:`SampleOutput` with the NFE instead of the tensor alone.
+        **options: Solver options, e.g. ``order=3``, ``variant="bh2"``, ``eta=0.5``.
+
+    Returns:
+        ``x`` at ``sigmas[-1]`` (or the denoised result), in the input's dtype; numerics run in
+        float32 (or float64 for float64 inputs).
+
+    Example:
+        >>> import torch, hasten
+        >>> gmm = hasten.models.ProductMixture()
+        >>> sigmas = hasten.schedules.karras(10, 0.01, 20.0)
+        >>> x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        >>> hasten.sample(gmm, x, sigmas, "dpmpp_2m").shape
+        torch.Size([4, 8])
+    """
+    solver = get_solver(solver, **options)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+    grid = tuple(from_sigmas(sigmas).tolist())
+    if len(grid) - 1 < solver.min_steps():
+        raise ValueError(f"solver {solver.name!r} needs at least {solver.min_steps()} steps, got {len(grid) - 1}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xw = x.to(work)
+    if not bool(torch.isfinite(xw).all()):
+        raise ValueError("the starting point x contains NaN or infinity")
+    model = _CountedModel(denoiser, cond or {}, xw, check_finite)
+
+    def noise() -> Tensor:
+        return torch.randn(xw.shape, generator=generator, dtype=work, device=xw.device)
+
+    for i in range(len(grid) - 1):
+        info = StepInfo(i, grid)
+        model.step_index = i
+        for hook in hooks:
+            hook.begin_step(info)
+        xw, state = solver.step(model, xw, info, state, noise)
+        if callback is not None:
+            callback(i, grid[i + 1], xw)
+    if denoise_to_zero and grid[-1] > 0:
+        model.step_index = len(grid) - 1
+        xw = model(xw, grid[-1])
+    out = xw.to(x.dtype)
+    return SampleOutput(out, model.nfe, grid, solver) if return_info else out
+
+
+def lambda_of(sigma: float) -> float:
+    """Half log-SNR of a VE noise level, ``lambda = -log sigma`` (``inf`` at sigma = 0)."""
+    return math.inf if sigma == 0 else -math.log(sigma)

@@ -1,0 +1,100 @@
+"""Euler (= deterministic DDIM), ancestral Euler (= DDIM with eta, DDPM posterior) and Heun."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch import Tensor
+
+from ._base import Model, NoiseFn, Solver, StepInfo, ddim_step, register_solver
+
+
+@register_solver("euler")
+@dataclasses.dataclass(frozen=True)
+class Euler(Solver):
+    """Euler on the VE probability-flow ODE ``dx/dsigma = (x - D) / sigma``, identical to DDIM (eta = 0).
+
+    Reference: Song et al., DDIM, ICLR 2021, Eq. 12 with sigma_t = 0; Karras et al., EDM, Sec. 3.
+    """
+
+    order = 1
+
+    def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
+        denoised = model(x, info.sigma)
+        return ddim_step(x, denoised, info.sigma, info.sigma_next), None
+
+
+def ancestral_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """Split the move to ``sigma_next`` into a deterministic part to ``sigma_down`` plus fresh noise ``sigma_up``.
+
+    ``sigma_up = eta * sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2)``, ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``.
+    In VP terms this is exactly DDIM's ``c1`` / ``c2`` split, so eta = 1 gives the DDPM posterior.
+
+    Reference: Song et al., DDIM, Eq. 16; k-diffusion ``get_ancestral_step``.
+    """
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+@register_solver("euler_ancestral", eta=1.0)
+@register_solver("ddpm", eta=1.0)
+@register_solver("ddim", eta=0.0)
+@dataclasses.dataclass(frozen=True)
+class EulerAncestral(Solver):
+    """DDIM with stochasticity ``eta``: a deterministic DDIM step to ``sigma_down``, then fresh noise ``sigma_up``.
+
+    ``eta = 0`` is deterministic DDIM (= ``euler``); ``eta = 1`` is ancestral sampling from the DDPM
+    posterior ``q(x_{t-1} | x_t, x0_hat)`` with the "fixed small" variance (diffusers' ``DDPMScheduler``).
+
+    Args:
+        eta: Noise fraction in [0, 1] (above 1 is allowed as in the references, capped at sigma_next).
+        s_noise: Scale of the added noise (EDM's S_noise); 1 is exact.
+
+    Reference: Song et al., DDIM, ICLR 2021, Eq. 12 and 16; Ho et al., DDPM, Eq. 6-7.
+    """
+
+    order = 1
+    eta: float = 1.0
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
+        denoised = model(x, info.sigma)
+        sigma_down, sigma_up = ancestral_levels(info.sigma, info.sigma_next, self.eta)
+        x = ddim_step(x, denoised, info.sigma, sigma_down)
+        if sigma_up > 0:
+            x = x + noise() * (self.s_noise * sigma_up)
+        return x, None
+
+
+@register_solver("heun")
+@dataclasses.dataclass(frozen=True)
+class Heun(Solver):
+    """Heun's second-order method on ``dx/dsigma = (x - D) / sigma``; 2 NFE per step, 1 on a step to 0.
+
+    Reference: Karras et al., EDM, NeurIPS 2022, Algorithm 1 (deterministic, S_churn = 0).
+    """
+
+    order = 2
+
+    def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
+        sigma, sigma_next = info.sigma, info.sigma_next
+        # Euler step.
+        d = (x - model(x, sigma)) / sigma
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            return x_euler, None
+        # 2nd-order correction (trapezoid of the two slopes).
+        d_next = (x_euler - model(x_euler, sigma_next)) / sigma_next
+        return x + (d + d_next) * (0.5 * (sigma_next - sigma)), None
