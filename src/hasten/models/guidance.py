@@ -95,7 +95,9 @@ class CFGDenoiser(Denoiser):
         if not math.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
         if not uncond:
-            raise ValueError("uncond must name at least one unconditional input, e.g. {'class_labels': null_class}")
+            raise ValueError(
+                "uncond must name at least one unconditional input, e.g. {'class_labels': null_class}"
+            )
         self.denoiser = denoiser
         self.scale = float(scale)
         self.uncond = dict(uncond)
@@ -118,7 +120,9 @@ class CFGDenoiser(Denoiser):
                 u = u.expand(batch)
             u = u.to(c.dtype).expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u.to(c.dtype)
             if c.shape[0] != batch or u.shape != c.shape:
-                raise ValueError(f"{key!r}: cond shape {tuple(c.shape)} / uncond shape {tuple(u.shape)} for batch {batch}")
+                raise ValueError(
+                    f"{key!r}: cond shape {tuple(c.shape)} / uncond shape {tuple(u.shape)} for batch {batch}"
+                )
             merged[key] = torch.cat([c, u])
         return merged
 
@@ -127,7 +131,9 @@ class CFGDenoiser(Denoiser):
         if self.scale == 1.0:
             denoised = self.denoiser(x, sigma, **cond)
         else:
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0]))
+            both = self.denoiser(
+                torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0])
+            )
             d_cond, d_uncond = both.chunk(2)
             denoised = d_uncond + self.scale * (d_cond - d_uncond)
         return self.threshold(denoised) if self.threshold is not None else denoised

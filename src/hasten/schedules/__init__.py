@@ -11,7 +11,16 @@ from .grids import (
     time_quadratic,
     time_uniform,
 )
-from .noise import VE, FlowMatching, NoiseSchedule, VPCosine, VPDiscrete, VPLinear, betas_for, rescale_zero_terminal_snr
+from .noise import (
+    VE,
+    FlowMatching,
+    NoiseSchedule,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    betas_for,
+    rescale_zero_terminal_snr,
+)
 
 __all__ = [
     "DISCRETISATIONS",

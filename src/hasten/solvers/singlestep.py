@@ -185,14 +185,18 @@ class DPMSolverSinglestep(Solver):
 
     def _grid_step(self, model: Model, x: Tensor, info: StepInfo, state: Any) -> tuple[Tensor, Any]:
         state = state or SinglestepState()
-        orders = diffusers_order_list(info.num_steps, self.order, self.lower_order_final, info.sigmas[-1] == 0)
+        orders = diffusers_order_list(
+            info.num_steps, self.order, self.lower_order_final, info.sigmas[-1] == 0
+        )
         k = min(orders[info.index], len(state.outputs) + 1)
         m = self._output(x, model(x, info.sigma), info.sigma)
         if k == 1:
             state = SinglestepState(x, info.sigma, ((info.sigma, m),))
         else:
             state = SinglestepState(state.x, state.sigma, (*state.outputs[: k - 1], (info.sigma, m)))
-        x_next = singlestep_update(state.x, state.sigma, info.sigma_next, list(state.outputs), self.prediction, self.solver_type)
+        x_next = singlestep_update(
+            state.x, state.sigma, info.sigma_next, list(state.outputs), self.prediction, self.solver_type
+        )
         return x_next, state
 
 

@@ -92,7 +92,9 @@ class UniPC(Solver):
         # UniC: correct the previous step's result with the output just evaluated there.
         if self.corrector and state.x_prev is not None:
             x = self._update(state.x_prev, state.sigmas, state.outputs, sigma, state.prev_order, output)
-        k = multistep_order(self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below)
+        k = multistep_order(
+            self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below
+        )
         outputs, sigmas = (output, *state.outputs), (sigma, *state.sigmas)
         # UniP: predict the next point.
         x_next = self._update(x, sigmas, outputs, info.sigma_next, k, None)
@@ -100,7 +102,13 @@ class UniPC(Solver):
         return x_next, UniPCState(outputs[:keep], sigmas[:keep], x, k)
 
     def _update(
-        self, x: Tensor, sigmas: tuple[float, ...], ms: tuple[Tensor, ...], sigma_t: float, k: int, m_t: Tensor | None
+        self,
+        x: Tensor,
+        sigmas: tuple[float, ...],
+        ms: tuple[Tensor, ...],
+        sigma_t: float,
+        k: int,
+        m_t: Tensor | None,
     ) -> Tensor:
         """UniP (``m_t is None``) or UniC (``m_t`` = output at ``sigma_t``) of order ``k`` from ``sigmas[0]``."""
         sigma_0, m0 = sigmas[0], ms[0]
