@@ -49,9 +49,7 @@ def _seeded_state(solver, x_max: torch.Tensor, pre: torch.Tensor):
 
 
 def final_error(solver, n: int, spacing: str = "lambda") -> float:
-    multistep = isinstance(
-        solver, hasten.solvers.DPMSolverMultistep | hasten.solvers.UniPC | hasten.solvers.PLMS
-    )
+    multistep = isinstance(solver, hasten.solvers.DPMSolverMultistep | hasten.solvers.UniPC | hasten.solvers.PLMS)
     extra = 3 if multistep else 0
     full = _grid(n, spacing, extra)
     x_max = MIXTURE.sample(SHAPE, sigma=SIGMA_MAX, generator=torch.Generator().manual_seed(0))
@@ -108,9 +106,7 @@ def test_convergence_order(name, options, spacing):
 
 def test_reference_third_order_rule_is_second_order():
     """The DPM-Solver / diffusers 3M coefficient halves the D2 term: measurably second order."""
-    slope_ref, _ = fitted_order(
-        get_solver("dpmpp_3m", third_order_term="reference", **NO_LOF), [8, 16, 32, 64]
-    )
+    slope_ref, _ = fitted_order(get_solver("dpmpp_3m", third_order_term="reference", **NO_LOF), [8, 16, 32, 64])
     slope_taylor, _ = fitted_order(get_solver("dpmpp_3m", **NO_LOF), [8, 16, 32, 64])
     assert abs(slope_ref - 2.0) < 0.45
     assert slope_taylor > slope_ref + 0.5

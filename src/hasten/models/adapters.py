@@ -48,9 +48,7 @@ def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
     if s.ndim == 0:
         return s.expand(x.shape[0])
     if s.shape != (x.shape[0],):
-        raise ValueError(
-            f"sigma must be a float or a tensor of shape [B]=[{x.shape[0]}], got {tuple(s.shape)}"
-        )
+        raise ValueError(f"sigma must be a float or a tensor of shape [B]=[{x.shape[0]}], got {tuple(s.shape)}")
     return s.to(torch.float64)
 
 
@@ -62,9 +60,7 @@ def _unwrap(out: Any) -> Tensor:
         return out.sample
     if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise TypeError(
-        f"the network returned {type(out).__name__}; expected a Tensor, a .sample output or a tuple"
-    )
+    raise TypeError(f"the network returned {type(out).__name__}; expected a Tensor, a .sample output or a tuple")
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -124,9 +120,7 @@ class NetworkDenoiser(Denoiser, ABC):
         net_dtype = self._network_dtype(work)
         out = _unwrap(self.model(x_t.to(net_dtype), self.model_time(sigma).to(net_dtype), **cond)).to(work)
         if out.shape != x.shape:
-            raise ValueError(
-                f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
         return self.to_denoised(out, x.to(work), x_t, _bcast(alpha, x).to(work), _bcast(sigma, x).to(work))
 
     @abstractmethod

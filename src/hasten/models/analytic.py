@@ -94,9 +94,7 @@ class GaussianMixture(Denoiser):
     def exact_flow(self, x: Tensor, sigma_from: float, sigma_to: float) -> Tensor:
         """Exact PF-ODE map from level ``sigma_from`` to ``sigma_to`` (single component only)."""
         if self.means.shape[0] != 1:
-            raise ValueError(
-                "exact_flow has a closed form for a single Gaussian; use ProductMixture for mixtures"
-            )
+            raise ValueError("exact_flow has a closed form for a single Gaussian; use ProductMixture for mixtures")
         mu, var = self.means[0], self.stds[0] ** 2
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         ratio = torch.sqrt((var + sigma_to**2) / (var + sigma_from**2))
@@ -143,9 +141,7 @@ class ProductMixture(Denoiser):
         w = torch.softmax(torch.log(self.weights.to(x.device)) - 0.5 * (torch.log(c) + diff**2 / c), dim=-1)
         return (w * (self.means.to(x.device) + var / c * diff)).sum(-1).to(x.dtype)
 
-    def sample(
-        self, shape: Sequence[int], *, sigma: float = 0.0, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample(self, shape: Sequence[int], *, sigma: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples of ``p_sigma`` with the given shape, float64."""
         n = math.prod(shape)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -186,9 +182,7 @@ Prediction = Literal["eps", "v", "x0", "flow"]
 class _AnalyticNetwork(nn.Module):
     """An exact denoiser re-expressed as the network a schedule would have learned."""
 
-    def __init__(
-        self, denoiser: Denoiser, schedule: NoiseSchedule, prediction: Prediction, time_scale: float
-    ):
+    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule, prediction: Prediction, time_scale: float):
         super().__init__()
         self.denoiser, self.schedule, self.prediction, self.time_scale = (
             denoiser,

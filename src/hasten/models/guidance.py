@@ -95,9 +95,7 @@ class CFGDenoiser(Denoiser):
         if not math.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
         if not uncond:
-            raise ValueError(
-                "uncond must name at least one unconditional input, e.g. {'class_labels': null_class}"
-            )
+            raise ValueError("uncond must name at least one unconditional input, e.g. {'class_labels': null_class}")
         self.denoiser = denoiser
         self.scale = float(scale)
         self.uncond = dict(uncond)
@@ -131,9 +129,7 @@ class CFGDenoiser(Denoiser):
         if self.scale == 1.0:
             denoised = self.denoiser(x, sigma, **cond)
         else:
-            both = self.denoiser(
-                torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0])
-            )
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0]))
             d_cond, d_uncond = both.chunk(2)
             denoised = d_uncond + self.scale * (d_cond - d_uncond)
         return self.threshold(denoised) if self.threshold is not None else denoised

@@ -77,9 +77,7 @@ def logsnr_uniform(n: int, sigma_min: float, sigma_max: float, *, final: Final =
     """
     _check_n(n)
     _check_range(sigma_min, sigma_max)
-    lam = torch.linspace(
-        -torch.log(_f64(sigma_max)).item(), -torch.log(_f64(sigma_min)).item(), _count(n, final)
-    )
+    lam = torch.linspace(-torch.log(_f64(sigma_max)).item(), -torch.log(_f64(sigma_min)).item(), _count(n, final))
     return _finish(torch.exp(-lam.to(torch.float64)), final)
 
 
@@ -93,10 +91,7 @@ def _time_power(
         raise ValueError(
             f"need {schedule.t_min} <= t_min < t_max <= {schedule.t_max} for {schedule!r}, got {t_lo}, {t_hi}"
         )
-    u = (
-        torch.linspace(t_hi ** (1 / power), t_lo ** (1 / power), _count(n, final), dtype=torch.float64)
-        ** power
-    )
+    u = torch.linspace(t_hi ** (1 / power), t_lo ** (1 / power), _count(n, final), dtype=torch.float64) ** power
     # The schedule's own warp of the time axis (SD3 / Flux shift for flow matching).
     shifted = schedule.time_shift(u)
     return _finish(schedule.ve_sigma(shifted), final)
@@ -164,9 +159,7 @@ def discrete_timesteps(
     return ts.flip(0).to(torch.int64)
 
 
-def from_timesteps(
-    schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor, *, final: Final = "zero"
-) -> Tensor:
+def from_timesteps(schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor, *, final: Final = "zero") -> Tensor:
     """Sigmas at explicit model times (e.g. a diffusers scheduler's ``timesteps``), plus a final 0 if asked.
 
     With ``final="sigma_min"`` the grid ends at the last given timestep.
@@ -193,7 +186,8 @@ def from_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
     if bad.numel():
         i = int(bad[0])
         raise ValueError(
-            f"sigmas must be strictly descending; sigmas[{i}]={s[i].item():.6g} <= sigmas[{i + 1}]={s[i + 1].item():.6g}"
+            f"sigmas must be strictly descending; "
+            f"sigmas[{i}]={s[i].item():.6g} <= sigmas[{i + 1}]={s[i + 1].item():.6g}"
         )
     return s
 
@@ -208,9 +202,7 @@ def _karras(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
 
 @DISCRETISATIONS.register("logsnr")
 def _logsnr(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
-    return logsnr_uniform(
-        n, kw.pop("sigma_min", schedule.sigma_min), kw.pop("sigma_max", schedule.sigma_max), **kw
-    )
+    return logsnr_uniform(n, kw.pop("sigma_min", schedule.sigma_min), kw.pop("sigma_max", schedule.sigma_max), **kw)
 
 
 DISCRETISATIONS.add("time_uniform", time_uniform)
@@ -222,9 +214,7 @@ def _discrete(spacing: Literal["linspace", "leading", "trailing"]) -> Callable[.
         T = getattr(schedule, "num_train_timesteps", None)
         if T is None:
             raise ValueError(f"{spacing!r} spacing needs a discrete schedule (VPDiscrete), got {schedule!r}")
-        return from_timesteps(
-            schedule, discrete_timesteps(n, T, spacing, steps_offset=steps_offset), final=final
-        )
+        return from_timesteps(schedule, discrete_timesteps(n, T, spacing, steps_offset=steps_offset), final=final)
 
     make.__doc__ = f"diffusers' {spacing!r} timestep spacing on a discrete schedule."
     return make

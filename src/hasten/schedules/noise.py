@@ -139,9 +139,7 @@ def betas_for(
         n = num_train_timesteps
         betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
         return torch.tensor(betas, dtype=torch.float64)
-    raise ValueError(
-        f"unknown beta schedule {kind!r}; allowed: 'linear', 'scaled_linear', 'squaredcos_cap_v2'"
-    )
+    raise ValueError(f"unknown beta schedule {kind!r}; allowed: 'linear', 'scaled_linear', 'squaredcos_cap_v2'")
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
@@ -224,9 +222,7 @@ class VPDiscrete(_VariancePreserving):
         return flipped.reshape(lam.shape)
 
     def __repr__(self) -> str:
-        return (
-            f"VPDiscrete(N={self.num_train_timesteps}, sigma in [{self.sigma_min:.4g}, {self.sigma_max:.4g}])"
-        )
+        return f"VPDiscrete(N={self.num_train_timesteps}, sigma in [{self.sigma_min:.4g}, {self.sigma_max:.4g}])"
 
 
 class VPLinear(_VariancePreserving):
@@ -238,9 +234,7 @@ class VPLinear(_VariancePreserving):
     DPM-Solver App. (closed-form inverse of lambda).
     """
 
-    def __init__(
-        self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0
-    ):
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
         if not 0 < t_min < t_max:
             raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
         if beta_max <= beta_min or beta_min < 0:
@@ -284,9 +278,7 @@ class VPCosine(_VariancePreserving):
     def t_from_lambda(self, lambda_: TensorLike) -> Tensor:
         lam = _f64(lambda_)
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        return (
-            2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) - self.s
-        )
+        return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) - self.s
 
 
 class VE(NoiseSchedule):

@@ -177,9 +177,7 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
 class _CountedModel:
     """Binds conditioning, checks every output and counts denoiser calls (NFE)."""
 
-    def __init__(
-        self, denoiser: Callable[..., Tensor], cond: Mapping[str, Any], x: Tensor, check_finite: bool
-    ):
+    def __init__(self, denoiser: Callable[..., Tensor], cond: Mapping[str, Any], x: Tensor, check_finite: bool):
         self.denoiser, self.cond, self.check_finite = denoiser, dict(cond), check_finite
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
         self.nfe = 0
@@ -271,9 +269,7 @@ def sample(
         raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
     grid = tuple(from_sigmas(sigmas).tolist())
     if len(grid) - 1 < solver.min_steps():
-        raise ValueError(
-            f"solver {solver.name!r} needs at least {solver.min_steps()} steps, got {len(grid) - 1}"
-        )
+        raise ValueError(f"solver {solver.name!r} needs at least {solver.min_steps()} steps, got {len(grid) - 1}")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xw = x.to(work)
     if not bool(torch.isfinite(xw).all()):

@@ -89,9 +89,7 @@ class DPMSolverMultistep(Solver):
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
         if self.third_order_term not in ("taylor", "reference"):
-            raise ValueError(
-                f"third_order_term must be 'taylor' or 'reference', got {self.third_order_term!r}"
-            )
+            raise ValueError(f"third_order_term must be 'taylor' or 'reference', got {self.third_order_term!r}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.eta > 0 and (self.prediction != "data" or self.order > 2):
@@ -106,9 +104,7 @@ class DPMSolverMultistep(Solver):
         sigma, sigma_next = info.sigma, info.sigma_next
         denoised = model(x, sigma)
         output = denoised if self.prediction == "data" else (x - denoised) / sigma
-        k = multistep_order(
-            self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below
-        )
+        k = multistep_order(self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below)
         ms, sigmas = (output, *state.outputs), (sigma, *state.sigmas)
         if self.eta > 0:
             x_next = self._sde_update(x, ms, sigmas, sigma_next, k, noise)
@@ -162,11 +158,7 @@ class DPMSolverMultistep(Solver):
         elif k == 2:
             x_next = x_next - (sigma_next * (phi_1 / h - 1.0)) * d1
         elif k == 3:
-            x_next = (
-                x_next
-                - (sigma_next * (phi_1 / h - 1.0)) * d1
-                - (sigma_next * ((phi_1 - h) / h**2 - 0.5)) * d2
-            )
+            x_next = x_next - (sigma_next * (phi_1 / h - 1.0)) * d1 - (sigma_next * ((phi_1 - h) / h**2 - 0.5)) * d2
         return x_next
 
     def _sde_update(self, x, ms, sigmas, sigma_next, k, noise):

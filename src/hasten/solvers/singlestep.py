@@ -185,9 +185,7 @@ class DPMSolverSinglestep(Solver):
 
     def _grid_step(self, model: Model, x: Tensor, info: StepInfo, state: Any) -> tuple[Tensor, Any]:
         state = state or SinglestepState()
-        orders = diffusers_order_list(
-            info.num_steps, self.order, self.lower_order_final, info.sigmas[-1] == 0
-        )
+        orders = diffusers_order_list(info.num_steps, self.order, self.lower_order_final, info.sigmas[-1] == 0)
         k = min(orders[info.index], len(state.outputs) + 1)
         m = self._output(x, model(x, info.sigma), info.sigma)
         if k == 1:

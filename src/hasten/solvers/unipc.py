@@ -92,9 +92,7 @@ class UniPC(Solver):
         # UniC: correct the previous step's result with the output just evaluated there.
         if self.corrector and state.x_prev is not None:
             x = self._update(state.x_prev, state.sigmas, state.outputs, sigma, state.prev_order, output)
-        k = multistep_order(
-            self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below
-        )
+        k = multistep_order(self.order, len(state.outputs), info, self.lower_order_final, self.lower_order_final_below)
         outputs, sigmas = (output, *state.outputs), (sigma, *state.sigmas)
         # UniP: predict the next point.
         x_next = self._update(x, sigmas, outputs, info.sigma_next, k, None)
