@@ -210,6 +210,7 @@ class SampleOutput:
     nfe: int
     sigmas: tuple[float, ...]
     solver: Solver
+    state: Any = None  # the solver's final state: pass it as ``state=`` to continue sampling
 
     @property
     def num_steps(self) -> int:
@@ -291,7 +292,7 @@ def sample(
         model.step_index = len(grid) - 1
         xw = model(xw, grid[-1])
     out = xw.to(x.dtype)
-    return SampleOutput(out, model.nfe, grid, solver) if return_info else out
+    return SampleOutput(out, model.nfe, grid, solver, state) if return_info else out
 
 
 def lambda_of(sigma: float) -> float:
