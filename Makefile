@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a CUDA machine run `make test TORCH_SPEC=torch` (or any spec you like).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint bench-solvers clean
+.PHONY: venv test demo lint bench-solvers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) examples/analytic_mixture.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
