@@ -194,6 +194,7 @@ class VPDiscrete(_VariancePreserving):
         # lambda_i = 0.5 * log(ab / (1 - ab)), decreasing in i; stored increasing for searchsorted.
         self._lambdas = 0.5 * (torch.log(ab) - torch.log1p(-ab))
         self._index = torch.arange(ab.numel(), dtype=torch.float64)
+        self._lambdas_increasing, self._index_reversed = self._lambdas.flip(0), self._index.flip(0)
 
     @classmethod
     def from_betas(
@@ -218,7 +219,7 @@ class VPDiscrete(_VariancePreserving):
 
     def t_from_lambda(self, lambda_: TensorLike) -> Tensor:
         lam = _f64(lambda_)
-        flipped = _interp(lam.flatten(), self._lambdas.flip(0), self._index.flip(0))
+        flipped = _interp(lam.flatten(), self._lambdas_increasing, self._index_reversed)
         return flipped.reshape(lam.shape)
 
     def __repr__(self) -> str:

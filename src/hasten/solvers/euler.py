@@ -90,11 +90,17 @@ class Heun(Solver):
 
     def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
         sigma, sigma_next = info.sigma, info.sigma_next
-        # Euler step.
-        d = (x - model(x, sigma)) / sigma
-        x_euler = x + d * (sigma_next - sigma)
+        # Euler step: x + (sigma' - sigma) d with d = (x - D) / sigma.
+        denoised = model(x, sigma)
+        x_euler = ddim_step(x, denoised, sigma, sigma_next)
         if sigma_next == 0:
             return x_euler, None
-        # 2nd-order correction (trapezoid of the two slopes).
-        d_next = (x_euler - model(x_euler, sigma_next)) / sigma_next
-        return x + (d + d_next) * (0.5 * (sigma_next - sigma)), None
+        # 2nd-order correction: x + (sigma' - sigma) (d + d') / 2 with d' = (x_euler - D') / sigma',
+        # expanded in x, D and D' so the update is one fused pass.
+        denoised_next = model(x_euler, sigma_next)
+        dt = sigma_next - sigma
+        c_x = 1.0 + 0.5 * dt / sigma
+        c_e = 0.5 * dt / sigma_next
+        return x.mul(c_x).add_(x_euler, alpha=c_e).add_(denoised, alpha=-0.5 * dt / sigma).add_(
+            denoised_next, alpha=-c_e
+        ), None

@@ -116,61 +116,73 @@ class DPMSolverMultistep(Solver):
         return x_next, MultistepState(ms[:keep], sigmas[:keep])
 
     # -- the update rules ---------------------------------------------------------------------------
-    def _differences(self, ms, sigmas, sigma_next, k):
-        """Step ``h`` in lambda and the scaled differences ``D1 ~ h m'`` (and ``D2``) of the history."""
-        lam0 = lambda_of(sigmas[0])
-        h = lambda_of(sigma_next) - lam0
+    # Each rule is x' = c_x x + sum_j c_j m_j (+ noise); the divided differences D1 ~ h m' and D2 are
+    # linear in the history, so they are folded into the c_j and the update is one fused pass.
+    def _difference_weights(self, sigmas, h, k):
+        """Weights of the history in ``D1`` and ``D2`` (lists over m_0..m_{k-1})."""
         if k == 1:
-            return h, None, None
+            return [0.0], [0.0]
+        lam0 = lambda_of(sigmas[0])
         r0 = (lam0 - lambda_of(sigmas[1])) / h
-        d1_0 = (ms[0] - ms[1]) / r0
-        if k == 2:
-            return h, d1_0, None
+        if k == 2:  # D1 = (m0 - m1) / r0
+            return [1.0 / r0, -1.0 / r0], [0.0, 0.0]
         r1 = (lambda_of(sigmas[1]) - lambda_of(sigmas[2])) / h
-        d1_1 = (ms[1] - ms[2]) / r1
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 m'' / 2
-        # Taylor weight for D2 is twice the coefficient the reference code uses (see third_order_term).
-        return h, d1, (2.0 * d2 if self.third_order_term == "taylor" else d2)
+        # D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1; D1 = D1_0 + a (D1_0 - D1_1); D2 = b (D1_0 - D1_1)
+        a = r0 / (r0 + r1)
+        # D2 ~ h^2 m'' / 2; the Taylor weight is twice the reference code's (see third_order_term).
+        b = (2.0 if self.third_order_term == "taylor" else 1.0) / (r0 + r1)
+        d1 = [(1 + a) / r0, -(1 + a) / r0 - a / r1, a / r1]
+        d2 = [b / r0, -b / r0 - b / r1, b / r1]
+        return d1, d2
+
+    @staticmethod
+    def _combine(x: Tensor, c_x: float, ms, coefficients) -> Tensor:
+        out = x.mul(c_x)
+        for m, c in zip(ms, coefficients):
+            if c != 0.0:
+                out.add_(m, alpha=c)
+        return out
 
     def _data_update(self, x, ms, sigmas, sigma_next, k):
-        """DPM-Solver++: ``x' = (s'/s) x - expm1(-h) m0`` plus the higher-order terms."""
-        h, d1, d2 = self._differences(ms, sigmas, sigma_next, k)
-        phi_1 = math.expm1(-h)  # -1 exactly when sigma_next = 0
-        x_next = (sigma_next / sigmas[0]) * x - phi_1 * ms[0]
+        """DPM-Solver++: ``x' = (s'/s) x - expm1(-h) m0 + g1 D1 - g2 D2``."""
+        if sigma_next == 0:  # lambda = inf: the first-order step lands on x0_hat
+            return ms[0].clone()
+        h = lambda_of(sigma_next) - lambda_of(sigmas[0])
+        phi_1 = math.expm1(-h)
         if k == 2 and self.solver_type == "midpoint":
-            x_next = x_next - (0.5 * phi_1) * d1
-        elif k == 2:
-            x_next = x_next + (phi_1 / h + 1.0) * d1
-        elif k == 3:
-            x_next = x_next + (phi_1 / h + 1.0) * d1 - ((phi_1 + h) / h**2 - 0.5) * d2
-        return x_next
+            g1, g2 = -0.5 * phi_1, 0.0
+        else:
+            g1, g2 = phi_1 / h + 1.0, -((phi_1 + h) / h**2 - 0.5)
+        d1, d2 = self._difference_weights(sigmas, h, k)
+        cs = [g1 * w1 + g2 * w2 for w1, w2 in zip(d1, d2)]
+        cs[0] -= phi_1
+        return self._combine(x, sigma_next / sigmas[0], ms[:k], cs)
 
     def _noise_update(self, x, eps, sigmas, sigma_next, k):
-        """DPM-Solver: ``x' = x - sigma' expm1(h) eps0`` plus the higher-order terms."""
+        """DPM-Solver: ``x' = x - s' expm1(h) eps0 - s' (g1 D1 + g2 D2)``."""
         if sigma_next == 0:  # the limit of the first-order step: land on x0_hat
             return x - sigmas[0] * eps[0]
-        h, d1, d2 = self._differences(eps, sigmas, sigma_next, k)
+        h = lambda_of(sigma_next) - lambda_of(sigmas[0])
         phi_1 = math.expm1(h)
-        x_next = x - (sigma_next * phi_1) * eps[0]
         if k == 2 and self.solver_type == "midpoint":
-            x_next = x_next - (0.5 * sigma_next * phi_1) * d1
-        elif k == 2:
-            x_next = x_next - (sigma_next * (phi_1 / h - 1.0)) * d1
-        elif k == 3:
-            x_next = x_next - (sigma_next * (phi_1 / h - 1.0)) * d1 - (sigma_next * ((phi_1 - h) / h**2 - 0.5)) * d2
-        return x_next
+            g1, g2 = 0.5 * phi_1, 0.0
+        else:
+            g1, g2 = phi_1 / h - 1.0, (phi_1 - h) / h**2 - 0.5
+        d1, d2 = self._difference_weights(sigmas, h, k)
+        cs = [-sigma_next * (g1 * w1 + g2 * w2) for w1, w2 in zip(d1, d2)]
+        cs[0] -= sigma_next * phi_1
+        return self._combine(x, 1.0, eps[:k], cs)
 
     def _sde_update(self, x, ms, sigmas, sigma_next, k, noise):
         """DPM-Solver++ SDE: the data update with ``h_eta = (1 + eta) h`` and matching fresh noise."""
         if sigma_next == 0:
-            return ms[0]
-        h, d1, _ = self._differences(ms, sigmas, sigma_next, k)
+            return ms[0].clone()
+        h = lambda_of(sigma_next) - lambda_of(sigmas[0])
         h_eta = (1.0 + self.eta) * h
         coeff = -math.expm1(-h_eta)  # 1 - exp(-(1 + eta) h)
-        x_next = (sigma_next / sigmas[0]) * math.exp(-self.eta * h) * x + coeff * ms[0]
-        if k == 2 and self.solver_type == "midpoint":
-            x_next = x_next + (0.5 * coeff) * d1
-        elif k == 2:
-            x_next = x_next + (math.expm1(-h_eta) / h_eta + 1.0) * d1
-        return x_next + noise() * (sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
+        g1 = 0.5 * coeff if self.solver_type == "midpoint" else math.expm1(-h_eta) / h_eta + 1.0
+        d1, _ = self._difference_weights(sigmas, h, k)
+        cs = [g1 * w for w in d1]
+        cs[0] += coeff
+        x_next = self._combine(x, (sigma_next / sigmas[0]) * math.exp(-self.eta * h), ms[:k], cs)
+        return x_next.add_(noise(), alpha=sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)))

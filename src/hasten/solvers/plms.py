@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from ._base import Model, NoiseFn, Solver, StepInfo, register_solver
@@ -59,10 +60,10 @@ class PLMS(Solver):
         sigma, sigma_next = info.sigma, info.sigma_next
 
         def eps_at(x_: Tensor, s: float) -> Tensor:
-            return (x_ - model(x_, s)) / s
+            return torch.sub(x_, model(x_, s)).div_(s)
 
         def transfer(e: Tensor, s_to: float) -> Tensor:
-            return x + (s_to - sigma) * e
+            return torch.add(x, e, alpha=s_to - sigma)
 
         e_1 = eps_at(x, sigma)
         history = (e_1, *state.eps)[:4]
@@ -79,6 +80,11 @@ class PLMS(Solver):
             e_2 = eps_at(transfer(e_1, sigma_next), sigma_next)
             eps = (e_1 + e_2) / 2
         else:
+            # x + (sigma' - sigma) sum_j w_j e_j, fused into one pass per history entry.
+            dt = sigma_next - sigma
             weights = _AB[min(len(history), 4)]
-            eps = sum(w * e for w, e in zip(weights, history))
+            x_next = torch.add(x, history[0], alpha=dt * weights[0])
+            for w, e in zip(weights[1:], history[1:]):
+                x_next.add_(e, alpha=dt * w)
+            return x_next, PLMSState(history[:3])
         return transfer(eps, sigma_next), PLMSState(history[:3])

@@ -49,33 +49,36 @@ def singlestep_update(
     lam_a = lambda_of(sigma_a)
     h = lambda_of(sigma_t) - lam_a
     rs = [(lambda_of(s) - lam_a) / h for s, _ in outputs[1:]]
-    # Data form: x = (s_t/s_a) x_a - phi_1 m_a + c2 D1 - c3 D2 with phi_1 = expm1(-h).
-    # Noise form: x = x_a - s_t phi_1 eps_a - s_t (c2 D1 + c3 D2) with phi_1 = expm1(h).
+    # Data form: x = (s_t/s_a) x_a - phi_1 m_a + g1 D1 - g2 D2 with phi_1 = expm1(-h);
+    # noise form: x = x_a - s_t phi_1 eps_a - s_t (g1 D1 + g2 D2) with phi_1 = expm1(h).
     if prediction == "data":
         phi_1 = math.expm1(-h)
         phi_2 = phi_1 / h + 1.0
-        x = (sigma_t / sigma_a) * x_a - phi_1 * m_a
+        c_x, c_a, sign = sigma_t / sigma_a, -phi_1, 1.0
     else:
         phi_1 = math.expm1(h)
         phi_2 = phi_1 / h - 1.0
-        x = x_a - (sigma_t * phi_1) * m_a
+        c_x, c_a, sign = 1.0, -sigma_t * phi_1, -sigma_t
     phi_3 = phi_2 / h - 0.5
+    # Weights of the intermediate outputs m_1.. in the D1/D2 terms (each D is linear in m_k - m_a).
     if len(outputs) == 1:
-        return x
-    if len(outputs) == 2:
-        d1 = (outputs[1][1] - m_a) / rs[0]
-        c2 = (0.5 * phi_1 if prediction == "noise" else -0.5 * phi_1) if solver_type == "midpoint" else phi_2
-        return x + c2 * d1 if prediction == "data" else x - (sigma_t * c2) * d1
-    r1, r2 = rs
-    d1_0 = (outputs[1][1] - m_a) / r1
-    d1_1 = (outputs[2][1] - m_a) / r2
-    if solver_type == "midpoint":
-        return x + phi_2 * d1_1 if prediction == "data" else x - (sigma_t * phi_2) * d1_1
-    d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
-    d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-    if prediction == "data":
-        return x + phi_2 * d1 - phi_3 * d2
-    return x - (sigma_t * phi_2) * d1 - (sigma_t * phi_3) * d2
+        weights: list[float] = []
+    elif len(outputs) == 2:  # D1 = (m_1 - m_a) / r1
+        g1 = (-0.5 * phi_1 if prediction == "data" else 0.5 * phi_1) if solver_type == "midpoint" else phi_2
+        weights = [(g1 if prediction == "data" else sign * g1) / rs[0]]
+    elif solver_type == "midpoint":  # + phi_2 D1_1, D1_1 = (m_2 - m_a) / r2
+        weights = [0.0, sign * phi_2 / rs[1]]
+    else:  # taylor: D1 = (r2 D1_0 - r1 D1_1)/(r2 - r1), D2 = 2 (D1_1 - D1_0)/(r2 - r1)
+        r1, r2 = rs
+        w_d1_0 = phi_2 * r2 / (r2 - r1) + phi_3 * 2.0 / (r2 - r1) * (1.0 if prediction == "data" else -1.0)
+        w_d1_1 = -phi_2 * r1 / (r2 - r1) - phi_3 * 2.0 / (r2 - r1) * (1.0 if prediction == "data" else -1.0)
+        weights = [sign * w_d1_0 / r1, sign * w_d1_1 / r2]
+    out = x_a.mul(c_x)
+    for (_, m), w in zip(outputs[1:], weights):
+        if w != 0.0:
+            out.add_(m, alpha=w)
+        c_a -= w
+    return out.add_(m_a, alpha=c_a)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from ._base import Model, NoiseFn, Solver, StepInfo, lambda_of, register_solver
@@ -31,11 +31,11 @@ class UniPCState:
     prev_order: int = 0
 
 
-def _coefficients(rks: list[float], hh: float, variant: str) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """``B(h)``, the matrix ``R[i, k] = r_k^i`` and the vector ``b_i = hh phi_{i+1}(hh) i! / B(h)``."""
+def _coefficients(rks: list[float], hh: float, variant: str) -> tuple[float, list[list[float]], list[float]]:
+    """``B(h)``, the matrix ``R[i][k] = r_k^i`` and the vector ``b_i = hh phi_{i+1}(hh) i! / B(h)``."""
     b_h = hh if variant == "bh1" else math.expm1(hh)
     p = len(rks)
-    r = torch.tensor([[rk**i for rk in rks] for i in range(p)], dtype=torch.float64)
+    r = [[rk**i for rk in rks] for i in range(p)]
     b = []
     h_phi_k = math.expm1(hh) / hh - 1.0
     factorial = 1
@@ -43,7 +43,12 @@ def _coefficients(rks: list[float], hh: float, variant: str) -> tuple[float, tor
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1.0 / factorial
-    return b_h, r, torch.tensor(b, dtype=torch.float64)
+    return b_h, r, b
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a tiny (at most 3x3) linear system in double precision, without tensor overhead."""
+    return [float(v) for v in np.linalg.solve(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))]
 
 
 @register_solver("unipc")
@@ -111,26 +116,32 @@ class UniPC(Solver):
         """UniP (``m_t is None``) or UniC (``m_t`` = output at ``sigma_t``) of order ``k`` from ``sigmas[0]``."""
         sigma_0, m0 = sigmas[0], ms[0]
         if sigma_t == 0:  # lambda = inf: land on the first-order limit
-            return m0 if self.prediction == "data" else x - sigma_0 * m0
+            return m0.clone() if self.prediction == "data" else x - sigma_0 * m0
         lam_0 = lambda_of(sigma_0)
         h = lambda_of(sigma_t) - lam_0
         rks = [(lambda_of(sigmas[i]) - lam_0) / h for i in range(1, k)]
-        d1s = [(ms[i] - m0) / rks[i - 1] for i in range(1, k)]
         hh = -h if self.prediction == "data" else h
         b_h, r, b = _coefficients([*rks, 1.0], hh, self.variant)
         h_phi_1 = math.expm1(hh)
+        # x_t = c_x x - c_0 m0 + scale * (sum_k rho_k D1_k [+ rho_k (m_t - m0)]), folded into coefficients.
         if self.prediction == "data":
-            x_t = (sigma_t / sigma_0) * x - h_phi_1 * m0
-            scale = -b_h  # x_t = x_t_ - alpha_t B(h) sum(...)
+            c_x, c_0, scale = sigma_t / sigma_0, -h_phi_1, -b_h  # alpha_t = 1 in VE form
         else:
-            x_t = x - (sigma_t * h_phi_1) * m0
-            scale = -sigma_t * b_h
-        if m_t is None:  # predictor uses the k - 1 past differences
-            if k == 1:
-                return x_t
-            rhos = [0.5] if k == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1]).tolist()
-            return x_t + scale * sum(rho * d for rho, d in zip(rhos, d1s))
-        # corrector adds the new point as the k-th difference
-        rhos = [0.5] if k == 1 else torch.linalg.solve(r, b).tolist()
-        corr = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), torch.zeros_like(m0))
-        return x_t + scale * (corr + rhos[-1] * (m_t - m0))
+            c_x, c_0, scale = 1.0, -sigma_t * h_phi_1, -sigma_t * b_h
+        if m_t is None:  # UniP: the k - 1 past differences
+            rhos = [] if k == 1 else [0.5] if k == 2 else _solve([row[:-1] for row in r[:-1]], b[:-1])
+            terms = list(zip(rhos, range(1, k)))
+        else:  # UniC: the new point enters as the k-th difference
+            rhos = [0.5] if k == 1 else _solve(r, b)
+            terms = list(zip(rhos[:-1], range(1, k)))
+        out = x.mul(c_x)
+        coeff_m0 = c_0
+        for rho, i in terms:  # D1_i = (m_i - m0) / r_i
+            w = scale * rho / rks[i - 1]
+            out.add_(ms[i], alpha=w)
+            coeff_m0 -= w
+        if m_t is not None:
+            w = scale * rhos[-1]
+            out.add_(m_t, alpha=w)
+            coeff_m0 -= w
+        return out.add_(m0, alpha=coeff_m0)

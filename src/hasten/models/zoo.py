@@ -1,0 +1,206 @@
+"""hasten's own small models: architectures, the on-disk format and ``hasten.load``.
+
+A model folder is a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, so
+``UNet2DModel.from_pretrained(folder)`` loads it too) plus ``hasten.json`` (what the network predicts, its
+schedule, classes, image shape, training record) and ``MODEL_CARD.md``. Bundled models live in
+``hasten/models/weights/<name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..schedules.noise import FlowMatching, NoiseSchedule, VPDiscrete
+from .adapters import EpsDenoiser, FlowDenoiser, NetworkDenoiser, VDenoiser
+
+__all__ = ["BUNDLED", "LoadedModel", "ModelInfo", "build_network", "bundled_models", "load", "save_model"]
+
+BUNDLED = pathlib.Path(__file__).parent / "weights"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What ``hasten.json`` records about a model folder."""
+
+    name: str
+    arch: str  # "unet" | "dit"
+    objective: str  # "eps" | "v" | "flow"
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int  # 0: unconditional; else labels 0..num_classes-1 and null_class = num_classes
+    data: str
+    time_scale: float = 1.0
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes if self.num_classes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["image_shape"] = list(self.image_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["image_shape"] = tuple(data["image_shape"])
+        return cls(**data)
+
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule the network was trained with."""
+        if self.objective == "flow":
+            return FlowMatching()
+        return VPDiscrete.from_betas("linear", 1000)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # 28x28 -> 14 -> 7, self-attention at 7x7; about 1.1M parameters.
+    "unet": dict(
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        attention_head_dim=32,
+    ),
+    # 4x4 patches (49 tokens for 28x28), 6 blocks of width 128; about 2.1M parameters.
+    "dit": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=4),
+}
+
+
+def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A fresh diffusers network of hasten's preset size for ``arch`` ("unet" or "dit")."""
+    channels, height, width = image_shape
+    if height != width:
+        raise ValueError(f"square images only, got {height}x{width}")
+    if arch == "unet":
+        from diffusers import UNet2DModel
+
+        return UNet2DModel(
+            sample_size=height,
+            in_channels=channels,
+            out_channels=channels,
+            num_class_embeds=(num_classes + 1) if num_classes else None,  # + the null class for CFG
+            **_PRESETS["unet"],
+        )
+    if arch == "dit":
+        from diffusers import DiTTransformer2DModel
+        from diffusers.models.embeddings import LabelEmbedding
+
+        if not num_classes:
+            raise ValueError("the DiT preset is class-conditional; num_classes must be > 0")
+        net = DiTTransformer2DModel(
+            in_channels=channels,
+            out_channels=channels,
+            sample_size=height,
+            num_embeds_ada_norm=num_classes,
+            **_PRESETS["dit"],
+        )
+        # diffusers' DiT drops labels inside every block independently; hasten drops them once per image
+        # (the null class is index num_classes, which DiT's table already has).
+        for module in net.modules():
+            if isinstance(module, LabelEmbedding):
+                module.dropout_prob = 0.0
+        return net
+    raise ValueError(f"unknown architecture {arch!r}; allowed: 'unet', 'dit'")
+
+
+def _network_class(arch: str):
+    import diffusers
+
+    return {"unet": diffusers.UNet2DModel, "dit": diffusers.DiTTransformer2DModel}[arch]
+
+
+def weights_fingerprint(folder: pathlib.Path) -> str:
+    """sha256 of the weights file: identifies a model for caches and plans."""
+    digest = hashlib.sha256()
+    with open(folder / "diffusion_pytorch_model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A ready denoiser with everything needed to sample from it."""
+
+    denoiser: NetworkDenoiser
+    network: nn.Module
+    info: ModelInfo
+    folder: pathlib.Path
+    fingerprint: str
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    def bytes_on_disk(self) -> int:
+        return (self.folder / "diffusion_pytorch_model.safetensors").stat().st_size
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped with hasten."""
+    return sorted(p.name for p in BUNDLED.glob("*") if (p / "hasten.json").exists())
+
+
+def load(
+    name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load a bundled model by name (``"mnist-unet"``, ``"mnist-dit"``) or a hasten model folder.
+
+    Returns:
+        :class:`LoadedModel` with ``.denoiser`` (VE-form, ready for :func:`hasten.sample`) and ``.info``.
+    """
+    folder = pathlib.Path(name_or_path)
+    if not (folder / "hasten.json").exists():
+        folder = BUNDLED / str(name_or_path)
+    if not (folder / "hasten.json").exists():
+        raise FileNotFoundError(
+            f"no hasten model {str(name_or_path)!r}; bundled models: {', '.join(bundled_models()) or '(none)'}, "
+            "or pass a folder containing hasten.json"
+        )
+    info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
+    if info.format_version > FORMAT_VERSION:
+        raise ValueError(f"{folder} was written by a newer hasten (format {info.format_version})")
+    network = _network_class(info.arch).from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
+    network.requires_grad_(False)
+    schedule = info.schedule()
+    if info.objective == "eps":
+        denoiser: NetworkDenoiser = EpsDenoiser(network, schedule)
+    elif info.objective == "v":
+        denoiser = VDenoiser(network, schedule)
+    elif info.objective == "flow":
+        denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown objective {info.objective!r} in {folder / 'hasten.json'}")
+    return LoadedModel(denoiser, network, info, folder, weights_fingerprint(folder))
+
+
+def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -> pathlib.Path:
+    """Write the model files (diffusers format + hasten.json) into ``folder``, each file atomically."""
+    import shutil
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
+    try:
+        network.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "hasten.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        for path in tmp.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

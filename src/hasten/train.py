@@ -1,0 +1,317 @@
+"""``hasten train``: train hasten's small diffusion models, resumably, with EMA weights.
+
+One run writes into one folder: ``checkpoint/`` (model, EMA, optimizer and RNG state in safetensors,
+counters in JSON; replaced atomically every ``checkpoint_minutes``) and, at the end, the model itself
+(diffusers format + ``hasten.json``) with EMA weights. Rerunning the same command continues from the
+checkpoint: a kill loses at most one checkpoint interval. ``minutes`` is the total training time across
+resumes.
+
+Objectives: ``eps`` and ``v`` on the 1000-step linear-beta DDPM schedule; ``flow`` is rectified flow /
+flow matching (``x_t = (1 - t) x0 + t eps``, velocity ``eps - x0``, t from a logit-normal, fed as 1000 t).
+
+Reference: Ho et al., DDPM, Alg. 1; Salimans & Ho, 2022 (v); Lipman et al. 2023 / Liu et al. 2023 (flow
+matching); Esser et al., SD3, Sec. 3.1 (logit-normal t); Ho & Salimans, 2022 (label dropout for CFG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data import load_dataset, to_model_space
+from .models.zoo import ModelInfo, build_network, save_model
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+OBJECTIVES = ("eps", "v", "flow")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Settings of one training run (everything but the time budget must match to resume)."""
+
+    arch: str = "unet"
+    data: str = "mnist"
+    objective: str = "eps"
+    minutes: float = 10.0
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("unet", "dit"):
+            raise ValueError(f"arch must be 'unet' or 'dit', got {self.arch!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.minutes > 0 or not self.checkpoint_minutes > 0:
+            raise ValueError("minutes and checkpoint_minutes must be > 0")
+        if self.batch_size < 1 or not 0 <= self.cfg_dropout < 1 or not 0 < self.ema_decay < 1:
+            raise ValueError("need batch_size >= 1, 0 <= cfg_dropout < 1, 0 < ema_decay < 1")
+
+    def resume_key(self) -> dict[str, Any]:
+        data = self.to_dict()
+        data.pop("minutes")
+        data.pop("checkpoint_minutes")
+        return data
+
+
+@dataclasses.dataclass
+class TrainResult:
+    folder: pathlib.Path
+    steps: int
+    images: int
+    seconds: float
+    final_loss: float
+    resumed_from_step: int
+
+
+def _loss(
+    net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, objective: str, ab: torch.Tensor, gen
+) -> torch.Tensor:
+    """One minibatch of the denoising objective (mean squared error on the network's target)."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+    cond = {} if labels is None else {"class_labels": labels}
+    view = (-1, *([1] * (x0.ndim - 1)))
+    if objective == "flow":
+        t = torch.sigmoid(torch.randn(b, generator=gen, device=x0.device))  # logit-normal(0, 1)
+        x_t = (1 - t).view(view) * x0 + t.view(view) * noise
+        target = noise - x0
+        timestep = t * 1000.0
+    else:
+        idx = torch.randint(0, ab.numel(), (b,), generator=gen, device=x0.device)
+        a = ab[idx].sqrt().view(view)
+        s = (1 - ab[idx]).sqrt().view(view)
+        x_t = a * x0 + s * noise
+        target = noise if objective == "eps" else a * noise - s * x0
+        timestep = idx
+    out = net(x_t, timestep, **cond).sample
+    return torch.mean((out.float() - target) ** 2)
+
+
+def _flat_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for i, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            flat[f"opt.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    state_dict["state"] = state
+    opt.load_state_dict(state_dict)
+
+
+def _save_checkpoint(folder: pathlib.Path, net, ema, opt, gen, counters: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+    tensors |= {k: v.contiguous().cpu() for k, v in _flat_optimizer_state(opt).items()}
+    tensors["rng.generator"] = gen.get_state().cpu()
+    tmp = folder / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(counters, indent=2) + "\n")
+    final, old = folder / "checkpoint", folder / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(folder: pathlib.Path) -> pathlib.Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a kill between the two renames
+        if (folder / name / "state.json").exists() and (folder / name / "state.safetensors").exists():
+            return folder / name
+    return None
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    max_steps: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> TrainResult:
+    """Train (or continue training) a model into ``out``; returns what was done.
+
+    Raises:
+        ValueError: ``out`` holds a checkpoint of a run with different settings.
+    """
+    from safetensors.torch import load_file
+
+    device = torch.device(device)
+    folder = pathlib.Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(config.data)
+    images = to_model_space(dataset.images).to(device)
+    labels = dataset.labels.to(device) if dataset.labels is not None else None
+    num_classes = dataset.num_classes
+    torch.manual_seed(config.seed)
+    net = build_network(config.arch, dataset.shape, num_classes).to(device).train()
+    ema = build_network(config.arch, dataset.shape, num_classes).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).to(
+        device=device, dtype=torch.float32
+    )
+
+    counters: dict[str, Any] = {"config": config.to_dict(), "step": 0, "images": 0, "seconds": 0.0, "loss_ema": None}
+    checkpoint = _find_checkpoint(folder)
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        if TrainConfig.from_dict(saved["config"]).resume_key() != config.resume_key():
+            raise ValueError(
+                f"{folder} holds a checkpoint of a run with other settings ({saved['config']}); "
+                "use another --out folder or the same settings"
+            )
+        tensors = load_file(str(checkpoint / "state.safetensors"), device=str(device))
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        _restore_optimizer(opt, tensors)
+        gen.set_state(tensors["rng.generator"].cpu() if device.type == "cpu" else tensors["rng.generator"])
+        counters.update({k: saved[k] for k in ("step", "images", "seconds", "loss_ema")})
+    resumed_from = counters["step"]
+    budget = config.minutes * 60.0
+    ema_params = list(ema.parameters())
+    net_params = list(net.parameters())
+
+    bar = _Progress(progress, budget, counters["seconds"])
+    last_checkpoint = time.perf_counter()
+    start_wall, start_seconds, start_images = time.perf_counter(), counters["seconds"], counters["images"]
+    try:
+        while counters["seconds"] < budget and (max_steps is None or counters["step"] < max_steps):
+            idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=gen, device=device)
+            x0 = images[idx]
+            y = None
+            if labels is not None:
+                y = labels[idx].clone()
+                drop = torch.rand(config.batch_size, generator=gen, device=device) < config.cfg_dropout
+                y[drop] = num_classes  # the null class
+            step = counters["step"]
+            for group in opt.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            loss = _loss(net, x0, y, config.objective, ab, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net_params, config.grad_clip)
+            opt.step()
+            # EMA with a warm-up so early averages are not dominated by the random initialisation.
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
+            value = loss.item()
+            counters["loss_ema"] = value if counters["loss_ema"] is None else 0.98 * counters["loss_ema"] + 0.02 * value
+            counters["step"] += 1
+            counters["images"] += config.batch_size
+            counters["seconds"] = start_seconds + (time.perf_counter() - start_wall)
+            rate = (counters["images"] - start_images) / max(time.perf_counter() - start_wall, 1e-9)
+            bar.update(counters["seconds"], counters["loss_ema"], rate, counters["step"])
+            if time.perf_counter() - last_checkpoint > config.checkpoint_minutes * 60.0:
+                _save_checkpoint(folder, net, ema, opt, gen, counters)
+                last_checkpoint = time.perf_counter()
+    finally:
+        bar.close()
+    _save_checkpoint(folder, net, ema, opt, gen, counters)
+
+    info = ModelInfo(
+        name=name or folder.name,
+        arch=config.arch,
+        objective=config.objective,
+        image_shape=dataset.shape,
+        num_classes=num_classes,
+        data=config.data,
+        time_scale=1000.0 if config.objective == "flow" else 1.0,
+        training={
+            "config": config.to_dict(),
+            "steps": counters["step"],
+            "images_seen": counters["images"],
+            "epochs": round(counters["images"] / len(dataset), 1),
+            "seconds": round(counters["seconds"], 1),
+            "final_loss_ema": counters["loss_ema"],
+            "machine": machine_description(device),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "weights": "EMA",
+        },
+    )
+    save_model(ema, info, folder)
+    return TrainResult(
+        folder,
+        counters["step"],
+        counters["images"],
+        counters["seconds"],
+        counters["loss_ema"] or math.nan,
+        resumed_from,
+    )
+
+
+class _Progress:
+    """A rich progress bar over the time budget with loss and images/s (silent when disabled)."""
+
+    def __init__(self, enabled: bool, budget: float, done: float) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.bar.add_task("train", total=budget, completed=done, info="")
+        self.bar.start()
+        self._last = 0.0
+
+    def update(self, seconds: float, loss: float, rate: float, step: int) -> None:
+        if self.bar is None or time.perf_counter() - self._last < 0.5:
+            return
+        self._last = time.perf_counter()
+        self.bar.update(self.task, completed=seconds, info=f"step {step}  loss {loss:.4f}  {rate:.0f} img/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
