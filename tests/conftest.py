@@ -1,8 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 # The suite runs many tiny tensor ops; one intra-op thread is faster on 2-core machines and deterministic.
 torch.set_num_threads(1)
+# Keep derived-data caches (reference statistics, reference solves) out of the user's cache.
+os.environ["HASTEN_CACHE"] = tempfile.mkdtemp(prefix="hasten-test-cache-")
 
 
 @pytest.fixture(autouse=True)

