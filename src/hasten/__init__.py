@@ -10,6 +10,7 @@ The public API in one place::
 
 from . import models, schedules, solvers
 from .config import Config
+from .generate import Generation, generate
 from .models import (
     CFGDenoiser,
     Denoiser,
@@ -19,6 +20,7 @@ from .models import (
     VDenoiser,
     X0Denoiser,
 )
+from .models.zoo import LoadedModel, ModelInfo, bundled_models, load
 from .registry import Registry
 from .schedules import (
     VE,
@@ -44,6 +46,9 @@ __all__ = [
     "EpsDenoiser",
     "FlowDenoiser",
     "FlowMatching",
+    "Generation",
+    "LoadedModel",
+    "ModelInfo",
     "NoiseSchedule",
     "NonFiniteOutputError",
     "Registry",
@@ -56,9 +61,12 @@ __all__ = [
     "X0Denoiser",
     "__version__",
     "available",
+    "bundled_models",
+    "generate",
     "get_sigmas",
     "get_solver",
     "karras",
+    "load",
     "logsnr_uniform",
     "models",
     "sample",

@@ -1,0 +1,64 @@
+"""Evaluate a model at one sampler setting: quality against held-out data, reference error and cost.
+
+Library behind ``hasten evaluate`` and the model cards; ``hasten bench`` runs the same measurement over a
+matrix of settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .generate import generate
+from .metrics.cost import peak_memory_bytes
+from .metrics.quality import evaluate_mnist
+from .metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
+from .models.zoo import LoadedModel
+
+__all__ = ["evaluate_model"]
+
+
+def evaluate_model(
+    model: LoadedModel,
+    *,
+    n: int = 1000,
+    solver: str = "dpmpp_2m",
+    steps: int = 20,
+    schedule: str = "karras",
+    seed: int = 0,
+    guidance: float = 1.0,
+    reference: bool = True,
+    **solver_options: Any,
+) -> dict[str, Any]:
+    """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately)."""
+    if model.info.data != "mnist":
+        raise ValueError(
+            f"quality metrics exist for MNIST models only so far; {model.info.name!r} is trained on {model.info.data!r}"
+        )
+    gen = generate(
+        model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, **solver_options
+    )
+    result: dict[str, Any] = {
+        "model": model.info.name,
+        "fingerprint": model.fingerprint,
+        "solver": solver,
+        "solver_options": solver_options,
+        "steps": steps,
+        "schedule": schedule,
+        "guidance": guidance,
+        "seed": seed,
+        "nfe": gen.nfe,
+        "seconds": gen.seconds,
+        "images_per_second": n / gen.seconds,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "bytes_on_disk": model.bytes_on_disk(),
+        **evaluate_mnist(gen.images01, gen.labels),
+    }
+    if reference:
+        ref = reference_samples(model, n, seed=seed, guidance=guidance)
+        result |= {
+            "rmse_ref": rmse(gen.images01, ref),
+            "psnr_ref": psnr(gen.images01, ref),
+            "reference": REFERENCE_SOLVER,
+        }
+    result["images01"] = gen.images01
+    return result
