@@ -140,7 +140,7 @@ def test_unknown_option_lists_accepted():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"order": 4}, "order must be 1, 2 or 3"),
+        ({"order": 4}, "order must be one of 1, 2, 3; got 4"),
         ({"solver_type": "rk4"}, "solver_type"),
         ({"eta": -1.0}, "eta"),
         ({"order": 3, "eta": 1.0}, "SDE variant"),

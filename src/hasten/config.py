@@ -66,6 +66,12 @@ class Config:
         return target.create(**kwargs)  # type: ignore[return-value]
 
 
+def check_choice(option: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Raise ``ValueError`` naming the option, the bad value and what is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, Config):
         return value.to_dict()

@@ -19,7 +19,14 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+# Options shared by several commands (one definition each, huggingface_hub-CLI style).
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="text for people, json for scripts")]
+ModelOption = Annotated[str, typer.Option(help="bundled model name or a model folder")]
+SolverOption = Annotated[str, typer.Option(help="solver name; see `hasten.available()`")]
+StepsOption = Annotated[int, typer.Option(min=1, help="solver steps")]
+SeedOption = Annotated[int, typer.Option(help="noise seed")]
+GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
+ScheduleOption = Annotated[str, typer.Option(help="discretisation: karras, logsnr, time_uniform, ...")]
 
 
 def _fail(message: str) -> None:
@@ -36,16 +43,16 @@ def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
 
 @app.command()
 def sample(
-    model: Annotated[str, typer.Option(help="bundled model name or a model folder")] = "mnist-unet",
-    solver: Annotated[str, typer.Option(help="solver name; see `hasten.available()`")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(min=1, help="solver steps")] = 10,
+    model: ModelOption = "mnist-unet",
+    solver: SolverOption = "dpmpp_2m",
+    steps: StepsOption = 10,
     n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    seed: SeedOption = 0,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")] = 1.0,
+    guidance: GuidanceOption = 1.0,
     label: Annotated[int | None, typer.Option(help="class to sample (default: spread over the classes)")] = None,
-    schedule: Annotated[str, typer.Option(help="discretisation: karras, logsnr, time_uniform, ...")] = "karras",
+    schedule: ScheduleOption = "karras",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -123,13 +130,13 @@ def sample(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option(help="bundled model name or a model folder")] = "mnist-unet",
-    solver: Annotated[str, typer.Option(help="solver name")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(min=1, help="solver steps")] = 20,
+    model: ModelOption = "mnist-unet",
+    solver: SolverOption = "dpmpp_2m",
+    steps: StepsOption = 20,
     n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 1.0,
-    schedule: Annotated[str, typer.Option(help="discretisation")] = "karras",
+    seed: SeedOption = 0,
+    guidance: GuidanceOption = 1.0,
+    schedule: ScheduleOption = "karras",
     reference: Annotated[bool, typer.Option(help="also measure RMSE/PSNR to a cached high-accuracy solve")] = True,
     out: Annotated[pathlib.Path | None, typer.Option(help="write a PNG grid of the first 100 samples")] = None,
     fmt: FormatOption = OutputFormat.text,

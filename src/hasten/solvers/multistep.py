@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from ..config import check_choice
 from ._base import Model, NoiseFn, Solver, StepInfo, lambda_of, register_solver
 
 
@@ -82,14 +83,10 @@ class DPMSolverMultistep(Solver):
     third_order_term: Literal["taylor", "reference"] = "taylor"
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
-        if self.prediction not in ("data", "noise"):
-            raise ValueError(f"prediction must be 'data' or 'noise', got {self.prediction!r}")
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
-        if self.third_order_term not in ("taylor", "reference"):
-            raise ValueError(f"third_order_term must be 'taylor' or 'reference', got {self.third_order_term!r}")
+        check_choice("order", self.order, (1, 2, 3))
+        check_choice("prediction", self.prediction, ("data", "noise"))
+        check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
+        check_choice("third_order_term", self.third_order_term, ("taylor", "reference"))
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.eta > 0 and (self.prediction != "data" or self.order > 2):

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..config import check_choice
 from ._base import Model, NoiseFn, Solver, StepInfo, register_solver
 
 # Adams-Bashforth weights, newest first.
@@ -52,8 +53,7 @@ class PLMS(Solver):
     warmup: Literal["prk", "heun", "lower_order"] = "prk"
 
     def __post_init__(self) -> None:
-        if self.warmup not in ("prk", "heun", "lower_order"):
-            raise ValueError(f"warmup must be 'prk', 'heun' or 'lower_order', got {self.warmup!r}")
+        check_choice("warmup", self.warmup, ("prk", "heun", "lower_order"))
 
     def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
         state = state or PLMSState()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from ..config import check_choice
 from ._base import Model, NoiseFn, Solver, StepInfo, ddim_step, lambda_of, register_solver
 from .euler import ancestral_levels
 
@@ -146,14 +147,10 @@ class DPMSolverSinglestep(Solver):
     lower_order_final: bool = True
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
-        if self.prediction not in ("data", "noise"):
-            raise ValueError(f"prediction must be 'data' or 'noise', got {self.prediction!r}")
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
-        if self.intermediate not in ("lambda", "grid"):
-            raise ValueError(f"intermediate must be 'lambda' or 'grid', got {self.intermediate!r}")
+        check_choice("order", self.order, (1, 2, 3))
+        check_choice("prediction", self.prediction, ("data", "noise"))
+        check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
+        check_choice("intermediate", self.intermediate, ("lambda", "grid"))
         r1, r2 = self.fractions()
         if not (0 < r1 < 1) or (self.order == 3 and not r1 < r2 < 1):
             raise ValueError(f"need 0 < r1 (< r2) < 1, got r1={self.r1}, r2={self.r2}")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
+from ..config import check_choice
 from ._base import Model, NoiseFn, Solver, StepInfo, lambda_of, register_solver
 from .multistep import multistep_order
 
@@ -78,12 +79,9 @@ class UniPC(Solver):
     lower_order_final_below: int = 2**31
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
-        if self.variant not in ("bh1", "bh2"):
-            raise ValueError(f"variant must be 'bh1' or 'bh2', got {self.variant!r}")
-        if self.prediction not in ("data", "noise"):
-            raise ValueError(f"prediction must be 'data' or 'noise', got {self.prediction!r}")
+        check_choice("order", self.order, (1, 2, 3))
+        check_choice("variant", self.variant, ("bh1", "bh2"))
+        check_choice("prediction", self.prediction, ("data", "noise"))
 
     @property
     def convergence_order(self) -> int:
