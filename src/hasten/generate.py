@@ -56,9 +56,14 @@ def generate(
     label: int | None = None,
     batch_size: int = 256,
     callback: Any = None,
+    sigmas: Tensor | None = None,
     **solver_options: Any,
 ) -> Generation:
-    """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch."""
+    """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
+
+    ``sigmas`` (a descending VE grid) overrides ``steps`` and ``schedule``, e.g. to reuse another library's
+    timesteps through :func:`hasten.schedules.from_timesteps`.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     labels = default_labels(model, n, label)
@@ -67,7 +72,8 @@ def generate(
         if labels is None:
             raise ValueError("guidance needs a class-conditional model")
         denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
-    sigmas = get_sigmas(schedule, steps, model.schedule)
+    if sigmas is None:
+        sigmas = get_sigmas(schedule, steps, model.schedule)
     device = next(model.network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device

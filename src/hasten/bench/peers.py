@@ -1,0 +1,150 @@
+"""Peers in the same run: diffusers' schedulers driving the same network through diffusers' own loop.
+
+``diffusers_generate`` reproduces what a diffusers pipeline does (``set_timesteps``, ``scale_model_input``,
+the model call, ``scheduler.step``) on a hasten :class:`~hasten.models.zoo.LoadedModel`, from the same
+noise, labels and guidance as :func:`hasten.generate`, so a hasten row and a diffusers row differ only in
+the sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+import torch
+
+from ..data import from_model_space
+from ..generate import Generation, default_labels
+from ..models.zoo import LoadedModel
+
+__all__ = ["PEERS", "PeerSpec", "diffusers_generate", "peers_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSpec:
+    """A diffusers scheduler with the settings people use, and the objectives it supports."""
+
+    scheduler: str
+    config: dict[str, Any]
+    objectives: tuple[str, ...]
+    hasten_equivalent: str  # the hasten solver (and options) implementing the same algorithm, for the report
+
+
+_DDPM = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+PEERS: dict[str, PeerSpec] = {
+    "ddim": PeerSpec(
+        "DDIMScheduler", {**_DDPM, "clip_sample": False, "timestep_spacing": "trailing"}, ("eps", "v"), "ddim"
+    ),
+    "pndm": PeerSpec(
+        "PNDMScheduler", {**_DDPM, "skip_prk_steps": True, "timestep_spacing": "trailing"}, ("eps",), "plms warmup=heun"
+    ),
+    "dpmpp_2m": PeerSpec("DPMSolverMultistepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "dpmpp_2m"),
+    "dpmpp_3m": PeerSpec(
+        "DPMSolverMultistepScheduler", {**_DDPM, "solver_order": 3}, ("eps", "v"), "dpmpp_3m third_order_term=reference"
+    ),
+    "dpmpp_2s": PeerSpec(
+        "DPMSolverSinglestepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "dpmpp_2s intermediate=grid"
+    ),
+    "unipc": PeerSpec("UniPCMultistepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "unipc variant=bh2"),
+    "euler": PeerSpec("EulerDiscreteScheduler", {**_DDPM, "timestep_spacing": "trailing"}, ("eps", "v"), "euler"),
+    "heun": PeerSpec("HeunDiscreteScheduler", {**_DDPM, "timestep_spacing": "trailing"}, ("eps", "v"), "heun"),
+    "deis": PeerSpec(
+        "DEISMultistepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "(no hasten equivalent yet)"
+    ),
+    "flow_euler": PeerSpec(
+        "FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0}, ("flow",), "euler"
+    ),
+    "flow_heun": PeerSpec(
+        "FlowMatchHeunDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0}, ("flow",), "heun"
+    ),
+    "flow_dpmpp_2m": PeerSpec(
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 2, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 1.0},
+        ("flow",),
+        "dpmpp_2m",
+    ),
+    "flow_unipc": PeerSpec(
+        "UniPCMultistepScheduler",
+        {"solver_order": 2, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 1.0},
+        ("flow",),
+        "unipc variant=bh2",
+    ),
+}
+
+
+def peers_for(objective: str) -> list[str]:
+    """Names of the diffusers peers that support a model objective ("eps", "v" or "flow")."""
+    return [name for name, spec in PEERS.items() if objective in spec.objectives]
+
+
+def _scheduler(spec: PeerSpec, objective: str):
+    import diffusers
+
+    config = dict(spec.config)
+    if objective == "v":
+        config["prediction_type"] = "v_prediction"
+    return getattr(diffusers, spec.scheduler)(**config)
+
+
+@torch.no_grad()
+def diffusers_generate(
+    model: LoadedModel,
+    n: int,
+    peer: str,
+    *,
+    steps: int = 10,
+    seed: int = 0,
+    guidance: float = 1.0,
+    label: int | None = None,
+    batch_size: int = 256,
+) -> Generation:
+    """Sample with a diffusers scheduler on ``model.network``; same noise and labels as :func:`hasten.generate`.
+
+    Returns a :class:`~hasten.generate.Generation` whose ``nfe`` counts network calls per image batch (a
+    guided call runs both branches in one batch, as in hasten) and ``seconds`` the sampling time alone.
+    """
+    if peer not in PEERS:
+        raise KeyError(f"unknown diffusers peer {peer!r}; available: {', '.join(PEERS)}")
+    spec = PEERS[peer]
+    objective = model.info.objective
+    if objective not in spec.objectives:
+        raise ValueError(
+            f"peer {peer!r} ({spec.scheduler}) does not support {objective!r} models; use one of {peers_for(objective)}"
+        )
+    labels = default_labels(model, n, label)
+    net = model.network
+    device = next(net.parameters()).device
+    noise = torch.randn((n, *model.info.image_shape), generator=torch.Generator().manual_seed(seed))
+    outputs, nfe = [], 0
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        scheduler = _scheduler(spec, objective)
+        scheduler.set_timesteps(steps, device=device)
+        x = noise[i : i + batch_size].to(device) * scheduler.init_noise_sigma
+        y = None if labels is None else labels[i : i + batch_size].to(device)
+        # Only stochastic schedulers take a generator.
+        step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + i)}
+        if "generator" not in inspect.signature(scheduler.step).parameters:
+            step_kwargs = {}
+        calls = 0
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            t_in = t.expand(x.shape[0]).to(device)
+            if guidance != 1.0:
+                null = torch.full_like(y, model.info.null_class)
+                both = net(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), class_labels=torch.cat([y, null])).sample
+                cond, uncond = both.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            else:
+                out = net(x_in, t_in, class_labels=y).sample if y is not None else net(x_in, t_in).sample
+            calls += 1
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        outputs.append(x)
+        nfe = max(nfe, calls)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return Generation(from_model_space(torch.cat(outputs).cpu()), labels, nfe, seconds, [])
