@@ -43,7 +43,8 @@ def test_peer_matches_hasten_on_the_same_timesteps(unet_model, peer, solver, opt
     theirs = diffusers_generate(unet_model, 4, peer, steps=5, guidance=guidance)
     ours = hasten.generate(unet_model, 4, solver=solver, sigmas=sigmas, guidance=guidance, **options)
     assert theirs.nfe == ours.nfe
-    torch.testing.assert_close(ours.images01, theirs.images01, atol=2e-4, rtol=0)
+    # PNDM's formula (9) cancels terms ~6|x| on the step from t = 999 in float32 (see test_parity_diffusers).
+    torch.testing.assert_close(ours.images01, theirs.images01, atol=1e-3 if peer == "pndm" else 2e-4, rtol=0)
 
 
 def test_peer_lists_and_errors(unet_model):
