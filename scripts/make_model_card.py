@@ -116,7 +116,7 @@ member of the bundled zoo.
 
 ## Measured quality
 
-{args.n} samples per row, `{args.solver}` with {args.steps} steps on the Karras grid (a converged setting: the
+{args.n} samples per row, `{args.solver}` with {args.steps} steps on the `auto` grid (Karras for DDPM models, uniform time for flow models; a converged setting: the
 RMSE column is the error to a 200-step third-order solve from the same noise on {args.reference_n} of them,
 pixel values in [0, 1]), labels spread evenly over the ten digits, seed 0. FD and precision/recall
 (k = 3) are computed in the features of hasten's bundled MNIST classifier against the held-out digits;

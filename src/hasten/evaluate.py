@@ -23,7 +23,7 @@ def evaluate_model(
     n: int = 1000,
     solver: str = "dpmpp_2m",
     steps: int = 20,
-    schedule: str = "karras",
+    schedule: str = "auto",
     seed: int = 0,
     guidance: float = 1.0,
     reference: bool = True,

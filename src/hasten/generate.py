@@ -50,7 +50,7 @@ def generate(
     *,
     solver: str = "dpmpp_2m",
     steps: int = 10,
-    schedule: str = "karras",
+    schedule: str = "auto",
     seed: int = 0,
     guidance: float = 1.0,
     label: int | None = None,

@@ -123,7 +123,9 @@ def diffusers_generate(
     for i in range(0, n, batch_size):
         scheduler = _scheduler(spec, objective)
         scheduler.set_timesteps(steps, device=device)
-        x = noise[i : i + batch_size].to(device) * scheduler.init_noise_sigma
+        # Flow-matching schedulers have neither (their start is unit noise, their input unscaled).
+        x = noise[i : i + batch_size].to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         y = None if labels is None else labels[i : i + batch_size].to(device)
         # Only stochastic schedulers take a generator.
         step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + i)}
@@ -131,7 +133,7 @@ def diffusers_generate(
             step_kwargs = {}
         calls = 0
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scale_input(x, t)
             t_in = t.expand(x.shape[0]).to(device)
             if guidance != 1.0:
                 null = torch.full_like(y, model.info.null_class)

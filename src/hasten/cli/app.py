@@ -26,7 +26,10 @@ SolverOption = Annotated[str, typer.Option(help="solver name; see `hasten.availa
 StepsOption = Annotated[int, typer.Option(min=1, help="solver steps")]
 SeedOption = Annotated[int, typer.Option(help="noise seed")]
 GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
-ScheduleOption = Annotated[str, typer.Option(help="discretisation: karras, logsnr, time_uniform, ...")]
+ScheduleOption = Annotated[
+    str,
+    typer.Option(help="discretisation: auto (karras; time_uniform for flow models), karras, logsnr, time_uniform, ..."),
+]
 
 
 def _fail(message: str) -> None:
@@ -52,7 +55,7 @@ def sample(
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
     guidance: GuidanceOption = 1.0,
     label: Annotated[int | None, typer.Option(help="class to sample (default: spread over the classes)")] = None,
-    schedule: ScheduleOption = "karras",
+    schedule: ScheduleOption = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -136,7 +139,7 @@ def evaluate(
     n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
     seed: SeedOption = 0,
     guidance: GuidanceOption = 1.0,
-    schedule: ScheduleOption = "karras",
+    schedule: ScheduleOption = "auto",
     reference: Annotated[bool, typer.Option(help="also measure RMSE/PSNR to a cached high-accuracy solve")] = True,
     out: Annotated[pathlib.Path | None, typer.Option(help="write a PNG grid of the first 100 samples")] = None,
     fmt: FormatOption = OutputFormat.text,
@@ -167,6 +170,88 @@ def evaluate(
         save_grid(images[:100], out, nrow=10)
     text = "\n".join(f"{k:>18}: {v}" for k, v in result.items())
     _emit(fmt, result, text)
+
+
+@app.command()
+def bench(
+    model: ModelOption = "mnist-unet",
+    preset: Annotated[str, typer.Option(help="quick (minutes on a CPU), standard or full")] = "quick",
+    out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    n: Annotated[int | None, typer.Option(help="override the preset's samples per configuration")] = None,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Every configuration against the diffusers peers, from the same noise; JSONL + HTML report."""
+    import dataclasses
+    import time
+
+    from ..bench.matrix import PRESETS
+    from ..bench.report import render
+    from ..bench.runner import BenchError, run_bench
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    config = dataclasses.replace(PRESETS[preset], model=model, **({"n": n} if n is not None else {}))
+    started = time.perf_counter()
+
+    def on_row(row, i, total):
+        if fmt is OutputFormat.text:
+            typer.echo(f"[{i}/{total}] {row['label']}: NFE {row['nfe']}, {row['seconds']:.2f} s, FD {row['fd']:.1f}, "
+                       f"RMSE {row['rmse_ref']:.4f}", err=True)  # fmt: skip
+
+    try:
+        rows = run_bench(config, out, resume=resume, on_row=on_row)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    except (BenchError, KeyError, TypeError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    report = render(out)
+    wall = time.perf_counter() - started
+    if fmt is OutputFormat.json:
+        typer.echo(json.dumps({"out": str(out), "report": str(report), "rows": len(rows), "wall_seconds": wall}))
+        return
+    _print_table(rows)
+    typer.echo(f"{len(rows)} rows in {out / 'results.jsonl'}; report {report} ({wall:.0f} s)")
+
+
+@app.command()
+def report(
+    folder: Annotated[pathlib.Path, typer.Argument(help="a hasten bench output folder")],
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Re-render the plots and report.html of a bench folder from its results.jsonl."""
+    from ..bench.report import render
+    from ..bench.runner import read_results
+
+    try:
+        path = render(folder)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    rows = read_results(folder)
+    if fmt is OutputFormat.json:
+        typer.echo(json.dumps({"report": str(path), "rows": len(rows)}))
+        return
+    _print_table(rows)
+    typer.echo(f"report: {path}")
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hasten bench")
+    for header in ("configuration", "NFE", "seconds", "FD", "precision", "recall", "RMSE ref"):
+        table.add_column(header, justify="left" if header == "configuration" else "right")
+
+    def cell(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    for r in rows:
+        table.add_row(
+            r["label"], str(r["nfe"]), cell(r.get("seconds"), ".2f"), cell(r.get("fd"), ".1f"),
+            cell(r.get("precision"), ".3f"), cell(r.get("recall"), ".3f"), cell(r.get("rmse_ref"), ".4f"),
+        )  # fmt: skip
+    Console(stderr=False).print(table)
 
 
 class Arch(str, Enum):

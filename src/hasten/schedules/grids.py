@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from .noise import NoiseSchedule, _f64
+from .noise import FlowMatching, NoiseSchedule, _f64
 
 __all__ = [
     "DISCRETISATIONS",
@@ -224,10 +224,18 @@ for _spacing in ("linspace", "leading", "trailing"):
     DISCRETISATIONS.add(_spacing, _discrete(_spacing))
 
 
+@DISCRETISATIONS.register("auto")
+def _auto(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
+    """``time_uniform`` for flow matching (its VE levels reach ~1e4 as t -> 1, where a rho grid would spend
+    its first steps on pure noise), ``karras`` for every other schedule."""
+    return time_uniform(n, schedule, **kw) if isinstance(schedule, FlowMatching) else _karras(n, schedule, **kw)
+
+
 def get_sigmas(name: str, n: int, schedule: NoiseSchedule, **options) -> Tensor:
     """Build the named discretisation with ``n`` steps for ``schedule``.
 
-    Names: ``karras``, ``logsnr``, ``time_uniform``, ``time_quadratic``, ``linspace``, ``leading``,
-    ``trailing`` (the last three for discrete schedules).
+    Names: ``auto`` (``time_uniform`` for flow matching, ``karras`` otherwise), ``karras``, ``logsnr``,
+    ``time_uniform``, ``time_quadratic``, ``linspace``, ``leading``, ``trailing`` (the last three for
+    discrete schedules).
     """
     return DISCRETISATIONS.get(name)(n, schedule, **options)

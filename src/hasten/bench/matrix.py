@@ -1,0 +1,137 @@
+"""The experiment matrix of ``hasten bench``: which configurations run, as plain data.
+
+A configuration (:class:`Entry`) is one way of sampling the model: the library (hasten or diffusers), the
+solver and its options, the discretisation, the step count and the guidance scale. ``expand`` turns a
+:class:`BenchConfig` into the ordered list of entries; each has a stable ``key`` so an interrupted run
+can skip what it already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from ..config import Config, check_choice
+from ..solvers import get_solver
+from .peers import PEERS, peers_for
+
+__all__ = ["PRESETS", "BenchConfig", "Entry", "expand", "parse_solver"]
+
+
+def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"unipc:variant=bh2,order=3"`` -> ``("unipc", {"variant": "bh2", "order": 3})``.
+
+    Values are parsed as JSON when they can be (numbers, true/false), else kept as strings.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"solver option {item!r} in {spec!r} must look like key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    get_solver(name, **options)  # validates the name and every option now, not mid-run
+    return name, options
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Config):
+    """What ``hasten bench`` measures."""
+
+    model: str = "mnist-unet"
+    solvers: tuple[str, ...] = ("euler", "heun", "dpmpp_2m", "unipc")
+    steps: tuple[int, ...] = (5, 10)
+    schedules: tuple[str, ...] = ("auto",)
+    guidance: tuple[float, ...] = (1.0,)
+    peers: tuple[str, ...] = ("ddim", "dpmpp_2m", "unipc", "euler")
+    n: int = 100
+    seed: int = 0
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 10:
+            raise ValueError(f"n must be >= 10 (metrics need samples), got {self.n}")
+        if any(s < 1 for s in self.steps):
+            raise ValueError(f"step counts must be >= 1, got {self.steps}")
+        for peer in self.peers:
+            check_choice("peer", peer, tuple(PEERS))
+
+
+PRESETS: dict[str, BenchConfig] = {
+    # The README's first command: finishes in a few minutes on 2 CPU cores.
+    "quick": BenchConfig(),
+    "standard": BenchConfig(
+        solvers=(
+            "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "unipc:variant=bh2",
+            "plms:warmup=lower_order",
+        ),
+        steps=(5, 10, 20),
+        schedules=("auto", "logsnr"),
+        peers=("ddim", "pndm", "dpmpp_2m", "dpmpp_2s", "unipc", "euler", "heun", "deis"),
+        n=500,
+        repeats=2,
+    ),
+    "full": BenchConfig(
+        solvers=(
+            "euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m",
+            "dpmpp_3m:third_order_term=\"reference\"", "unipc", "unipc:variant=bh2", "unipc:order=3",
+            "plms", "plms:warmup=lower_order",
+        ),
+        steps=(4, 6, 8, 10, 15, 20, 30),
+        schedules=("karras", "logsnr", "time_uniform", "time_quadratic"),
+        guidance=(1.0, 2.0),
+        peers=tuple(PEERS),
+        n=1000,
+        repeats=3,
+    ),
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One configuration of the matrix."""
+
+    library: str  # "hasten" | "diffusers"
+    solver: str
+    options: dict[str, Any]
+    schedule: str | None
+    steps: int
+    guidance: float
+
+    @property
+    def key(self) -> str:
+        data = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        name = f"{self.solver}[{opts}]" if opts else self.solver
+        where = f"{self.schedule}, " if self.schedule else ""
+        return f"{self.library}:{name} ({where}{self.steps} steps, w={self.guidance:g})"
+
+
+def expand(config: BenchConfig, *, objective: str, conditional: bool) -> list[Entry]:
+    """All entries, hasten's first; diffusers peers only where they support the model's objective.
+
+    For flow-matching models a generic peer name maps to its flow variant ("euler" -> "flow_euler").
+    """
+    guidance = config.guidance if conditional else (1.0,)
+    entries = []
+    for g in guidance:
+        for spec in config.solvers:
+            name, options = parse_solver(spec)
+            for schedule in config.schedules:
+                for steps in config.steps:
+                    entries.append(Entry("hasten", name, options, schedule, steps, g))
+        supported = set(peers_for(objective))
+        peers = [p if p in supported else f"flow_{p}" for p in config.peers]
+        for peer in dict.fromkeys(p for p in peers if p in supported):
+            for steps in config.steps:
+                entries.append(Entry("diffusers", peer, {}, None, steps, g))
+    return entries

@@ -1,0 +1,156 @@
+"""The bench report: Pareto plots (PNG) and one self-contained HTML page (everything embedded, offline).
+
+``render(DIR)`` reads ``DIR/results.jsonl`` and writes ``DIR/pareto_nfe.png``, ``DIR/pareto_seconds.png``,
+``DIR/error_nfe.png`` and ``DIR/report.html``; ``hasten report DIR`` calls it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import pathlib
+from collections import defaultdict
+from typing import Any
+
+from .runner import read_results
+
+__all__ = ["pareto_front", "render"]
+
+COLOURS = {"hasten": "#d9480f", "diffusers": "#1c7ed6", "reference": "#2b8a3e"}
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+tr.hasten td:first-child { color: #d9480f; }
+tr.diffusers td:first-child { color: #1c7ed6; }
+tr.front { font-weight: 600; background: #fff4e6; }
+figure { display: inline-block; margin: 6px; width: 300px; font-size: 11px; vertical-align: top; }
+figure img { width: 100%; image-rendering: pixelated; }
+.plots img { max-width: 32%; }
+"""
+
+
+def pareto_front(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]]:
+    """Rows not dominated in (x, y), both lower-is-better; sorted by x."""
+    usable = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None), key=lambda r: (r[x], r[y]))
+    front, best = [], math.inf
+    for r in usable:
+        if r[y] < best:
+            front.append(r)
+            best = r[y]
+    return front
+
+
+def _series_name(row: dict[str, Any]) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
+    sched = f" {row['schedule']}" if row["library"] == "hasten" else ""
+    name = f"{row['solver']}[{opts}]" if opts else row["solver"]
+    return f"{row['library']}: {name}{sched} w={row['guidance']:g}"
+
+
+def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["library"] != "reference" and r.get(x) is not None and r.get(y) is not None:
+            series[_series_name(r)].append(r)
+    for name, pts in sorted(series.items()):
+        pts.sort(key=lambda r: r[x])
+        lib = pts[0]["library"]
+        ax.plot([p[x] for p in pts], [p[y] for p in pts], "o-" if lib == "hasten" else "s--",
+                color=COLOURS[lib], alpha=0.55, lw=1.2, ms=4, label=name)  # fmt: skip
+    front = pareto_front([r for r in rows if r["library"] != "reference"], x, y)
+    if front:
+        ax.step([r[x] for r in front], [r[y] for r in front], where="post", color="black", lw=1.5, label="Pareto front")
+    floor = [r.get("fd_real_vs_real") for r in rows if r.get("fd_real_vs_real") is not None]
+    if y == "fd" and floor:
+        ax.axhline(floor[0], color="grey", ls=":", label="real vs real (same n)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _img(path: pathlib.Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def render(folder: str | os.PathLike) -> pathlib.Path:
+    """Render plots and ``report.html`` from ``folder/results.jsonl``; returns the HTML path."""
+    folder = pathlib.Path(folder)
+    rows = read_results(folder)
+    if not rows:
+        raise FileNotFoundError(f"no results in {folder / 'results.jsonl'}; run `hasten bench --out {folder}` first")
+    plots = {
+        "pareto_nfe.png": ("nfe", "fd", "NFE (denoiser calls)", "FD to held-out digits", "Quality against NFE"),
+        "pareto_seconds.png": ("seconds", "fd", "sampling seconds", "FD to held-out digits", "Quality against time"),
+        "error_nfe.png": ("nfe", "rmse_ref", "NFE", "RMSE to reference solve", "Error to a 200-step solve"),
+    }
+    for name, (x, y, xl, yl, title) in plots.items():
+        _plot(rows, x, y, folder / name, xl, yl, title)
+    env = next((r.get("environment") for r in rows if r.get("environment")), {})
+    cols = [("label", "configuration"), ("nfe", "NFE"), ("seconds", "seconds"), ("images_per_second", "images/s"),
+            ("fd", "FD"), ("precision", "precision"), ("recall", "recall"), ("rmse_ref", "RMSE ref"),
+            ("psnr_ref", "PSNR ref"), ("label_accuracy", "label acc."), ("memorised_share", "memorised")]  # fmt: skip
+    front = {r["key"] for r in pareto_front([r for r in rows if r["library"] != "reference"], "nfe", "fd")}
+    body = []
+    for r in sorted(
+        rows, key=lambda r: (r["library"] != "reference", r["guidance"], r["library"], r["solver"], r["steps"])
+    ):
+        cls = f' class="{r["library"]}{" front" if r["key"] in front else ""}"'
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>")
+    grids = []
+    for r in rows:
+        path = folder / r.get("grid", "")
+        if r.get("grid") and path.exists():
+            caption = f"{html.escape(r['label'])}<br>FD {_fmt(r.get('fd'))}, RMSE {_fmt(r.get('rmse_ref'))}"
+            grids.append(f'<figure><img src="{_img(path)}" alt="{html.escape(r["label"])}">'
+                         f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+    first = rows[0]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hasten bench: {html.escape(first.get("model", ""))}</title>
+<style>{CSS}</style></head><body>
+<h1>hasten bench — {html.escape(first.get("model", ""))}</h1>
+<p>{len(rows)} configurations, {first.get("n")} samples each from the same noise (seed {first.get("seed")}).
+Machine: {html.escape(str(env.get("machine", "?")))}; torch {html.escape(str(env.get("torch", "?")))},
+diffusers {html.escape(str(env.get("diffusers", "?")))}, hasten {html.escape(str(env.get("hasten", "?")))}.
+FD and precision/recall: bundled MNIST features against 5,000 held-out digits; real-vs-real FD at this n:
+{_fmt(first.get("fd_real_vs_real"))}. RMSE/PSNR: against a 200-step third-order solve from the same noise
+(pixels in [0, 1]). Bold rows are on the FD-NFE Pareto front.</p>
+<div class="plots">{"".join(f'<img src="{_img(folder / name)}" alt="{name}">' for name in plots)}</div>
+<h2>Results</h2>
+<table><tr>{"".join(f"<th>{h}</th>" for _, h in cols)}</tr>
+{"".join(body)}
+</table>
+<h2>Samples (first 50 of each configuration)</h2>
+{"".join(grids)}
+</body></html>
+"""
+    out = folder / "report.html"
+    tmp = out.with_name(".report.html.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, out)
+    return out
