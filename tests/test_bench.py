@@ -1,6 +1,7 @@
 """hasten bench: matrix expansion, JSONL rows, resume after a kill, refusal of another matrix, the report."""
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -105,3 +106,15 @@ def test_cli_bench_and_report_errors(tiny_model, tmp_path):
     assert res.exit_code == 2 and "no hasten model" in res.output
     res = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no results" in res.output
+
+
+def test_gmm_bench_exact_errors_fall_with_nfe(tmp_path):
+    # From 12 steps on; below that, the karras grid's last jump (to sigma_min = 0.002) dominates the error.
+    cfg = BenchConfig(model="gmm", solvers=("heun", "dpmpp_2m", "dpmpp_3m", "unipc"), steps=(12, 20, 40, 80), n=64)
+    rows = run_bench(cfg, tmp_path / "gmm")
+    assert len(rows) == 16 and all(r["fd"] is None and r["exact_error"] > 0 for r in rows)
+    for solver in cfg.solvers:
+        errs = [r["exact_error"] for r in sorted((r for r in rows if r["solver"] == solver), key=lambda r: r["nfe"])]
+        assert all(a > b for a, b in itertools.pairwise(errs)), (solver, errs)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "gmm"), "--format", "json"])
+    assert res.exit_code == 0 and json.loads(res.output)["rows"] == 16

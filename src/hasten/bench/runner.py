@@ -14,6 +14,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,40 @@ def _measure(
     }
 
 
+class _Results:
+    """The folder's ``results.jsonl`` and ``matrix.json``: refuses a foreign matrix, rewrites atomically."""
+
+    def __init__(self, folder: pathlib.Path, matrix: dict[str, Any], resume: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.rows = read_results(folder)
+        matrix_path = folder / "matrix.json"
+        if self.rows or matrix_path.exists():
+            if not resume:
+                raise BenchError(
+                    f"{folder} already holds bench results; pass --resume to continue them, or use another --out"
+                )
+            old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
+            if old != matrix:
+                raise BenchError(
+                    f"{folder} holds results of a different matrix (settings or model changed); use another --out"
+                )
+        _write_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
+        self.done = {row["key"] for row in self.rows}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.done.add(row["key"])
+        _write_atomic(self.folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+def _stamp(model: str, fingerprint: str, config: BenchConfig, env: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": model, "fingerprint": fingerprint, "n": config.n, "seed": config.seed, "repeats": config.repeats,
+        "environment": env, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
 def run_bench(
     config: BenchConfig,
     out: str | os.PathLike,
@@ -115,60 +150,83 @@ def run_bench(
     resume: bool = False,
     on_row: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or continue) the matrix of ``config`` into ``out``; returns all rows, old and new."""
+    """Run (or continue) the matrix of ``config`` into ``out``; returns all rows, old and new.
+
+    ``config.model == "gmm"`` benchmarks hasten's solvers on the analytic mixture instead: exact errors
+    (``rmse_ref`` is the RMSE to the exact probability-flow solution), no FD, in seconds.
+    """
     folder = pathlib.Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    if config.model == "gmm":
+        return _run_gmm(config, folder, resume, on_row)
     model = load(config.model)
     if model.info.data != "mnist":
         raise BenchError(f"bench measures MNIST models so far; {model.info.name!r} is trained on {model.info.data!r}")
     entries = expand(config, objective=model.info.objective, conditional=bool(model.info.num_classes))
     matrix = {"config": config.to_dict(), "model_fingerprint": model.fingerprint, "entries": [e.key for e in entries]}
-    rows = read_results(folder)
-    matrix_path = folder / "matrix.json"
-    if rows or matrix_path.exists():
-        if not resume:
-            raise BenchError(
-                f"{folder} already holds bench results; pass --resume to continue them, or use another --out"
-            )
-        old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
-        if old != matrix:
-            raise BenchError(
-                f"{folder} holds results of a different matrix (settings or model changed); use another --out"
-            )
-    _write_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
+    results = _Results(folder, matrix, resume)
     env = _environment()
-    done = {row["key"] for row in rows}
     grids = folder / "grids"
     grids.mkdir(exist_ok=True)
     references = {}
     for g in sorted({e.guidance for e in entries}):
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g)
-        ref_entry = Entry(
+        ref = Entry(
             "reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], REFERENCE_SOLVER["steps"], g
         )
-        if ref_entry.key not in done:
+        if ref.key not in results.done:
             quality = evaluate_mnist(references[g], None)
-            save_grid(references[g][:50], grids / f"{ref_entry.key}.png", nrow=10, scale=2)
-            rows.append({
-                "key": ref_entry.key, "label": ref_entry.label, "library": "reference", "solver": ref_entry.solver,
-                "options": {}, "schedule": ref_entry.schedule, "steps": ref_entry.steps, "guidance": g,
-                "nfe": REFERENCE_SOLVER["steps"], "seconds": None, "images_per_second": None,
-                "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{ref_entry.key}.png",
-                **{k: quality[k] for k in QUALITY_KEYS},
-                "model": model.info.name, "fingerprint": model.fingerprint, "n": config.n, "seed": config.seed,
-                "environment": env,
+            save_grid(references[g][:50], grids / f"{ref.key}.png", nrow=10, scale=2)
+            results.add({
+                "key": ref.key, "label": ref.label, "library": "reference", "solver": ref.solver, "options": {},
+                "schedule": ref.schedule, "steps": ref.steps, "guidance": g, "nfe": ref.steps, "seconds": None,
+                "images_per_second": None, "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{ref.key}.png",
+                **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
-            _write_atomic(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    todo = [e for e in entries if e.key not in done]
+    todo = [e for e in entries if e.key not in results.done]
     for i, entry in enumerate(todo):
         row = _measure(model, entry, config, references[entry.guidance], grids)
-        row |= {
-            "model": model.info.name, "fingerprint": model.fingerprint, "n": config.n, "seed": config.seed,
-            "repeats": config.repeats, "environment": env,
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }  # fmt: skip
-        rows.append(row)
-        _write_atomic(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
         if on_row is not None:
             on_row(row, i + 1, len(todo))
-    return rows
+    return results.rows
+
+
+GMM_SHAPE = (1, 8, 8)  # 64 independent coordinates per "image"
+GMM_SIGMA_MAX = 80.0
+
+
+def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row) -> list[dict[str, Any]]:
+    """hasten's solvers on the analytic product mixture, against its exact PF-ODE solution."""
+    from ..models.analytic import ProductMixture
+    from ..schedules import VE, get_sigmas
+    from ..solvers import sample
+
+    mixture, schedule = ProductMixture(), VE(0.002, GMM_SIGMA_MAX)
+    entries = [e for e in expand(config, objective="gmm", conditional=False) if e.library == "hasten"]
+    matrix = {"config": config.to_dict(), "model_fingerprint": "gmm", "entries": [e.key for e in entries]}
+    results = _Results(folder, matrix, resume)
+    env = _environment()
+    gen = torch.Generator().manual_seed(config.seed)
+    x = mixture.sample((config.n, *GMM_SHAPE), sigma=GMM_SIGMA_MAX, generator=gen)  # exact p_sigma_max
+    exact = mixture.exact_flow(x, GMM_SIGMA_MAX, 0.0)
+    x32 = x.float()
+    todo = [e for e in entries if e.key not in results.done]
+    for i, entry in enumerate(todo):
+        sigmas = get_sigmas(entry.schedule or "auto", entry.steps, schedule)
+        times, out = [], None
+        for _ in range(config.repeats):
+            start = time.perf_counter()
+            out = sample(mixture, x32, sigmas, entry.solver, generator=torch.Generator().manual_seed(config.seed + 1),
+                         return_info=True, **entry.options)  # fmt: skip
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        row = {
+            "key": entry.key, "label": entry.label, "library": "hasten", "solver": entry.solver,
+            "options": entry.options, "schedule": entry.schedule, "steps": entry.steps, "guidance": 1.0,
+            "nfe": out.nfe, "seconds": seconds, "seconds_all": times, "images_per_second": config.n / seconds,
+            "fd": None, "rmse_ref": rmse(out.x, exact), "exact_error": rmse(out.x, exact), "psnr_ref": None,
+        }  # fmt: skip
+        results.add(row | _stamp("gmm", "gmm", config, env))
+        if on_row is not None:
+            on_row(row, i + 1, len(todo))
+    return results.rows

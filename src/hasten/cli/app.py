@@ -196,7 +196,8 @@ def bench(
 
     def on_row(row, i, total):
         if fmt is OutputFormat.text:
-            typer.echo(f"[{i}/{total}] {row['label']}: NFE {row['nfe']}, {row['seconds']:.2f} s, FD {row['fd']:.1f}, "
+            fd = "–" if row.get("fd") is None else f"{row['fd']:.1f}"
+            typer.echo(f"[{i}/{total}] {row['label']}: NFE {row['nfe']}, {row['seconds']:.2f} s, FD {fd}, "
                        f"RMSE {row['rmse_ref']:.4f}", err=True)  # fmt: skip
 
     try:
