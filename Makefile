@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a CUDA machine run `make test TORCH_SPEC=torch` (or any spec you like).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test demo lint bench-solvers clean
+.PHONY: venv test demo bench lint bench-solvers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# The main job on the bundled default: every quick-preset configuration against the diffusers peers.
+bench: venv
+	$(VENV)/bin/hasten bench --preset quick --model mnist-unet --out bench-out --resume
 
 demo: venv
 	$(PY) examples/analytic_mixture.py

@@ -37,14 +37,24 @@ def psnr(x: Tensor, reference: Tensor) -> float:
 
 
 def reference_samples(
-    model: LoadedModel, n: int, *, seed: int = 0, guidance: float = 1.0, label: int | None = None
+    model: LoadedModel,
+    n: int,
+    *,
+    seed: int = 0,
+    guidance: float = 1.0,
+    label: int | None = None,
+    steps: int | None = None,
 ) -> Tensor:
-    """High-accuracy samples ``[N, C, H, W]`` in [0, 1] for the same noise as ``generate(model, n, seed=...)``."""
+    """High-accuracy samples ``[N, C, H, W]`` in [0, 1] for the same noise as ``generate(model, n, seed=...)``.
+
+    ``steps`` overrides the reference solver's step count (default 200).
+    """
     from safetensors.torch import load_file, save_file
 
     from ..generate import generate
 
-    spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **REFERENCE_SOLVER}
+    solver = {**REFERENCE_SOLVER, **({"steps": steps} if steps is not None else {})}
+    spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **solver}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "references" / f"{key}.safetensors"
     if path.exists():
@@ -52,9 +62,9 @@ def reference_samples(
     result = generate(
         model,
         n,
-        solver=REFERENCE_SOLVER["solver"],
-        steps=REFERENCE_SOLVER["steps"],
-        schedule=REFERENCE_SOLVER["schedule"],
+        solver=solver["solver"],
+        steps=solver["steps"],
+        schedule=solver["schedule"],
         seed=seed,
         guidance=guidance,
         label=label,
