@@ -22,7 +22,7 @@ test: venv
 
 # The main job on the bundled default: every quick-preset configuration against the diffusers peers.
 bench: venv
-	$(VENV)/bin/hasten bench --preset quick --model mnist-unet --out bench-out --resume
+	$(VENV)/bin/hasten bench --preset quick --model mnist-dit --out bench-out --resume
 
 demo: venv
 	$(PY) examples/analytic_mixture.py

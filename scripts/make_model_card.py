@@ -78,7 +78,7 @@ def main() -> None:
     cfg = tr["config"]
     command = (
         f"hasten train --arch {cfg['arch']} --data {cfg['data']} --objective {cfg['objective']} "
-        f"--minutes {cfg['minutes']:g} --batch-size {cfg['batch_size']} --lr {cfg['lr']:g} "
+        f"--minutes {tr['seconds'] / 60:.0f} --batch-size {cfg['batch_size']} --lr {cfg['lr']:g} "
         f"--ema-decay {cfg['ema_decay']:g} --seed {cfg['seed']} --out runs/{info.name}"
     )
     table = [

@@ -265,7 +265,7 @@ def train(
         data=config.data,
         time_scale=1000.0 if config.objective == "flow" else 1.0,
         training={
-            "config": config.to_dict(),
+            "config": config.to_dict(),  # the last invocation's settings; "seconds" is the time trained
             "steps": counters["step"],
             "images_seen": counters["images"],
             "epochs": round(counters["images"] / len(dataset), 1),

@@ -43,7 +43,7 @@ def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
 class BenchConfig(Config):
     """What ``hasten bench`` measures."""
 
-    model: str = "mnist-unet"
+    model: str = "mnist-dit"
     solvers: tuple[str, ...] = ("euler", "heun", "dpmpp_2m", "unipc")
     steps: tuple[int, ...] = (5, 10)
     schedules: tuple[str, ...] = ("auto",)

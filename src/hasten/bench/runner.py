@@ -169,10 +169,9 @@ def run_bench(
     grids.mkdir(exist_ok=True)
     references = {}
     for g in sorted({e.guidance for e in entries}):
-        references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g)
-        ref = Entry(
-            "reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], REFERENCE_SOLVER["steps"], g
-        )
+        steps = config.reference_steps
+        references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
+        ref = Entry("reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], steps, g)
         if ref.key not in results.done:
             quality = evaluate_mnist(references[g], None)
             save_grid(references[g][:50], grids / f"{ref.key}.png", nrow=10, scale=2)

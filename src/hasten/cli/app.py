@@ -46,7 +46,7 @@ def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
 
 @app.command()
 def sample(
-    model: ModelOption = "mnist-unet",
+    model: ModelOption = "mnist-dit",
     solver: SolverOption = "dpmpp_2m",
     steps: StepsOption = 10,
     n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
@@ -133,7 +133,7 @@ def sample(
 
 @app.command()
 def evaluate(
-    model: ModelOption = "mnist-unet",
+    model: ModelOption = "mnist-dit",
     solver: SolverOption = "dpmpp_2m",
     steps: StepsOption = 20,
     n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
@@ -174,7 +174,7 @@ def evaluate(
 
 @app.command()
 def bench(
-    model: ModelOption = "mnist-unet",
+    model: ModelOption = "mnist-dit",
     preset: Annotated[str, typer.Option(help="quick (minutes on a CPU), standard or full")] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
