@@ -26,7 +26,7 @@ Where hasten differs on purpose, the option that reproduces diffusers:
   diffusers by far more than rounding (see ``test_dpmpp_3m_default_is_not_diffusers``).
 * Singlestep DPM-Solver: ``intermediate="grid"`` (hasten's default places k evaluations inside each step).
 * PLMS: ``warmup="heun"`` (hasten's default "prk" is F-PNDM, 4 NFE per warm-up step).
-* UniPC: hasten defaults to ``variant="bh1"``, diffusers to ``"bh2"``; both are passed explicitly.
+* UniPC: both default to ``variant="bh2"``; the tests pass the variant explicitly.
 
 Set-ups that are not compared, and why:
 

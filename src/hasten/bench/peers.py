@@ -48,7 +48,7 @@ PEERS: dict[str, PeerSpec] = {
     "dpmpp_2s": PeerSpec(
         "DPMSolverSinglestepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "dpmpp_2s intermediate=grid"
     ),
-    "unipc": PeerSpec("UniPCMultistepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "unipc variant=bh2"),
+    "unipc": PeerSpec("UniPCMultistepScheduler", {**_DDPM, "solver_order": 2}, ("eps", "v"), "unipc"),
     "euler": PeerSpec("EulerDiscreteScheduler", {**_DDPM, "timestep_spacing": "trailing"}, ("eps", "v"), "euler"),
     "heun": PeerSpec("HeunDiscreteScheduler", {**_DDPM, "timestep_spacing": "trailing"}, ("eps", "v"), "heun"),
     "deis": PeerSpec(
@@ -70,7 +70,7 @@ PEERS: dict[str, PeerSpec] = {
         "UniPCMultistepScheduler",
         {"solver_order": 2, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 1.0},
         ("flow",),
-        "unipc variant=bh2",
+        "unipc",
     ),
 }
 
