@@ -214,3 +214,15 @@ def test_bad_schedule_arguments():
         karras(4, 10.0, 1.0)
     with pytest.raises(ValueError, match="shift"):
         FlowMatching(shift=0.0)
+
+
+def test_auto_grid():
+    vp, flow = VPDiscrete.from_betas(), FlowMatching(shift=3.0)
+    torch.testing.assert_close(get_sigmas("auto", 6, vp), get_sigmas("karras", 6, vp))
+    s = get_sigmas("auto", 5, FlowMatching())
+    _check_grid(s, 5)
+    # SD3 / Flux: t uniform from t_max down to t_max / n (no model call at already-clean t_min), then 0
+    t = FlowMatching().t_from_ve_sigma(s[:-1])
+    torch.testing.assert_close(t, torch.linspace(1 - 1e-4, 0, 6, dtype=torch.float64)[:-1])
+    shifted = flow.t_from_ve_sigma(get_sigmas("auto", 5, flow)[:-1])
+    torch.testing.assert_close(shifted, flow.time_shift(torch.linspace(1 - 1e-4, 0, 6, dtype=torch.float64)[:-1]))

@@ -28,7 +28,7 @@ SeedOption = Annotated[int, typer.Option(help="noise seed")]
 GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
 ScheduleOption = Annotated[
     str,
-    typer.Option(help="discretisation: auto (karras; time_uniform for flow models), karras, logsnr, time_uniform, ..."),
+    typer.Option(help="discretisation: auto (karras; uniform time for flow models), karras, logsnr, time_uniform, ..."),
 ]
 
 

@@ -226,15 +226,23 @@ for _spacing in ("linspace", "leading", "trailing"):
 
 @DISCRETISATIONS.register("auto")
 def _auto(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
-    """``time_uniform`` for flow matching (its VE levels reach ~1e4 as t -> 1, where a rho grid would spend
-    its first steps on pure noise), ``karras`` for every other schedule."""
-    return time_uniform(n, schedule, **kw) if isinstance(schedule, FlowMatching) else _karras(n, schedule, **kw)
+    """``karras`` for diffusion schedules; for flow matching the SD3 / Flux grid: ``n`` levels uniform in
+    (shifted) time from ``t_max`` down to ``t_max / n``, then 0. (A rho grid from the flow's VE level
+    ~1e4 would spend its first steps on pure noise, and ``time_uniform`` down to ``t_min`` would spend its
+    last model call on already-clean data.)"""
+    if not isinstance(schedule, FlowMatching):
+        return _karras(n, schedule, **kw)
+    if kw:
+        raise TypeError(f"the flow-matching 'auto' grid takes no options, got {sorted(kw)}")
+    _check_n(n)
+    u = torch.linspace(schedule.t_max, 0.0, n + 1, dtype=torch.float64)[:-1]
+    return _finish(schedule.ve_sigma(schedule.time_shift(u)), "zero")
 
 
 def get_sigmas(name: str, n: int, schedule: NoiseSchedule, **options) -> Tensor:
     """Build the named discretisation with ``n`` steps for ``schedule``.
 
-    Names: ``auto`` (``time_uniform`` for flow matching, ``karras`` otherwise), ``karras``, ``logsnr``,
+    Names: ``auto`` (``karras``; for flow matching uniform in time down to ``t_max / n``), ``karras``, ``logsnr``,
     ``time_uniform``, ``time_quadratic``, ``linspace``, ``leading``, ``trailing`` (the last three for
     discrete schedules).
     """
