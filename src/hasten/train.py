@@ -31,6 +31,7 @@ from torch import nn
 from .config import Config
 from .data import load_dataset, to_model_space
 from .models.zoo import ModelInfo, build_network, save_model
+from .schedules.noise import VPDiscrete
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -194,9 +195,8 @@ def train(
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).to(
-        device=device, dtype=torch.float32
-    )
+    # The DDPM table the eps / v objectives train on is the schedule the model folder declares (one place).
+    ab = VPDiscrete.from_betas("linear", 1000).alphas_cumprod.to(device=device, dtype=torch.float32)
 
     counters: dict[str, Any] = {"config": config.to_dict(), "step": 0, "images": 0, "seconds": 0.0, "loss_ema": None}
     checkpoint = _find_checkpoint(folder)

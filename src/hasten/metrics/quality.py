@@ -6,6 +6,7 @@ in training) in the bundled feature network's space, and checks for copies of tr
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 
@@ -26,8 +27,9 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def _reference_features() -> tuple[Tensor, Tensor, Tensor]:
-    """Held-out MNIST features, mean and covariance, cached on disk per feature network."""
+    """Held-out MNIST features, mean and covariance, cached on disk per feature network (and in memory)."""
     from safetensors.torch import load_file, save_file
 
     key = f"mnist-heldout-{feature_net_fingerprint()}"
@@ -44,17 +46,27 @@ def _reference_features() -> tuple[Tensor, Tensor, Tensor]:
     return feats, mu, cov
 
 
+@functools.lru_cache(maxsize=1)
+def _train_pixels() -> Tensor:
+    return load_mnist("train").images.flatten(1).double() / 255.0
+
+
+@functools.lru_cache(maxsize=4)
+def _memorisation_threshold(quantile: float) -> float:
+    """The ``quantile`` of held-out digits' distances to their nearest training digit (computed once)."""
+    heldout = load_mnist("heldout").images.flatten(1).double() / 255.0
+    return float(torch.quantile(torch.cdist(heldout, _train_pixels()).min(dim=1).values, quantile))
+
+
 def memorisation_share(samples01: Tensor, quantile: float = 0.01) -> tuple[float, float]:
     """Share of samples closer (pixel L2) to a training digit than all but ``quantile`` of held-out digits are.
 
     A model that generalises scores about ``quantile``; one that copies its 5,000 training digits scores
     far more. Returns ``(share, threshold)``.
     """
-    train = load_mnist("train").images.flatten(1).double() / 255.0
-    heldout = load_mnist("heldout").images.flatten(1).double() / 255.0
-    threshold = torch.quantile(torch.cdist(heldout, train).min(dim=1).values, quantile)
-    nearest = torch.cdist(samples01.flatten(1).double().cpu(), train).min(dim=1).values
-    return float((nearest < threshold).double().mean()), float(threshold)
+    threshold = _memorisation_threshold(quantile)
+    nearest = torch.cdist(samples01.flatten(1).double().cpu(), _train_pixels()).min(dim=1).values
+    return float((nearest < threshold).double().mean()), threshold
 
 
 def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:
@@ -88,6 +100,7 @@ def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 
     return result
 
 
+@functools.lru_cache(maxsize=8)
 def real_vs_real_fd(n: int, seed: int = 0) -> float:
     """FD between ``n`` training digits and the held-out statistics: the value a perfect model reaches at n."""
     _, mu_ref, cov_ref = _reference_features()
