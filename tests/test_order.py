@@ -14,7 +14,7 @@ import torch
 
 import hasten
 from hasten.models import ProductMixture
-from hasten.solvers import MultistepState, PLMSState, UniPCState, get_solver
+from hasten.solvers import MultistepState, PLMSState, UniPCState, get_solver, space_coordinates
 
 MIXTURE = ProductMixture()
 SIGMA_MAX, SIGMA_MIN = 5.0, 0.1
@@ -27,6 +27,11 @@ def _grid(n: int, spacing: str, extra: int) -> torch.Tensor:
         u = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), n + 1, dtype=torch.float64)
         pre = u[0] - (u[1] - u[0]) * torch.arange(extra, 0, -1, dtype=torch.float64)
         return torch.exp(-torch.cat([pre, u]))
+    if spacing == "flow":  # uniform in rectified-flow time u = sigma / (1 + sigma)
+        u = torch.linspace(SIGMA_MAX / (1 + SIGMA_MAX), SIGMA_MIN / (1 + SIGMA_MIN), n + 1, dtype=torch.float64)
+        pre = u[0] - (u[1] - u[0]) * torch.arange(extra, 0, -1, dtype=torch.float64)
+        u = torch.cat([pre, u])
+        return u / (1 - u)
     u = torch.linspace(SIGMA_MAX, SIGMA_MIN, n + 1, dtype=torch.float64)
     pre = u[0] - (u[1] - u[0]) * torch.arange(extra, 0, -1, dtype=torch.float64)
     return torch.cat([pre, u])
@@ -40,8 +45,9 @@ def _seeded_state(solver, x_max: torch.Tensor, pre: torch.Tensor):
     ds = [MIXTURE(x, float(s)) for x, s in zip(xs, pre)]
     eps = [(x - d) / float(s) for x, d, s in zip(xs, ds, pre)]
     sig = tuple(pre.tolist()[::-1])
-    if isinstance(solver, hasten.solvers.PLMS):
-        return PLMSState(tuple(eps[::-1]))
+    if isinstance(solver, hasten.solvers.PLMS):  # dy/du in the solver's space (the velocity for "flow")
+        coords = [space_coordinates(float(s), solver.space) for s in pre]
+        return PLMSState(tuple((a * x - d) / u for x, d, (u, a) in zip(xs, ds, coords))[::-1])
     outs = tuple((ds if solver.prediction == "data" else eps)[::-1])
     if isinstance(solver, hasten.solvers.UniPC):
         return UniPCState(outs, sig, xs[-1], solver.order)
@@ -92,6 +98,8 @@ CASES = [
     ("unipc", {**NO_LOF, "order": 3, "corrector": False}, "lambda"),
     ("unipc", {**NO_LOF, "order": 2, "prediction": "noise"}, "lambda"),
     ("plms", {"warmup": "lower_order"}, "sigma"),
+    ("heun", {"space": "flow"}, "flow"),
+    ("plms", {"warmup": "lower_order", "space": "flow"}, "flow"),
 ]
 
 

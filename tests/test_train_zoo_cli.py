@@ -205,3 +205,19 @@ def test_cli_evaluate_json(tiny_dit, tmp_path):
         RUNNER.invoke(app, ["evaluate", "--model", str(out), "--n", "12", "--steps", "2", "--format", "json"]).output
     )
     assert again["rmse_ref"] == pytest.approx(data["rmse_ref"])
+
+
+def test_generate_integrates_flow_models_in_flow_space(tiny_dit):
+    """Heun/PLMS on a flow model step in flow time (the VE grid starts near sigma = 1e4); explicit choices stay."""
+    from hasten.generate import options_for_schedule
+    from hasten.schedules import FlowMatching, VPDiscrete
+
+    flow, vp = FlowMatching(), VPDiscrete.from_betas("linear")
+    assert options_for_schedule("heun", flow, {}) == {"space": "flow"}
+    assert options_for_schedule("plms", flow, {"warmup": "heun"}) == {"warmup": "heun", "space": "flow"}
+    assert options_for_schedule("heun", flow, {"space": "ve"}) == {"space": "ve"}
+    assert options_for_schedule("heun", vp, {}) == {} and options_for_schedule("dpmpp_2m", flow, {}) == {}
+    model = load(tiny_dit[0])
+    auto = hasten.generate(model, 2, solver="heun", steps=4)
+    explicit = hasten.generate(model, 2, solver="heun", steps=4, space="flow")
+    torch.testing.assert_close(auto.images01, explicit.images01)

@@ -16,9 +16,10 @@ from .data import from_model_space
 from .models.guidance import CFGDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
-from .solvers import sample
+from .schedules.noise import FlowMatching, NoiseSchedule
+from .solvers import SOLVERS, Solver, sample
 
-__all__ = ["Generation", "default_labels", "generate"]
+__all__ = ["Generation", "default_labels", "generate", "options_for_schedule"]
 
 
 @dataclasses.dataclass
@@ -42,6 +43,18 @@ def default_labels(model: LoadedModel, n: int, label: int | None = None) -> Tens
     if not 0 <= label < k:
         raise ValueError(f"label must be in 0..{k - 1} for {model.info.name!r}, got {label}")
     return torch.full((n,), label, dtype=torch.long)
+
+
+def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options: dict[str, Any]) -> dict[str, Any]:
+    """Solver options with the integration space matched to the model: ``space="flow"`` for flow matching.
+
+    Only for solvers named by string that take a ``space`` option (Heun, PLMS) and only when the caller set
+    none; an explicit ``space`` or an already-configured solver is left alone.
+    """
+    if isinstance(solver, str) and isinstance(schedule, FlowMatching) and "space" not in options:
+        if "space" in SOLVERS.get(solver).cls.option_names():
+            return {**options, "space": "flow"}
+    return options
 
 
 def generate(
@@ -74,6 +87,7 @@ def generate(
         denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
+    solver_options = options_for_schedule(solver, model.schedule, solver_options)
     device = next(model.network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device

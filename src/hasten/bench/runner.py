@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..generate import Generation, generate
+from ..generate import Generation, generate, options_for_schedule
 from ..metrics.cost import peak_memory_bytes
 from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
@@ -92,7 +92,10 @@ def _measure(
         "label": entry.label,
         "library": entry.library,
         "solver": entry.solver,
-        "options": entry.options,
+        # as run: generate() matches the integration space to the model (space="flow" for Heun/PLMS on flow)
+        "options": options_for_schedule(entry.solver, model.schedule, entry.options)
+        if entry.library == "hasten"
+        else entry.options,
         "schedule": entry.schedule,
         "steps": entry.steps,
         "guidance": entry.guidance,

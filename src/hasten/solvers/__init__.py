@@ -17,6 +17,8 @@ from ._base import (
     get_solver,
     register_solver,
     sample,
+    sigma_of,
+    space_coordinates,
 )
 from .euler import Euler, EulerAncestral, Heun
 from .multistep import DPMSolverMultistep, MultistepState
@@ -49,4 +51,6 @@ __all__ = [
     "get_solver",
     "register_solver",
     "sample",
+    "sigma_of",
+    "space_coordinates",
 ]

@@ -296,6 +296,40 @@ def sample(
     return SampleOutput(out, model.nfe, grid, solver, state) if return_info else out
 
 
+SPACES = ("ve", "flow")
+
+
+def space_coordinates(sigma: float, space: str) -> tuple[float, float]:
+    """Time ``u`` and state scale ``a`` of an integration space: the state there is ``y = a x``, ``u = a sigma``.
+
+    In both spaces the probability-flow ODE reads ``dy/du = (y - D) / u``:
+
+    * ``"ve"``: ``u = sigma``, ``a = 1`` (Karras/EDM; k-diffusion's Euler, Heun and PLMS).
+    * ``"flow"``: rectified-flow coordinates ``u = sigma / (1 + sigma)``, ``a = 1 / (1 + sigma)``, where
+      ``dy/du`` is the velocity ``eps - x0``. A flow-matching grid is uniform in ``u`` and starts near
+      ``u = 1`` (VE sigma ~ 1e4), so methods that are not exponential integrators (Heun, Adams-Bashforth)
+      belong here for flow models, as in diffusers' ``FlowMatchHeunDiscreteScheduler``.
+
+    Reference: Liu et al., rectified flow, ICLR 2023 (the linear interpolation ``x_t = (1 - t) x0 + t eps``);
+    Karras et al., EDM, Sec. 4 (the choice of ``sigma(t)`` and ``s(t)`` changes a solver's truncation error).
+    """
+    if space == "ve":
+        return sigma, 1.0
+    if space == "flow":
+        a = 1.0 / (1.0 + sigma)
+        return sigma * a, a
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def sigma_of(u: float, space: str) -> float:
+    """Inverse of :func:`space_coordinates`: the VE sigma at time ``u`` of ``space``."""
+    if space == "ve":
+        return u
+    if space == "flow":
+        return u / (1.0 - u)
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
 def lambda_of(sigma: float) -> float:
     """Half log-SNR of a VE noise level, ``lambda = -log sigma`` (``inf`` at sigma = 0)."""
     return math.inf if sigma == 0 else -math.log(sigma)

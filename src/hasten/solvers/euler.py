@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
-from ._base import Model, NoiseFn, Solver, StepInfo, ddim_step, register_solver
+from ..config import check_choice
+from ._base import SPACES, Model, NoiseFn, Solver, StepInfo, ddim_step, register_solver, space_coordinates
 
 
 @register_solver("euler")
@@ -81,26 +82,38 @@ class EulerAncestral(Solver):
 @register_solver("heun")
 @dataclasses.dataclass(frozen=True)
 class Heun(Solver):
-    """Heun's second-order method on ``dx/dsigma = (x - D) / sigma``; 2 NFE per step, 1 on a step to 0.
+    """Heun's second-order method on ``dy/du = (y - D) / u``; 2 NFE per step, 1 on a step to 0.
+
+    Args:
+        space: ``"ve"`` integrates in ``(x, sigma)`` (EDM, diffusers' ``HeunDiscreteScheduler``);
+            ``"flow"`` in rectified-flow coordinates (diffusers' ``FlowMatchHeunDiscreteScheduler``), the
+            right choice for flow-matching models, whose first VE level is ~1e4 (see
+            :func:`~hasten.solvers.space_coordinates`). :func:`hasten.generate` picks ``"flow"`` for them.
 
     Reference: Karras et al., EDM, NeurIPS 2022, Algorithm 1 (deterministic, S_churn = 0).
     """
 
     order = 2
+    space: Literal["ve", "flow"] = "ve"
+
+    def __post_init__(self) -> None:
+        check_choice("space", self.space, SPACES)
 
     def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
         sigma, sigma_next = info.sigma, info.sigma_next
-        # Euler step: x + (sigma' - sigma) d with d = (x - D) / sigma.
+        # The Euler step is DDIM in every space.
         denoised = model(x, sigma)
         x_euler = ddim_step(x, denoised, sigma, sigma_next)
         if sigma_next == 0:
             return x_euler, None
-        # 2nd-order correction: x + (sigma' - sigma) (d + d') / 2 with d' = (x_euler - D') / sigma',
-        # expanded in x, D and D' so the update is one fused pass.
+        # 2nd-order correction y' = y + h (d + d') / 2 with y = a x, d = (y - D) / u, d' = (a' x_euler - D') / u',
+        # h = u' - u, divided by a' and expanded in x, x_euler, D and D' so the update is one fused pass.
         denoised_next = model(x_euler, sigma_next)
-        dt = sigma_next - sigma
-        c_x = 1.0 + 0.5 * dt / sigma
-        c_e = 0.5 * dt / sigma_next
-        return x.mul(c_x).add_(x_euler, alpha=c_e).add_(denoised, alpha=-0.5 * dt / sigma).add_(
-            denoised_next, alpha=-c_e
+        u, a = space_coordinates(sigma, self.space)
+        u_next, a_next = space_coordinates(sigma_next, self.space)
+        h = u_next - u
+        c_x = (a / a_next) * (1.0 + 0.5 * h / u)
+        c_e = 0.5 * h / u_next
+        return x.mul(c_x).add_(x_euler, alpha=c_e).add_(denoised, alpha=-0.5 * h / (u * a_next)).add_(
+            denoised_next, alpha=-0.5 * h / (u_next * a_next)
         ), None
