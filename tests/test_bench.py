@@ -82,7 +82,10 @@ def test_bench_rows_resume_and_report(tiny_model, tmp_path):
     hasten_rows = [r for r in rows if r["library"] == "hasten"]
     assert all(r["nfe"] == r["steps"] for r in hasten_rows) and all(r["seconds"] > 0 for r in hasten_rows)
     assert {r["library"] for r in rows} == {"hasten", "diffusers", "reference"}
+    runs = json.loads((out / "runs.json").read_text())  # the interrupted run and the resumed one
+    assert [r["rows_measured"] for r in runs] == [2, len(entries) - 2] and all(r["wall_seconds"] > 0 for r in runs)
     html = render(out).read_text()
+    assert "Bench wall time" in html
     assert html.count("data:image/png;base64,") >= 3 + len(rows)  # three plots and one grid per row
     assert "<table>" in html and (out / "pareto_nfe.png").exists()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 import pathlib
@@ -136,13 +137,20 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
             grids.append(f'<figure><img src="{_img(path)}" alt="{html.escape(r["label"])}">'
                          f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
     first = rows[0]
+    runs_path = folder / "runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
+    wall = ""
+    if runs:
+        total = sum(r["wall_seconds"] for r in runs)
+        wall = (f" Bench wall time: {total:.0f} s in {len(runs)} run(s) (loading, reference solves, sampling and "
+                f"metrics; last run {runs[-1]['wall_seconds']:.0f} s for {runs[-1]['rows_measured']} new rows).")  # fmt: skip
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hasten bench: {html.escape(first.get("model", ""))}</title>
 <style>{CSS}</style></head><body>
 <h1>hasten bench — {html.escape(first.get("model", ""))}</h1>
 <p>{len(rows)} configurations, {first.get("n")} samples each from the same noise (seed {first.get("seed")}).
 Machine: {html.escape(str(env.get("machine", "?")))}; torch {html.escape(str(env.get("torch", "?")))},
-diffusers {html.escape(str(env.get("diffusers", "?")))}, hasten {html.escape(str(env.get("hasten", "?")))}.
+diffusers {html.escape(str(env.get("diffusers", "?")))}, hasten {html.escape(str(env.get("hasten", "?")))}.{wall}
 FD and precision/recall: bundled MNIST features against 5,000 held-out digits; real-vs-real FD at this n:
 {_fmt(first.get("fd_real_vs_real"))}. RMSE/PSNR: against the reference row (a many-step third-order solve from
 the same noise; pixels in [0, 1]), or the exact solution for the analytic mixture. Bold rows are on the FD-NFE

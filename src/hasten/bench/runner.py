@@ -68,20 +68,23 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _sample(model: LoadedModel, entry: Entry, config: BenchConfig) -> Generation:
+WARMUP_N = 10  # images in the untimed warm-up run of each configuration
+
+
+def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None = None) -> Generation:
+    n = config.n if n is None else n
     if entry.library == "hasten":
         return generate(
-            model, config.n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
+            model, n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
             seed=config.seed, guidance=entry.guidance, **entry.options,
         )  # fmt: skip
-    return diffusers_generate(
-        model, config.n, entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance
-    )
+    return diffusers_generate(model, n, entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance)
 
 
 def _measure(
     model: LoadedModel, entry: Entry, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
 ) -> dict:
+    _sample(model, entry, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
     runs = [_sample(model, entry, config) for _ in range(config.repeats)]
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
@@ -133,6 +136,16 @@ class _Results:
         _write_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
         self.done = {row["key"] for row in self.rows}
 
+    def log_run(self, started: float, measured: int) -> None:
+        """Append this invocation's wall time (loading, reference, every row and its metrics) to ``runs.json``."""
+        path = self.folder / "runs.json"
+        runs = json.loads(path.read_text()) if path.exists() else []
+        runs.append({
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": time.perf_counter() - started, "rows_measured": measured,
+        })  # fmt: skip
+        _write_atomic(path, json.dumps(runs, indent=2) + "\n")
+
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.done.add(row["key"])
@@ -158,9 +171,10 @@ def run_bench(
     ``config.model == "gmm"`` benchmarks hasten's solvers on the analytic mixture instead: exact errors
     (``rmse_ref`` is the RMSE to the exact probability-flow solution), no FD, in seconds.
     """
+    started = time.perf_counter()
     folder = pathlib.Path(out)
     if config.model == "gmm":
-        return _run_gmm(config, folder, resume, on_row)
+        return _run_gmm(config, folder, resume, on_row, started)
     model = load(config.model)
     if model.info.data != "mnist":
         raise BenchError(f"bench measures MNIST models so far; {model.info.name!r} is trained on {model.info.data!r}")
@@ -185,11 +199,16 @@ def run_bench(
                 **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
     todo = [e for e in entries if e.key not in results.done]
-    for i, entry in enumerate(todo):
-        row = _measure(model, entry, config, references[entry.guidance], grids)
-        results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
-        if on_row is not None:
-            on_row(row, i + 1, len(todo))
+    measured = 0
+    try:
+        for i, entry in enumerate(todo):
+            row = _measure(model, entry, config, references[entry.guidance], grids)
+            results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
+            measured += 1
+            if on_row is not None:
+                on_row(row, i + 1, len(todo))
+    finally:  # an interrupted run (Ctrl-C) still records its time
+        results.log_run(started, measured)
     return results.rows
 
 
@@ -197,7 +216,7 @@ GMM_SHAPE = (1, 8, 8)  # 64 independent coordinates per "image"
 GMM_SIGMA_MAX = 80.0
 
 
-def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row) -> list[dict[str, Any]]:
+def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row, started: float) -> list[dict[str, Any]]:
     """hasten's solvers on the analytic product mixture, against its exact PF-ODE solution."""
     from ..models.analytic import ProductMixture
     from ..schedules import VE, get_sigmas
@@ -231,4 +250,5 @@ def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row) ->
         results.add(row | _stamp("gmm", "gmm", config, env))
         if on_row is not None:
             on_row(row, i + 1, len(todo))
+    results.log_run(started, len(todo))
     return results.rows
