@@ -8,7 +8,7 @@ The public API in one place::
     x = hasten.sample(den, noise * sigmas[0], sigmas, "dpmpp_2m")
 """
 
-from . import models, schedules, solvers
+from . import models, schedules, solvers, tune
 from .config import Config
 from .generate import Generation, generate
 from .models import (
@@ -34,6 +34,7 @@ from .schedules import (
     logsnr_uniform,
 )
 from .solvers import NonFiniteOutputError, SampleOutput, Solver, available, get_solver, sample
+from .tune.plan import Plan, load_plan
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "ModelInfo",
     "NoiseSchedule",
     "NonFiniteOutputError",
+    "Plan",
     "Registry",
     "SampleOutput",
     "Solver",
@@ -67,9 +69,11 @@ __all__ = [
     "get_solver",
     "karras",
     "load",
+    "load_plan",
     "logsnr_uniform",
     "models",
     "sample",
     "schedules",
     "solvers",
+    "tune",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ def default_labels(model: LoadedModel, n: int, label: int | None = None) -> Tens
     return torch.full((n,), label, dtype=torch.long)
 
 
-def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options: dict[str, Any]) -> dict[str, Any]:
+def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options: Mapping[str, Any]) -> dict[str, Any]:
     """Solver options with the integration space matched to the model: ``space="flow"`` for flow matching.
 
     Only for solvers named by string that take a ``space`` option (Heun, PLMS) and only when the caller set
@@ -54,7 +55,7 @@ def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options:
     if isinstance(solver, str) and isinstance(schedule, FlowMatching) and "space" not in options:
         if "space" in SOLVERS.get(solver).cls.option_names():
             return {**options, "space": "flow"}
-    return options
+    return dict(options)
 
 
 def generate(
@@ -65,20 +66,32 @@ def generate(
     steps: int = 10,
     schedule: str = "auto",
     seed: int = 0,
-    guidance: float = 1.0,
+    guidance: float | None = None,
     label: int | None = None,
     batch_size: int = 256,
     callback: Any = None,
     sigmas: Tensor | None = None,
+    plan: Any = None,
+    force_plan: bool = False,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
 
     ``sigmas`` (a descending VE grid) overrides ``steps`` and ``schedule``, e.g. to reuse another library's
-    timesteps through :func:`hasten.schedules.from_timesteps`.
+    timesteps through :func:`hasten.schedules.from_timesteps`. ``plan`` (a :class:`hasten.tune.Plan`) replaces
+    the grid and the solver and sets the guidance scale it was tuned for unless ``guidance`` is given; a plan
+    made for other weights is refused unless ``force_plan``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if plan is not None:
+        if sigmas is not None or solver_options:
+            raise TypeError("a plan supplies the grid and the solver; do not pass sigmas or solver options with it")
+        plan.check_model(model.info.name, model.fingerprint, force=force_plan)
+        sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
+        solver = plan.build_solver()
+        guidance = plan.guidance if guidance is None else guidance
+    guidance = 1.0 if guidance is None else guidance
     labels = default_labels(model, n, label)
     denoiser = model.denoiser
     if guidance != 1.0:

@@ -142,8 +142,9 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
     wall = ""
     if runs:
         total = sum(r["wall_seconds"] for r in runs)
+        last = runs[-1]
         wall = (f" Bench wall time: {total:.0f} s in {len(runs)} run(s) (loading, reference solves, sampling and "
-                f"metrics; last run {runs[-1]['wall_seconds']:.0f} s for {runs[-1]['rows_measured']} new rows).")  # fmt: skip
+                f"metrics; last run {last['wall_seconds']:.0f} s for {last['rows_measured']} new rows).")  # fmt: skip
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hasten bench: {html.escape(first.get("model", ""))}</title>
 <style>{CSS}</style></head><body>

@@ -1,4 +1,4 @@
-"""``hasten`` command line: ``hasten sample``, ``hasten train`` (each also prints JSON with --format json)."""
+"""``hasten`` command line: sample, evaluate, bench, report, tune, train (each prints JSON with --format json)."""
 
 from __future__ import annotations
 
@@ -53,9 +53,15 @@ def sample(
     seed: SeedOption = 0,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
-    guidance: GuidanceOption = 1.0,
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (default 1 = none, or the plan's)")
+    ] = None,
     label: Annotated[int | None, typer.Option(help="class to sample (default: spread over the classes)")] = None,
     schedule: ScheduleOption = "auto",
+    plan: Annotated[
+        pathlib.Path | None, typer.Option(help="a plan from `hasten tune` (replaces --solver, --steps, --schedule)")
+    ] = None,
+    force_plan: Annotated[bool, typer.Option(help="use a plan made for other weights")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -65,12 +71,16 @@ def sample(
 
     from ..generate import generate
     from ..models.zoo import load
+    from ..tune.plan import PlanError, load_plan
     from ..viz import save_grid
 
     try:
         loaded = load(model, device=device)
-    except FileNotFoundError as err:
+        the_plan = None if plan is None else load_plan(plan)
+    except (FileNotFoundError, PlanError) as err:
         _fail(str(err))
+    if the_plan is not None:
+        solver, steps, schedule = f"plan:{plan.name}", the_plan.num_steps, "plan"
     progress = None
     if fmt is OutputFormat.text and sys.stderr.isatty():
         from rich.progress import Progress
@@ -86,17 +96,12 @@ def sample(
             if progress is not None:
                 progress.advance(task)
 
-        result = generate(
-            loaded,
-            n,
-            solver=solver,
-            steps=steps,
-            schedule=schedule,
-            seed=seed,
-            guidance=guidance,
-            label=label,
-            callback=tick,
+        sampler = (
+            {"plan": the_plan, "force_plan": force_plan}
+            if the_plan is not None
+            else {"solver": solver, "steps": steps, "schedule": schedule}
         )
+        result = generate(loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, **sampler)
     except (KeyError, TypeError, ValueError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     finally:
@@ -114,8 +119,9 @@ def sample(
         "steps": steps,
         "n": n,
         "seed": seed,
-        "guidance": guidance,
+        "guidance": guidance if guidance is not None else (the_plan.guidance if the_plan is not None else 1.0),
         "label": label,
+        "plan": None if plan is None else str(plan),
         "nfe": result.nfe,
         "seconds": result.seconds,
         "images_per_second": n / result.seconds,
@@ -264,6 +270,43 @@ class Objective(str, Enum):
     eps = "eps"
     v = "v"
     flow = "flow"
+
+
+@app.command()
+def tune(
+    model: ModelOption = "mnist-dit",
+    nfe: Annotated[int, typer.Option(help="exact denoiser calls per sample (>= 2)")] = 5,
+    minutes: Annotated[float, typer.Option(help="search budget (evaluation time; resumes count earlier time)")] = 10.0,
+    out: Annotated[pathlib.Path, typer.Option(help="plan file to write (JSON)")] = pathlib.Path("plan.json"),
+    guidance: GuidanceOption = 1.0,
+    n_search: Annotated[int, typer.Option(help="images per search evaluation")] = 64,
+    resume: Annotated[bool, typer.Option(help="continue the search saved beside --out")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the search's random choices")] = 0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Search a sampling plan (grid + per-step solver decisions) for a model at an exact NFE."""
+    from ..models.zoo import load
+    from ..tune import TuneConfig, TuneError
+    from ..tune import tune as run_tune
+
+    try:
+        config = TuneConfig(nfe=nfe, minutes=minutes, guidance=guidance, n_search=n_search, seed=seed)
+        loaded = load(model)
+        plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
+    except (FileNotFoundError, TuneError) as err:
+        _fail(str(err))
+    held, base = plan.scores["heldout"], plan.scores["baseline"]
+    data = {"out": str(out), "model": loaded.info.name, "nfe": plan.nfe, "plan": plan.describe(), **plan.scores,
+            "evaluations": plan.search["evaluations"],
+            "evaluation_seconds": plan.search["evaluation_seconds"]}  # fmt: skip
+    fd = f", FD {held['fd']:.1f} vs {base['heldout']['fd']:.1f}" if "fd" in held else ""
+    _emit(
+        fmt,
+        data,
+        f"{loaded.info.name} at NFE {plan.nfe}: held-out RMSE to reference {held['rmse_ref']:.4f} vs "
+        f"{base['heldout']['rmse_ref']:.4f} for the best stock configuration {base['label']}{fd} "
+        f"({plan.search['evaluations']} evaluations) -> {out}\n{plan.describe()}",
+    )
 
 
 @app.command()

@@ -3,7 +3,7 @@
 ``available()`` lists the registered names; ``get_solver(name, **options)`` builds one.
 """
 
-from . import euler, multistep, plms, singlestep, unipc  # noqa: F401  (register the solvers)
+from . import euler, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
     SOLVERS,
     Model,
@@ -22,6 +22,7 @@ from ._base import (
 )
 from .euler import Euler, EulerAncestral, Heun
 from .multistep import DPMSolverMultistep, MultistepState
+from .per_step import PerStepSolver
 from .plms import PLMS, PLMSState
 from .singlestep import DPMSolverPPSDE, DPMSolverSinglestep, SinglestepState
 from .unipc import UniPC, UniPCState
@@ -39,6 +40,7 @@ __all__ = [
     "MultistepState",
     "NonFiniteOutputError",
     "PLMSState",
+    "PerStepSolver",
     "SampleOutput",
     "SinglestepState",
     "Solver",

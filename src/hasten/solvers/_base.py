@@ -221,9 +221,10 @@ class SampleOutput:
 def sample(
     denoiser: Callable[..., Tensor],
     x: Tensor,
-    sigmas: Sequence[float] | Tensor,
+    sigmas: Sequence[float] | Tensor | None = None,
     solver: str | Solver = "dpmpp_2m",
     *,
+    plan: Any = None,
     cond: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     hooks: Sequence[StepHook] = (),
@@ -241,6 +242,8 @@ def sample(
         x: Starting point at noise level ``sigmas[0]`` (e.g. ``noise * sigmas[0]``), shape ``[B, ...]``.
         sigmas: Descending VE noise levels, length ``steps + 1``; the last may be 0.
         solver: A registered name (see :func:`available`) or a configured :class:`Solver`.
+        plan: A :class:`hasten.tune.Plan` (from ``hasten tune``): supplies the grid and every step's solver,
+            so ``sigmas``, ``solver`` and solver options must not be given with it.
         cond: Conditioning passed to every denoiser call (``{"class_labels": y}``).
         generator: Random source for stochastic solvers.
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
@@ -264,6 +267,12 @@ def sample(
         >>> hasten.sample(gmm, x, sigmas, "dpmpp_2m").shape
         torch.Size([4, 8])
     """
+    if plan is not None:
+        if sigmas is not None or options or solver != "dpmpp_2m":
+            raise TypeError("a plan supplies the grid and the solver; do not pass sigmas, solver or options with it")
+        sigmas, solver = plan.sigmas, plan.build_solver()
+    if sigmas is None:
+        raise TypeError("sample() needs sigmas (a descending grid, e.g. hasten.get_sigmas(...)) or a plan")
     solver = get_solver(solver, **options)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")

@@ -101,8 +101,8 @@ class UniPC(Solver):
         outputs, sigmas = (output, *state.outputs), (sigma, *state.sigmas)
         # UniP: predict the next point.
         x_next = self._update(x, sigmas, outputs, info.sigma_next, k, None)
-        keep = self.order
-        return x_next, UniPCState(outputs[:keep], sigmas[:keep], x, k)
+        # Three outputs (the most any order uses), so that a per-step plan can raise the order at any step.
+        return x_next, UniPCState(outputs[:3], sigmas[:3], x, k)
 
     def _update(
         self,

@@ -1,0 +1,164 @@
+"""Plans: a serialisable sampling recipe (the grid plus every step's solver decision) for one model.
+
+A plan is what ``hasten tune`` finds and what ``hasten sample --plan`` and ``hasten bench`` replay. On disk
+it is JSON with a format tag and a schema version; it names the model and its weights fingerprint so a plan
+is never silently applied to another model, and records its NFE, its scores and how it was found.
+
+Reference: Liu et al., USF / S^3, ICLR 2024 (a sampler as a sequence of per-step decisions); Li et al.,
+AutoDiffusion, ICCV 2023 (searched time steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..solvers import PerStepSolver, Solver, get_solver
+
+__all__ = ["PLAN_FORMAT", "PLAN_SCHEMA_VERSION", "Plan", "PlanError", "load_plan", "save_plan"]
+
+PLAN_FORMAT = "hasten-plan"
+PLAN_SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that is corrupt, of another schema version, inconsistent, or made for another model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sampling recipe: ``sigmas`` (descending VE levels, ``len(steps) + 1`` of them) and the solver per step.
+
+    ``solver`` and ``options`` configure every step; ``steps`` (optional) holds per-step option overrides,
+    one mapping per step (e.g. UniPC's ``order``, ``corrector`` and ``variant``). ``nfe`` is the number of
+    denoiser calls per image batch, ``guidance`` the classifier-free guidance scale the plan was made for.
+    ``model`` / ``fingerprint`` identify the model; ``scores`` and ``search`` record what was measured and how.
+    """
+
+    sigmas: tuple[float, ...]
+    solver: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    steps: tuple[Mapping[str, Any], ...] | None = None
+    nfe: int | None = None
+    guidance: float = 1.0
+    model: str = ""
+    fingerprint: str = ""
+    scores: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    search: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sig = [float(s) for s in self.sigmas]
+        if len(sig) < 2:
+            raise PlanError(f"a plan needs at least 2 sigmas (1 step), got {len(sig)}")
+        if not all(math.isfinite(s) and s >= 0 for s in sig):
+            raise PlanError(f"plan sigmas must be finite and >= 0, got {sig}")
+        bad = [i for i in range(len(sig) - 1) if not sig[i] > sig[i + 1]]
+        if bad:
+            i = bad[0]
+            raise PlanError(
+                f"plan sigmas must be strictly descending; sigmas[{i}]={sig[i]} <= sigmas[{i + 1}]={sig[i + 1]}"
+            )
+        object.__setattr__(self, "sigmas", tuple(sig))
+        if self.steps is not None:
+            if len(self.steps) != len(sig) - 1:
+                raise PlanError(f"plan has {len(sig) - 1} steps but {len(self.steps)} per-step decisions")
+            object.__setattr__(self, "steps", tuple(dict(s) for s in self.steps))
+        object.__setattr__(self, "options", dict(self.options))
+        try:
+            self.build_solver()
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(f"plan solver {self.solver!r} with these options is invalid: {err}") from None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def build_solver(self) -> Solver:
+        """The executable solver: one configured solver, or a :class:`~hasten.solvers.PerStepSolver`."""
+        if self.steps is None:
+            return get_solver(self.solver, **self.options)
+        return PerStepSolver(tuple(get_solver(self.solver, **{**self.options, **s}) for s in self.steps))
+
+    def check_model(self, name: str, fingerprint: str, *, force: bool = False) -> None:
+        """Refuse a plan made for other weights (``force`` overrides, e.g. for a fine-tune)."""
+        if force or not self.fingerprint or self.fingerprint == fingerprint:
+            return
+        raise PlanError(
+            f"this plan was made for model {self.model!r} (weights {self.fingerprint[:12]}), not for {name!r} "
+            f"(weights {fingerprint[:12]}); plans are model-specific: tune one for this model, or force it"
+        )
+
+    def describe(self) -> str:
+        """One line: solver, steps, NFE and the per-step decisions in short form."""
+        head = f"{self.solver}, {self.num_steps} steps, NFE {self.nfe}"
+        if not self.steps:
+            return head
+        return head + "; steps: " + " ".join(",".join(f"{k}={v}" for k, v in sorted(s.items())) for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "guidance": self.guidance,
+            "nfe": self.nfe,
+            "sigmas": list(self.sigmas),
+            "solver": self.solver,
+            "options": dict(self.options),
+            "steps": None if self.steps is None else [dict(s) for s in self.steps],
+            "scores": dict(self.scores),
+            "search": dict(self.search),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a hasten plan (format {data.get('format') if isinstance(data, Mapping) else None!r})")
+        version = data.get("schema_version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema version {version!r} is not supported; this hasten reads {PLAN_SCHEMA_VERSION}"
+            )
+        try:
+            return cls(
+                sigmas=tuple(data["sigmas"]), solver=data["solver"], options=data.get("options") or {},
+                steps=None if data.get("steps") is None else tuple(data["steps"]), nfe=data.get("nfe"),
+                guidance=float(data.get("guidance", 1.0)), model=data.get("model", ""),
+                fingerprint=data.get("fingerprint", ""), scores=data.get("scores") or {},
+                search=data.get("search") or {},
+            )  # fmt: skip
+        except KeyError as err:
+            raise PlanError(f"plan is missing the field {err.args[0]!r}") from None
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> pathlib.Path:
+    """Write ``plan`` as JSON atomically (a kill never leaves a half-written plan)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and validate a plan file; :class:`PlanError` names what is wrong."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no plan file at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlanError(f"plan file {path} is not valid JSON: {err}") from None
+    return Plan.from_dict(data)
+
+
+def plan_from_stock(sigmas: Sequence[float], solver: str, **options: Any) -> Plan:
+    """A plan that replays a stock configuration (a registered solver on a given grid)."""
+    return Plan(tuple(float(s) for s in sigmas), solver, options)

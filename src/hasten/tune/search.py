@@ -1,0 +1,254 @@
+"""Searching a plan for one model at an exact NFE budget: evolutionary search, then local refinement.
+
+The search space is USF's unified multistep framework on UniPC's predictor and corrector: the ``n - 1``
+free noise levels (the first is the model's sigma_max, the last step lands on 0, so NFE = n) and, per step,
+the predictor order (1-3), whether the corrector is applied, and its variant (bh1/bh2); plus one global
+choice, data or noise prediction. Stock solvers are points of this space (DPM-Solver++(2M) is UniPC-bh2
+order 2 without corrector; UniPC is order 2 with it), so the search starts from the stock configurations
+on every stock grid and can only improve on the best of them (it keeps the best it has seen).
+
+1. **Evolutionary search** (AutoDiffusion): a (mu + lambda) population; children by uniform crossover of
+   two elites and mutation (Gaussian moves of log-sigma, random flips of the decisions).
+2. **Local refinement** (coordinate descent): each log-sigma moved by +-delta, each step's decisions tried in
+   turn, accepted when the objective drops; delta halves when a sweep finds nothing. At very low NFE this
+   is often the strongest single move.
+
+The objective is any function of a :class:`Plan` (lower is better). :func:`tune` uses the proxy
+"RMSE to a high-accuracy solve from the same noise, on a small search batch" (no feature network needed);
+evaluations are memoised by the normalised candidate, so a resumed search replays its cache instantly
+and continues where it stopped (the search is deterministic given its seed).
+
+Reference: Li et al., AutoDiffusion, ICCV 2023 (evolutionary search of time steps); Liu et al., USF / S^3,
+ICLR 2024 (per-step solver decisions); Zhao et al., UniPC, NeurIPS 2023 (the predictor and corrector).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .plan import Plan
+
+__all__ = ["Candidate", "SearchResult", "candidate_from_plan", "search"]
+
+ORDERS = (1, 2, 3)
+VARIANTS = ("bh1", "bh2")
+PREDICTIONS = ("data", "noise")
+_MIN_GAP = 1e-3  # smallest log-sigma gap between neighbouring levels
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A point of the search space. ``log_sigmas``: the ``n - 1`` free levels, descending."""
+
+    log_sigmas: tuple[float, ...]
+    orders: tuple[int, ...]
+    correctors: tuple[bool, ...]
+    variants: tuple[str, ...]
+    prediction: str = "data"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.orders)
+
+    def normalised(self, log_max: float, log_min: float) -> Candidate:
+        """Canonical form: levels clipped, sorted and spaced; decisions that cannot act set to a fixed value.
+
+        Step 0 has no history (order 1, nothing to correct); the last step lands on sigma = 0, where every
+        predictor returns the denoised estimate (order 1).
+        """
+        n = self.num_steps
+        levels = sorted((min(max(v, log_min), log_max - _MIN_GAP) for v in self.log_sigmas), reverse=True)
+        for i in range(len(levels)):  # keep strictly below sigma_max and the previous level
+            upper = (log_max if i == 0 else levels[i - 1]) - _MIN_GAP
+            levels[i] = round(min(levels[i], upper), 6)
+        orders = tuple(1 if i in (0, n - 1) else min(o, i + 1) for i, o in enumerate(self.orders))
+        correctors = tuple(bool(c) and i > 0 for i, c in enumerate(self.correctors))
+        return dataclasses.replace(self, log_sigmas=tuple(levels), orders=orders, correctors=correctors)
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def to_plan(self, sigma_max: float, **metadata: Any) -> Plan:
+        sigmas = (sigma_max, *(math.exp(v) for v in self.log_sigmas), 0.0)
+        steps = tuple(
+            {"order": o, "corrector": c, "variant": v} for o, c, v in zip(self.orders, self.correctors, self.variants)
+        )
+        options = {"prediction": self.prediction, "lower_order_final": False}
+        return Plan(sigmas, "unipc", options, steps, nfe=self.num_steps, **metadata)
+
+
+def candidate_from_plan(plan: Plan) -> Candidate | None:
+    """The search-space point of a stock plan (UniPC or DPM-Solver++ multistep ending at 0), if it has one."""
+    n = plan.num_steps
+    if plan.sigmas[-1] != 0.0:
+        return None
+    opts = dict(plan.options)
+    if plan.solver == "unipc" and plan.steps is None:
+        order, corrector = opts.get("order", 2), opts.get("corrector", True)
+        variant, prediction = opts.get("variant", "bh2"), opts.get("prediction", "data")
+    elif plan.solver in ("dpmpp_2m", "dpmpp_3m") and opts.get("solver_type", "midpoint") == "midpoint":
+        # DPM-Solver++(2M) is UniP-2 bh2 without corrector (Zhao et al., Sec. 3.3).
+        order, corrector, variant, prediction = 2 if plan.solver == "dpmpp_2m" else 3, False, "bh2", "data"
+        if plan.solver == "dpmpp_3m":
+            return None  # its third-order rule is not UniP-3's
+    else:
+        return None
+    logs = tuple(math.log(s) for s in plan.sigmas[1:-1])
+    return Candidate(logs, (order,) * n, (corrector,) * n, (variant,) * n, prediction)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    best: Candidate
+    best_score: float
+    evaluations: int  # distinct candidates evaluated (including replayed ones)
+    seconds: float  # evaluation time spent, including that of a resumed run's earlier part
+    history: list[float]  # best score after each evaluation
+    start_best: float  # best score among the starting (stock) candidates
+
+
+class _Budget(Exception):
+    """Raised inside the search when the time or evaluation budget is spent."""
+
+
+def search(
+    objective: Callable[[Candidate], tuple[float, float]],
+    starts: Sequence[Candidate],
+    *,
+    log_sigma_max: float,
+    log_sigma_min: float,
+    seconds: float,
+    max_evaluations: int | None = None,
+    seed: int = 0,
+    population: int = 12,
+    elite: int = 4,
+    evolution_share: float = 0.6,
+    cache: dict[str, dict[str, float]] | None = None,
+    on_evaluation: Callable[[Candidate, float, float, int], None] | None = None,
+) -> SearchResult:
+    """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
+
+    ``cache`` maps :meth:`Candidate.key` to ``{"score", "seconds"}``; it is read (replayed without
+    calling ``objective``) and extended, so passing a saved cache resumes a search. ``seconds`` bounds the
+    evaluation time (replayed evaluations count their recorded time); ``evolution_share`` of it goes to the
+    evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count)`` is
+    called after every new evaluation (e.g. to save the cache).
+    """
+    if not starts:
+        raise ValueError("search needs at least one starting candidate")
+    cache = {} if cache is None else cache
+    rng = np.random.default_rng(seed)
+    n = starts[0].num_steps
+    spent = 0.0
+    count = 0
+    best: tuple[float, Candidate] | None = None
+    history: list[float] = []
+
+    counted: set[str] = set()
+
+    def evaluate(candidate: Candidate) -> float:
+        nonlocal spent, count, best
+        candidate = candidate.normalised(log_sigma_max, log_sigma_min)
+        key = candidate.key()
+        if key in counted:
+            return cache[key]["score"]
+        new = key not in cache
+        if new:
+            if spent >= seconds or (max_evaluations is not None and count >= max_evaluations):
+                raise _Budget
+            score, took = objective(candidate)
+            cache[key] = {"score": float(score) if math.isfinite(score) else math.inf, "seconds": float(took)}
+        counted.add(key)
+        count += 1
+        spent += cache[key]["seconds"]  # a replayed evaluation counts the time it took when it ran
+        score = cache[key]["score"]
+        if best is None or score < best[0]:
+            best = (score, candidate)
+        history.append(best[0])
+        if new and on_evaluation is not None:
+            on_evaluation(candidate, score, best[0], count)
+        return score
+
+    start_scores = []
+    try:
+        pool = []
+        for c in starts:
+            pool.append((evaluate(c), c.normalised(log_sigma_max, log_sigma_min)))
+            start_scores.append(pool[-1][0])
+        pool.sort(key=lambda sc: sc[0])
+        # 1. Evolutionary phase.
+        while spent < evolution_share * seconds and (
+            max_evaluations is None or count < evolution_share * max_evaluations
+        ):
+            elites = [c for _, c in pool[:elite]]
+            children = []
+            while len(children) < population - elite:
+                a = elites[rng.integers(len(elites))]
+                child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
+                children.append(_mutate(child, rng, log_sigma_max, log_sigma_min))
+            scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
+            merged = {c.key(): (s, c) for s, c in pool + scored}
+            pool = sorted(merged.values(), key=lambda sc: sc[0])[:population]
+        # 2. Local refinement of the best.
+        assert best is not None
+        current_score, current = best
+        delta = (log_sigma_max - log_sigma_min) / (4 * n)
+        while delta > 1e-3:
+            improved = False
+            for trial in _neighbours(current, delta):
+                s = evaluate(trial)
+                if s < current_score:
+                    current_score, current, improved = s, trial.normalised(log_sigma_max, log_sigma_min), True
+            if not improved:
+                delta /= 2
+    except _Budget:
+        pass
+    assert best is not None
+    return SearchResult(best[1], best[0], count, spent, history, min(start_scores) if start_scores else math.inf)
+
+
+def _crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
+    """Uniform crossover, gene by gene (levels re-sorted by normalisation)."""
+
+    def mix(x: tuple, y: tuple) -> tuple:
+        return tuple(xi if rng.random() < 0.5 else yi for xi, yi in zip(x, y))
+
+    return Candidate(
+        mix(a.log_sigmas, b.log_sigmas), mix(a.orders, b.orders), mix(a.correctors, b.correctors),
+        mix(a.variants, b.variants), a.prediction if rng.random() < 0.5 else b.prediction,
+    )  # fmt: skip
+
+
+def _mutate(c: Candidate, rng: np.random.Generator, log_max: float, log_min: float) -> Candidate:
+    """Gaussian moves of some levels; each decision flipped with probability 1/n; rarely the prediction."""
+    n = c.num_steps
+    scale = (log_max - log_min) / (2 * n)
+    logs = tuple(v + rng.normal(0, scale) if rng.random() < 0.5 else v for v in c.log_sigmas)
+    p = 1.0 / n
+    orders = tuple(int(rng.choice(ORDERS)) if rng.random() < p else o for o in c.orders)
+    correctors = tuple((not x) if rng.random() < p else x for x in c.correctors)
+    variants = tuple(str(rng.choice(VARIANTS)) if rng.random() < p else v for v in c.variants)
+    prediction = str(rng.choice(PREDICTIONS)) if rng.random() < 0.05 else c.prediction
+    return Candidate(logs, orders, correctors, variants, prediction)
+
+
+def _neighbours(c: Candidate, delta: float):
+    """Coordinate moves: each level +-delta, then each step's order, corrector and variant changed."""
+    for i in range(len(c.log_sigmas)):
+        for sign in (-1.0, 1.0):
+            logs = list(c.log_sigmas)
+            logs[i] += sign * delta
+            yield dataclasses.replace(c, log_sigmas=tuple(logs))
+    for i in range(c.num_steps):
+        for o in ORDERS:
+            if o != c.orders[i]:
+                yield dataclasses.replace(c, orders=(*c.orders[:i], o, *c.orders[i + 1 :]))
+        yield dataclasses.replace(c, correctors=(*c.correctors[:i], not c.correctors[i], *c.correctors[i + 1 :]))
+        other = "bh1" if c.variants[i] == "bh2" else "bh2"
+        yield dataclasses.replace(c, variants=(*c.variants[:i], other, *c.variants[i + 1 :]))

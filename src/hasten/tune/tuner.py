@@ -1,0 +1,272 @@
+"""``hasten tune``: a plan for one model at an exact NFE, searched on one noise seed and scored on another.
+
+Proxy objective: RMSE (pixels in [0, 1]) of the plan's samples to a high-accuracy solve from the same noise
+(:func:`hasten.metrics.reference.reference_samples`, cached on disk), on ``n_search`` images drawn with
+``search_seed``. The held-out score, the only one reported as the plan's quality, uses ``heldout_seed``
+(by default the seed ``hasten bench`` uses, so the bench's reference solve is shared) together with FD for
+MNIST models, for the plan and for the best stock configuration the search started from.
+
+The search state (every evaluation, memoised) is written atomically beside the plan after each
+evaluation: rerun with ``resume=True`` and it replays those instantly and continues, losing at most the
+evaluation that was running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..generate import generate
+from ..metrics.reference import REFERENCE_SOLVER, reference_samples, rmse
+from ..models.zoo import LoadedModel
+from ..schedules.grids import get_sigmas
+from ..schedules.noise import FlowMatching
+from .plan import Plan, PlanError, plan_from_stock, save_plan
+from .search import Candidate, candidate_from_plan, search
+
+__all__ = ["STOCK_GRIDS", "STOCK_SOLVERS", "TuneConfig", "TuneError", "stock_plans", "tune"]
+
+STOCK_GRIDS = ("auto", "karras", "logsnr", "time_uniform", "time_quadratic")
+# Stock multistep solvers that are points of the search space (see search.candidate_from_plan).
+STOCK_SOLVERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("dpmpp_2m", {}),
+    ("unipc", {"order": 2, "variant": "bh2"}),
+    ("unipc", {"order": 2, "variant": "bh1"}),
+    ("unipc", {"order": 3, "variant": "bh2"}),
+    ("unipc", {"order": 3, "variant": "bh1"}),
+)
+
+
+class TuneError(ValueError):
+    """Settings a search cannot run with (the message says what is allowed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(Config):
+    """What ``hasten tune`` searches and how it scores.
+
+    Args:
+        nfe: Exact denoiser calls per sample (= steps; the last step lands on sigma = 0). At least 2.
+        minutes: Evaluation-time budget of the search (a resumed search counts its earlier part).
+        guidance: Classifier-free guidance scale the plan is tuned for.
+        n_search: Images per proxy evaluation.
+        search_seed: Noise seed of the search batch (must differ from ``heldout_seed``).
+        heldout_seed: Noise seed of the held-out scores (``hasten bench`` uses 0).
+        n_heldout: Images for the held-out scores.
+        reference_steps: Steps of the third-order reference solve the RMSE is measured against.
+        seed: Seed of the search's own random choices.
+        max_evaluations: Optional cap on evaluations (tests, reproducible short runs).
+    """
+
+    nfe: int = 5
+    minutes: float = 10.0
+    guidance: float = 1.0
+    n_search: int = 64
+    search_seed: int = 1000
+    heldout_seed: int = 0
+    n_heldout: int = 100
+    reference_steps: int = 100
+    seed: int = 0
+    max_evaluations: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nfe, int) or self.nfe < 2:
+            raise TuneError(f"nfe must be an integer >= 2 (plans end with a step onto sigma = 0), got {self.nfe!r}")
+        if not self.minutes > 0:
+            raise TuneError(f"minutes must be > 0, got {self.minutes}")
+        if self.n_search < 2 or self.n_heldout < 10:
+            raise TuneError(f"n_search must be >= 2 and n_heldout >= 10, got {self.n_search} and {self.n_heldout}")
+        if self.search_seed == self.heldout_seed:
+            raise TuneError(f"search_seed and heldout_seed must differ (held-out scores), both are {self.search_seed}")
+
+
+def stock_plans(model: LoadedModel, nfe: int) -> list[tuple[str, Plan]]:
+    """The stock configurations at ``nfe`` that the search starts from, labelled ``solver[options] (grid)``."""
+    schedule = model.schedule
+    out: dict[tuple, tuple[str, Plan]] = {}
+    for grid in STOCK_GRIDS:
+        if grid in ("time_uniform", "time_quadratic") and isinstance(schedule, FlowMatching):
+            continue  # the flow 'auto' grid is uniform in time already
+        sigmas = tuple(get_sigmas(grid, nfe, schedule).tolist())
+        for name, options in STOCK_SOLVERS:
+            plan = plan_from_stock(sigmas, name, **options)
+            key = (sigmas, name, tuple(sorted(options.items())))
+            opts = ",".join(f"{k}={v}" for k, v in options.items())
+            out.setdefault(key, (f"{name}{f'[{opts}]' if opts else ''} ({grid})", plan))
+    return list(out.values())
+
+
+def _state_path(out: pathlib.Path) -> pathlib.Path:
+    return out.with_name(out.name + ".search.json")
+
+
+def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def tune(
+    model: LoadedModel,
+    config: TuneConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> Plan:
+    """Search a plan for ``model`` and write it to ``out`` (JSON); returns it. See the module docstring."""
+    out = pathlib.Path(out)
+    state_path = _state_path(out)
+    identity = {"config": config.to_dict(), "model": model.info.name, "fingerprint": model.fingerprint}
+    cache: dict[str, dict[str, float]] = {}
+    if state_path.exists() or out.exists():
+        if not resume:
+            raise TuneError(
+                f"{out} (or its search state) exists; pass --resume to continue that search, or use another --out"
+            )
+        if state_path.exists():
+            saved = json.loads(state_path.read_text())
+            if {k: saved.get(k) for k in identity} != identity:
+                raise TuneError(
+                    f"{state_path} belongs to a search with other settings or another model; use another --out"
+                )
+            cache = saved["cache"]
+    if config.guidance != 1.0 and not model.info.num_classes:
+        raise TuneError("guidance needs a class-conditional model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model.info.name, "fingerprint": model.fingerprint, "guidance": config.guidance}
+    sigma_max = float(model.schedule.sigma_max)
+    log_max = math.log(sigma_max)
+    log_min = math.log(float(model.schedule.sigma_min))
+
+    reference = reference_samples(
+        model, config.n_search, seed=config.search_seed, guidance=config.guidance, steps=config.reference_steps
+    )
+
+    def run(plan: Plan, n: int, seed: int):
+        with torch.no_grad():
+            return generate(model, n, plan=plan, seed=seed, guidance=config.guidance)
+
+    def objective(candidate: Candidate) -> tuple[float, float]:
+        start = time.perf_counter()
+        try:
+            images = run(candidate.to_plan(sigma_max, **meta), config.n_search, config.search_seed).images01
+            score = rmse(images, reference)
+        except (FloatingPointError, PlanError):
+            score = math.inf
+        return score, time.perf_counter() - start
+
+    stock = stock_plans(model, config.nfe)
+    starts = [
+        (label, c) for label, p in stock if (c := candidate_from_plan(p)) is not None and p.sigmas[0] == sigma_max
+    ]
+    if not starts:
+        raise TuneError(f"no stock configuration at nfe={config.nfe} fits the search space for {model.info.name!r}")
+    budget = config.minutes * 60.0
+    if not cache:  # one evaluation first, to refuse a budget that cannot even score the stock starts
+        score, took = objective(starts[0][1])
+        if took * len(starts) > budget:
+            raise TuneError(
+                f"--minutes {config.minutes:g} is too short: one evaluation takes {took:.1f} s and the search first "
+                f"scores {len(starts)} stock configurations; allow at least {took * len(starts) * 1.5 / 60:.1f} minutes"
+            )
+        cache[starts[0][1].normalised(log_max, log_min).key()] = {"score": score, "seconds": took}
+
+    bar = _Progress(progress, budget)
+
+    def on_evaluation(candidate: Candidate, score: float, best: float, count: int) -> None:
+        _write_json_atomic(state_path, {**identity, "cache": cache})
+        bar.update(sum(v["seconds"] for v in cache.values()), best, count)
+
+    try:
+        result = search(
+            objective, [c for _, c in starts], log_sigma_max=log_max, log_sigma_min=log_min, seconds=budget,
+            max_evaluations=config.max_evaluations, seed=config.seed, cache=cache, on_evaluation=on_evaluation,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    _write_json_atomic(state_path, {**identity, "cache": cache})
+
+    # Held-out scores: the plan and the best stock start by search score, on other noise.
+    start_keys = {c.normalised(log_max, log_min).key(): label for label, c in starts}
+    best_stock_key = min(start_keys, key=lambda k: cache[k]["score"])
+    best_stock = next(c for label, c in starts if c.normalised(log_max, log_min).key() == best_stock_key)
+    held_ref = reference_samples(
+        model, config.n_heldout, seed=config.heldout_seed, guidance=config.guidance, steps=config.reference_steps
+    )
+    plan = result.best.to_plan(sigma_max, **meta)
+    scores = {
+        "objective": "rmse_ref",
+        "search": {"rmse_ref": result.best_score, "n": config.n_search, "seed": config.search_seed},
+        "heldout": _heldout(run(plan, config.n_heldout, config.heldout_seed), held_ref, model, config),
+        "baseline": {
+            "label": start_keys[best_stock_key],
+            "search_rmse_ref": cache[best_stock_key]["score"],
+            "heldout": _heldout(
+                run(best_stock.to_plan(sigma_max, **meta), config.n_heldout, config.heldout_seed),
+                held_ref,
+                model,
+                config,
+            ),
+        },
+    }
+    plan = dataclasses.replace(
+        plan,
+        scores=scores,
+        search={
+            "method": "evolutionary search + coordinate refinement over UniPC per-step decisions (USF space)",
+            "config": config.to_dict(),
+            "evaluations": result.evaluations,
+            "evaluation_seconds": result.seconds,
+            "reference": {**REFERENCE_SOLVER, "steps": config.reference_steps},
+            "stock_starts": len(starts),
+        },
+    )
+    save_plan(plan, out)
+    return plan
+
+
+def _heldout(gen, reference: torch.Tensor, model: LoadedModel, config: TuneConfig) -> dict[str, Any]:
+    scores: dict[str, Any] = {
+        "rmse_ref": rmse(gen.images01, reference),
+        "n": config.n_heldout,
+        "seed": config.heldout_seed,
+    }
+    if model.info.data == "mnist":
+        from ..metrics.quality import evaluate_mnist
+
+        scores["fd"] = evaluate_mnist(gen.images01, gen.labels)["fd"]
+        scores["fd_reference"] = evaluate_mnist(reference, gen.labels)["fd"]
+    return scores
+
+
+class _Progress:
+    """A rich bar over the evaluation-time budget showing the best score (silent when disabled)."""
+
+    def __init__(self, enabled: bool, budget: float) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]tuning"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()
+        )
+        self.task = self.bar.add_task("tune", total=budget, info="")
+        self.bar.start()
+
+    def update(self, seconds: float, best: float, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=seconds, info=f"{count} evaluations  best RMSE {best:.5f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

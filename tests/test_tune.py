@@ -1,0 +1,188 @@
+"""Plans (JSON round trip, validation, replay) and the plan search (analytic mixture, resume, tune on a model)."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import hasten
+from hasten.cli.app import app
+from hasten.models import ProductMixture
+from hasten.schedules import VE, get_sigmas
+from hasten.solvers import PerStepSolver, get_solver
+from hasten.train import TrainConfig, train
+from hasten.tune import (
+    Candidate,
+    Plan,
+    PlanError,
+    TuneConfig,
+    TuneError,
+    candidate_from_plan,
+    load_plan,
+    plan_from_stock,
+    save_plan,
+    search,
+    tune,
+)
+
+RUNNER = CliRunner()
+MIXTURE = ProductMixture()
+SCHEDULE = VE(0.002, 80.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-dit")
+    train(TrainConfig(arch="dit", objective="flow", minutes=5, batch_size=8), out, max_steps=2, progress=False)
+    return str(out)
+
+
+def _per_step_plan() -> Plan:
+    steps = ({"order": 1, "corrector": False}, {"order": 2, "corrector": True}, {"order": 3, "corrector": True})
+    return Plan((80.0, 5.0, 0.5, 0.0), "unipc", {"lower_order_final": False}, steps, nfe=3, model="m", fingerprint="abc")
+
+
+def test_plan_round_trip_and_validation(tmp_path):
+    plan = _per_step_plan()
+    path = save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(path) == plan and isinstance(plan.build_solver(), PerStepSolver)
+    data = json.loads(path.read_text())
+    assert data["format"] == "hasten-plan" and data["schema_version"] == 1 and data["nfe"] == 3
+
+    def write(d):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(d))
+        return bad
+
+    with pytest.raises(PlanError, match="schema version 99"):
+        load_plan(write({**data, "schema_version": 99}))
+    with pytest.raises(PlanError, match="strictly descending"):
+        load_plan(write({**data, "sigmas": [80.0, 0.5, 5.0, 0.0]}))
+    with pytest.raises(PlanError, match="3 steps but 2"):
+        load_plan(write({**data, "steps": data["steps"][:2]}))
+    with pytest.raises(PlanError, match="invalid"):
+        load_plan(write({**data, "steps": [{"order": 7}] * 3}))
+    with pytest.raises(PlanError, match="missing the field 'solver'"):
+        load_plan(write({k: v for k, v in data.items() if k != "solver"}))
+    (tmp_path / "corrupt.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        load_plan(tmp_path / "corrupt.json")
+    with pytest.raises(FileNotFoundError):
+        load_plan(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="made for model 'm'"):
+        plan.check_model("other", "def")
+    plan.check_model("other", "def", force=True)
+
+
+def test_plan_replays_stock_solvers_exactly():
+    """A stock plan is the stock solver; DPM-Solver++(2M) is the search-space point UniP-2 bh2 without corrector."""
+    sigmas = get_sigmas("logsnr", 6, SCHEDULE)
+    x = MIXTURE.sample((16, 4), sigma=80.0, generator=torch.Generator().manual_seed(0))
+    stock = hasten.sample(MIXTURE, x, sigmas, "dpmpp_2m", lower_order_final=False)
+    via_plan = hasten.sample(MIXTURE, x, plan=plan_from_stock(sigmas.tolist(), "dpmpp_2m", lower_order_final=False))
+    torch.testing.assert_close(via_plan, stock, rtol=1e-6, atol=1e-6)
+    candidate = candidate_from_plan(plan_from_stock(sigmas.tolist(), "dpmpp_2m"))
+    as_unipc = hasten.sample(MIXTURE, x, plan=candidate.to_plan(80.0))
+    torch.testing.assert_close(as_unipc, stock, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="plan supplies"):
+        hasten.sample(MIXTURE, x, sigmas, plan=candidate.to_plan(80.0))
+
+
+def test_per_step_solver_checks():
+    with pytest.raises(TypeError, match="one solver class"):
+        PerStepSolver((get_solver("unipc"), get_solver("dpmpp_2m")))
+    solver = PerStepSolver((get_solver("unipc"),) * 2)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="2 steps, the grid has 3"):
+        hasten.sample(MIXTURE, x * 80, get_sigmas("karras", 3, SCHEDULE), solver)
+
+
+def _mixture_objective(nfe: int):
+    x = MIXTURE.sample((64, 4), sigma=80.0, generator=torch.Generator().manual_seed(1))
+    exact = MIXTURE.exact_flow(x, 80.0, 0.0)
+    calls = []
+
+    def objective(candidate: Candidate):
+        calls.append(candidate.key())
+        out = hasten.sample(MIXTURE, x, plan=candidate.to_plan(80.0))
+        return float(((out - exact) ** 2).mean().sqrt()), 0.01
+
+    return objective, calls
+
+
+def _logsnr_start(nfe: int) -> Candidate:
+    return candidate_from_plan(plan_from_stock(get_sigmas("logsnr", nfe, SCHEDULE).tolist(), "unipc"))
+
+
+def test_search_beats_uniform_logsnr_on_the_mixture():
+    objective, _ = _mixture_objective(4)
+    start = _logsnr_start(4)
+    result = search(
+        objective, [start], log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9, max_evaluations=80
+    )
+    assert result.best_score < 0.8 * result.start_best  # strictly better than uniform logSNR, by a margin
+    assert result.best.to_plan(80.0).nfe == 4 and result.evaluations == 80
+
+
+def test_search_resumes_from_its_cache_after_a_kill():
+    kwargs = dict(log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9, max_evaluations=40)
+    objective, _ = _mixture_objective(4)
+    full = search(objective, [_logsnr_start(4)], **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    cache: dict = {}
+
+    def dying(candidate):
+        if len(cache) == 15:
+            raise Killed
+        return objective(candidate)
+
+    with pytest.raises(Killed):
+        search(dying, [_logsnr_start(4)], cache=cache, **kwargs)
+    assert len(cache) == 15
+    counting, calls = _mixture_objective(4)
+    resumed = search(counting, [_logsnr_start(4)], cache=cache, **kwargs)
+    assert len(calls) == 40 - 15  # the 15 saved evaluations were replayed, not recomputed
+    assert resumed.best == full.best and resumed.best_score == full.best_score
+
+
+def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
+    model = hasten.load(tiny_model)
+    config = TuneConfig(nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=12)
+    out = tmp_path / "plan.json"
+    plan = tune(model, config, out, progress=False)
+    assert load_plan(out) == plan and plan.nfe == 3 and plan.fingerprint == model.fingerprint
+    assert plan.search["evaluations"] == 12
+    held, base = plan.scores["heldout"], plan.scores["baseline"]
+    assert {"rmse_ref", "fd", "fd_reference"} <= set(held) and "label" in base
+    assert plan.scores["search"]["rmse_ref"] <= base["search_rmse_ref"]  # never worse than its best start
+    gen = hasten.generate(model, 4, plan=plan)
+    assert gen.nfe == 3
+    with pytest.raises(TuneError, match="--resume"):
+        tune(model, config, out, progress=False)
+    again = tune(model, config, out, resume=True, progress=False)  # replays the saved search
+    assert again.sigmas == plan.sigmas
+    res = RUNNER.invoke(app, ["sample", "--model", tiny_model, "--plan", str(out), "--n", "4",
+                              "--out", str(tmp_path / "g.png"), "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["nfe"] == 3
+    res = RUNNER.invoke(app, ["sample", "--model", "mnist-dit", "--plan", str(out), "--n", "2",
+                              "--out", str(tmp_path / "g.png")])  # fmt: skip
+    assert res.exit_code == 2 and "plans are model-specific" in res.output
+
+
+def test_tune_errors(tiny_model, tmp_path):
+    with pytest.raises(TuneError, match="nfe must be an integer >= 2"):
+        TuneConfig(nfe=1)
+    with pytest.raises(TuneError, match="must differ"):
+        TuneConfig(search_seed=0, heldout_seed=0)
+    model = hasten.load(tiny_model)
+    with pytest.raises(TuneError, match="too short"):
+        tune(model, TuneConfig(nfe=3, minutes=1e-5, n_search=4, reference_steps=8), tmp_path / "p.json", progress=False)
+    assert not (tmp_path / "p.json").exists()
+    res = RUNNER.invoke(app, ["tune", "--model", tiny_model, "--nfe", "1", "--out", str(tmp_path / "q.json")])
+    assert res.exit_code == 2 and "nfe must be" in res.output
