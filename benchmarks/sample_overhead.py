@@ -180,7 +180,8 @@ def main() -> None:
             f"({row['generate_overhead_percent']:+.2f}%); guidance 2: network {row['network_guided_s'] * 1e3:.1f} ms, "
             f"generate {row['generate_guided_s'] * 1e3:.1f} ms ({row['generate_guided_overhead_percent']:+.2f}%)\n"
             f"  from the minima: sample {row['overhead_min_percent']:+.2f}%, generate "
-            f"{row['generate_overhead_min_percent']:+.2f}%, generate guided {row['generate_guided_overhead_min_percent']:+.2f}%\n"
+            f"{row['generate_overhead_min_percent']:+.2f}%, "
+            f"generate guided {row['generate_guided_overhead_min_percent']:+.2f}%\n"
             f"  paired, outside the network within each generate run: {row['generate_inside_percent']:+.2f}% "
             f"(guidance 2: {row['generate_guided_inside_percent']:+.2f}%)"
         )

@@ -41,7 +41,8 @@ def tiny_model(tmp_path_factory):
 
 def _per_step_plan() -> Plan:
     steps = ({"order": 1, "corrector": False}, {"order": 2, "corrector": True}, {"order": 3, "corrector": True})
-    return Plan((80.0, 5.0, 0.5, 0.0), "unipc", {"lower_order_final": False}, steps, nfe=3, model="m", fingerprint="abc")
+    options = {"lower_order_final": False}
+    return Plan((80.0, 5.0, 0.5, 0.0), "unipc", options, steps, nfe=3, model="m", fingerprint="abc")
 
 
 def test_plan_round_trip_and_validation(tmp_path):
