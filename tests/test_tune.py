@@ -8,6 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 import hasten
+from hasten.bench.matrix import BenchConfig
+from hasten.bench.runner import run_bench
 from hasten.cli.app import app
 from hasten.models import ProductMixture
 from hasten.schedules import VE, get_sigmas
@@ -171,6 +173,13 @@ def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
                               "--out", str(tmp_path / "g.png"), "--format", "json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["nfe"] == 3
+    # A plan is a bench row at its own guidance scale, next to the stock configurations.
+    bench = BenchConfig(model=tiny_model, solvers=("dpmpp_2m",), steps=(3,), peers=(), n=10, plans=(str(out),))
+    rows = run_bench(bench, tmp_path / "bench")
+    (row,) = [r for r in rows if r["solver"] == "plan"]
+    assert row["nfe"] == 3 and row["library"] == "hasten" and row["rmse_ref"] > 0 and "plan.json" in row["label"]
+    with pytest.raises(FileNotFoundError):
+        BenchConfig(model=tiny_model, plans=(str(tmp_path / "nope.json"),))
     res = RUNNER.invoke(app, ["sample", "--model", "mnist-dit", "--plan", str(out), "--n", "2",
                               "--out", str(tmp_path / "g.png")])  # fmt: skip
     assert res.exit_code == 2 and "plans are model-specific" in res.output

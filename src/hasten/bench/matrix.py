@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pathlib
 from typing import Any
 
 from ..config import Config, check_choice
 from ..solvers import get_solver
+from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
 
 __all__ = ["PRESETS", "BenchConfig", "Entry", "expand", "parse_solver"]
@@ -53,6 +55,7 @@ class BenchConfig(Config):
     seed: int = 0
     repeats: int = 1
     reference_steps: int = 200  # steps of the third-order reference solve the errors are measured against
+    plans: tuple[str, ...] = ()  # plan files from `hasten tune`, each a row at its own guidance scale
 
     def __post_init__(self) -> None:
         if self.n < 10:
@@ -61,6 +64,8 @@ class BenchConfig(Config):
             raise ValueError(f"step counts must be >= 1, got {self.steps}")
         for peer in self.peers:
             check_choice("peer", peer, tuple(PEERS))
+        for path in self.plans:
+            load_plan(path)  # a missing or corrupt plan fails now, not mid-run
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -111,6 +116,9 @@ class Entry:
 
     @property
     def label(self) -> str:
+        if self.solver == "plan":
+            file = pathlib.Path(self.options["file"]).name
+            return f"{self.library}:plan[{file}] (tuned, {self.steps} steps, w={self.guidance:g})"
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.solver}[{opts}]" if opts else self.solver
         where = f"{self.schedule}, " if self.schedule else ""
@@ -130,6 +138,13 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool) -> list[En
             for schedule in config.schedules:
                 for steps in config.steps:
                     entries.append(Entry("hasten", name, options, schedule, steps, g))
+        for path in config.plans:
+            plan = load_plan(path)
+            if plan.guidance == g:  # the plan's content hash keys the row: an edited plan is a new row
+                digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+                entries.append(
+                    Entry("hasten", "plan", {"file": str(path), "sha256": digest}, "plan", plan.num_steps, g)
+                )
         supported = set(peers_for(objective))
         peers = [p if p in supported else f"flow_{p}" for p in config.peers]
         for peer in dict.fromkeys(p for p in peers if p in supported):

@@ -46,6 +46,8 @@ def pareto_front(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, A
 
 
 def _series_name(row: dict[str, Any]) -> str:
+    if row["solver"] == "plan":  # each tuned plan is its own point, labelled by its file
+        return f"{row['library']}: plan {pathlib.Path(row['options']['file']).name} w={row['guidance']:g}"
     opts = ",".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
     sched = f" {row['schedule']}" if row["library"] == "hasten" else ""
     name = f"{row['solver']}[{opts}]" if opts else row["solver"]

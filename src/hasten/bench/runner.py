@@ -26,6 +26,7 @@ from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
 from ..train import machine_description
+from ..tune.plan import load_plan
 from ..viz import save_grid
 from .matrix import BenchConfig, Entry, expand
 from .peers import diffusers_generate
@@ -73,6 +74,9 @@ WARMUP_N = 10  # images in the untimed warm-up run of each configuration
 
 def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None = None) -> Generation:
     n = config.n if n is None else n
+    if entry.solver == "plan":
+        plan = load_plan(entry.options["file"])
+        return generate(model, n, plan=plan, seed=config.seed, guidance=entry.guidance)
     if entry.library == "hasten":
         return generate(
             model, n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
@@ -97,7 +101,7 @@ def _measure(
         "solver": entry.solver,
         # as run: generate() matches the integration space to the model (space="flow" for Heun/PLMS on flow)
         "options": options_for_schedule(entry.solver, model.schedule, entry.options)
-        if entry.library == "hasten"
+        if entry.library == "hasten" and entry.solver != "plan"
         else entry.options,
         "schedule": entry.schedule,
         "steps": entry.steps,
@@ -223,7 +227,10 @@ def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row, st
     from ..solvers import sample
 
     mixture, schedule = ProductMixture(), VE(0.002, GMM_SIGMA_MAX)
-    entries = [e for e in expand(config, objective="gmm", conditional=False) if e.library == "hasten"]
+    # Plans are made for one network's weights; the analytic mixture has none.
+    entries = [
+        e for e in expand(config, objective="gmm", conditional=False) if e.library == "hasten" and e.solver != "plan"
+    ]
     matrix = {"config": config.to_dict(), "model_fingerprint": "gmm", "entries": [e.key for e in entries]}
     results = _Results(folder, matrix, resume)
     env = _environment()

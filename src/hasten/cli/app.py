@@ -185,6 +185,7 @@ def bench(
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     n: Annotated[int | None, typer.Option(help="override the preset's samples per configuration")] = None,
+    plan: Annotated[list[pathlib.Path] | None, typer.Option(help="a plan from `hasten tune` (repeatable)")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Every configuration against the diffusers peers, from the same noise; JSONL + HTML report."""
@@ -197,7 +198,13 @@ def bench(
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    config = dataclasses.replace(PRESETS[preset], model=model, **({"n": n} if n is not None else {}))
+    from ..tune.plan import PlanError
+
+    extra: dict[str, Any] = {"n": n} if n is not None else {}
+    try:
+        config = dataclasses.replace(PRESETS[preset], model=model, plans=tuple(map(str, plan or ())), **extra)
+    except (FileNotFoundError, PlanError) as err:
+        _fail(str(err))
     started = time.perf_counter()
 
     def on_row(row, i, total):
