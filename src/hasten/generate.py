@@ -101,6 +101,10 @@ def generate(
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
     solver_options = options_for_schedule(solver, model.schedule, solver_options)
+    if solver == "dpm_solver_v3" and solver_options.get("ems", "auto") == "auto":
+        from .tune.ems import ems_path_for_model  # estimated once per model and guidance, then cached
+
+        solver_options["ems"] = str(ems_path_for_model(model, guidance))
     device = next(model.network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device

@@ -3,7 +3,7 @@
 ``available()`` lists the registered names; ``get_solver(name, **options)`` builds one.
 """
 
-from . import euler, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
+from . import dpm_solver_v3, euler, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
     SOLVERS,
     Model,
@@ -20,6 +20,7 @@ from ._base import (
     sigma_of,
     space_coordinates,
 )
+from .dpm_solver_v3 import EMS, DPMSolverV3, V3State, load_ems, save_ems
 from .euler import Euler, EulerAncestral, Heun
 from .multistep import DPMSolverMultistep, MultistepState
 from .per_step import PerStepSolver
@@ -28,11 +29,13 @@ from .singlestep import DPMSolverPPSDE, DPMSolverSinglestep, SinglestepState
 from .unipc import UniPC, UniPCState
 
 __all__ = [
+    "EMS",
     "PLMS",
     "SOLVERS",
     "DPMSolverMultistep",
     "DPMSolverPPSDE",
     "DPMSolverSinglestep",
+    "DPMSolverV3",
     "Euler",
     "EulerAncestral",
     "Heun",
@@ -48,11 +51,14 @@ __all__ = [
     "StepInfo",
     "UniPC",
     "UniPCState",
+    "V3State",
     "available",
     "ddim_step",
     "get_solver",
+    "load_ems",
     "register_solver",
     "sample",
+    "save_ems",
     "sigma_of",
     "space_coordinates",
 ]
