@@ -155,14 +155,19 @@ def test_search_resumes_from_its_cache_after_a_kill():
 
 def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
     model = hasten.load(tiny_model)
-    config = TuneConfig(nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=12)
+    config = TuneConfig(
+        nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=12, fd_candidates=4, n_fd=10
+    )
     out = tmp_path / "plan.json"
     plan = tune(model, config, out, progress=False)
     assert load_plan(out) == plan and plan.nfe == 3 and plan.fingerprint == model.fingerprint
     assert plan.search["evaluations"] == 12
     held, base = plan.scores["heldout"], plan.scores["baseline"]
     assert {"rmse_ref", "fd", "fd_reference"} <= set(held) and "label" in base
-    assert plan.scores["search"]["rmse_ref"] <= base["search_rmse_ref"]  # never worse than its best start
+    full = plan.search["full_objective"]  # FD stage: 2 by proxy rank, 2 chosen by the learned predictor
+    assert len(full["evaluated"]) == 4 and [e["predicted_fd"] is None for e in full["evaluated"]] == [1, 1, 0, 0]
+    assert plan.scores["search"]["rmse_ref"] <= 1.1 * plan.search["best_proxy_rmse_ref"]
+    assert plan.search["best_proxy_rmse_ref"] <= base["search_rmse_ref"]  # never worse than its best start
     gen = hasten.generate(model, 4, plan=plan)
     assert gen.nfe == 3
     with pytest.raises(TuneError, match="--resume"):
