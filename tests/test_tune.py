@@ -201,3 +201,18 @@ def test_tune_errors(tiny_model, tmp_path):
     assert not (tmp_path / "p.json").exists()
     res = RUNNER.invoke(app, ["tune", "--model", tiny_model, "--nfe", "1", "--out", str(tmp_path / "q.json")])
     assert res.exit_code == 2 and "nfe must be" in res.output
+
+
+def test_dpm_solver_v3_auto_statistics_through_generate(tiny_model, monkeypatch):
+    """ems='auto': generate estimates the model's statistics once, caches them, and samples with them."""
+    import hasten.tune.ems as ems_module
+
+    monkeypatch.setattr(ems_module, "EMS_SAMPLES", 32)
+    monkeypatch.setattr(ems_module, "EMS_LAMBDAS", 10)
+    model = hasten.load(tiny_model)
+    gen = hasten.generate(model, 4, solver="dpm_solver_v3", steps=4)
+    assert gen.nfe == 4 and torch.isfinite(gen.images01).all()
+    path = ems_module.ems_path_for_model(model, 1.0)
+    assert path.exists() and ems_module.ems_for_model(model).l.shape == (10, 1, 28, 28)
+    again = hasten.generate(model, 4, solver="dpm_solver_v3", steps=4)  # from the cache: same statistics
+    torch.testing.assert_close(again.images01, gen.images01)

@@ -73,8 +73,8 @@ PRESETS: dict[str, BenchConfig] = {
     "quick": BenchConfig(reference_steps=100),
     "standard": BenchConfig(
         solvers=(
-            "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "unipc:variant=bh2",
-            "plms:warmup=lower_order",
+            "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "unipc:variant=bh1",
+            "plms:warmup=lower_order", "dpm_solver_v3",
         ),
         steps=(5, 10, 20),
         schedules=("auto", "logsnr"),
@@ -82,11 +82,24 @@ PRESETS: dict[str, BenchConfig] = {
         n=500,
         repeats=2,
     ),
+    # Every stock multistep configuration at 5, 8 and 10 NFE: the comparison a tuned plan is judged by
+    # (`hasten bench --preset tuning --plan plan.json`).
+    "tuning": BenchConfig(
+        solvers=(
+            "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc:variant=bh1", "unipc:order=3",
+            "plms:warmup=lower_order", "dpm_solver_v3", "dpm_solver_v3:order=3",
+        ),
+        steps=(5, 8, 10),
+        schedules=("auto", "karras", "logsnr", "time_uniform", "time_quadratic"),
+        peers=("ddim", "pndm", "dpmpp_2m", "dpmpp_2s", "unipc", "euler", "deis"),
+        n=100,
+        reference_steps=100,
+    ),
     "full": BenchConfig(
         solvers=(
             "euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_3m:third_order_term=\"reference\"", "unipc", "unipc:variant=bh2", "unipc:order=3",
-            "plms", "plms:warmup=lower_order",
+            "plms", "plms:warmup=lower_order", "dpm_solver_v3", "dpm_solver_v3:order=3",
         ),
         steps=(4, 6, 8, 10, 15, 20, 30),
         schedules=("karras", "logsnr", "time_uniform", "time_quadratic"),

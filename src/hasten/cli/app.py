@@ -181,7 +181,9 @@ def evaluate(
 @app.command()
 def bench(
     model: ModelOption = "mnist-dit",
-    preset: Annotated[str, typer.Option(help="quick (minutes on a CPU), standard or full")] = "quick",
+    preset: Annotated[
+        str, typer.Option(help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), standard or full")
+    ] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     n: Annotated[int | None, typer.Option(help="override the preset's samples per configuration")] = None,

@@ -139,8 +139,9 @@ class EMS:
         inner_w = ((u - lam_s).view(-1, 1) * 0.5 * torch.from_numpy(_WEIGHTS).view(1, -1)).reshape(-1)
         at_v = self.evaluate(inner)
         shape = (-1, *([1] * len(self.sample_shape)))
-        integrand_b = torch.exp(-(at_v["S"] - ends["S"][:1])) * at_v["b"] * inner_w.view(shape)
-        b_minus_bs = integrand_b.view(len(u), len(_NODES), *self.sample_shape).sum(1) * torch.exp(-ends["S"][0])
+        # e^{S_s} (B(u) - B_s) = int_s^u e^{S_s - S} b: only differences of S are exponentiated.
+        integrand_b = torch.exp(ends["S"][:1] - at_v["S"]) * at_v["b"] * inner_w.view(shape)
+        b_rel = integrand_b.view(len(u), len(_NODES), *self.sample_shape).sum(1)
         ls_s = ends["L"][0] + ends["S"][0]
         e_rel = torch.exp(at_u["L"] + at_u["S"] - ls_s) * w.view(shape)  # e^{(L+S) - (L+S)_s} dlambda
         L_s, L_t, S_s, S_t = ends["L"][0], ends["L"][1], ends["S"][0], ends["S"][1]
@@ -150,7 +151,7 @@ class EMS:
             "S_t": S_t,
             "decay": torch.exp(L_s - L_t),  # e^{L_s - L_t}
             "I": torch.exp(L_s - L_t) * e_rel.sum(0),  # e^{-L_t - S_s} (I_t - I_s)
-            "C": torch.exp(L_s + S_s - L_t) * (e_rel * b_minus_bs).sum(0),  # e^{-L_t} int e^{L+S} (B - B_s)
+            "C": torch.exp(L_s - L_t) * (e_rel * b_rel).sum(0),  # e^{-L_t} int e^{L+S} (B - B_s)
             "moments": [
                 torch.exp(L_s - L_t) * (e_rel * ((u - lam_s) ** k / math.factorial(k)).view(shape)).sum(0)
                 for k in range(1, max_k + 1)

@@ -31,7 +31,10 @@ from torch import Tensor
 
 from ..solvers.dpm_solver_v3 import EMS, load_ems, save_ems
 
-__all__ = ["ems_for_model", "ems_path_for_model", "estimate_ems"]
+__all__ = ["EMS_LAMBDAS", "EMS_SAMPLES", "ems_for_model", "ems_path_for_model", "estimate_ems"]
+
+EMS_SAMPLES = 256  # images x0 for a model's statistics
+EMS_LAMBDAS = 60  # log-SNR levels
 
 
 def _batches(n: int, size: int):
@@ -51,6 +54,7 @@ def estimate_ems(
     seed: int = 0,
     step: float = 1e-3,
     smooth: int = 0,
+    s_clip: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EMS:
     """Estimate ``l``, ``s``, ``b`` on ``num_lambdas`` levels uniform in lambda between the sigmas.
@@ -63,6 +67,8 @@ def estimate_ems(
         smooth: Half-width (grid points) of a moving average applied to ``l'``. The reference code smooths
             over +-5 of 1200 points; here the same noise and probes are used at every level, so ``l`` is
             already smooth in lambda and the default is no smoothing (on a coarse grid it would bias ``l'``).
+        s_clip: Bound on ``|s|``: a least-squares slope from few samples can be wild, and ``e^{S}`` enters
+            the update (10 means f changing e-fold over a tenth of a unit of lambda, far beyond real models).
     """
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
@@ -128,33 +134,41 @@ def estimate_ems(
             cov = sums["fg"] / k - mean_f * mean_g
             # An f that varies no more than float32 rounding of the terms it is computed from (a Gaussian's,
             # where l is exact) is treated as constant: s = 0.
-            s_j = cov / (var_f + 1e-10 * sums["xx"] / k + 1e-20)
+            s_j = (cov / (var_f + 1e-10 * sums["xx"] / k + 1e-20)).clamp(-s_clip, s_clip)
             s_grid.append(s_j)
             b_grid.append(mean_g - s_j * mean_f)
             if progress is not None:
                 progress(num_lambdas + j + 1, total)
-    meta = {"num_lambdas": num_lambdas, "samples": k, "sigma_max": sigma_max, "sigma_min": sigma_min, "seed": seed}
+    meta = {"num_lambdas": num_lambdas, "samples": k, "sigma_max": sigma_max, "sigma_min": sigma_min, "seed": seed,
+            "s_clip": s_clip}  # fmt: skip
     return EMS(lambdas, l_grid, torch.stack(s_grid), torch.stack(b_grid), meta)
 
 
-def ems_for_model(model: Any, guidance: float = 1.0, *, samples: int = 256, num_lambdas: int = 60) -> EMS:
+def ems_for_model(
+    model: Any, guidance: float = 1.0, *, samples: int | None = None, num_lambdas: int | None = None
+) -> EMS:
     """The model's EMS at a guidance scale (see :func:`ems_path_for_model`)."""
     return load_ems(ems_path_for_model(model, guidance, samples=samples, num_lambdas=num_lambdas))
 
 
-def ems_path_for_model(model: Any, guidance: float = 1.0, *, samples: int = 256, num_lambdas: int = 60):
+def ems_path_for_model(
+    model: Any, guidance: float = 1.0, *, samples: int | None = None, num_lambdas: int | None = None
+):
     """The cached EMS file of the model at a guidance scale, estimated once when missing.
 
     ``x0``: the model's bundled training data when it has one (MNIST), else its own reference samples.
-    The cache key is the weights fingerprint, the guidance scale and the estimation settings.
+    The cache key is the weights fingerprint, the guidance scale and the estimation settings
+    (defaults :data:`EMS_SAMPLES` images, :data:`EMS_LAMBDAS` levels).
     """
+    samples = EMS_SAMPLES if samples is None else samples
+    num_lambdas = EMS_LAMBDAS if num_lambdas is None else num_lambdas
     from ..data import load_dataset, to_model_space
     from ..generate import default_labels
     from ..metrics.quality import cache_dir
     from ..metrics.reference import reference_samples
     from ..models.guidance import CFGDenoiser
 
-    spec = {"model": model.fingerprint, "guidance": guidance, "samples": samples, "num_lambdas": num_lambdas, "v": 1}
+    spec = {"model": model.fingerprint, "guidance": guidance, "samples": samples, "num_lambdas": num_lambdas, "v": 2}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "ems" / f"{key}.safetensors"
     if path.exists():
