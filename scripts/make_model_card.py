@@ -1,6 +1,9 @@
 """Measure a trained model and write its MODEL_CARD.md, samples.png and the quality record in hasten.json.
 
-Usage: python scripts/make_model_card.py MODEL_FOLDER [--n 1000] [--steps 30] [--guidance 1 2]
+Usage: python scripts/make_model_card.py MODEL_FOLDER [--n 1000] [--setting dpmpp_2m:30 ddpm:100] [--guidance 1 2]
+
+Each setting is ``solver:steps``; the first one's grids are ``samples_guidance*.png``, the others'
+``samples_<solver>_guidance*.png``. Deterministic settings also get their error to the reference solve.
 
 The card states what was measured, on which machine, against which data; nothing is filled in by hand.
 """
@@ -17,6 +20,7 @@ import torch
 
 from hasten.evaluate import evaluate_model
 from hasten.models.zoo import load
+from hasten.solvers import get_solver
 from hasten.train import machine_description
 from hasten.viz import save_grid
 
@@ -42,27 +46,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=pathlib.Path)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--solver", default="dpmpp_2m")
+    parser.add_argument("--setting", nargs="+", default=["dpmpp_2m:30"], help="solver:steps, one row each")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--reference-n", type=int, default=200)
     args = parser.parse_args()
     model = load(args.folder)
     info = model.info
     rows = []
-    for g in args.guidance:
-        r = evaluate_model(model, n=args.n, solver=args.solver, steps=args.steps, guidance=g, reference=False)
-        images = r.pop("images01")
-        save_grid(images[:100], args.folder / f"samples_guidance{g:g}.png", nrow=10)
-        # Convergence of the sampler setting: error to a 200-step third-order solve on a subset.
-        conv = evaluate_model(
-            model, n=args.reference_n, solver=args.solver, steps=args.steps, guidance=g, reference=True
-        )
-        conv.pop("images01")
-        r["rmse_ref_subset"] = conv["rmse_ref"]
-        r["psnr_ref_subset"] = conv["psnr_ref"]
-        rows.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "class_histogram"}))
+    for index, setting in enumerate(args.setting):
+        solver, _, steps = setting.partition(":")
+        steps = int(steps or 30)
+        stochastic = get_solver(solver).stochastic
+        for g in args.guidance:
+            r = evaluate_model(model, n=args.n, solver=solver, steps=steps, guidance=g, reference=False)
+            images = r.pop("images01")
+            name = f"samples_guidance{g:g}.png" if index == 0 else f"samples_{solver}_guidance{g:g}.png"
+            save_grid(images[:100], args.folder / name, nrow=10)
+            r.update(solver=solver, steps=steps, grid=name, rmse_ref_subset=None, psnr_ref_subset=None)
+            if not stochastic:  # convergence of the setting: error to a 200-step third-order solve on a subset
+                conv = evaluate_model(model, n=args.reference_n, solver=solver, steps=steps, guidance=g, reference=True)
+                conv.pop("images01")
+                r["rmse_ref_subset"], r["psnr_ref_subset"] = conv["rmse_ref"], conv["psnr_ref"]
+            rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "class_histogram"}))
     meta = json.loads((args.folder / "hasten.json").read_text())
     meta["quality"] = {
         "measured": datetime.date.today().isoformat(),
@@ -82,15 +88,16 @@ def main() -> None:
         f"--ema-decay {cfg['ema_decay']:g} --seed {cfg['seed']} --out runs/{info.name}"
     )
     table = [
-        "| guidance | NFE | FD | FD real vs real (same n) | FD ratio | precision | recall | confidence | "
+        "| sampler | guidance | NFE | FD | FD real vs real (same n) | FD ratio | precision | recall | confidence | "
         "label accuracy | memorised | RMSE to reference | images/s |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
     for r in rows:
+        ref = "–" if r["rmse_ref_subset"] is None else f"{r['rmse_ref_subset']:.4f}"
         table.append(
-            f"| {r['guidance']:g} | {r['nfe']} | {r['fd']:.1f} | {r['fd_real_vs_real']:.1f} | "
+            f"| `{r['solver']}` {r['steps']} steps | {r['guidance']:g} | {r['nfe']} | {r['fd']:.1f} | {r['fd_real_vs_real']:.1f} | "
             f"{r['fd'] / r['fd_real_vs_real']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['confidence']:.3f} | "
-            f"{r['label_accuracy']:.3f} | {r['memorised_share']:.3f} | {r['rmse_ref_subset']:.4f} | {r['images_per_second']:.0f} |"
+            f"{r['label_accuracy']:.3f} | {r['memorised_share']:.3f} | {ref} | {r['images_per_second']:.0f} |"
         )
     card = f"""# {info.name}
 
@@ -116,9 +123,10 @@ member of the bundled zoo.
 
 ## Measured quality
 
-{args.n} samples per row, `{args.solver}` with {args.steps} steps on the `auto` grid (Karras for DDPM models, uniform time for flow models; a converged setting: the
-RMSE column is the error to a 200-step third-order solve from the same noise on {args.reference_n} of them,
-pixel values in [0, 1]), labels spread evenly over the ten digits, seed 0. FD and precision/recall
+{args.n} samples per row on the `auto` grid (Karras for DDPM models, uniform time for flow models), labels
+spread evenly over the ten digits, seed 0. For deterministic samplers the RMSE column is the error to a
+200-step third-order solve from the same noise on {args.reference_n} of them (pixel values in [0, 1]): how
+converged the setting is; `ddpm` is the stochastic DDPM posterior sampler (no reference error). FD and precision/recall
 (k = 3) are computed in the features of hasten's bundled MNIST classifier against the held-out digits;
 "FD real vs real" is the FD of {args.n} real training digits against the same held-out statistics, the
 floor at this sample size. "Memorised" is the share of samples closer (pixel L2) to a training digit
@@ -127,8 +135,8 @@ than 99% of held-out digits are (about 0.01 for a model that does not copy).
 {chr(10).join(table)}
 
 Measured on {meta["quality"]["machine"]}, {meta["quality"]["measured"]}, with
-`python scripts/make_model_card.py {args.folder}`. Sample grids: `samples_guidance*.png` (column c shows
-digit c).
+`python scripts/make_model_card.py {args.folder} --n {args.n} --setting {" ".join(args.setting)}`.
+Sample grids: {", ".join(f"`{r['grid']}`" for r in rows)} (column c shows digit c).
 
 ## Use
 
