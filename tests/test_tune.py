@@ -156,7 +156,15 @@ def test_search_resumes_from_its_cache_after_a_kill():
 def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
     model = hasten.load(tiny_model)
     config = TuneConfig(
-        nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=12, fd_candidates=4, n_fd=10
+        nfe=3,
+        minutes=30,
+        n_search=4,
+        n_heldout=10,
+        reference_steps=8,
+        max_evaluations=12,
+        fd_candidates=4,
+        n_fd=10,
+        use_v3=False,
     )
     out = tmp_path / "plan.json"
     plan = tune(model, config, out, progress=False)
@@ -197,7 +205,8 @@ def test_tune_errors(tiny_model, tmp_path):
         TuneConfig(search_seed=0, heldout_seed=0)
     model = hasten.load(tiny_model)
     with pytest.raises(TuneError, match="too short"):
-        tune(model, TuneConfig(nfe=3, minutes=1e-5, n_search=4, reference_steps=8), tmp_path / "p.json", progress=False)
+        config = TuneConfig(nfe=3, minutes=1e-5, n_search=4, reference_steps=8, use_v3=False)
+        tune(model, config, tmp_path / "p.json", progress=False)
     assert not (tmp_path / "p.json").exists()
     res = RUNNER.invoke(app, ["tune", "--model", tiny_model, "--nfe", "1", "--out", str(tmp_path / "q.json")])
     assert res.exit_code == 2 and "nfe must be" in res.output
@@ -216,3 +225,13 @@ def test_dpm_solver_v3_auto_statistics_through_generate(tiny_model, monkeypatch)
     assert path.exists() and ems_module.ems_for_model(model).l.shape == (10, 1, 28, 28)
     again = hasten.generate(model, 4, solver="dpm_solver_v3", steps=4)  # from the cache: same statistics
     torch.testing.assert_close(again.images01, gen.images01)
+    # A v3 point of the search space is a plan with ems="auto", resolved by generate for the model.
+    sigmas = hasten.get_sigmas("auto", 4, model.schedule).tolist()
+    candidate = candidate_from_plan(plan_from_stock(sigmas, "dpm_solver_v3", ems="auto"))
+    assert candidate.prediction == "v3"
+    plan = candidate.to_plan(sigmas[0])
+    assert plan.solver == "dpm_solver_v3" and plan.options["ems"] == "auto"
+    replay = hasten.generate(model, 4, plan=plan)
+    torch.testing.assert_close(replay.images01, gen.images01, atol=1e-5, rtol=0)  # same solver, same grid
+    with pytest.raises(ValueError, match="ems='auto' needs the model"):
+        hasten.sample(model.denoiser, torch.randn(2, 1, 28, 28), plan=plan)

@@ -89,8 +89,13 @@ def generate(
             raise TypeError("a plan supplies the grid and the solver; do not pass sigmas or solver options with it")
         plan.check_model(model.info.name, model.fingerprint, force=force_plan)
         sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
-        solver = plan.build_solver()
         guidance = plan.guidance if guidance is None else guidance
+        overrides = {}
+        if plan.solver == "dpm_solver_v3" and plan.options.get("ems", "auto") == "auto":
+            from .tune.ems import ems_path_for_model  # the model's statistics, estimated once and cached
+
+            overrides["ems"] = str(ems_path_for_model(model, guidance))
+        solver = plan.build_solver(**overrides)
     guidance = 1.0 if guidance is None else guidance
     labels = default_labels(model, n, label)
     denoiser = model.denoiser

@@ -78,11 +78,15 @@ class Plan:
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def build_solver(self) -> Solver:
-        """The executable solver: one configured solver, or a :class:`~hasten.solvers.PerStepSolver`."""
+    def build_solver(self, **overrides: Any) -> Solver:
+        """The executable solver: one configured solver, or a :class:`~hasten.solvers.PerStepSolver`.
+
+        ``overrides`` replace global options (e.g. the resolved ``ems`` path of a DPM-Solver-v3 plan).
+        """
+        options = {**self.options, **overrides}
         if self.steps is None:
-            return get_solver(self.solver, **self.options)
-        return PerStepSolver(tuple(get_solver(self.solver, **{**self.options, **s}) for s in self.steps))
+            return get_solver(self.solver, **options)
+        return PerStepSolver(tuple(get_solver(self.solver, **{**options, **s}) for s in self.steps))
 
     def check_model(self, name: str, fingerprint: str, *, force: bool = False) -> None:
         """Refuse a plan made for other weights (``force`` overrides, e.g. for a fine-tune)."""

@@ -38,7 +38,7 @@ __all__ = ["Candidate", "SearchResult", "candidate_from_plan", "search"]
 
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
-PREDICTIONS = ("data", "noise")
+PREDICTIONS = ("data", "noise")  # UniPC's two; "v3" (DPM-Solver-v3's EMS parameterisation) when enabled
 _MIN_GAP = 1e-3  # smallest log-sigma gap between neighbouring levels
 
 
@@ -69,13 +69,20 @@ class Candidate:
             levels[i] = round(min(levels[i], upper), 6)
         orders = tuple(1 if i in (0, n - 1) else min(o, i + 1) for i, o in enumerate(self.orders))
         correctors = tuple(bool(c) and i > 0 for i, c in enumerate(self.correctors))
-        return dataclasses.replace(self, log_sigmas=tuple(levels), orders=orders, correctors=correctors)
+        variants = ("bh2",) * n if self.prediction == "v3" else self.variants  # v3 has no variant
+        return dataclasses.replace(
+            self, log_sigmas=tuple(levels), orders=orders, correctors=correctors, variants=variants
+        )
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     def to_plan(self, sigma_max: float, **metadata: Any) -> Plan:
         sigmas = (sigma_max, *(math.exp(v) for v in self.log_sigmas), 0.0)
+        if self.prediction == "v3":  # the model's statistics are resolved by generate() (ems="auto")
+            steps = tuple({"order": o, "corrector": c} for o, c in zip(self.orders, self.correctors))
+            options = {"ems": "auto", "lower_order_final": False}
+            return Plan(sigmas, "dpm_solver_v3", options, steps, nfe=self.num_steps, **metadata)
         steps = tuple(
             {"order": o, "corrector": c, "variant": v} for o, c, v in zip(self.orders, self.correctors, self.variants)
         )
@@ -92,6 +99,8 @@ def candidate_from_plan(plan: Plan) -> Candidate | None:
     if plan.solver == "unipc" and plan.steps is None:
         order, corrector = opts.get("order", 2), opts.get("corrector", True)
         variant, prediction = opts.get("variant", "bh2"), opts.get("prediction", "data")
+    elif plan.solver == "dpm_solver_v3" and plan.steps is None and opts.get("ems", "auto") == "auto":
+        order, corrector, variant, prediction = opts.get("order", 2), opts.get("corrector", True), "bh2", "v3"
     elif plan.solver in ("dpmpp_2m", "dpmpp_3m") and opts.get("solver_type", "midpoint") == "midpoint":
         # DPM-Solver++(2M) is UniP-2 bh2 without corrector (Zhao et al., Sec. 3.3).
         order, corrector, variant, prediction = 2 if plan.solver == "dpmpp_2m" else 3, False, "bh2", "data"
@@ -129,13 +138,16 @@ def search(
     population: int = 12,
     elite: int = 4,
     evolution_share: float = 0.6,
+    predictions: tuple[str, ...] = PREDICTIONS,
     cache: dict[str, dict[str, float]] | None = None,
     on_evaluation: Callable[[Candidate, float, float, int], None] | None = None,
 ) -> SearchResult:
     """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
 
-    ``cache`` maps :meth:`Candidate.key` to ``{"score", "seconds"}``; it is read (replayed without
-    calling ``objective``) and extended, so passing a saved cache resumes a search. ``seconds`` bounds the
+    ``predictions`` are the values the global prediction gene may take (add ``"v3"`` when the model's
+    DPM-Solver-v3 statistics are available). ``cache`` maps :meth:`Candidate.key` to
+    ``{"score", "seconds"}``; it is read (replayed without calling ``objective``) and extended, so
+    passing a saved cache resumes a search. ``seconds`` bounds the
     evaluation time (replayed evaluations count their recorded time); ``evolution_share`` of it goes to the
     evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count)`` is
     called after every new evaluation (e.g. to save the cache).
@@ -191,7 +203,7 @@ def search(
             while len(children) < population - elite:
                 a = elites[rng.integers(len(elites))]
                 child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
-                children.append(_mutate(child, rng, log_sigma_max, log_sigma_min))
+                children.append(_mutate(child, rng, log_sigma_max, log_sigma_min, predictions))
             scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
             merged = {c.key(): (s, c) for s, c in pool + scored}
             pool = sorted(merged.values(), key=lambda sc: sc[0])[:population]
@@ -225,7 +237,9 @@ def _crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidat
     )  # fmt: skip
 
 
-def _mutate(c: Candidate, rng: np.random.Generator, log_max: float, log_min: float) -> Candidate:
+def _mutate(
+    c: Candidate, rng: np.random.Generator, log_max: float, log_min: float, predictions: tuple[str, ...]
+) -> Candidate:
     """Gaussian moves of some levels; each decision flipped with probability 1/n; rarely the prediction."""
     n = c.num_steps
     scale = (log_max - log_min) / (2 * n)
@@ -234,7 +248,7 @@ def _mutate(c: Candidate, rng: np.random.Generator, log_max: float, log_min: flo
     orders = tuple(int(rng.choice(ORDERS)) if rng.random() < p else o for o in c.orders)
     correctors = tuple((not x) if rng.random() < p else x for x in c.correctors)
     variants = tuple(str(rng.choice(VARIANTS)) if rng.random() < p else v for v in c.variants)
-    prediction = str(rng.choice(PREDICTIONS)) if rng.random() < 0.05 else c.prediction
+    prediction = str(rng.choice(predictions)) if rng.random() < 0.05 else c.prediction
     return Candidate(logs, orders, correctors, variants, prediction)
 
 
@@ -250,5 +264,7 @@ def _neighbours(c: Candidate, delta: float):
             if o != c.orders[i]:
                 yield dataclasses.replace(c, orders=(*c.orders[:i], o, *c.orders[i + 1 :]))
         yield dataclasses.replace(c, correctors=(*c.correctors[:i], not c.correctors[i], *c.correctors[i + 1 :]))
+        if c.prediction == "v3":
+            continue
         other = "bh1" if c.variants[i] == "bh2" else "bh2"
         yield dataclasses.replace(c, variants=(*c.variants[:i], other, *c.variants[i + 1 :]))

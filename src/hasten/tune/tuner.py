@@ -31,9 +31,9 @@ from ..models.zoo import LoadedModel
 from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching
 from .plan import Plan, PlanError, plan_from_stock, save_plan
-from .search import Candidate, candidate_from_plan, search
+from .search import PREDICTIONS, Candidate, candidate_from_plan, search
 
-__all__ = ["STOCK_GRIDS", "STOCK_SOLVERS", "TuneConfig", "TuneError", "stock_plans", "tune"]
+__all__ = ["STOCK_GRIDS", "STOCK_SOLVERS", "STOCK_V3", "TuneConfig", "TuneError", "stock_plans", "tune"]
 
 STOCK_GRIDS = ("auto", "karras", "logsnr", "time_uniform", "time_quadratic")
 # Stock multistep solvers that are points of the search space (see search.candidate_from_plan).
@@ -43,6 +43,12 @@ STOCK_SOLVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("unipc", {"order": 2, "variant": "bh1"}),
     ("unipc", {"order": 3, "variant": "bh2"}),
     ("unipc", {"order": 3, "variant": "bh1"}),
+)
+
+
+STOCK_V3: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("dpm_solver_v3", {"ems": "auto", "order": 2}),
+    ("dpm_solver_v3", {"ems": "auto", "order": 3}),
 )
 
 
@@ -68,6 +74,8 @@ class TuneConfig(Config):
         fd_candidates: Full-objective stage (MNIST models): how many of the best proxy candidates get an FD
             evaluation (half by proxy rank, half by a learned FD predictor); 0 skips the stage.
         n_fd: Images per FD evaluation (search seed).
+        use_v3: Include DPM-Solver-v3 (its statistics are estimated once per model and cached) both as
+            stock starts and as a parameterisation the search may choose.
     """
 
     nfe: int = 5
@@ -82,6 +90,7 @@ class TuneConfig(Config):
     max_evaluations: int | None = None
     fd_candidates: int = 6
     n_fd: int = 200
+    use_v3: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -94,15 +103,16 @@ class TuneConfig(Config):
             raise TuneError(f"search_seed and heldout_seed must differ (held-out scores), both are {self.search_seed}")
 
 
-def stock_plans(model: LoadedModel, nfe: int) -> list[tuple[str, Plan]]:
+def stock_plans(model: LoadedModel, nfe: int, *, use_v3: bool = False) -> list[tuple[str, Plan]]:
     """The stock configurations at ``nfe`` that the search starts from, labelled ``solver[options] (grid)``."""
     schedule = model.schedule
     out: dict[tuple, tuple[str, Plan]] = {}
+    solvers = STOCK_SOLVERS + (STOCK_V3 if use_v3 else ())
     for grid in STOCK_GRIDS:
         if grid in ("time_uniform", "time_quadratic") and isinstance(schedule, FlowMatching):
             continue  # the flow 'auto' grid is uniform in time already
         sigmas = tuple(get_sigmas(grid, nfe, schedule).tolist())
-        for name, options in STOCK_SOLVERS:
+        for name, options in solvers:
             plan = plan_from_stock(sigmas, name, **options)
             key = (sigmas, name, tuple(sorted(options.items())))
             opts = ",".join(f"{k}={v}" for k, v in options.items())
@@ -170,7 +180,13 @@ def tune(
             score = math.inf
         return score, time.perf_counter() - start
 
-    stock = stock_plans(model, config.nfe)
+    predictions = PREDICTIONS
+    if config.use_v3:
+        from .ems import ems_path_for_model
+
+        ems_path_for_model(model, config.guidance)  # estimated (minutes) once per model and guidance, then cached
+        predictions = (*PREDICTIONS, "v3")
+    stock = stock_plans(model, config.nfe, use_v3=config.use_v3)
     starts = [
         (label, c) for label, p in stock if (c := candidate_from_plan(p)) is not None and p.sigmas[0] == sigma_max
     ]
@@ -196,6 +212,7 @@ def tune(
         result = search(
             objective, [c for _, c in starts], log_sigma_max=log_max, log_sigma_min=log_min, seconds=budget,
             max_evaluations=config.max_evaluations, seed=config.seed, cache=cache, on_evaluation=on_evaluation,
+            predictions=predictions,
         )  # fmt: skip
     finally:
         bar.close()
@@ -233,7 +250,8 @@ def tune(
         plan,
         scores=scores,
         search={
-            "method": "evolutionary search + coordinate refinement over UniPC per-step decisions (USF space)",
+            "method": "evolutionary search + coordinate refinement over per-step UniPC / DPM-Solver-v3 decisions "
+            "(USF space)",
             "config": config.to_dict(),
             "evaluations": result.evaluations,
             "evaluation_seconds": result.seconds,
