@@ -31,6 +31,7 @@ from torch import nn
 from .config import Config
 from .data import load_dataset, to_model_space
 from .models.zoo import ModelInfo, build_network, save_model
+from .progress import BudgetProgress
 from .schedules.noise import VPDiscrete
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -218,7 +219,7 @@ def train(
     ema_params = list(ema.parameters())
     net_params = list(net.parameters())
 
-    bar = _Progress(progress, budget, counters["seconds"])
+    bar = BudgetProgress(progress, "training", budget, counters["seconds"])
     last_checkpoint = time.perf_counter()
     start_wall, start_seconds, start_images = time.perf_counter(), counters["seconds"], counters["images"]
     try:
@@ -248,7 +249,9 @@ def train(
             counters["images"] += config.batch_size
             counters["seconds"] = start_seconds + (time.perf_counter() - start_wall)
             rate = (counters["images"] - start_images) / max(time.perf_counter() - start_wall, 1e-9)
-            bar.update(counters["seconds"], counters["loss_ema"], rate, counters["step"])
+            bar.update(
+                counters["seconds"], f"step {counters['step']}  loss {counters['loss_ema']:.4f}  {rate:.0f} img/s"
+            )
             if time.perf_counter() - last_checkpoint > config.checkpoint_minutes * 60.0:
                 _save_checkpoint(folder, net, ema, opt, gen, counters)
                 last_checkpoint = time.perf_counter()
@@ -285,33 +288,3 @@ def train(
         counters["loss_ema"] or math.nan,
         resumed_from,
     )
-
-
-class _Progress:
-    """A rich progress bar over the time budget with loss and images/s (silent when disabled)."""
-
-    def __init__(self, enabled: bool, budget: float, done: float) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-        )
-        self.task = self.bar.add_task("train", total=budget, completed=done, info="")
-        self.bar.start()
-        self._last = 0.0
-
-    def update(self, seconds: float, loss: float, rate: float, step: int) -> None:
-        if self.bar is None or time.perf_counter() - self._last < 0.5:
-            return
-        self._last = time.perf_counter()
-        self.bar.update(self.task, completed=seconds, info=f"step {step}  loss {loss:.4f}  {rate:.0f} img/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

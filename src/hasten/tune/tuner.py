@@ -28,6 +28,7 @@ from ..config import Config
 from ..generate import generate
 from ..metrics.reference import REFERENCE_SOLVER, reference_samples, rmse
 from ..models.zoo import LoadedModel
+from ..progress import BudgetProgress
 from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching
 from .plan import Plan, PlanError, plan_from_stock, save_plan
@@ -202,11 +203,12 @@ def tune(
             )
         cache[starts[0][1].normalised(log_max, log_min).key()] = {"score": score, "seconds": took}
 
-    bar = _Progress(progress, budget)
+    bar = BudgetProgress(progress, "tuning", budget)
 
     def on_evaluation(candidate: Candidate, score: float, best: float, count: int) -> None:
         _write_json_atomic(state_path, {**identity, "cache": cache})
-        bar.update(sum(v["seconds"] for k, v in cache.items() if k != "_fd"), best, count)
+        spent = sum(v["seconds"] for k, v in cache.items() if k != "_fd")
+        bar.update(spent, f"{count} evaluations  best RMSE {best:.5f}")
 
     try:
         result = search(
@@ -349,27 +351,3 @@ def _heldout(gen, reference: torch.Tensor, model: LoadedModel, config: TuneConfi
         scores["fd"] = evaluate_mnist(gen.images01, gen.labels)["fd"]
         scores["fd_reference"] = evaluate_mnist(reference, gen.labels)["fd"]
     return scores
-
-
-class _Progress:
-    """A rich bar over the evaluation-time budget showing the best score (silent when disabled)."""
-
-    def __init__(self, enabled: bool, budget: float) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]tuning"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()
-        )
-        self.task = self.bar.add_task("tune", total=budget, info="")
-        self.bar.start()
-
-    def update(self, seconds: float, best: float, count: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=seconds, info=f"{count} evaluations  best RMSE {best:.5f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
