@@ -212,6 +212,19 @@ def test_tune_errors(tiny_model, tmp_path):
     assert res.exit_code == 2 and "nfe must be" in res.output
 
 
+def test_cli_tune_json(tiny_model, tmp_path):
+    out = tmp_path / "cli-plan.json"
+    args = ["tune", "--model", tiny_model, "--nfe", "3", "--minutes", "0.1", "--n-search", "4", "--n-fd", "10",
+            "--fd-candidates", "2", "--n-heldout", "10", "--reference-steps", "8", "--no-v3", "--out", str(out),
+            "--format", "json"]  # fmt: skip
+    res = RUNNER.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["nfe"] == 3 and data["evaluations"] > 0 and "rmse_ref" in data["heldout"] and out.exists()
+    again = RUNNER.invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
 def test_dpm_solver_v3_auto_statistics_through_generate(tiny_model, monkeypatch):
     """ems='auto': generate estimates the model's statistics once, caches them, and samples with them."""
     import hasten.tune.ems as ems_module

@@ -289,8 +289,15 @@ def tune(
     out: Annotated[pathlib.Path, typer.Option(help="plan file to write (JSON)")] = pathlib.Path("plan.json"),
     guidance: GuidanceOption = 1.0,
     n_search: Annotated[int, typer.Option(help="images per search evaluation")] = 64,
+    n_fd: Annotated[int, typer.Option(help="images per FD evaluation in the full-objective stage")] = 200,
+    fd_candidates: Annotated[int, typer.Option(help="candidates scored by FD at the end (0: proxy only)")] = 6,
+    n_heldout: Annotated[int, typer.Option(help="images for the held-out scores (seed 0, as hasten bench)")] = 100,
+    reference_steps: Annotated[int, typer.Option(help="steps of the reference solve errors are measured to")] = 100,
     resume: Annotated[bool, typer.Option(help="continue the search saved beside --out")] = False,
     seed: Annotated[int, typer.Option(help="seed of the search's random choices")] = 0,
+    v3: Annotated[
+        bool, typer.Option(help="include DPM-Solver-v3 (its statistics are estimated once per model, minutes)")
+    ] = True,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Search a sampling plan (grid + per-step solver decisions) for a model at an exact NFE."""
@@ -299,7 +306,10 @@ def tune(
     from ..tune import tune as run_tune
 
     try:
-        config = TuneConfig(nfe=nfe, minutes=minutes, guidance=guidance, n_search=n_search, seed=seed)
+        config = TuneConfig(
+            nfe=nfe, minutes=minutes, guidance=guidance, n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd,
+            fd_candidates=fd_candidates, n_heldout=n_heldout, reference_steps=reference_steps,
+        )  # fmt: skip
         loaded = load(model)
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError) as err:
