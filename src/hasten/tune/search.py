@@ -163,6 +163,7 @@ def search(
     history: list[float] = []
 
     counted: set[str] = set()
+    best_by_prediction: dict[str, tuple[float, Candidate]] = {}
 
     def evaluate(candidate: Candidate) -> float:
         nonlocal spent, count, best
@@ -182,6 +183,8 @@ def search(
         score = cache[key]["score"]
         if best is None or score < best[0]:
             best = (score, candidate)
+        if candidate.prediction not in best_by_prediction or score < best_by_prediction[candidate.prediction][0]:
+            best_by_prediction[candidate.prediction] = (score, candidate)
         history.append(best[0])
         if new and on_evaluation is not None:
             on_evaluation(candidate, score, best[0], count)
@@ -207,18 +210,23 @@ def search(
             scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
             merged = {c.key(): (s, c) for s, c in pool + scored}
             pool = sorted(merged.values(), key=lambda sc: sc[0])[:population]
-        # 2. Local refinement of the best.
+        # 2. Local refinement: of the best candidate, then (time permitting) of the best of each other
+        # parameterisation, since the evolutionary phase tends to settle on one of them early.
         assert best is not None
-        current_score, current = best
-        delta = (log_sigma_max - log_sigma_min) / (4 * n)
-        while delta > 1e-3:
-            improved = False
-            for trial in _neighbours(current, delta):
-                s = evaluate(trial)
-                if s < current_score:
-                    current_score, current, improved = s, trial.normalised(log_sigma_max, log_sigma_min), True
-            if not improved:
-                delta /= 2
+        seeds = [
+            best,
+            *sorted((v for p, v in best_by_prediction.items() if p != best[1].prediction), key=lambda v: v[0]),
+        ]
+        for current_score, current in seeds:
+            delta = (log_sigma_max - log_sigma_min) / (4 * n)
+            while delta > 1e-3:
+                improved = False
+                for trial in _neighbours(current, delta):
+                    s = evaluate(trial)
+                    if s < current_score:
+                        current_score, current, improved = s, trial.normalised(log_sigma_max, log_sigma_min), True
+                if not improved:
+                    delta /= 2
     except _Budget:
         pass
     assert best is not None

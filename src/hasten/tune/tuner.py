@@ -285,10 +285,12 @@ def _features(candidate: Candidate, proxy: float) -> list[float]:
 def _ridge_predict(train_x: list[list[float]], train_y: list[float], test_x: list[list[float]]) -> list[float]:
     """Ridge regression on standardised features (S^3's performance predictor, at this scale)."""
     x, y = np.asarray(train_x), np.asarray(train_y)
-    mu, sd = x.mean(0), x.std(0) + 1e-9
+    keep = x.std(0) > 1e-6  # a feature constant on the training points carries no information
+    x, test = x[:, keep], np.asarray(test_x)[:, keep]
+    mu, sd = x.mean(0), x.std(0)
     z = (x - mu) / sd
     coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ (y - y.mean()))
-    return list((np.asarray(test_x) - mu) / sd @ coef + y.mean())
+    return list((test - mu) / sd @ coef + y.mean())
 
 
 def _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path, identity):
@@ -301,7 +303,11 @@ def _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path
     from ..metrics.quality import evaluate_mnist
 
     ranked = sorted(((v["score"], k) for k, v in cache.items() if k != "_fd" and math.isfinite(v["score"])))
-    pool = [(score, _candidate_from_key(k), k) for score, k in ranked[: 3 * config.fd_candidates]]
+    pool, seen_scores = [], set()
+    for score, k in ranked:  # candidates with identical samples (a decision that cannot act) count once
+        if score not in seen_scores and len(pool) < 3 * config.fd_candidates:
+            seen_scores.add(score)
+            pool.append((score, _candidate_from_key(k), k))
     fd_cache = cache.setdefault("_fd", {})
     reference = reference_samples(
         model, config.n_fd, seed=config.search_seed, guidance=config.guidance, steps=config.reference_steps
