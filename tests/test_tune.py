@@ -1,5 +1,6 @@
 """Plans (JSON round trip, validation, replay) and the plan search (analytic mixture, resume, tune on a model)."""
 
+import dataclasses
 import json
 import math
 
@@ -182,6 +183,10 @@ def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
         tune(model, config, out, progress=False)
     again = tune(model, config, out, resume=True, progress=False)  # replays the saved search
     assert again.sigmas == plan.sigmas
+    more = tune(model, dataclasses.replace(config, max_evaluations=16), out, resume=True, progress=False)
+    assert more.search["evaluations"] == 16  # a resumed search may be given a larger budget
+    with pytest.raises(TuneError, match="other settings"):
+        tune(model, dataclasses.replace(config, n_search=5), out, resume=True, progress=False)
     res = RUNNER.invoke(app, ["sample", "--model", tiny_model, "--plan", str(out), "--n", "4",
                               "--out", str(tmp_path / "g.png"), "--format", "json"])  # fmt: skip
     assert res.exit_code == 0, res.output

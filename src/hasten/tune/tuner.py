@@ -142,7 +142,9 @@ def tune(
     """Search a plan for ``model`` and write it to ``out`` (JSON); returns it. See the module docstring."""
     out = pathlib.Path(out)
     state_path = _state_path(out)
-    identity = {"config": config.to_dict(), "model": model.info.name, "fingerprint": model.fingerprint}
+    # What a resumed search must share with the saved one: everything but the budget (more time may be given).
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations")}
+    identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
     cache: dict[str, dict[str, float]] = {}
     if state_path.exists() or out.exists():
         if not resume:
