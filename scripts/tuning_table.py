@@ -34,14 +34,15 @@ def main() -> None:
                 continue
             seen.append(r)
             gap = r["fd"] - ref["fd"]
-            ratio = (
-                ""
-                if r is plan
-                else (
-                    f"{plan['rmse_ref'] / r['rmse_ref']:.2f}x, "
-                    + (f"{(plan['fd'] - ref['fd']) / gap:.2f}x" if gap > 0 else "n/a (gap <= 0)")
-                )
-            )
+            plan_gap = plan["fd"] - ref["fd"]
+            if r is plan:
+                ratio = ""
+            elif plan_gap <= 0:
+                ratio = f"{plan['rmse_ref'] / r['rmse_ref']:.2f}x, plan at or below the reference FD"
+            elif gap <= 0:
+                ratio = f"{plan['rmse_ref'] / r['rmse_ref']:.2f}x, n/a (gap <= 0)"
+            else:
+                ratio = f"{plan['rmse_ref'] / r['rmse_ref']:.2f}x, {plan_gap / gap:.2f}x"
             label = r["label"].split(" (")[0] + (
                 f" ({r['schedule']})" if r.get("schedule") not in (None, "plan") else ""
             )

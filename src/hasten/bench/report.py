@@ -65,11 +65,30 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     for r in rows:
         if r["library"] != "reference" and r.get(x) is not None and r.get(y) is not None:
             series[_series_name(r)].append(r)
+    # With many series a legend hides the data: then only tuned plans and the best series of each library
+    # (lowest mean y) are labelled; the rest are drawn faintly under "other configurations".
+    crowded = len(series) > 12
+    named: set[str] = set()
+    if crowded:
+        for lib in {pts[0]["library"] for pts in series.values()}:
+            mine = {n: p for n, p in series.items() if p[0]["library"] == lib and p[0]["solver"] != "plan"}
+            if mine:
+                named.add(min(mine, key=lambda n: sum(r[y] for r in mine[n]) / len(mine[n])))
+    other_labelled = False
     for name, pts in sorted(series.items()):
         pts.sort(key=lambda r: r[x])
         lib = pts[0]["library"]
-        ax.plot([p[x] for p in pts], [p[y] for p in pts], "o-" if lib == "hasten" else "s--",
-                color=COLOURS[lib], alpha=0.55, lw=1.2, ms=4, label=name)  # fmt: skip
+        xs, ys = [p[x] for p in pts], [p[y] for p in pts]
+        if pts[0]["solver"] == "plan":
+            ax.plot(xs, ys, "*", color="crimson", ms=11, label=name, zorder=5)
+        elif not crowded or name in named:
+            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=COLOURS[lib], alpha=0.8 if crowded else 0.55,
+                    lw=1.6 if crowded else 1.2, ms=4, label=name, zorder=4)  # fmt: skip
+        else:
+            label = None if other_labelled else "other configurations"
+            other_labelled = True
+            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=COLOURS[lib], alpha=0.18, lw=0.8, ms=2.5,
+                    label=label)  # fmt: skip
     front = pareto_front([r for r in rows if r["library"] != "reference"], x, y)
     if front:
         ax.step([r[x] for r in front], [r[y] for r in front], where="post", color="black", lw=1.5, label="Pareto front")
@@ -81,7 +100,7 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    ax.legend(fontsize=6 if not crowded else 7, ncol=2 if not crowded else 1, loc="upper right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
