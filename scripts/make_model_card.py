@@ -126,7 +126,7 @@ member of the bundled zoo.
 {args.n} samples per row on the `auto` grid (Karras for DDPM models, uniform time for flow models), labels
 spread evenly over the ten digits, seed 0. For deterministic samplers the RMSE column is the error to a
 200-step third-order solve from the same noise on {args.reference_n} of them (pixel values in [0, 1]): how
-converged the setting is; `ddpm` is the stochastic DDPM posterior sampler (no reference error). FD and precision/recall
+converged the setting is{"; `ddpm` is the stochastic DDPM posterior sampler (no reference error)" if any(r["rmse_ref_subset"] is None for r in rows) else ""}. FD and precision/recall
 (k = 3) are computed in the features of hasten's bundled MNIST classifier against the held-out digits;
 "FD real vs real" is the FD of {args.n} real training digits against the same held-out statistics, the
 floor at this sample size. "Memorised" is the share of samples closer (pixel L2) to a training digit
@@ -135,7 +135,7 @@ than 99% of held-out digits are (about 0.01 for a model that does not copy).
 {chr(10).join(table)}
 
 Measured on {meta["quality"]["machine"]}, {meta["quality"]["measured"]}, with
-`python scripts/make_model_card.py {args.folder} --n {args.n} --setting {" ".join(args.setting)}`.
+`python scripts/make_model_card.py {args.folder} --n {args.n} --reference-n {args.reference_n} --setting {" ".join(args.setting)} --guidance {" ".join(f"{g:g}" for g in args.guidance)}`.
 Sample grids: {", ".join(f"`{r['grid']}`" for r in rows)} (column c shows digit c).
 
 ## Use
