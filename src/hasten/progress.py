@@ -1,4 +1,4 @@
-"""One progress bar for long work with a time budget (training, tuning): rich, throttled, silent when off."""
+"""One progress bar for long work (training and tuning budgets, statistics estimation): rich, throttled."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ __all__ = ["BudgetProgress"]
 
 
 class BudgetProgress:
-    """A rich bar from ``done`` to ``budget`` seconds with a free-text status; no output when disabled."""
+    """A rich bar from ``done`` to ``budget`` (seconds, or any unit of work) with a status; silent when disabled."""
 
     def __init__(self, enabled: bool, label: str, budget: float, done: float = 0.0) -> None:
         self.bar = None

@@ -23,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..progress import BudgetProgress
 from ..solvers.dpm_solver_v3 import EMS, load_ems, save_ems
 
 __all__ = ["EMS_LAMBDAS", "EMS_SAMPLES", "ems_for_model", "ems_path_for_model", "estimate_ems"]
@@ -187,7 +189,13 @@ def ems_path_for_model(
         denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
     cond = {} if labels is None else {"class_labels": labels}
     schedule = model.schedule
-    ems = estimate_ems(denoiser, x0, float(schedule.sigma_max), float(schedule.sigma_min), num_lambdas=num_lambdas,
-                       cond=cond)  # fmt: skip
+    # Minutes on a CPU: show it on an interactive terminal.
+    bar = BudgetProgress(sys.stderr.isatty(), f"DPM-Solver-v3 statistics of {model.info.name}", 2 * num_lambdas)
+    try:
+        ems = estimate_ems(denoiser, x0, float(schedule.sigma_max), float(schedule.sigma_min),
+                           num_lambdas=num_lambdas, cond=cond,
+                           progress=lambda done, total: bar.update(done, "once per model, then cached"))  # fmt: skip
+    finally:
+        bar.close()
     ems = EMS(ems.lambdas, ems.l, ems.s, ems.b, {**ems.meta, **spec})
     return save_ems(ems, path)
