@@ -5,7 +5,15 @@ import socket
 import pytest
 import torch
 
-from hasten.data import from_model_space, load_dataset, load_emoji, load_mnist, to_model_space
+from hasten.data import (
+    EMOJI_CATEGORIES,
+    emoji_category,
+    from_model_space,
+    load_dataset,
+    load_emoji,
+    load_mnist,
+    to_model_space,
+)
 
 
 @pytest.fixture
@@ -32,11 +40,27 @@ def test_mnist_train_and_heldout_offline(no_network):
 
 
 def test_emoji_offline(no_network):
-    emoji = load_emoji(32)
-    assert emoji.images.shape == (4009, 3, 32, 32) and emoji.labels is None
+    emoji = load_emoji(32, split="all")
+    assert emoji.images.shape == (4009, 3, 32, 32) and emoji.labels.shape == (4009,)
     assert "CC-BY" in emoji.licence
     # composited on white: corners are white
     assert emoji.images[:, :, 0, 0].float().mean() > 250
+    # every category occurs; train and held-out splits partition the set
+    assert torch.bincount(emoji.labels, minlength=len(EMOJI_CATEGORIES)).min() > 50
+    train, heldout = load_emoji(32), load_emoji(32, split="heldout")
+    assert (len(train), len(heldout)) == (3207, 802) and train.name == "emoji" and heldout.name == "emoji-heldout"
+    train_keys = {bytes(img.flatten().tolist()) for img in train.images}
+    assert sum(bytes(img.flatten().tolist()) in train_keys for img in heldout.images) < 10  # only identical glyphs
+
+
+@pytest.mark.parametrize(
+    ("stem", "category"),
+    [("1f600", "smiley"), ("1f1e9-1f1ea", "flag"), ("1f3f4-e0067-e0062-e0065-e006e-e0067-e007f", "flag"),
+     ("1f44d-1f3fb", "skin tone"), ("1f468-200d-1f469-200d-1f467", "zwj sequence"), ("23-20e3", "symbol"),
+     ("2764", "symbol"), ("1f680", "transport"), ("1f9e0", "supplemental"), ("1f34e", "pictograph")],
+)  # fmt: skip
+def test_emoji_categories_from_code_points(stem, category):
+    assert EMOJI_CATEGORIES[emoji_category(stem)] == category
 
 
 def test_model_space_round_trip():
@@ -49,10 +73,12 @@ def test_model_space_round_trip():
 def test_errors():
     with pytest.raises(ValueError, match="split"):
         load_mnist("test")
-    with pytest.raises(KeyError, match="available: emoji, mnist, mnist-heldout"):
+    with pytest.raises(KeyError, match="available: emoji, emoji-heldout, mnist, mnist-heldout"):
         load_dataset("cifar")
     with pytest.raises(ValueError, match="size"):
         load_emoji(300)
+    with pytest.raises(ValueError, match="unknown emoji split 'test'"):
+        load_emoji(32, split="test")
 
 
 def test_missing_package_message(monkeypatch):

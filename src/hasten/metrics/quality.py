@@ -1,7 +1,8 @@
 """Sample quality on the bundled data sets: FD, precision/recall, classifier statistics, memorisation.
 
 ``evaluate_mnist(samples)`` compares generated digits with the 5,000 held-out MNIST digits (never seen
-in training) in the bundled feature network's space, and checks for copies of training digits.
+in training) in the bundled MNIST feature network's space, and checks for copies of training digits;
+``evaluate_emoji(samples)`` does the same for 32x32 emoji against the held-out Twemoji split.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import pathlib
 import torch
 from torch import Tensor
 
-from ..data import load_mnist
+from ..data import load_emoji, load_mnist
 from .fd import frechet_distance, gaussian_stats, precision_recall
-from .features import feature_net_fingerprint, mnist_features
+from .features import feature_net_fingerprint, features
 
-__all__ = ["cache_dir", "evaluate_mnist", "memorisation_share", "real_vs_real_fd"]
+__all__ = ["cache_dir", "evaluate_emoji", "evaluate_images", "evaluate_mnist", "memorisation_share", "real_vs_real_fd"]
 
 
 def cache_dir() -> pathlib.Path:
@@ -27,17 +28,27 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_features() -> tuple[Tensor, Tensor, Tensor]:
-    """Held-out MNIST features, mean and covariance, cached on disk per feature network (and in memory)."""
+@functools.lru_cache(maxsize=4)
+def _split(data: str, split: str):
+    """The training or held-out images of a bundled data set (loaded once)."""
+    if data == "mnist":
+        return load_mnist(split)
+    if data == "emoji":
+        return load_emoji(split=split)
+    raise KeyError(f"no quality metrics for data {data!r}; available: mnist, emoji")
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_features(data: str = "mnist") -> tuple[Tensor, Tensor, Tensor]:
+    """Held-out features, mean and covariance, cached on disk per feature network (and in memory)."""
     from safetensors.torch import load_file, save_file
 
-    key = f"mnist-heldout-{feature_net_fingerprint()}"
+    key = f"{data}-heldout-{feature_net_fingerprint(data)}"
     path = cache_dir() / "reference-stats" / f"{key}.safetensors"
     if path.exists():
-        data = load_file(str(path))
-        return data["features"], data["mu"], data["cov"]
-    feats, _ = mnist_features(load_mnist("heldout").images.float() / 255.0)
+        loaded = load_file(str(path))
+        return loaded["features"], loaded["mu"], loaded["cov"]
+    feats, _ = features(_split(data, "heldout").images.float() / 255.0, data)
     mu, cov = gaussian_stats(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -46,53 +57,54 @@ def _reference_features() -> tuple[Tensor, Tensor, Tensor]:
     return feats, mu, cov
 
 
-@functools.lru_cache(maxsize=1)
-def _train_pixels() -> Tensor:
-    return load_mnist("train").images.flatten(1).double() / 255.0
-
-
 @functools.lru_cache(maxsize=4)
-def _memorisation_threshold(quantile: float) -> float:
-    """The ``quantile`` of held-out digits' distances to their nearest training digit (computed once)."""
-    heldout = load_mnist("heldout").images.flatten(1).double() / 255.0
-    return float(torch.quantile(torch.cdist(heldout, _train_pixels()).min(dim=1).values, quantile))
+def _train_pixels(data: str = "mnist") -> Tensor:
+    return _split(data, "train").images.flatten(1).double() / 255.0
 
 
-def memorisation_share(samples01: Tensor, quantile: float = 0.01) -> tuple[float, float]:
-    """Share of samples closer (pixel L2) to a training digit than all but ``quantile`` of held-out digits are.
+@functools.lru_cache(maxsize=8)
+def _memorisation_threshold(quantile: float, data: str = "mnist") -> float:
+    """The ``quantile`` of held-out images' distances to their nearest training image (computed once)."""
+    heldout = _split(data, "heldout").images.flatten(1).double() / 255.0
+    return float(torch.quantile(torch.cdist(heldout, _train_pixels(data)).min(dim=1).values, quantile))
 
-    A model that generalises scores about ``quantile``; one that copies its 5,000 training digits scores
-    far more. Returns ``(share, threshold)``.
+
+def memorisation_share(samples01: Tensor, quantile: float = 0.01, data: str = "mnist") -> tuple[float, float]:
+    """Share of samples closer (pixel L2) to a training image than all but ``quantile`` of held-out images are.
+
+    A model that generalises scores about ``quantile``; one that copies its training images scores far
+    more. Returns ``(share, threshold)``.
     """
-    threshold = _memorisation_threshold(quantile)
-    nearest = torch.cdist(samples01.flatten(1).double().cpu(), _train_pixels()).min(dim=1).values
+    threshold = _memorisation_threshold(quantile, data)
+    nearest = torch.cdist(samples01.flatten(1).double().cpu(), _train_pixels(data)).min(dim=1).values
     return float((nearest < threshold).double().mean()), threshold
 
 
-def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:
-    """All quality metrics for ``[N, 1, 28, 28]`` samples in [0, 1] against the held-out digits.
+def evaluate_images(samples01: Tensor, labels: Tensor | None = None, *, data: str = "mnist", k: int = 3) -> dict:
+    """All quality metrics for samples in [0, 1] against the held-out split of a bundled data set.
 
-    Returns a JSON-able dict: ``fd``, ``fd_real_vs_real`` (two halves of the held-out set at the same
-    sample size, the floor to compare against), ``precision``, ``recall``, ``confidence`` (mean max
-    softmax), ``class_histogram``, ``label_accuracy`` (share classified as the requested label, when
-    ``labels`` is given), ``memorised_share`` and ``n``.
+    ``data``: ``"mnist"`` (``[N, 1, 28, 28]``, against 5,000 held-out digits) or ``"emoji"``
+    (``[N, 3, 32, 32]``, against the 802 held-out emoji). Returns a JSON-able dict: ``fd``,
+    ``fd_real_vs_real`` (training images at the same sample size: the floor to compare against),
+    ``precision``, ``recall``, ``confidence`` (mean max softmax), ``class_histogram``, ``label_accuracy``
+    (share classified as the requested label, when ``labels`` is given), ``memorised_share`` and ``n``.
     """
-    feats, logits = mnist_features(samples01)
-    ref_feats, mu_ref, cov_ref = _reference_features()
+    feats, logits = features(samples01, data)
+    ref_feats, mu_ref, cov_ref = _reference_features(data)
     probs = torch.softmax(logits, dim=1)
     n = len(samples01)
-    # Equal-size real set (a seeded subset of the held-out digits): k-NN radii depend on the set size.
+    # Equal-size real set (a seeded subset of the held-out images): k-NN radii depend on the set size.
     subset = torch.randperm(len(ref_feats), generator=torch.Generator().manual_seed(0))[: max(n, k + 1)]
     precision, recall = precision_recall(ref_feats[subset], feats, k=k)
-    memorised, _ = memorisation_share(samples01)
+    memorised, _ = memorisation_share(samples01, data=data)
     result = {
         "n": n,
         "fd": frechet_distance(*gaussian_stats(feats), mu_ref, cov_ref),
-        "fd_real_vs_real": real_vs_real_fd(n),
+        "fd_real_vs_real": real_vs_real_fd(n, data=data),
         "precision": precision,
         "recall": recall,
         "confidence": float(probs.max(dim=1).values.mean()),
-        "class_histogram": torch.bincount(probs.argmax(1), minlength=10).tolist(),
+        "class_histogram": torch.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist(),
         "memorised_share": memorised,
     }
     if labels is not None:
@@ -100,11 +112,21 @@ def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 
     return result
 
 
-@functools.lru_cache(maxsize=8)
-def real_vs_real_fd(n: int, seed: int = 0) -> float:
-    """FD between ``n`` training digits and the held-out statistics: the value a perfect model reaches at n."""
-    _, mu_ref, cov_ref = _reference_features()
-    train = load_mnist("train").images
+def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:
+    """:func:`evaluate_images` for ``[N, 1, 28, 28]`` digits against the 5,000 held-out MNIST digits."""
+    return evaluate_images(samples01, labels, data="mnist", k=k)
+
+
+def evaluate_emoji(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:
+    """:func:`evaluate_images` for ``[N, 3, 32, 32]`` emoji against the 802 held-out Twemoji."""
+    return evaluate_images(samples01, labels, data="emoji", k=k)
+
+
+@functools.lru_cache(maxsize=16)
+def real_vs_real_fd(n: int, seed: int = 0, data: str = "mnist") -> float:
+    """FD between ``n`` training images and the held-out statistics: the value a perfect model reaches at n."""
+    _, mu_ref, cov_ref = _reference_features(data)
+    train = _split(data, "train").images
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
-    f, _ = mnist_features(train[idx].float() / 255.0)
+    f, _ = features(train[idx].float() / 255.0, data)
     return frechet_distance(*gaussian_stats(f), mu_ref, cov_ref)
