@@ -10,7 +10,7 @@ from typing import Any
 
 from .generate import generate
 from .metrics.cost import peak_memory_bytes
-from .metrics.quality import evaluate_mnist
+from .metrics.quality import evaluate_images
 from .metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from .models.zoo import LoadedModel
 
@@ -51,7 +51,7 @@ def evaluate_model(
         "images_per_second": n / gen.seconds,
         "peak_memory_bytes": peak_memory_bytes(),
         "bytes_on_disk": model.bytes_on_disk(),
-        **evaluate_mnist(gen.images01, gen.labels),
+        **evaluate_images(gen.images01, gen.labels, data=model.info.data),
     }
     if reference:
         ref = reference_samples(model, n, seed=seed, guidance=guidance)
