@@ -171,6 +171,7 @@ def test_tune_on_a_model_writes_a_plan_that_replays(tiny_model, tmp_path):
     plan = tune(model, config, out, progress=False)
     assert load_plan(out) == plan and plan.nfe == 3 and plan.fingerprint == model.fingerprint
     assert plan.search["evaluations"] == 12
+    assert plan.search["stock_starts"] == 3 * 5  # flow model: auto, karras, logsnr grids x 5 stock solvers
     held, base = plan.scores["heldout"], plan.scores["baseline"]
     assert {"rmse_ref", "fd", "fd_reference"} <= set(held) and "label" in base
     full = plan.search["full_objective"]  # FD stage: 2 by proxy rank, 2 chosen by the learned predictor

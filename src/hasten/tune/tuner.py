@@ -190,8 +190,11 @@ def tune(
         ems_path_for_model(model, config.guidance)  # estimated (minutes) once per model and guidance, then cached
         predictions = (*PREDICTIONS, "v3")
     stock = stock_plans(model, config.nfe, use_v3=config.use_v3)
+    # Grids reach sigma_max through different float paths (up to 3e-9 apart): compare with a tolerance.
     starts = [
-        (label, c) for label, p in stock if (c := candidate_from_plan(p)) is not None and p.sigmas[0] == sigma_max
+        (label, c)
+        for label, p in stock
+        if (c := candidate_from_plan(p)) is not None and math.isclose(p.sigmas[0], sigma_max, rel_tol=1e-6)
     ]
     if not starts:
         raise TuneError(f"no stock configuration at nfe={config.nfe} fits the search space for {model.info.name!r}")
