@@ -54,3 +54,43 @@ def test_peer_lists_and_errors(unet_model):
         diffusers_generate(unet_model, 2, "nope")
     with pytest.raises(ValueError, match="does not support 'eps'"):
         diffusers_generate(unet_model, 2, "flow_euler")
+
+
+@pytest.mark.parametrize(("scheduler", "solver"), [("FlowMatchEulerDiscreteScheduler", "euler"),
+                                                    ("FlowMatchHeunDiscreteScheduler", "heun")])  # fmt: skip
+def test_flow_solvers_match_diffusers_flowmatch_schedulers(scheduler, solver):
+    """hasten's Euler and Heun (flow space) against diffusers' FlowMatch schedulers on a flow network.
+
+    diffusers starts flow grids at t = 1 (VE sigma = inf, which hasten's VE state cannot hold), so both
+    sides get the same grid starting at the schedule's t_max instead: diffusers through its ``sigmas``
+    tables (Heun's layout repeats each inner level: one entry per model call), hasten through VE sigmas.
+    """
+    import diffusers
+
+    torch.manual_seed(0)
+    net = build_network("dit", (1, 28, 28), 10).eval().requires_grad_(False)
+    with torch.no_grad():
+        net.proj_out_2.weight.mul_(0.05)  # keep the random velocity field tame
+    schedule = hasten.FlowMatching()
+    den = hasten.FlowDenoiser(net, schedule, time_scale=1000.0)
+    t_grid = [schedule.t_max, 0.7, 0.4, 0.15, 0.0]
+    labels = torch.arange(4) % 10
+    noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    sched = getattr(diffusers, scheduler)(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(len(t_grid) - 1)
+    inner = t_grid[1:-1]
+    table = [t_grid[0], *inner, 0.0] if solver == "euler" else [t_grid[0], *[t for t in inner for _ in (0, 1)], 0.0]
+    sched.sigmas = torch.tensor(table, dtype=torch.float32)
+    sched.timesteps = sched.sigmas[:-1] * 1000
+    x, calls = noise.clone(), 0  # the flow state at t_max
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(net(x, t.expand(4), class_labels=labels).sample, t, x).prev_sample
+            calls += 1
+    sigmas = torch.tensor([t / (1 - t) for t in t_grid], dtype=torch.float64)
+    with torch.no_grad():
+        out = hasten.sample(den, noise / (1 - t_grid[0]), sigmas, solver, cond={"class_labels": labels},
+                            return_info=True, **({"space": "flow"} if solver == "heun" else {}))  # fmt: skip
+    assert out.nfe == calls == (4 if solver == "euler" else 7)
+    torch.testing.assert_close(out.x, x, atol=2e-5, rtol=0)
