@@ -68,6 +68,8 @@ class TuneConfig(Config):
         n_search: Images per proxy evaluation.
         search_seed: Noise seed of the search batch (must differ from ``heldout_seed``).
         heldout_seed: Noise seed of the held-out scores (``hasten bench`` uses 0).
+        validation_seed: Noise seed of the final check of the searched plan against the best stock start
+            (``n_search`` images); the stock start is returned if the plan does not win there.
         n_heldout: Images for the held-out scores.
         reference_steps: Steps of the third-order reference solve the RMSE is measured against.
         seed: Seed of the search's own random choices.
@@ -85,6 +87,7 @@ class TuneConfig(Config):
     n_search: int = 64
     search_seed: int = 1000
     heldout_seed: int = 0
+    validation_seed: int = 2000
     n_heldout: int = 100
     reference_steps: int = 100
     seed: int = 0
@@ -100,8 +103,9 @@ class TuneConfig(Config):
             raise TuneError(f"minutes must be > 0, got {self.minutes}")
         if self.n_search < 2 or self.n_heldout < 10:
             raise TuneError(f"n_search must be >= 2 and n_heldout >= 10, got {self.n_search} and {self.n_heldout}")
-        if self.search_seed == self.heldout_seed:
-            raise TuneError(f"search_seed and heldout_seed must differ (held-out scores), both are {self.search_seed}")
+        seeds = (self.search_seed, self.validation_seed, self.heldout_seed)
+        if len(set(seeds)) != 3:
+            raise TuneError(f"search_seed, validation_seed and heldout_seed must all differ, got {seeds}")
 
 
 def stock_plans(model: LoadedModel, nfe: int, *, use_v3: bool = False) -> list[tuple[str, Plan]]:
@@ -229,10 +233,30 @@ def tune(
     if config.fd_candidates > 0 and model.info.data == "mnist":
         chosen, full_stage = _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path, identity)
 
-    # Held-out scores: the plan and the best stock start by search score, on other noise.
     start_keys = {c.normalised(log_max, log_min).key(): label for label, c in starts}
     best_stock_key = min(start_keys, key=lambda k: cache[k]["score"])
     best_stock = next(c for label, c in starts if c.normalised(log_max, log_min).key() == best_stock_key)
+
+    # Validation on a third noise seed: near-equal candidates swap places between image sets, so a plan
+    # that only won on the search images is replaced by the best stock start (itself a point of the space).
+    val_ref = reference_samples(
+        model, config.n_search, seed=config.validation_seed, guidance=config.guidance, steps=config.reference_steps
+    )
+
+    def validation_rmse(candidate: Candidate) -> float:
+        return rmse(
+            run(candidate.to_plan(sigma_max, **meta), config.n_search, config.validation_seed).images01, val_ref
+        )
+
+    validation = {
+        "seed": config.validation_seed, "n": config.n_search,
+        "rmse_ref_searched": validation_rmse(chosen), "rmse_ref_best_stock": validation_rmse(best_stock),
+    }  # fmt: skip
+    validation["kept"] = "searched" if validation["rmse_ref_searched"] < validation["rmse_ref_best_stock"] else "stock"
+    if validation["kept"] == "stock":
+        chosen = best_stock
+
+    # Held-out scores: the plan and the best stock start by search score, on other noise.
     held_ref = reference_samples(
         model, config.n_heldout, seed=config.heldout_seed, guidance=config.guidance, steps=config.reference_steps
     )
@@ -241,6 +265,7 @@ def tune(
     scores = {
         "objective": "rmse_ref" if full_stage is None else "rmse_ref, then FD among the best",
         "search": {"rmse_ref": cache[chosen_key]["score"], "n": config.n_search, "seed": config.search_seed},
+        "validation": validation,
         "heldout": _heldout(run(plan, config.n_heldout, config.heldout_seed), held_ref, model, config),
         "baseline": {
             "label": start_keys[best_stock_key],
