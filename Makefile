@@ -28,7 +28,7 @@ demo: venv
 	$(PY) examples/analytic_mixture.py
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench-solvers: venv
