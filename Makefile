@@ -29,7 +29,7 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts examples
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts examples
 
 bench-solvers: venv
 	$(PY) benchmarks/solver_overhead.py --out benchmarks/results/solver_overhead.json
