@@ -130,6 +130,19 @@ def test_search_beats_uniform_logsnr_on_the_mixture():
     assert result.best.to_plan(80.0).nfe == 4 and result.evaluations == 80
 
 
+def test_search_with_islands_keeps_the_budget_and_beats_the_start():
+    objective, calls = _mixture_objective(4)
+    starts = [
+        _logsnr_start(4),
+        candidate_from_plan(plan_from_stock(get_sigmas("karras", 4, SCHEDULE).tolist(), "unipc")),
+    ]
+    result = search(
+        objective, starts, log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9,
+        max_evaluations=60, islands=2,
+    )  # fmt: skip
+    assert result.evaluations == 60 == len(calls) and result.best_score < 0.8 * result.start_best
+
+
 def test_search_resumes_from_its_cache_after_a_kill():
     kwargs = dict(log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9, max_evaluations=40)
     objective, _ = _mixture_objective(4)

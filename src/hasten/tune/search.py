@@ -139,15 +139,17 @@ def search(
     elite: int = 4,
     evolution_share: float = 0.6,
     predictions: tuple[str, ...] = PREDICTIONS,
+    islands: int = 1,
     cache: dict[str, dict[str, float]] | None = None,
     on_evaluation: Callable[[Candidate, float, float, int], None] | None = None,
 ) -> SearchResult:
     """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
 
     ``predictions`` are the values the global prediction gene may take (add ``"v3"`` when the model's
-    DPM-Solver-v3 statistics are available). ``cache`` maps :meth:`Candidate.key` to
-    ``{"score", "seconds"}``; it is read (replayed without calling ``objective``) and extended, so
-    passing a saved cache resumes a search. ``seconds`` bounds the
+    DPM-Solver-v3 statistics are available). ``islands`` splits the evolutionary phase into that many
+    populations, seeded round-robin from the ranked starts and run one after the other. ``cache`` maps
+    :meth:`Candidate.key` to ``{"score", "seconds"}``; it is read (replayed without calling
+    ``objective``) and extended, so passing a saved cache resumes a search. ``seconds`` bounds the
     evaluation time (replayed evaluations count their recorded time); ``evolution_share`` of it goes to the
     evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count)`` is
     called after every new evaluation (e.g. to save the cache).
@@ -171,9 +173,11 @@ def search(
         key = candidate.key()
         if key in counted:
             return cache[key]["score"]
+        if max_evaluations is not None and count >= max_evaluations:  # a cap on candidates, replayed or new
+            raise _Budget
         new = key not in cache
         if new:
-            if spent >= seconds or (max_evaluations is not None and count >= max_evaluations):
+            if spent >= seconds:
                 raise _Budget
             score, took = objective(candidate)
             cache[key] = {"score": float(score) if math.isfinite(score) else math.inf, "seconds": float(took)}
@@ -197,26 +201,33 @@ def search(
             pool.append((evaluate(c), c.normalised(log_sigma_max, log_sigma_min)))
             start_scores.append(pool[-1][0])
         pool.sort(key=lambda sc: sc[0])
-        # 1. Evolutionary phase.
-        while spent < evolution_share * seconds and (
-            max_evaluations is None or count < evolution_share * max_evaluations
-        ):
-            elites = [c for _, c in pool[:elite]]
-            children = []
-            while len(children) < population - elite:
-                a = elites[rng.integers(len(elites))]
-                child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
-                children.append(_mutate(child, rng, log_sigma_max, log_sigma_min, predictions))
-            scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
-            merged = {c.key(): (s, c) for s, c in pool + scored}
-            pool = sorted(merged.values(), key=lambda sc: sc[0])[:population]
-        # 2. Local refinement: of the best candidate, then (time permitting) of the best of each other
-        # parameterisation, since the evolutionary phase tends to settle on one of them early.
+        # 1. Evolutionary phase, on `islands` populations that split the starts round-robin by rank (one
+        # population settles on the basin of its best few starts; several keep other basins alive).
+        island_pools = [pool[i::islands] for i in range(islands)]
+        island_best = []
+        for index, island in enumerate(island_pools):
+            share = evolution_share * (index + 1) / islands
+            while island and spent < share * seconds and (max_evaluations is None or count < share * max_evaluations):
+                elites = [c for _, c in island[:elite]]
+                children = []
+                while len(children) < population - elite:
+                    a = elites[rng.integers(len(elites))]
+                    child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
+                    children.append(_mutate(child, rng, log_sigma_max, log_sigma_min, predictions))
+                scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
+                merged = {c.key(): (s, c) for s, c in island + scored}
+                island = sorted(merged.values(), key=lambda sc: sc[0])[:population]
+            if island:
+                island_best.append(island[0])
+        # 2. Local refinement: of the best candidate, then (time permitting) of the best of each island and
+        # of each other parameterisation, since an evolutionary population tends to settle on one early.
         assert best is not None
-        seeds = [
-            best,
-            *sorted((v for p, v in best_by_prediction.items() if p != best[1].prediction), key=lambda v: v[0]),
-        ]
+        seeds, seen_seeds = [], set()
+        others = sorted([*island_best, *best_by_prediction.values()], key=lambda v: v[0])
+        for seed_score, seed_candidate in [best, *others]:
+            if seed_candidate.key() not in seen_seeds:
+                seen_seeds.add(seed_candidate.key())
+                seeds.append((seed_score, seed_candidate))
         for current_score, current in seeds:
             delta = (log_sigma_max - log_sigma_min) / (4 * n)
             while delta > 1e-3:

@@ -223,7 +223,7 @@ def tune(
         result = search(
             objective, [c for _, c in starts], log_sigma_max=log_max, log_sigma_min=log_min, seconds=budget,
             max_evaluations=config.max_evaluations, seed=config.seed, cache=cache, on_evaluation=on_evaluation,
-            predictions=predictions,
+            predictions=predictions, islands=3,
         )  # fmt: skip
     finally:
         bar.close()
