@@ -20,7 +20,7 @@ from .schedules.grids import get_sigmas
 from .schedules.noise import FlowMatching, NoiseSchedule
 from .solvers import SOLVERS, Solver, sample
 
-__all__ = ["Generation", "default_labels", "generate", "options_for_schedule"]
+__all__ = ["Generation", "default_labels", "generate", "options_for_model", "options_for_schedule"]
 
 
 @dataclasses.dataclass
@@ -58,6 +58,20 @@ def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options:
     return dict(options)
 
 
+def options_for_model(
+    solver: str | Solver, options: Mapping[str, Any], model: LoadedModel, guidance: float
+) -> dict[str, Any]:
+    """Everything a solver option can take from the model: the integration space (see
+    :func:`options_for_schedule`) and, for ``dpm_solver_v3`` with ``ems="auto"``, the path of the model's
+    statistics at this guidance scale (estimated once, then cached)."""
+    options = options_for_schedule(solver, model.schedule, options)
+    if solver == "dpm_solver_v3" and options.get("ems", "auto") == "auto":
+        from .tune.ems import ems_path_for_model
+
+        options["ems"] = str(ems_path_for_model(model, guidance))
+    return options
+
+
 def generate(
     model: LoadedModel,
     n: int,
@@ -90,12 +104,7 @@ def generate(
         plan.check_model(model.info.name, model.fingerprint, force=force_plan)
         sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
         guidance = plan.guidance if guidance is None else guidance
-        overrides = {}
-        if plan.solver == "dpm_solver_v3" and plan.options.get("ems", "auto") == "auto":
-            from .tune.ems import ems_path_for_model  # the model's statistics, estimated once and cached
-
-            overrides["ems"] = str(ems_path_for_model(model, guidance))
-        solver = plan.build_solver(**overrides)
+        solver = plan.build_solver(**options_for_model(plan.solver, plan.options, model, guidance))
     guidance = 1.0 if guidance is None else guidance
     labels = default_labels(model, n, label)
     denoiser = model.denoiser
@@ -105,11 +114,7 @@ def generate(
         denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
-    solver_options = options_for_schedule(solver, model.schedule, solver_options)
-    if solver == "dpm_solver_v3" and solver_options.get("ems", "auto") == "auto":
-        from .tune.ems import ems_path_for_model  # estimated once per model and guidance, then cached
-
-        solver_options["ems"] = str(ems_path_for_model(model, guidance))
+    solver_options = options_for_model(solver, solver_options, model, guidance)
     device = next(model.network.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device

@@ -9,6 +9,8 @@ import pathlib
 import numpy as np
 from torch import Tensor
 
+from ._io import atomic_path
+
 __all__ = ["grid_array", "save_grid"]
 
 
@@ -36,9 +38,6 @@ def save_grid(images01: Tensor, path: str | os.PathLike, nrow: int | None = None
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return pathlib.Path(path)

@@ -15,6 +15,7 @@ import pathlib
 from collections import defaultdict
 from typing import Any
 
+from .._io import atomic_path, write_text_atomic
 from .runner import read_results
 
 __all__ = ["pareto_front", "render"]
@@ -102,10 +103,9 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6 if not crowded else 7, ncol=2 if not crowded else 1, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _img(path: pathlib.Path) -> str:
@@ -186,8 +186,4 @@ Pareto front.</p>
 {"".join(grids)}
 </body></html>
 """
-    out = folder / "report.html"
-    tmp = out.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(folder / "report.html", page)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._io import write_text_atomic
 from ..generate import Generation, generate, options_for_schedule
 from ..metrics.cost import peak_memory_bytes
 from ..metrics.quality import evaluate_mnist
@@ -46,12 +47,6 @@ def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _environment() -> dict[str, Any]:
@@ -137,7 +132,7 @@ class _Results:
                 raise BenchError(
                     f"{folder} holds results of a different matrix (settings or model changed); use another --out"
                 )
-        _write_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
+        write_text_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
         self.done = {row["key"] for row in self.rows}
 
     def log_run(self, started: float, measured: int) -> None:
@@ -148,12 +143,12 @@ class _Results:
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": time.perf_counter() - started, "rows_measured": measured,
         })  # fmt: skip
-        _write_atomic(path, json.dumps(runs, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(runs, indent=2) + "\n")
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.done.add(row["key"])
-        _write_atomic(self.folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        write_text_atomic(self.folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
 
 def _stamp(model: str, fingerprint: str, config: BenchConfig, env: dict[str, Any]) -> dict[str, Any]:

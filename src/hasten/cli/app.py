@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 from enum import Enum
@@ -69,6 +68,7 @@ def sample(
     import numpy as np
     import torch
 
+    from .._io import atomic_path
     from ..generate import generate
     from ..models.zoo import load
     from ..tune.plan import PlanError, load_plan
@@ -109,9 +109,8 @@ def sample(
             progress.stop()
     save_grid(result.images01, out)
     if save is not None:
-        tmp = save.with_name(f".{save.name}.tmp.npz")
-        np.savez_compressed(tmp, samples=result.images01.numpy().astype(np.float32))
-        os.replace(tmp, save)
+        with atomic_path(save) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz"
+            np.savez_compressed(fh, samples=result.images01.numpy().astype(np.float32))
     data = {
         "model": loaded.info.name,
         "solver": solver,

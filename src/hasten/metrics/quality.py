@@ -14,6 +14,7 @@ import pathlib
 import torch
 from torch import Tensor
 
+from .._io import atomic_path
 from ..data import load_emoji, load_mnist
 from .fd import frechet_distance, gaussian_stats, precision_recall
 from .features import feature_net_fingerprint, features
@@ -50,10 +51,8 @@ def _reference_features(data: str = "mnist") -> tuple[Tensor, Tensor, Tensor]:
         return loaded["features"], loaded["mu"], loaded["cov"]
     feats, _ = features(_split(data, "heldout").images.float() / 255.0, data)
     mu, cov = gaussian_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous(), "mu": mu.contiguous(), "cov": cov.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": feats.contiguous(), "mu": mu.contiguous(), "cov": cov.contiguous()}, str(tmp))
     return feats, mu, cov
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 
 from torch import Tensor
 
+from .._io import atomic_path
 from ..models.zoo import LoadedModel
 from .quality import cache_dir
 
@@ -69,8 +69,6 @@ def reference_samples(
         guidance=guidance,
         label=label,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"images": result.images01.contiguous()}, str(tmp), metadata={"spec": json.dumps(spec)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"images": result.images01.contiguous()}, str(tmp), metadata={"spec": json.dumps(spec)})
     return result.images01

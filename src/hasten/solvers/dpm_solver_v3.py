@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._io import atomic_path
 from ..config import check_choice
 from ._base import Model, NoiseFn, Solver, StepInfo, register_solver
 from .multistep import multistep_order
@@ -200,13 +201,10 @@ def save_ems(ems: EMS, path: str | os.PathLike) -> pathlib.Path:
     """Write statistics atomically as safetensors (metadata values are stored as strings)."""
     from safetensors.torch import save_file
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {"lambdas": ems.lambdas, "l": ems.l, "s": ems.s, "b": ems.b}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), {k: str(v) for k, v in ems.meta.items()})
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), {k: str(v) for k, v in ems.meta.items()})
+    return pathlib.Path(path)
 
 
 @dataclasses.dataclass(frozen=True)

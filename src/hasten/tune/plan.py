@@ -18,6 +18,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._io import write_text_atomic
 from ..solvers import PerStepSolver, Solver, get_solver
 
 __all__ = ["PLAN_FORMAT", "PLAN_SCHEMA_VERSION", "Plan", "PlanError", "load_plan", "save_plan"]
@@ -143,12 +144,7 @@ class Plan:
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> pathlib.Path:
     """Write ``plan`` as JSON atomically (a kill never leaves a half-written plan)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

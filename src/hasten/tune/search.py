@@ -141,7 +141,7 @@ def search(
     predictions: tuple[str, ...] = PREDICTIONS,
     islands: int = 1,
     cache: dict[str, dict[str, float]] | None = None,
-    on_evaluation: Callable[[Candidate, float, float, int], None] | None = None,
+    on_evaluation: Callable[[Candidate, float, float, int, float], None] | None = None,
 ) -> SearchResult:
     """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
 
@@ -151,7 +151,7 @@ def search(
     :meth:`Candidate.key` to ``{"score", "seconds"}``; it is read (replayed without calling
     ``objective``) and extended, so passing a saved cache resumes a search. ``seconds`` bounds the
     evaluation time (replayed evaluations count their recorded time); ``evolution_share`` of it goes to the
-    evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count)`` is
+    evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count, spent)`` is
     called after every new evaluation (e.g. to save the cache).
     """
     if not starts:
@@ -191,7 +191,7 @@ def search(
             best_by_prediction[candidate.prediction] = (score, candidate)
         history.append(best[0])
         if new and on_evaluation is not None:
-            on_evaluation(candidate, score, best[0], count)
+            on_evaluation(candidate, score, best[0], count, spent)
         return score
 
     start_scores = []

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import write_text_atomic
 from ..config import Config
 from ..generate import generate
+from ..metrics.features import FEATURE_NETS
 from ..metrics.reference import REFERENCE_SOLVER, reference_samples, rmse
 from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
@@ -129,12 +131,6 @@ def _state_path(out: pathlib.Path) -> pathlib.Path:
     return out.with_name(out.name + ".search.json")
 
 
-def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def tune(
     model: LoadedModel,
     config: TuneConfig,
@@ -149,7 +145,8 @@ def tune(
     # What a resumed search must share with the saved one: everything but the budget (more time may be given).
     settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations")}
     identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
-    cache: dict[str, dict[str, float]] = {}
+    cache: dict[str, dict[str, float]] = {}  # proxy evaluations by candidate key
+    fd_cache: dict[str, float] = {}  # FD of the full-objective stage by candidate key
     if state_path.exists() or out.exists():
         if not resume:
             raise TuneError(
@@ -161,7 +158,7 @@ def tune(
                 raise TuneError(
                     f"{state_path} belongs to a search with other settings or another model; use another --out"
                 )
-            cache = saved["cache"]
+            cache, fd_cache = saved["cache"], saved.get("fd", {})
     if config.guidance != 1.0 and not model.info.num_classes:
         raise TuneError("guidance needs a class-conditional model")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,9 +211,11 @@ def tune(
 
     bar = BudgetProgress(progress, "tuning", budget)
 
-    def on_evaluation(candidate: Candidate, score: float, best: float, count: int) -> None:
-        _write_json_atomic(state_path, {**identity, "cache": cache})
-        spent = sum(v["seconds"] for k, v in cache.items() if k != "_fd")
+    def save_state() -> None:  # after every evaluation: a kill loses at most the one running
+        write_text_atomic(state_path, json.dumps({**identity, "cache": cache, "fd": fd_cache}))
+
+    def on_evaluation(candidate: Candidate, score: float, best: float, count: int, spent: float) -> None:
+        save_state()
         bar.update(spent, f"{count} evaluations  best RMSE {best:.5f}")
 
     try:
@@ -227,15 +226,15 @@ def tune(
         )  # fmt: skip
     finally:
         bar.close()
-    _write_json_atomic(state_path, {**identity, "cache": cache})
+    save_state()
 
     chosen, full_stage = result.best, None
-    if config.fd_candidates > 0 and model.info.data == "mnist":
-        chosen, full_stage = _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path, identity)
+    if config.fd_candidates > 0 and model.info.data in FEATURE_NETS:
+        chosen, full_stage = _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state)
 
-    start_keys = {c.normalised(log_max, log_min).key(): label for label, c in starts}
+    start_keys = {c.normalised(log_max, log_min).key(): (label, c) for label, c in starts}
     best_stock_key = min(start_keys, key=lambda k: cache[k]["score"])
-    best_stock = next(c for label, c in starts if c.normalised(log_max, log_min).key() == best_stock_key)
+    best_stock_label, best_stock = start_keys[best_stock_key]
 
     # Validation on a third noise seed: near-equal candidates swap places between image sets, so a plan
     # that only won on the search images is replaced by the best stock start (itself a point of the space).
@@ -260,20 +259,22 @@ def tune(
     held_ref = reference_samples(
         model, config.n_heldout, seed=config.heldout_seed, guidance=config.guidance, steps=config.reference_steps
     )
+    held_fd = _fd(held_ref, model) if model.info.data in FEATURE_NETS else None  # the floor, computed once
     plan = chosen.to_plan(sigma_max, **meta)
     chosen_key = chosen.normalised(log_max, log_min).key()
     scores = {
         "objective": "rmse_ref" if full_stage is None else "rmse_ref, then FD among the best",
         "search": {"rmse_ref": cache[chosen_key]["score"], "n": config.n_search, "seed": config.search_seed},
         "validation": validation,
-        "heldout": _heldout(run(plan, config.n_heldout, config.heldout_seed), held_ref, model, config),
+        "heldout": _heldout(run(plan, config.n_heldout, config.heldout_seed), held_ref, model, held_fd, config),
         "baseline": {
-            "label": start_keys[best_stock_key],
+            "label": best_stock_label,
             "search_rmse_ref": cache[best_stock_key]["score"],
             "heldout": _heldout(
                 run(best_stock.to_plan(sigma_max, **meta), config.n_heldout, config.heldout_seed),
                 held_ref,
                 model,
+                held_fd,
                 config,
             ),
         },
@@ -323,33 +324,30 @@ def _ridge_predict(train_x: list[list[float]], train_y: list[float], test_x: lis
     return list((test - mu) / sd @ coef + y.mean())
 
 
-def _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path, identity):
+def _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state):
     """FD (search seed) for the best proxy candidates: half by proxy rank, half picked by a learned predictor.
 
     Returns the chosen candidate and a record (see the rule below).
     Reference: Liu et al., S^3 (ICLR 2024): a cheap proxy pre-screens, a predictor of the expensive metric
     ranks, the expensive metric decides.
     """
-    from ..metrics.quality import evaluate_mnist
-
-    ranked = sorted(((v["score"], k) for k, v in cache.items() if k != "_fd" and math.isfinite(v["score"])))
+    ranked = sorted(((v["score"], k) for k, v in cache.items() if math.isfinite(v["score"])))
     pool, seen_scores = [], set()
     for score, k in ranked:  # candidates with identical samples (a decision that cannot act) count once
         if score not in seen_scores and len(pool) < 3 * config.fd_candidates:
             seen_scores.add(score)
             pool.append((score, _candidate_from_key(k), k))
-    fd_cache = cache.setdefault("_fd", {})
     reference = reference_samples(
         model, config.n_fd, seed=config.search_seed, guidance=config.guidance, steps=config.reference_steps
     )
-    fd_reference = evaluate_mnist(reference, None)["fd"]
+    fd_reference = _fd(reference, model)
 
     def fd_of(item) -> float:
         _, candidate, key = item
         if key not in fd_cache:
             gen = run(candidate.to_plan(sigma_max, **meta), config.n_fd, config.search_seed)
-            fd_cache[key] = evaluate_mnist(gen.images01, None)["fd"]
-            _write_json_atomic(state_path, {**identity, "cache": cache})
+            fd_cache[key] = _fd(gen.images01, model)
+            save_state()
         return fd_cache[key]
 
     first = (config.fd_candidates + 1) // 2
@@ -382,15 +380,16 @@ def _full_objective_stage(model, config, cache, run, sigma_max, meta, state_path
     return chosen[0][1], record
 
 
-def _heldout(gen, reference: torch.Tensor, model: LoadedModel, config: TuneConfig) -> dict[str, Any]:
-    scores: dict[str, Any] = {
-        "rmse_ref": rmse(gen.images01, reference),
-        "n": config.n_heldout,
-        "seed": config.heldout_seed,
-    }
-    if model.info.data == "mnist":
-        from ..metrics.quality import evaluate_mnist
+def _fd(images01: torch.Tensor, model: LoadedModel) -> float:
+    """FD in the feature space of the model's data set, against its held-out split."""
+    from ..metrics.quality import evaluate_images
 
-        scores["fd"] = evaluate_mnist(gen.images01, gen.labels)["fd"]
-        scores["fd_reference"] = evaluate_mnist(reference, gen.labels)["fd"]
+    return evaluate_images(images01, data=model.info.data)["fd"]
+
+
+def _heldout(gen, reference: torch.Tensor, model: LoadedModel, fd_reference: float | None, config) -> dict[str, Any]:
+    scores: dict[str, Any] = {"rmse_ref": rmse(gen.images01, reference), "n": config.n_heldout,
+                              "seed": config.heldout_seed}  # fmt: skip
+    if fd_reference is not None:
+        scores["fd"], scores["fd_reference"] = _fd(gen.images01, model), fd_reference
     return scores
