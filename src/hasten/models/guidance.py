@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config
+from .._context import guidance_branch
 from .adapters import Denoiser, as_sigma
 
 __all__ = ["CFGDenoiser", "DynamicThreshold", "ThresholdedDenoiser"]
@@ -127,9 +128,11 @@ class CFGDenoiser(Denoiser):
     def forward(self, x: Tensor, sigma: float | Tensor, **cond: Any) -> Tensor:
         sigma = as_sigma(sigma, x)
         if self.scale == 1.0:
-            denoised = self.denoiser(x, sigma, **cond)
+            with guidance_branch("cond"):
+                denoised = self.denoiser(x, sigma, **cond)
         else:
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0]))
+            with guidance_branch("cond+uncond"):  # both branches in one batch: caches keep them apart by row
+                both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0]))
             d_cond, d_uncond = both.chunk(2)
             denoised = d_uncond + self.scale * (d_cond - d_uncond)
         return self.threshold(denoised) if self.threshold is not None else denoised

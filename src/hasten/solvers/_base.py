@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from .._context import sampling_run
 from ..config import Config
 from ..registry import Registry
 from ..schedules.grids import from_sigmas
@@ -290,17 +291,19 @@ def sample(
     def noise() -> Tensor:
         return torch.randn(xw.shape, generator=generator, dtype=work, device=xw.device)
 
-    for i in range(len(grid) - 1):
-        info = StepInfo(i, grid)
-        model.step_index = i
-        for hook in hooks:
-            hook.begin_step(info)
-        xw, state = solver.step(model, xw, info, state, noise)
-        if callback is not None:
-            callback(i, grid[i + 1], xw)
-    if denoise_to_zero and grid[-1] > 0:
-        model.step_index = len(grid) - 1
-        xw = model(xw, grid[-1])
+    with sampling_run() as run:  # network-level accelerators key their state on this run and step
+        for i in range(len(grid) - 1):
+            info = StepInfo(i, grid)
+            model.step_index, run.step = i, info
+            for hook in hooks:
+                hook.begin_step(info)
+            xw, state = solver.step(model, xw, info, state, noise)
+            if callback is not None:
+                callback(i, grid[i + 1], xw)
+        if denoise_to_zero and grid[-1] > 0:
+            model.step_index = len(grid) - 1
+            run.step = StepInfo(len(grid) - 2, grid)  # part of the last step
+            xw = model(xw, grid[-1])
     out = xw.to(x.dtype)
     return SampleOutput(out, model.nfe, grid, solver, state) if return_info else out
 

@@ -1,0 +1,399 @@
+"""The accelerator core: removable forward patches, state keyed by sampling run, step and guidance branch.
+
+``accelerate_(module, config)`` installs one technique (DeepCache, block caching, RAS) on a network and
+returns an :class:`Accelerator` handle with ``reset()``, ``remove()`` and ``stats``. The design follows
+diffusers' hooks (a patched ``forward`` per module that can be taken off again) with two differences that
+answer the complaints users file against caches:
+
+* State is keyed by the sampling run, the guidance branch and the sample shape, and cleared whenever
+  :func:`hasten.sample` starts a new run, so nothing leaks from one generation into the next. The step is
+  the loop's step index (:mod:`hasten._context`), never a position looked up from a timestep value.
+* Every technique reports what it saved in network-evaluation equivalents, from FLOPs counted once on the
+  first full call (``torch.utils.flop_counter``), so a cache's saving can be compared with a solver's.
+
+Outside :func:`hasten.sample` (a hand-written loop), every network call counts as one step and the state
+persists until ``reset()``: call it between generations there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._context import current_branch, current_run
+from .._io import write_text_atomic
+from ..config import Config, check_choice
+from ..registry import Registry
+
+ACCEL_SCHEMA = 1
+SCHEDULES = ("uniform", "nonuniform")
+TECHNIQUES: Registry[type[Accelerator]] = Registry("acceleration technique")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccelConfig(Config):
+    """Base of every acceleration config: plain data, saved and loaded as JSON."""
+
+    technique: ClassVar[str] = ""
+
+    def save(self, path: str | Path, *, calibration: Mapping[str, Any] | None = None) -> Path:
+        """Write the config (and how it was calibrated, if given) atomically as JSON."""
+        data: dict[str, Any] = {"hasten_accel": ACCEL_SCHEMA, "config": self.to_dict()}
+        if calibration is not None:
+            data["calibration"] = dict(calibration)
+        return write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AccelConfig:
+        """Read a config written by :meth:`save` (or by ``hasten accelerate calibrate``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"acceleration config {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"acceleration config {str(path)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or "config" not in data:
+            raise ValueError(f"{str(path)!r} is not a hasten acceleration config (no 'config' entry)")
+        if data.get("hasten_accel") != ACCEL_SCHEMA:
+            raise ValueError(
+                f"{str(path)!r} has acceleration schema {data.get('hasten_accel')!r}; this hasten reads {ACCEL_SCHEMA}"
+            )
+        config = AccelConfig.from_dict(data["config"])
+        if not isinstance(config, cls):
+            raise TypeError(f"{str(path)!r} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshSchedule(AccelConfig):
+    """When a cache refreshes: every ``interval`` steps, always outside the ``[start, stop)`` fraction.
+
+    Args:
+        interval: Steps between full computations; 1 never reuses (bitwise the uncached result).
+        schedule: ``"uniform"`` (every ``interval``-th step) or ``"nonuniform"`` (the same number of full
+            steps, denser near the start and the end of sampling, where features change fastest).
+        start: Fraction of the steps computed in full before any reuse (users ask for ~0.05).
+        stop: Fraction of the steps after which every step is computed in full again.
+    """
+
+    interval: int = 3
+    schedule: str = "uniform"
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if not 0.0 <= self.start <= self.stop <= 1.0:
+            raise ValueError(f"need 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
+
+    def refresh_steps(self, num_steps: int) -> frozenset[int]:
+        """The step indices computed in full on a grid of ``num_steps`` steps (always includes step 0)."""
+        first = math.ceil(self.start * num_steps)
+        last = math.ceil(self.stop * num_steps)  # steps >= last are full again
+        full = set(range(first)) | set(range(last, num_steps)) | {0}
+        span = range(first, last)
+        if not span:
+            return frozenset(full)
+        if self.schedule == "uniform":
+            full.update(span[:: self.interval])
+        else:
+            count = math.ceil(len(span) / self.interval)
+            if count == 1:
+                full.add(span[0])
+            else:  # cosine spacing: dense at both ends of the cached span
+                for k in range(count):
+                    u = (1 - math.cos(math.pi * k / (count - 1))) / 2
+                    full.add(span[round(u * (len(span) - 1))])
+        return frozenset(full)
+
+    def is_refresh(self, step: int, num_steps: int | None) -> bool:
+        if num_steps is None:  # outside hasten's loop: the grid length is unknown
+            if self.schedule != "uniform" or self.stop < 1.0 or self.start > 0.0:
+                raise ValueError(
+                    f"a {self.schedule!r} schedule with start={self.start}, stop={self.stop} needs the number of "
+                    "steps: sample with hasten.sample/generate, or call reset(num_steps=N) before the loop"
+                )
+            return step % self.interval == 0
+        return step in self.refresh_steps(num_steps)
+
+
+@dataclasses.dataclass
+class AccelStats:
+    """What an accelerator did since it was installed or last ``reset()``.
+
+    ``calls`` network calls, of which ``computed`` ran in full and ``reused`` took cached features;
+    ``nfe_saved`` is the work skipped in units of full network calls (FLOP-weighted), so
+    ``calls - nfe_saved`` is the NFE-equivalent cost; ``cache_bytes`` is what the caches hold now.
+    """
+
+    calls: int = 0
+    computed: int = 0
+    reused: int = 0
+    nfe_saved: float = 0.0
+    cache_bytes: int = 0
+
+    @property
+    def nfe_equivalent(self) -> float:
+        return self.calls - self.nfe_saved
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.nfe_saved / self.calls if self.calls else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "nfe_equivalent": self.nfe_equivalent, "saved_fraction": self.saved_fraction}
+
+
+@dataclasses.dataclass
+class CallState:
+    """The network call in progress: its cache slot, step and whether it computes in full."""
+
+    slot: dict[str, Any]
+    step: int
+    num_steps: int | None
+    full: bool = True
+    skipped: set[str] = dataclasses.field(default_factory=set)  # modules that returned cached values
+
+
+class Accelerator:
+    """Handle of an installed technique. Subclasses patch modules in :meth:`_install` and decide per call.
+
+    Attributes:
+        module: The network the technique is installed on.
+        config: The technique's :class:`AccelConfig`.
+    """
+
+    config_type: ClassVar[type[AccelConfig]]
+
+    def __init__(self, module: nn.Module, config: AccelConfig) -> None:
+        self.module, self.config = module, config
+        self._patched: list[tuple[nn.Module, bool, Any]] = []
+        self._slots: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+        self._run_id: int | None = None
+        self._num_steps: int | None = None
+        self._call: CallState | None = None
+        self._flops: dict[tuple[int, ...], dict[str, float]] = {}  # per sample shape: module name -> FLOP share
+        self._flop_mode: FlopCounterMode | None = None
+        self._removed = False
+        self._stats = AccelStats()
+        try:
+            self._install()
+        except BaseException:
+            self._unpatch()  # a failed install leaves the network as it was
+            raise
+        self._patch(module, "", self._root_forward)
+        module._hasten_accelerator = self  # type: ignore[assignment]
+
+    # -- public -----------------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> AccelStats:
+        self._stats.cache_bytes = _tensor_bytes(self._slots.values())
+        return dataclasses.replace(self._stats)
+
+    def reset(self, *, num_steps: int | None = None) -> None:
+        """Drop every cached feature and zero the stats. ``num_steps`` tells a hand-written loop's length."""
+        if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self._slots.clear()
+        self._run_id, self._num_steps = None, num_steps
+        self._stats = AccelStats()
+
+    def remove(self) -> None:
+        """Take every patch off; the network's ``forward`` is exactly the original again."""
+        if self._removed:
+            raise RuntimeError(f"this {type(self).__name__} was already removed")
+        self._unpatch()
+        self._slots.clear()
+        del self.module._hasten_accelerator
+        self._removed = True
+
+    def _unpatch(self) -> None:
+        for module, had_own, original in reversed(self._patched):
+            if had_own:
+                module.forward = original
+            else:
+                del module.forward
+        self._patched.clear()
+
+    def __enter__(self) -> Accelerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._removed:
+            self.remove()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, stats={self.stats})"
+
+    # -- for subclasses ---------------------------------------------------------------------------------
+
+    def _install(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _begin_call(self, call: CallState) -> None:
+        """Decide ``call.full`` before the network runs (a dynamic technique may decide later)."""
+
+    def _skipped_share(self, call: CallState, shares: Mapping[str, float]) -> float:
+        """Fraction of a full call's FLOPs this call skipped (default: the modules it served from cache)."""
+        return sum(shares.get(name, 0.0) for name in call.skipped)
+
+    def _patch(self, module: nn.Module, name: str, new_forward: Callable[..., Any]) -> None:
+        """Replace ``module.forward`` by ``new_forward(original, *args, **kwargs)``; undone by :meth:`remove`."""
+        had_own = "forward" in module.__dict__
+        original = module.forward
+        patched = functools.partial(self._measured, name, new_forward, original)
+        module.forward = functools.update_wrapper(patched, original)
+        self._patched.append((module, had_own, original))
+
+    def _cached_forward(self, name: str) -> Callable[..., Any]:
+        """A forward that stores its output on full calls and returns the stored one on reused calls."""
+
+        def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            call = self._call
+            if call is None or call.full:
+                out = original(*args, **kwargs)
+                if call is not None:
+                    call.slot[name] = out
+                return out
+            call.skipped.add(name)
+            return call.slot[name]
+
+        return forward
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _measured(self, name: str, new_forward: Callable[..., Any], original: Callable[..., Any], *a: Any, **k: Any) -> Any:
+        mode = self._flop_mode
+        if mode is None or not name:
+            return new_forward(original, *a, **k)
+        before = mode.get_total_flops()
+        out = new_forward(original, *a, **k)
+        shares = self._flops.setdefault(self._measuring, {})
+        shares[name] = shares.get(name, 0.0) + (mode.get_total_flops() - before)
+        return out
+
+    def _root_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._call is not None:  # re-entrant call (the network calls itself): no caching inside
+            return original(*args, **kwargs)
+        x = _first_tensor(args, kwargs)
+        run = current_run()
+        if run is not None and run.run_id != self._run_id:
+            self._slots.clear()  # a new generation: nothing carries over
+            self._run_id = run.run_id
+        key = (current_branch(), tuple(x.shape))
+        slot = self._slots.setdefault(key, {"_calls": 0})
+        if run is not None and run.step is not None:
+            step, num_steps = run.step.index, run.step.num_steps
+        else:
+            step, num_steps = slot["_calls"], self._num_steps
+        call = CallState(slot, step, num_steps, full=slot["_calls"] == 0)
+        if slot["_calls"] > 0:
+            self._begin_call(call)
+        shape = tuple(x.shape[1:])
+        self._call = call
+        try:
+            if shape not in self._flops and call.full:
+                out = self._count_flops(shape, original, args, kwargs)
+            else:
+                out = original(*args, **kwargs)
+        finally:
+            self._call = None
+        slot["_calls"] += 1
+        self._stats.calls += 1
+        if call.full and not call.skipped:
+            self._stats.computed += 1
+        else:
+            self._stats.reused += 1
+            self._stats.nfe_saved += self._skipped_share(call, self._flops.get(shape, {}))
+        return out
+
+    def _count_flops(self, shape: tuple[int, ...], original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Run one full call under a FLOP counter; keep each patched module's share of the total."""
+        self._measuring = shape
+        with FlopCounterMode(display=False) as mode:
+            self._flop_mode = mode
+            try:
+                out = original(*args, **kwargs)
+            except BaseException:
+                self._flops.pop(shape, None)
+                raise
+            finally:
+                self._flop_mode = None
+        total = mode.get_total_flops()
+        shares = self._flops.setdefault(shape, {})
+        for name in shares:
+            shares[name] = shares[name] / total if total else 0.0
+        return out
+
+
+def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
+    """Install an acceleration technique on a network in place; returns its handle.
+
+    Args:
+        model: A ``torch.nn.Module`` (a diffusers UNet or transformer) or a loaded hasten model (its
+            ``network`` is used).
+        config: The technique and its settings, e.g. ``DeepCacheConfig(interval=3)``, or a config loaded
+            with ``AccelConfig.load(path)``.
+
+    Returns:
+        An :class:`Accelerator`: ``.stats``, ``.reset()``, ``.remove()``; also a context manager that
+        removes itself on exit.
+
+    Example:
+        >>> acc = hasten.accelerate_(model, hasten.accel.DeepCacheConfig(interval=3))  # doctest: +SKIP
+        >>> images = hasten.generate(model, 16, steps=20).images                      # doctest: +SKIP
+        >>> acc.stats.nfe_saved, acc.remove()                                         # doctest: +SKIP
+    """
+    module = model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"accelerate_ needs a torch.nn.Module or a loaded hasten model, got {type(model).__name__}")
+    if not isinstance(config, AccelConfig):
+        raise TypeError(f"config must be an AccelConfig (e.g. DeepCacheConfig()), got {type(config).__name__}")
+    existing = getattr(module, "_hasten_accelerator", None)
+    if existing is not None:
+        raise RuntimeError(
+            f"{type(module).__name__} already has {type(existing.config).__name__} installed; "
+            "call .remove() on its handle before installing another"
+        )
+    for name in TECHNIQUES:
+        cls = TECHNIQUES.get(name)
+        if isinstance(config, cls.config_type):
+            return cls(module, config)
+    raise TypeError(f"no technique handles {type(config).__name__}; known: {', '.join(TECHNIQUES.names())}")
+
+
+def accelerator_of(model: Any) -> Accelerator | None:
+    """The accelerator installed on a network (or a loaded model's network), if any."""
+    module = model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
+    return getattr(module, "_hasten_accelerator", None)
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError("the accelerated network was called without a tensor input")
+
+
+def _tensor_bytes(values: Iterable[Any]) -> int:
+    total = 0
+    for value in values:
+        if isinstance(value, Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, Mapping):
+            total += _tensor_bytes(value.values())
+        elif isinstance(value, tuple | list):
+            total += _tensor_bytes(value)
+    return total
