@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -96,7 +97,9 @@ def test_deepcache_never_reuse_is_bitwise_uncached(config):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("config", [BlockCacheConfig(interval=1), BlockCacheConfig(interval=1, first_blocks=2, last_blocks=1)])
+@pytest.mark.parametrize(
+    "config", [BlockCacheConfig(interval=1), BlockCacheConfig(interval=1, first_blocks=2, last_blocks=1)]
+)
 def test_block_cache_never_reuse_is_bitwise_uncached(config):
     net = tiny_dit()
     den = denoiser_for(net, dit=True)
@@ -300,7 +303,7 @@ def test_refresh_schedules():
     assert {0, 1, 8, 9} <= windowed and 2 in windowed and 6 in windowed and 3 not in windowed
     nonuniform = sorted(RefreshSchedule(interval=4, schedule="nonuniform").refresh_steps(40))
     assert len(nonuniform) == 10 and nonuniform[0] == 0 and nonuniform[-1] == 39
-    gaps = [b - a for a, b in zip(nonuniform, nonuniform[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(nonuniform)]
     assert gaps[0] < gaps[len(gaps) // 2] and gaps[-1] < gaps[len(gaps) // 2]  # denser at both ends
 
 
@@ -320,7 +323,10 @@ def test_nonuniform_schedule_outside_the_loop_needs_the_step_count():
 
 
 def test_config_save_load_round_trip(tmp_path):
-    for config in (DeepCacheConfig(interval=4, branch=2, start=0.1), FirstBlockCacheConfig(threshold=0.12, max_reuse=3)):
+    for config in (
+        DeepCacheConfig(interval=4, branch=2, start=0.1),
+        FirstBlockCacheConfig(threshold=0.12, max_reuse=3),
+    ):
         path = config.save(tmp_path / "accel.json", calibration={"fd_change": 0.01})
         assert AccelConfig.load(path) == config
         assert json.loads(path.read_text())["calibration"] == {"fd_change": 0.01}

@@ -152,7 +152,11 @@ class AccelStats:
         return self.nfe_saved / self.calls if self.calls else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "nfe_equivalent": self.nfe_equivalent, "saved_fraction": self.saved_fraction}
+        return {
+            **dataclasses.asdict(self),
+            "nfe_equivalent": self.nfe_equivalent,
+            "saved_fraction": self.saved_fraction,
+        }
 
 
 @dataclasses.dataclass
@@ -274,7 +278,9 @@ class Accelerator:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    def _measured(self, name: str, new_forward: Callable[..., Any], original: Callable[..., Any], *a: Any, **k: Any) -> Any:
+    def _measured(
+        self, name: str, new_forward: Callable[..., Any], original: Callable[..., Any], *a: Any, **k: Any
+    ) -> Any:
         mode = self._flop_mode
         if mode is None or not name:
             return new_forward(original, *a, **k)
