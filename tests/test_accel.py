@@ -16,6 +16,7 @@ from hasten.accel import (
     BlockCacheConfig,
     DeepCacheConfig,
     FirstBlockCacheConfig,
+    RASConfig,
     RefreshSchedule,
     accelerate_,
     accelerator_of,
@@ -379,3 +380,79 @@ def test_models_a_technique_cannot_hook_are_refused_with_what_was_looked_for():
     net = tiny_unet()
     accelerate_(net, DeepCacheConfig(branch=3)).remove()  # the deepest branch exists
     assert "forward" not in net.__dict__
+
+
+# -- RAS -------------------------------------------------------------------------------------------------
+
+
+def test_ras_ratio_one_is_bitwise_uncached():
+    net = tiny_dit()
+    den = denoiser_for(net, dit=True)
+    ref = run(den, **labels)
+    with accelerate_(net, RASConfig(ratio=1.0)) as acc:
+        assert torch.equal(run(den, **labels), ref)
+        assert acc.stats.reused == 0
+
+
+def dit_call(net, x, t=500, y=(0, 1)):
+    return net(x, timestep=torch.full((x.shape[0],), t), class_labels=torch.tensor(y[: x.shape[0]])).sample
+
+
+def test_ras_step_on_an_unchanged_input_reproduces_the_full_output():
+    """Cached keys/values and outputs are exact when nothing moved: a RAS step equals a full step."""
+    net = tiny_dit()
+    x = torch.randn(2, 1, 8, 8)
+    full = dit_call(net, x)
+    acc = accelerate_(net, RASConfig(ratio=0.5, interval=4, start=0.0))
+    acc.reset(num_steps=4)
+    assert torch.equal(dit_call(net, x), full)  # step 0: full
+    ras = dit_call(net, x)  # step 1: 8 of 16 tokens per image
+    assert acc.stats.reused == 1
+    assert torch.allclose(ras, full, atol=1e-5)
+
+
+def test_ras_inactive_tokens_keep_their_last_output_and_active_ones_change():
+    net = tiny_dit()
+    acc = accelerate_(net, RASConfig(ratio=0.25, interval=4, start=0.0))
+    acc.reset(num_steps=4)
+    x0, x1 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    first = dit_call(net, x0)
+    second = dit_call(net, x1, t=400)
+    slot = next(iter(acc._slots.values()))
+    active = slot["active"]  # [B, 4] token indices (4 of 16 patches of 2x2)
+    assert active.shape == (2, 4)
+    changed = (first != second).reshape(2, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1).any(-1)
+    for b in range(2):
+        expected = torch.zeros(16, dtype=torch.bool)
+        expected[active[b]] = True
+        assert torch.equal(changed[b], expected)
+
+
+def test_ras_selects_per_image_so_batches_of_any_size_agree():
+    net = tiny_dit()
+    den = denoiser_for(net, dit=True)
+    with accelerate_(net, RASConfig(ratio=0.5, interval=3, start=0.1)):
+        both = run(den, batch=2, **labels)
+        sigmas = hasten.get_sigmas("karras", 12, VPDiscrete.from_betas())
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        one = hasten.sample(den, x[1:], sigmas, "dpmpp_2m", cond={"class_labels": torch.tensor([1])})
+    assert torch.allclose(both[1:], one, atol=1e-5)
+
+
+def test_ras_saves_the_skipped_tokens_share_of_the_blocks():
+    net = tiny_dit()
+    acc = accelerate_(net, RASConfig(ratio=0.5, interval=100, start=0.0))
+    run(denoiser_for(net, dit=True), **labels)
+    stats = acc.stats
+    assert (stats.computed, stats.reused) == (1, 11)
+    per_call = stats.nfe_saved / stats.reused
+    assert 0.2 < per_call < 0.5  # half the tokens of the blocks, which are most but not all of the FLOPs
+
+
+def test_ras_bad_input():
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        RASConfig(ratio=0.0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        RASConfig(metric="entropy")
+    with pytest.raises(TypeError, match="RAS needs a patch transformer"):
+        accelerate_(tiny_unet(), RASConfig())

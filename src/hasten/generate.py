@@ -30,6 +30,7 @@ class Generation:
     nfe: int
     seconds: float
     sigmas: list[float]
+    accel_stats: dict[str, Any] | None = None  # what an installed cache did (hasten.accel.AccelStats)
 
 
 def default_labels(model: LoadedModel, n: int, label: int | None = None) -> Tensor | None:
@@ -87,6 +88,7 @@ def generate(
     sigmas: Tensor | None = None,
     plan: Any = None,
     force_plan: bool = False,
+    accel: Any = None,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -94,8 +96,19 @@ def generate(
     ``sigmas`` (a descending VE grid) overrides ``steps`` and ``schedule``, e.g. to reuse another library's
     timesteps through :func:`hasten.schedules.from_timesteps`. ``plan`` (a :class:`hasten.tune.Plan`) replaces
     the grid and the solver and sets the guidance scale it was tuned for unless ``guidance`` is given; a plan
-    made for other weights is refused unless ``force_plan``.
+    made for other weights is refused unless ``force_plan``. ``accel`` (a :class:`hasten.accel.AccelConfig`)
+    installs that cache on the network for this call only; its stats land in ``accel_stats`` (as they do for
+    a cache installed beforehand with :func:`hasten.accelerate_`).
     """
+    if accel is not None:
+        from .accel import accelerate_
+
+        with accelerate_(model, accel):
+            return generate(
+                model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
+                batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
+                **solver_options,
+            )  # fmt: skip
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if plan is not None:
@@ -120,6 +133,8 @@ def generate(
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device
     scale = model.schedule.initial_noise_scale(float(sigmas[0]))
     outputs, nfe = [], 0
+    installed = getattr(model.network, "_hasten_accelerator", None)
+    stats_before = None if installed is None else installed.stats
     start = time.perf_counter()
     for i in range(0, n, batch_size):
         cond = {} if labels is None else {"class_labels": labels[i : i + batch_size].to(device)}
@@ -140,4 +155,5 @@ def generate(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     images = from_model_space(torch.cat(outputs).cpu())
-    return Generation(images, labels, nfe, seconds, sigmas.tolist())
+    stats = None if installed is None else installed.stats.since(stats_before).as_dict()
+    return Generation(images, labels, nfe, seconds, sigmas.tolist(), stats)

@@ -16,8 +16,10 @@ from .hooks import (
     accelerate_,
     accelerator_of,
 )
+from .ras import RAS, RASConfig
 
 __all__ = [
+    "RAS",
     "TECHNIQUES",
     "AccelConfig",
     "AccelStats",
@@ -27,6 +29,7 @@ __all__ = [
     "DeepCache",
     "DeepCacheConfig",
     "FirstBlockCacheConfig",
+    "RASConfig",
     "RefreshSchedule",
     "accelerate_",
     "accelerator_of",

@@ -151,6 +151,16 @@ class AccelStats:
     def saved_fraction(self) -> float:
         return self.nfe_saved / self.calls if self.calls else 0.0
 
+    def since(self, earlier: AccelStats) -> AccelStats:
+        """The calls made after ``earlier`` was taken (``cache_bytes`` stays the current value)."""
+        return AccelStats(
+            self.calls - earlier.calls,
+            self.computed - earlier.computed,
+            self.reused - earlier.reused,
+            self.nfe_saved - earlier.nfe_saved,
+            self.cache_bytes,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             **dataclasses.asdict(self),

@@ -61,6 +61,9 @@ def sample(
         pathlib.Path | None, typer.Option(help="a plan from `hasten tune` (replaces --solver, --steps, --schedule)")
     ] = None,
     force_plan: Annotated[bool, typer.Option(help="use a plan made for other weights")] = False,
+    accel: Annotated[
+        pathlib.Path | None, typer.Option(help="a cache config (from `hasten accelerate calibrate`) to apply")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -69,6 +72,7 @@ def sample(
     import torch
 
     from .._io import atomic_path
+    from ..accel import AccelConfig
     from ..generate import generate
     from ..models.zoo import load
     from ..tune.plan import PlanError, load_plan
@@ -77,7 +81,8 @@ def sample(
     try:
         loaded = load(model, device=device)
         the_plan = None if plan is None else load_plan(plan)
-    except (FileNotFoundError, PlanError) as err:
+        accel_config = None if accel is None else AccelConfig.load(accel)
+    except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
         _fail(str(err))
     if the_plan is not None:
         solver, steps, schedule = f"plan:{plan.name}", the_plan.num_steps, "plan"
@@ -101,8 +106,10 @@ def sample(
             if the_plan is not None
             else {"solver": solver, "steps": steps, "schedule": schedule}
         )
-        result = generate(loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, **sampler)
-    except (KeyError, TypeError, ValueError) as err:
+        result = generate(
+            loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, accel=accel_config, **sampler
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     finally:
         if progress is not None:
@@ -127,12 +134,21 @@ def sample(
         "out": str(out),
         "save": None if save is None else str(save),
         "device": str(torch.device(device)),
+        "accel": None if accel is None else str(accel),
+        "accel_stats": result.accel_stats,
     }
+    cache = ""
+    if result.accel_stats is not None:
+        st = result.accel_stats
+        cache = (
+            f", cache {accel.name}: {st['reused']} of {st['calls']} network calls reused, "
+            f"{st['saved_fraction']:.0%} of the work skipped"
+        )
     _emit(
         fmt,
         data,
         f"{loaded.info.name}: {n} images with {solver} ({steps} steps, {schedule}), {result.nfe} NFE, "
-        f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s) -> {out}",
+        f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
     )
 
 
@@ -325,6 +341,95 @@ def tune(
         f"{base['heldout']['rmse_ref']:.4f} for the best stock configuration {base['label']}{fd} "
         f"({plan.search['evaluations']} evaluations) -> {out}\n{plan.describe()}",
     )
+
+
+accelerate_app = typer.Typer(no_args_is_help=True, help="Feature caching: calibrate a cache to a quality target.")
+app.add_typer(accelerate_app, name="accelerate")
+
+
+@accelerate_app.command("calibrate")
+def accelerate_calibrate(
+    model: ModelOption = "mnist-unet",
+    technique: Annotated[
+        str | None,
+        typer.Option(help="deepcache (UNets), block_cache, first_block_cache (transformers); default: all that apply"),
+    ] = None,
+    solver: SolverOption = "dpmpp_2m",
+    steps: StepsOption = 20,
+    guidance: GuidanceOption = 1.0,
+    max_quality_loss: Annotated[
+        float, typer.Option(help="largest relative FD increase over the uncached run (0.05 = 5%)")
+    ] = 0.05,
+    max_rmse: Annotated[float | None, typer.Option(help="also bound the RMSE to the uncached images")] = None,
+    n: Annotated[int, typer.Option(min=10, help="images per evaluation (calibration and held-out noise)")] = 200,
+    out: Annotated[pathlib.Path, typer.Option(help="config file to write (one per technique if several)")] = (
+        pathlib.Path("accel.json")
+    ),
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Find the fastest cache setting whose FD loss against the uncached run stays within the target.
+
+    Writes the config (for `hasten sample --accel`) when a setting meets the target, and always writes the
+    full calibration record to OUT with `.calibration.json` appended. Exits with status 3 when no setting of
+    any technique meets the target (nothing harmful is written).
+    """
+    from .._io import write_text_atomic
+    from ..accel.calibrate import calibrate, techniques_for
+    from ..models.zoo import load
+
+    try:
+        loaded = load(model)
+        names = [technique] if technique is not None else techniques_for(loaded.network)
+        if not names:
+            _fail(f"no caching technique can hook {type(loaded.network).__name__}")
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    results, lines = [], []
+    for name in names:
+        target = out if len(names) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
+
+        def show(row: dict[str, Any], name: str = name) -> None:
+            if fmt is OutputFormat.text:
+                where = "held-out" if row.get("heldout") else "calibration"
+                typer.echo(
+                    f"  {name} {where}: {_accel_label(row['config'])}: FD {row['fd']:.1f} vs {row['fd_uncached']:.1f} "
+                    f"({row['quality_loss']:+.1%}), RMSE {row['rmse_to_uncached']:.4f}, "
+                    f"{row['saved_fraction']:.0%} of the work skipped: {'pass' if row['passed'] else 'fail'}",
+                    err=True,
+                )
+
+        try:
+            found = calibrate(
+                loaded, name, solver=solver, steps=steps, guidance=guidance, max_quality_loss=max_quality_loss,
+                max_rmse=max_rmse, n=n, on_row=show,
+            )  # fmt: skip
+        except (ValueError, TypeError) as err:
+            _fail(str(err))
+        record = found.to_dict()
+        write_text_atomic(target.with_name(target.name + ".calibration.json"), json.dumps(record, indent=2) + "\n")
+        if found.config is not None:
+            found.config.save(target, calibration={k: record[k] for k in ("setting", "target", "heldout", "speed")})
+            sp = found.speed
+            lines.append(
+                f"{name}: {_accel_label(record['config'])} skips {found.heldout['saved_fraction']:.0%} of the work, "
+                f"{sp['speedup']:.2f}x wall clock ({sp['seconds_uncached']:.2f} s -> {sp['seconds_cached']:.2f} s), "
+                f"held-out FD {found.heldout['fd']:.1f} vs {found.heldout['fd_uncached']:.1f} "
+                f"({found.heldout['quality_loss']:+.1%}) -> {target}"
+            )
+        else:
+            lines.append(
+                f"{name}: no setting meets a {max_quality_loss:.0%} FD loss at {solver} {steps} steps "
+                f"({len(found.rows)} tried); nothing written but {target.name}.calibration.json"
+            )
+        results.append({"out": str(target) if found.config is not None else None, **record})
+    _emit(fmt, {"results": results}, "\n".join(lines))
+    if not any(r["met"] for r in results):
+        raise typer.Exit(3)
+
+
+def _accel_label(config: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in config.items() if k != "_type")
+    return f"{config['_type']}({opts})"
 
 
 @app.command()

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config
 from .._context import guidance_branch
+from ..config import Config
 from .adapters import Denoiser, as_sigma
 
 __all__ = ["CFGDenoiser", "DynamicThreshold", "ThresholdedDenoiser"]
