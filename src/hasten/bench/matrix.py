@@ -56,6 +56,8 @@ class BenchConfig(Config):
     repeats: int = 1
     reference_steps: int = 200  # steps of the third-order reference solve the errors are measured against
     plans: tuple[str, ...] = ()  # plan files from `hasten tune`, each a row at its own guidance scale
+    accels: tuple[str, ...] = ()  # cache configs from `hasten accelerate calibrate`: cached, uncached, peer rows
+    cache_peers: bool = True  # with each cache config, the peer caches that apply and are installed
 
     def __post_init__(self) -> None:
         if self.n < 10:
@@ -66,6 +68,8 @@ class BenchConfig(Config):
             check_choice("peer", peer, tuple(PEERS))
         for path in self.plans:
             load_plan(path)  # a missing or corrupt plan fails now, not mid-run
+        for path in self.accels:
+            accel_setting(path)
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -95,6 +99,9 @@ PRESETS: dict[str, BenchConfig] = {
         n=100,
         reference_steps=100,
     ),
+    # Only what `--accel` files add: each cache config, the uncached run at its setting, the peer caches.
+    # 200 images (FD changes of a few percent need them) and three timed repeats.
+    "caching": BenchConfig(solvers=(), steps=(), peers=(), n=200, repeats=3, reference_steps=100),
     "full": BenchConfig(
         solvers=(
             "euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m",
@@ -132,16 +139,26 @@ class Entry:
         if self.solver == "plan":
             file = pathlib.Path(self.options["file"]).name
             return f"{self.library}:plan[{file}] (tuned, {self.steps} steps, w={self.guidance:g})"
+        if "accel" in self.options:
+            file = pathlib.Path(self.options["accel"]).name
+            return (
+                f"{self.library}:{self.solver}+cache[{file}] ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
+            )
+        if "cache_peer" in self.options:
+            peer = self.options["cache_peer"]
+            return f"{self.library}:{self.solver}+{peer} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.solver}[{opts}]" if opts else self.solver
         where = f"{self.schedule}, " if self.schedule else ""
         return f"{self.library}:{name} ({where}{self.steps} steps, w={self.guidance:g})"
 
 
-def expand(config: BenchConfig, *, objective: str, conditional: bool) -> list[Entry]:
+def expand(config: BenchConfig, *, objective: str, conditional: bool, network: Any = None) -> list[Entry]:
     """All entries, hasten's first; diffusers peers only where they support the model's objective.
 
-    For flow-matching models a generic peer name maps to its flow variant ("euler" -> "flow_euler").
+    For flow-matching models a generic peer name maps to its flow variant ("euler" -> "flow_euler"). Each
+    cache config adds its cached row, the uncached row at the same setting (unless the matrix has it) and,
+    with ``cache_peers`` and a ``network`` to inspect, the installed peer caches that apply to it.
     """
     guidance = config.guidance if conditional else (1.0,)
     entries = []
@@ -158,9 +175,49 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool) -> list[En
                 entries.append(
                     Entry("hasten", "plan", {"file": str(path), "sha256": digest}, "plan", plan.num_steps, g)
                 )
+        entries += _cache_entries(config, g, entries, network)
         supported = set(peers_for(objective))
         peers = [p if p in supported else f"flow_{p}" for p in config.peers]
         for peer in dict.fromkeys(p for p in peers if p in supported):
             for steps in config.steps:
                 entries.append(Entry("diffusers", peer, {}, None, steps, g))
+    return entries
+
+
+def accel_setting(path: str) -> dict[str, Any]:
+    """The sampling setting a calibrated cache config was made for (solver, steps, guidance)."""
+    from ..accel import AccelConfig
+
+    AccelConfig.load(path)  # a missing, corrupt or foreign file fails now, not mid-run
+    data = json.loads(pathlib.Path(path).read_text())
+    setting = (data.get("calibration") or {}).get("setting")
+    if not setting or not {"solver", "steps"} <= set(setting):
+        raise ValueError(
+            f"{path!r} does not say which solver and steps it was calibrated for; bench cache rows need a file "
+            "written by `hasten accelerate calibrate`"
+        )
+    return setting
+
+
+def _cache_entries(config: BenchConfig, guidance: float, existing: list[Entry], network: Any) -> list[Entry]:
+    from .cache_peers import CACHE_PEERS, cache_peers_for
+
+    entries: list[Entry] = []
+    peers = cache_peers_for(network)[0] if (config.cache_peers and network is not None) else []
+    seen = {e.key for e in existing}
+    for path in config.accels:
+        setting = accel_setting(path)
+        if float(setting.get("guidance") or 1.0) != guidance:
+            continue
+        solver, steps = setting["solver"], int(setting["steps"])
+        digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+        candidates = [
+            Entry("hasten", solver, {}, "auto", steps, guidance),
+            Entry("hasten", solver, {"accel": str(path), "sha256": digest}, "auto", steps, guidance),
+        ]
+        candidates += [Entry(CACHE_PEERS[p].library, solver, {"cache_peer": p}, "auto", steps, guidance) for p in peers]
+        for entry in candidates:
+            if entry.key not in seen:
+                seen.add(entry.key)
+                entries.append(entry)
     return entries

@@ -18,9 +18,16 @@ from typing import Any
 from .._io import atomic_path, write_text_atomic
 from .runner import read_results
 
-__all__ = ["pareto_front", "render"]
+__all__ = ["cache_comparison", "pareto_front", "render"]
 
-COLOURS = {"hasten": "#d9480f", "diffusers": "#1c7ed6", "reference": "#2b8a3e"}
+COLOURS = {
+    "hasten": "#d9480f",
+    "diffusers": "#1c7ed6",
+    "reference": "#2b8a3e",
+    "DeepCache": "#7048e8",
+    "cache-dit": "#0ca678",
+}
+OTHER_COLOUR = "#868e96"
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; font-size: 13px; }
@@ -49,6 +56,10 @@ def pareto_front(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, A
 def _series_name(row: dict[str, Any]) -> str:
     if row["solver"] == "plan":  # each tuned plan is its own point, labelled by its file
         return f"{row['library']}: plan {pathlib.Path(row['options']['file']).name} w={row['guidance']:g}"
+    options = row.get("options", {})
+    if "accel" in options or "cache_peer" in options:
+        cache = pathlib.Path(options["accel"]).name if "accel" in options else options["cache_peer"]
+        return f"{row['library']}: {row['solver']}+{cache} w={row['guidance']:g}"
     opts = ",".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
     sched = f" {row['schedule']}" if row["library"] == "hasten" else ""
     name = f"{row['solver']}[{opts}]" if opts else row["solver"]
@@ -83,12 +94,14 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
         if pts[0]["solver"] == "plan":
             ax.plot(xs, ys, "*", color="crimson", ms=11, label=name, zorder=5)
         elif not crowded or name in named:
-            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=COLOURS[lib], alpha=0.8 if crowded else 0.55,
+            colour = COLOURS.get(lib, OTHER_COLOUR)
+            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=colour, alpha=0.8 if crowded else 0.55,
                     lw=1.6 if crowded else 1.2, ms=4, label=name, zorder=4)  # fmt: skip
         else:
             label = None if other_labelled else "other configurations"
             other_labelled = True
-            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=COLOURS[lib], alpha=0.18, lw=0.8, ms=2.5,
+            colour = COLOURS.get(lib, OTHER_COLOUR)
+            ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=colour, alpha=0.18, lw=0.8, ms=2.5,
                     label=label)  # fmt: skip
     front = pareto_front([r for r in rows if r["library"] != "reference"], x, y)
     if front:
@@ -106,6 +119,70 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each cached row (hasten cache config or peer cache) against the uncached row at its setting.
+
+    ``speedup`` is the uncached row's median seconds over the cached row's (same run, same noise);
+    ``fd_change`` the relative FD change; ``rmse_to_uncached`` is not stored, so the error to the reference
+    solve of both is given instead.
+    """
+
+    def setting(r: dict[str, Any]) -> tuple:
+        return (r["solver"], r["steps"], r["guidance"])
+
+    plain = {
+        setting(r): r
+        for r in rows
+        if r["library"] == "hasten" and not r.get("options") and r.get("schedule") == "auto" and r.get("seconds")
+    }
+    out = []
+    for r in rows:
+        options = r.get("options") or {}
+        if not ("accel" in options or "cache_peer" in options) or setting(r) not in plain:
+            continue
+        base = plain[setting(r)]
+        stats = r.get("accel_stats") or {}
+        out.append({
+            "label": r["label"], "library": r["library"], "solver": r["solver"], "steps": r["steps"],
+            "guidance": r["guidance"], "seconds": r["seconds"], "seconds_uncached": base["seconds"],
+            "speedup": base["seconds"] / r["seconds"], "fd": r["fd"], "fd_uncached": base["fd"],
+            "fd_change": r["fd"] / base["fd"] - 1.0, "rmse_ref": r["rmse_ref"], "rmse_ref_uncached": base["rmse_ref"],
+            "saved_fraction": stats.get("saved_fraction"), "cache_bytes": stats.get("cache_bytes"),
+            "peak_memory_bytes": r.get("peak_memory_bytes"),
+            "peak_memory_bytes_uncached": base.get("peak_memory_bytes"),
+        })  # fmt: skip
+    return out
+
+
+def _cache_section(rows: list[dict[str, Any]]) -> str:
+    table = cache_comparison(rows)
+    if not table:
+        return ""
+    head = ("configuration", "speed-up", "seconds", "uncached s", "FD", "uncached FD", "FD change", "RMSE ref",
+            "uncached RMSE ref", "work skipped", "cache MB", "peak MB", "uncached peak MB")  # fmt: skip
+
+    def mb(v: Any) -> str:
+        return "–" if v is None else f"{v / 1e6:.1f}"
+
+    body = []
+    for c in table:
+        skipped = "–" if c["saved_fraction"] is None else f"{c['saved_fraction']:.0%}"
+        cells = [html.escape(c["label"]), f"{c['speedup']:.2f}x", _fmt(c["seconds"]), _fmt(c["seconds_uncached"]),
+                 _fmt(c["fd"], 4), _fmt(c["fd_uncached"], 4), f"{c['fd_change']:+.1%}", _fmt(c["rmse_ref"]),
+                 _fmt(c["rmse_ref_uncached"]), skipped, mb(c["cache_bytes"]), mb(c["peak_memory_bytes"]),
+                 mb(c["peak_memory_bytes_uncached"])]  # fmt: skip
+        body.append(f'<tr class="{html.escape(c["library"])}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    return f"""<h2>Caching: against the uncached run at the same setting</h2>
+<p>Speed-up: median sampling seconds of the uncached row over the cached row, both measured in this run from the
+same noise on the same machine. FD change: relative to the uncached row's FD. Peak MB: the process's peak resident
+memory during the configuration's timed runs (CPU), or peak allocated GPU memory. Peers run with their documented
+default settings; hasten's caches with the setting `hasten accelerate calibrate` chose.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>
+{"".join(body)}
+</table>
+"""
 
 
 def _img(path: pathlib.Path) -> str:
@@ -178,6 +255,7 @@ FD and precision/recall: bundled MNIST features against 5,000 held-out digits; r
 the same noise; pixels in [0, 1]), or the exact solution for the analytic mixture. Bold rows are on the FD-NFE
 Pareto front.</p>
 <div class="plots">{"".join(f'<img src="{_img(folder / name)}" alt="{name}">' for name in plots)}</div>
+{_cache_section(rows)}
 <h2>Results</h2>
 <table><tr>{"".join(f"<th>{h}</th>" for _, h in cols)}</tr>
 {"".join(body)}

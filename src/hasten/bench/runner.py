@@ -22,7 +22,7 @@ import torch
 
 from .._io import write_text_atomic
 from ..generate import Generation, generate, options_for_schedule
-from ..metrics.cost import peak_memory_bytes
+from ..metrics.cost import peak_memory_bytes, reset_peak_memory
 from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
@@ -72,6 +72,8 @@ def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None
     if entry.solver == "plan":
         plan = load_plan(entry.options["file"])
         return generate(model, n, plan=plan, seed=config.seed, guidance=entry.guidance)
+    if "accel" in entry.options or "cache_peer" in entry.options:
+        return _sample_cached(model, entry, config, n)
     if entry.library == "hasten":
         return generate(
             model, n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
@@ -80,10 +82,22 @@ def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None
     return diffusers_generate(model, n, entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance)
 
 
+def _sample_cached(model: LoadedModel, entry: Entry, config: BenchConfig, n: int) -> Generation:
+    from ..accel import AccelConfig
+    from .cache_peers import peer_cache
+
+    kwargs = {"solver": entry.solver, "steps": entry.steps, "seed": config.seed, "guidance": entry.guidance}
+    if "accel" in entry.options:
+        return generate(model, n, accel=AccelConfig.load(entry.options["accel"]), **kwargs)
+    with peer_cache(entry.options["cache_peer"], model.network, entry.steps):
+        return generate(model, n, **kwargs)
+
+
 def _measure(
     model: LoadedModel, entry: Entry, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
 ) -> dict:
     _sample(model, entry, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
+    peak_reset = reset_peak_memory()
     runs = [_sample(model, entry, config) for _ in range(config.repeats)]
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
@@ -106,6 +120,8 @@ def _measure(
         "seconds_all": [r.seconds for r in runs],
         "images_per_second": config.n / seconds,
         "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_scope": "this configuration" if peak_reset else "process so far",
+        "accel_stats": gen.accel_stats,
         "rmse_ref": rmse(gen.images01, reference),
         "psnr_ref": psnr(gen.images01, reference),
         "grid": f"grids/{entry.key}.png",
@@ -177,7 +193,9 @@ def run_bench(
     model = load(config.model)
     if model.info.data != "mnist":
         raise BenchError(f"bench measures MNIST models so far; {model.info.name!r} is trained on {model.info.data!r}")
-    entries = expand(config, objective=model.info.objective, conditional=bool(model.info.num_classes))
+    entries = expand(
+        config, objective=model.info.objective, conditional=bool(model.info.num_classes), network=model.network
+    )
     matrix = {"config": config.to_dict(), "model_fingerprint": model.fingerprint, "entries": [e.key for e in entries]}
     results = _Results(folder, matrix, resume)
     env = _environment()

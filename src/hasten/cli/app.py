@@ -203,6 +203,10 @@ def bench(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     n: Annotated[int | None, typer.Option(help="override the preset's samples per configuration")] = None,
     plan: Annotated[list[pathlib.Path] | None, typer.Option(help="a plan from `hasten tune` (repeatable)")] = None,
+    accel: Annotated[
+        list[pathlib.Path] | None,
+        typer.Option(help="a cache config from `hasten accelerate calibrate` (repeatable): cached, uncached, peers"),
+    ] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Every configuration against the diffusers peers, from the same noise; JSONL + HTML report."""
@@ -219,8 +223,14 @@ def bench(
 
     extra: dict[str, Any] = {"n": n} if n is not None else {}
     try:
-        config = dataclasses.replace(PRESETS[preset], model=model, plans=tuple(map(str, plan or ())), **extra)
-    except (FileNotFoundError, PlanError) as err:
+        config = dataclasses.replace(
+            PRESETS[preset],
+            model=model,
+            plans=tuple(map(str, plan or ())),
+            accels=tuple(map(str, accel or ())),
+            **extra,
+        )
+    except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
         _fail(str(err))
     started = time.perf_counter()
 

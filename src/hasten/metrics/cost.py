@@ -36,9 +36,30 @@ def time_call(
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
+def reset_peak_memory(device: torch.device | None = None) -> bool:
+    """Start a new peak-memory window; False where the platform cannot (then the peak is the process's)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_bytes(device: torch.device | None = None) -> int:
-    """CUDA: ``max_memory_allocated`` (reset it before the measured run); CPU: the process's peak RSS."""
+    """CUDA: ``max_memory_allocated``; CPU: the peak resident set size since :func:`reset_peak_memory`
+    (Linux ``VmHWM``), else the process's lifetime peak."""
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
