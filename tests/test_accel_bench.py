@@ -72,7 +72,7 @@ def test_peer_caches_are_taken_off_completely(tiny_model):
 
 def test_calibration_returns_a_setting_within_the_budget(tiny_model):
     model = hasten.load(tiny_model)
-    assert techniques_for(model.network) == ["block_cache", "first_block_cache"]
+    assert techniques_for(model.network) == ["block_cache", "first_block_cache", "ras"]
     found = calibrate(model, "block_cache", solver="euler", steps=6, n=10, max_quality_loss=5.0, timing_repeats=1)
     assert found.met and found.heldout["passed"] and found.heldout["quality_loss"] <= 5.0
     assert found.speed["speedup"] > 0
@@ -130,7 +130,7 @@ def test_cli_calibrate_writes_nothing_harmful_and_sample_applies_a_config(tiny_m
             str(grid),
             "--format",
             "json",
-        ],  # fmt: skip
+        ],
     )
     assert sampled.exit_code == 0, sampled.output
     data = json.loads(sampled.output)

@@ -2,8 +2,9 @@
 
 Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), so hasten measures them.
 For one model, solver and step count, each technique has a few *ladders*: settings ordered from the
-least to the most reuse (DeepCache: growing refresh interval for each skip branch; block caching: growing
-interval for each first/last-block split; first-block cache: growing threshold). Every setting is run on
+least to the most reuse (DeepCache: growing refresh interval for each skip branch, uniform and dense at the
+ends; block caching: growing interval for each first/last-block split; first-block cache: growing
+threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every setting is run on
 calibration noise against the uncached run from the same noise; a ladder is climbed until its first
 failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats) among
 those that passed is checked again on held-out noise. Quality loss is the relative FD increase over the
@@ -28,12 +29,14 @@ from ..metrics.quality import evaluate_images
 from .block_cache import BlockCacheConfig, FirstBlockCacheConfig, transformer_blocks
 from .deepcache import DeepCacheConfig, unet_layout
 from .hooks import AccelConfig
+from .ras import RASConfig, _ras_parts
 
 CALIBRATION_SEED = 1000  # noise the settings are chosen on
 HELDOUT_SEED = 0  # noise the chosen setting is confirmed and reported on
-TECHNIQUE_NAMES = ("deepcache", "block_cache", "first_block_cache")
+TECHNIQUE_NAMES = ("deepcache", "block_cache", "first_block_cache", "ras")
 INTERVALS = (2, 3, 4, 5, 6, 8)
 THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32)
+RATIOS = (0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 
 
 def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
@@ -41,7 +44,12 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
     if technique == "deepcache":
         producers, _, _ = unet_layout(network)
         branches = range(min(len(producers), 4))
-        return [[DeepCacheConfig(interval=k, branch=b) for k in INTERVALS] for b in branches]
+        uniform = [[DeepCacheConfig(interval=k, branch=b) for k in INTERVALS] for b in branches]
+        # DeepCache's non-uniform 1:N refresh (denser at both ends) for the two shallowest branches
+        dense_ends = [
+            [DeepCacheConfig(interval=k, branch=b, schedule="nonuniform") for k in INTERVALS[1:]] for b in (0, 1)
+        ]
+        return uniform + [ladder for ladder in dense_ends if ladder[0].branch < len(producers)]
     if technique == "block_cache":
         _, blocks = transformer_blocks(network)
         splits = [(f, last) for f, last in ((1, 0), (1, 1), (2, 1)) if f + last < len(blocks)]
@@ -55,6 +63,9 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
             [FirstBlockCacheConfig(threshold=t, first_blocks=f, last_blocks=last) for t in THRESHOLDS]
             for f, last in splits
         ]
+    if technique == "ras":
+        _ras_parts(network)
+        return [[RASConfig(ratio=r, interval=k) for r in RATIOS] for k in (10, 5)]
     raise ValueError(f"technique must be one of {', '.join(map(repr, TECHNIQUE_NAMES))}; got {technique!r}")
 
 
@@ -118,7 +129,8 @@ def calibrate(
 
     Args:
         model: A loaded hasten model (``hasten.load``).
-        technique: ``"deepcache"`` (UNets), ``"block_cache"`` or ``"first_block_cache"`` (transformers).
+        technique: ``"deepcache"`` (UNets), ``"block_cache"``, ``"first_block_cache"`` or ``"ras"``
+            (transformers).
         solver, steps, guidance: The sampling setting the cache is calibrated for.
         max_quality_loss: Largest allowed relative FD increase over the uncached run (0.05 = 5%).
         max_rmse: Optional bound on the RMSE (images in [0, 1]) to the uncached images from the same noise.

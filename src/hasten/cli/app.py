@@ -362,7 +362,7 @@ def accelerate_calibrate(
     model: ModelOption = "mnist-unet",
     technique: Annotated[
         str | None,
-        typer.Option(help="deepcache (UNets), block_cache, first_block_cache (transformers); default: all that apply"),
+        typer.Option(help="deepcache (UNets); block_cache, first_block_cache, ras (transformers); default: all"),
     ] = None,
     solver: SolverOption = "dpmpp_2m",
     steps: StepsOption = 20,
