@@ -164,6 +164,19 @@ def test_block_cache_reuses_the_middle_residual_as_predicted_by_hand():
     assert stats.nfe_saved == pytest.approx(0.0)  # scalar multiplies count no FLOPs in the toy
 
 
+def test_extrapolated_reuse_is_the_linear_forecast_from_the_last_two_full_steps():
+    toy = ToyTransformer(3)
+    acc = accelerate_(toy, BlockCacheConfig(interval=3, extrapolate=True))
+    x = [torch.full((1, 2), float(v)) for v in (1, 2, 4, 5, 7)]
+    assert torch.equal(toy(x[0]), 8 * x[0])  # step 0 full: middle residual 6 x0
+    assert torch.equal(toy(x[1]), 2 * x[1] + 6 * x[0])  # one full step so far: plain reuse
+    toy(x[2])
+    assert torch.equal(toy(x[3]), 8 * x[3])  # step 3 full: residual 6 x3
+    forecast = 6 * x[3] + (4 - 3) / (3 - 0) * (6 * x[3] - 6 * x[0])
+    assert torch.allclose(toy(x[4]), 2 * x[4] + forecast)  # step 4: forecast from steps 3 and 0
+    assert acc.stats.reused == 3
+
+
 def test_first_block_cache_decides_on_the_relative_residual_change():
     toy = ToyTransformer(3)
     acc = accelerate_(toy, FirstBlockCacheConfig(threshold=0.05))
@@ -270,7 +283,7 @@ def test_deepcache_cached_output_equals_manual_recomputation():
     cached = net(x1, t1, class_labels=labels["class_labels"]).sample
     stored = {}
     for name in acc.cached_modules:
-        stored[name] = acc._slots[("", (2, 1, 8, 8))][name]
+        stored[name] = acc._slots[("", (2, 1, 8, 8))][name][1]  # (step, output of the last full call)
     acc.remove()
     handles = []
     for name in stored:

@@ -6,9 +6,11 @@ The public API in one place::
     den = hasten.EpsDenoiser(unet, hasten.VPDiscrete.from_betas("linear"))
     sigmas = hasten.get_sigmas("karras", 10, den.schedule)
     x = hasten.sample(den, noise * sigmas[0], sigmas, "dpmpp_2m")
+    acc = hasten.accelerate_(unet, hasten.accel.DeepCacheConfig(interval=3))   # feature caching
 """
 
-from . import models, schedules, solvers, tune
+from . import accel, models, schedules, solvers, tune
+from .accel import AccelConfig, accelerate_
 from .config import Config
 from .generate import Generation, generate
 from .models import (
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VE",
+    "AccelConfig",
     "CFGDenoiser",
     "Config",
     "Denoiser",
@@ -62,6 +65,8 @@ __all__ = [
     "VPLinear",
     "X0Denoiser",
     "__version__",
+    "accel",
+    "accelerate_",
     "available",
     "bundled_models",
     "generate",

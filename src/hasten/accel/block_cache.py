@@ -53,10 +53,12 @@ class BlockCacheConfig(RefreshSchedule, _BlockSplit):
         first_blocks: Blocks always computed before the cached middle stack.
         last_blocks: Blocks always computed after it.
         interval, schedule, start, stop: The refresh schedule (see :class:`RefreshSchedule`).
+        extrapolate: Serve the middle residual extrapolated linearly from the last two full steps.
     """
 
     technique: ClassVar[str] = "block_cache"
     type_tag: ClassVar[str] = "block_cache"
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         RefreshSchedule.__post_init__(self)
@@ -178,10 +180,10 @@ class BlockCache(Accelerator):
                     call.slot["h_middle_in"] = h
                 out = _check_tensor(original(*args, **kwargs), name)
                 if call is not None and is_last:
-                    call.slot["middle_residual"] = out - call.slot.pop("h_middle_in")
+                    self._store(call, "middle_residual", out - call.slot.pop("h_middle_in"))
                 return out
             call.skipped.add(name)
-            return h + call.slot["middle_residual"] if is_first else h
+            return h + self._serve(call, "middle_residual") if is_first else h
 
         return forward
 

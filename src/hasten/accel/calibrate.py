@@ -2,9 +2,9 @@
 
 Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), so hasten measures them.
 For one model, solver and step count, each technique has a few *ladders*: settings ordered from the
-least to the most reuse (DeepCache: growing refresh interval for each skip branch, uniform and dense at the
-ends; block caching: growing interval for each first/last-block split; first-block cache: growing
-threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every setting is run on
+least to the most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are
+or extrapolated from the last two full steps; block caching: the same for each first/last-block split;
+first-block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every setting is run on
 calibration noise against the uncached run from the same noise; a ladder is climbed until its first
 failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats) among
 those that passed is checked again on held-out noise. Quality loss is the relative FD increase over the
@@ -44,17 +44,18 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
     if technique == "deepcache":
         producers, _, _ = unet_layout(network)
         branches = range(min(len(producers), 4))
-        uniform = [[DeepCacheConfig(interval=k, branch=b) for k in INTERVALS] for b in branches]
-        # DeepCache's non-uniform 1:N refresh (denser at both ends) for the two shallowest branches
-        dense_ends = [
-            [DeepCacheConfig(interval=k, branch=b, schedule="nonuniform") for k in INTERVALS[1:]] for b in (0, 1)
+        return [
+            [DeepCacheConfig(interval=k, branch=b, extrapolate=x) for k in INTERVALS]
+            for x in (False, True)
+            for b in branches
         ]
-        return uniform + [ladder for ladder in dense_ends if ladder[0].branch < len(producers)]
     if technique == "block_cache":
         _, blocks = transformer_blocks(network)
         splits = [(f, last) for f, last in ((1, 0), (1, 1), (2, 1)) if f + last < len(blocks)]
         return [
-            [BlockCacheConfig(interval=k, first_blocks=f, last_blocks=last) for k in INTERVALS] for f, last in splits
+            [BlockCacheConfig(interval=k, first_blocks=f, last_blocks=last, extrapolate=x) for k in INTERVALS]
+            for x in (False, True)
+            for f, last in splits
         ]
     if technique == "first_block_cache":
         _, blocks = transformer_blocks(network)

@@ -32,11 +32,14 @@ class DeepCacheConfig(RefreshSchedule):
 
     Args:
         branch: Index of the deepest skip connection recomputed on cached steps (0 = shallowest).
+        extrapolate: Serve cached features extrapolated linearly from the last two full steps (a
+            first-order forecast, TaylorSeer-style) instead of the last one as is. Costs one more copy.
     """
 
     technique: ClassVar[str] = "deepcache"
     type_tag: ClassVar[str] = "deepcache"
     branch: int = 0
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

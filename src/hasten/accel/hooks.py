@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -272,19 +273,39 @@ class Accelerator:
         self._patched.append((module, had_own, original))
 
     def _cached_forward(self, name: str) -> Callable[..., Any]:
-        """A forward that stores its output on full calls and returns the stored one on reused calls."""
+        """A forward that stores its output on full calls and serves it (or its extrapolation) on reused calls."""
 
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             call = self._call
             if call is None or call.full:
                 out = original(*args, **kwargs)
                 if call is not None:
-                    call.slot[name] = out
+                    self._store(call, name, out)
                 return out
             call.skipped.add(name)
-            return call.slot[name]
+            return self._serve(call, name)
 
         return forward
+
+    def _store(self, call: CallState, name: str, value: Any) -> None:
+        """Keep ``value`` as the latest full-step value of ``name`` (and the one before, from an earlier step)."""
+        latest = call.slot.get(name)
+        if getattr(self.config, "extrapolate", False) and latest is not None and latest[0] != call.step:
+            call.slot[name + "@previous"] = latest
+        call.slot[name] = (call.step, value)
+
+    def _serve(self, call: CallState, name: str) -> Any:
+        """The cached value of ``name`` for this step: the latest, or extrapolated linearly in the step index.
+
+        Reference: first-order Taylor forecast of cached features, Liu et al., "From Reusing to Forecasting:
+        Accelerating Diffusion Models with TaylorSeers", 2025, Eq. 6.
+        """
+        step, value = call.slot[name]
+        previous = call.slot.get(name + "@previous")
+        if previous is None or not getattr(self.config, "extrapolate", False):
+            return value
+        weight = (call.step - step) / (step - previous[0])
+        return _extrapolate(value, previous[1], weight)
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -394,6 +415,15 @@ def accelerator_of(model: Any) -> Accelerator | None:
     """The accelerator installed on a network (or a loaded model's network), if any."""
     module = model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
     return getattr(module, "_hasten_accelerator", None)
+
+
+def _extrapolate(latest: Any, previous: Any, weight: float) -> Any:
+    """``latest + weight * (latest - previous)`` through tensors, tuples and lists."""
+    if isinstance(latest, Tensor):
+        return torch.lerp(latest, previous, -weight)  # latest + (-w) * (previous - latest)
+    if isinstance(latest, tuple | list):
+        return type(latest)(_extrapolate(a, b, weight) for a, b in zip(latest, previous, strict=True))
+    return latest
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
