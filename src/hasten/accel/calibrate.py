@@ -5,8 +5,8 @@ For one model, solver and step count, each technique has a few *ladders*: settin
 least to the most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are
 or extrapolated from the last two full steps; block caching: the same for each first/last-block split;
 first-block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps).
-Every setting is run on calibration noise against the uncached run from the same noise; a ladder is climbed until its first
-failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats) among
+Every setting is run on calibration noise against the uncached run from the same noise; a ladder is
+climbed until its first failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats) among
 those that passed is checked again on held-out noise. Quality loss is the relative FD increase over the
 uncached run's FD, ``fd_cached / fd_uncached - 1``, with the pixel RMSE to the uncached images reported
 beside it (and optionally bounded). When nothing passes, the result says so (``met=False``) and carries
