@@ -1,16 +1,16 @@
 """Calibration: the fastest setting of a caching technique whose quality loss stays within a target.
 
-Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), so hasten measures them.
-For one model, solver and step count, each technique has a few *ladders*: settings ordered from the
-least to the most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are
-or extrapolated from the last two full steps; block caching: the same for each first/last-block split;
-first-block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps).
-Every setting is run on calibration noise against the uncached run from the same noise; a ladder is
-climbed until its first failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats) among
-those that passed is checked again on held-out noise. Quality loss is the relative FD increase over the
-uncached run's FD, ``fd_cached / fd_uncached - 1``, with the pixel RMSE to the uncached images reported
-beside it (and optionally bounded). When nothing passes, the result says so (``met=False``) and carries
-no config: a harmful setting is never returned.
+Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), so hasten measures them. For
+one model, solver and step count, each technique has a few *ladders*: settings ordered from the least to the
+most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are or
+extrapolated from the last two full steps; block caching: the same for each first/last-block split; first-
+block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every
+setting is run on calibration noise against the uncached run from the same noise; a ladder is climbed until
+its first failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats)
+among those that passed is checked again on held-out noise. Quality loss is the relative FD increase over
+the uncached run's FD, ``fd_cached / fd_uncached - 1``, with the pixel RMSE to the uncached images reported
+beside it (and optionally bounded). When nothing passes, the result says so (``met=False``) and carries no
+config: a harmful setting is never returned.
 """
 
 from __future__ import annotations
