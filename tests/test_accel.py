@@ -166,7 +166,7 @@ def test_block_cache_reuses_the_middle_residual_as_predicted_by_hand():
 
 def test_extrapolated_reuse_is_the_linear_forecast_from_the_last_two_full_steps():
     toy = ToyTransformer(3)
-    acc = accelerate_(toy, BlockCacheConfig(interval=3, extrapolate=True))
+    acc = accelerate_(toy, BlockCacheConfig(interval=3, extrapolate=1))
     x = [torch.full((1, 2), float(v)) for v in (1, 2, 4, 5, 7)]
     assert torch.equal(toy(x[0]), 8 * x[0])  # step 0 full: middle residual 6 x0
     assert torch.equal(toy(x[1]), 2 * x[1] + 6 * x[0])  # one full step so far: plain reuse
@@ -175,6 +175,17 @@ def test_extrapolated_reuse_is_the_linear_forecast_from_the_last_two_full_steps(
     forecast = 6 * x[3] + (4 - 3) / (3 - 0) * (6 * x[3] - 6 * x[0])
     assert torch.allclose(toy(x[4]), 2 * x[4] + forecast)  # step 4: forecast from steps 3 and 0
     assert acc.stats.reused == 3
+
+
+def test_quadratic_forecast_is_exact_for_a_quadratic_in_the_step():
+    """Inputs x(s) = s^2: the middle residual 6 x(s) is quadratic in the step, so order 2 predicts it exactly."""
+    toy = ToyTransformer(3)
+    accelerate_(toy, BlockCacheConfig(interval=2, extrapolate=2))
+    for step in range(9):
+        x = torch.full((1, 1), float(step * step))
+        out = toy(x)
+        if step >= 5:  # from the third full step (4) on, three points are known
+            assert torch.allclose(out, 8 * x, rtol=1e-6), step
 
 
 def test_first_block_cache_decides_on_the_relative_residual_change():
@@ -283,7 +294,7 @@ def test_deepcache_cached_output_equals_manual_recomputation():
     cached = net(x1, t1, class_labels=labels["class_labels"]).sample
     stored = {}
     for name in acc.cached_modules:
-        stored[name] = acc._slots[("", (2, 1, 8, 8))][name][1]  # (step, output of the last full call)
+        stored[name] = acc._slots[("", (2, 1, 8, 8))][name][0][1]  # newest (step, output) of a full call
     acc.remove()
     handles = []
     for name in stored:
@@ -372,6 +383,7 @@ def test_config_load_refuses_bad_files(tmp_path):
         (lambda: FirstBlockCacheConfig(first_blocks=0), "first_blocks must be >= 1"),
         (lambda: FirstBlockCacheConfig(max_reuse=0), "max_reuse"),
         (lambda: BlockCacheConfig(last_blocks=-2), "last_blocks must be an integer >= 0"),
+        (lambda: DeepCacheConfig(extrapolate=3), "extrapolate must be 0"),
     ],
 )
 def test_bad_settings_are_named(make, match):

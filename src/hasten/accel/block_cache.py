@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .hooks import TECHNIQUES, AccelConfig, Accelerator, CallState, RefreshSchedule
+from .hooks import TECHNIQUES, AccelConfig, Accelerator, CallState, RefreshSchedule, check_extrapolate
 
 BLOCK_LISTS = ("transformer_blocks", "blocks")
 
@@ -53,16 +53,17 @@ class BlockCacheConfig(RefreshSchedule, _BlockSplit):
         first_blocks: Blocks always computed before the cached middle stack.
         last_blocks: Blocks always computed after it.
         interval, schedule, start, stop: The refresh schedule (see :class:`RefreshSchedule`).
-        extrapolate: Serve the middle residual extrapolated linearly from the last two full steps.
+        extrapolate: Order of the forecast of the middle residual from the last full steps (0, 1 or 2).
     """
 
     technique: ClassVar[str] = "block_cache"
     type_tag: ClassVar[str] = "block_cache"
-    extrapolate: bool = False
+    extrapolate: int = 0
 
     def __post_init__(self) -> None:
         RefreshSchedule.__post_init__(self)
         self._check_split()
+        check_extrapolate(self.extrapolate)
 
 
 @dataclasses.dataclass(frozen=True)

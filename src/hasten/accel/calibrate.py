@@ -3,7 +3,7 @@
 Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), so hasten measures them. For
 one model, solver and step count, each technique has a few *ladders*: settings ordered from the least to the
 most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are or
-extrapolated from the last two full steps; block caching: the same for each first/last-block split; first-
+extrapolated; block caching: the same for each first/last-block split; first-
 block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every
 setting is run on calibration noise against the uncached run from the same noise; a ladder is climbed until
 its first failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats)
@@ -46,7 +46,7 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
         branches = range(min(len(producers), 4))
         return [
             [DeepCacheConfig(interval=k, branch=b, extrapolate=x) for k in INTERVALS]
-            for x in (False, True)
+            for x in (0, 1, 2)
             for b in branches
         ]
     if technique == "block_cache":
@@ -54,7 +54,7 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
         splits = [(f, last) for f, last in ((1, 0), (1, 1), (2, 1)) if f + last < len(blocks)]
         return [
             [BlockCacheConfig(interval=k, first_blocks=f, last_blocks=last, extrapolate=x) for k in INTERVALS]
-            for x in (False, True)
+            for x in (0, 1, 2)
             for f, last in splits
         ]
     if technique == "first_block_cache":

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .hooks import TECHNIQUES, Accelerator, CallState, RefreshSchedule
+from .hooks import TECHNIQUES, Accelerator, CallState, RefreshSchedule, check_extrapolate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +32,20 @@ class DeepCacheConfig(RefreshSchedule):
 
     Args:
         branch: Index of the deepest skip connection recomputed on cached steps (0 = shallowest).
-        extrapolate: Serve cached features extrapolated linearly from the last two full steps (a
-            first-order forecast, TaylorSeer-style) instead of the last one as is. Costs one more copy.
+        extrapolate: Order of the forecast of cached features from the last ``extrapolate + 1`` full steps
+            (0: reuse as is; 1: linear; 2: quadratic), TaylorSeer-style. Each order keeps one more copy.
     """
 
     technique: ClassVar[str] = "deepcache"
     type_tag: ClassVar[str] = "deepcache"
     branch: int = 0
-    extrapolate: bool = False
+    extrapolate: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"branch must be an integer >= 0, got {self.branch!r}")
+        check_extrapolate(self.extrapolate)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -127,6 +126,11 @@ class RefreshSchedule(AccelConfig):
                 )
             return step % self.interval == 0
         return step in self.refresh_steps(num_steps)
+
+
+def check_extrapolate(order: Any) -> None:
+    if not isinstance(order, int) or not 0 <= order <= 2:
+        raise ValueError(f"extrapolate must be 0 (reuse as is), 1 (linear) or 2 (quadratic), got {order!r}")
 
 
 @dataclasses.dataclass
@@ -288,24 +292,30 @@ class Accelerator:
         return forward
 
     def _store(self, call: CallState, name: str, value: Any) -> None:
-        """Keep ``value`` as the latest full-step value of ``name`` (and the one before, from an earlier step)."""
-        latest = call.slot.get(name)
-        if getattr(self.config, "extrapolate", False) and latest is not None and latest[0] != call.step:
-            call.slot[name + "@previous"] = latest
-        call.slot[name] = (call.step, value)
+        """Keep ``value`` as the newest full-step value of ``name``, with older steps' values for a forecast."""
+        keep = 1 + int(getattr(self.config, "extrapolate", 0))
+        history = [(step, v) for step, v in call.slot.get(name, ()) if step != call.step]
+        call.slot[name] = [(call.step, value), *history][:keep]
 
     def _serve(self, call: CallState, name: str) -> Any:
-        """The cached value of ``name`` for this step: the latest, or extrapolated linearly in the step index.
+        """The cached value of ``name`` at this step: the newest one, or its polynomial forecast in the step index
+        through the last ``extrapolate + 1`` full steps (Lagrange form; fewer points early in a run).
 
-        Reference: first-order Taylor forecast of cached features, Liu et al., "From Reusing to Forecasting:
-        Accelerating Diffusion Models with TaylorSeers", 2025, Eq. 6.
+        Reference: Taylor forecast of cached features, Liu et al., "From Reusing to Forecasting: Accelerating
+        Diffusion Models with TaylorSeers", 2025, Eq. 6 (finite differences of full steps).
         """
-        step, value = call.slot[name]
-        previous = call.slot.get(name + "@previous")
-        if previous is None or not getattr(self.config, "extrapolate", False):
-            return value
-        weight = (call.step - step) / (step - previous[0])
-        return _extrapolate(value, previous[1], weight)
+        history = call.slot[name]
+        if len(history) == 1:
+            return history[0][1]
+        steps = [step for step, _ in history]
+        weights = []
+        for j, sj in enumerate(steps):
+            w = 1.0
+            for m, sm in enumerate(steps):
+                if m != j:
+                    w *= (call.step - sm) / (sj - sm)
+            weights.append(w)
+        return _combine([v for _, v in history], weights)
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -417,13 +427,17 @@ def accelerator_of(model: Any) -> Accelerator | None:
     return getattr(module, "_hasten_accelerator", None)
 
 
-def _extrapolate(latest: Any, previous: Any, weight: float) -> Any:
-    """``latest + weight * (latest - previous)`` through tensors, tuples and lists."""
-    if isinstance(latest, Tensor):
-        return torch.lerp(latest, previous, -weight)  # latest + (-w) * (previous - latest)
-    if isinstance(latest, tuple | list):
-        return type(latest)(_extrapolate(a, b, weight) for a, b in zip(latest, previous, strict=True))
-    return latest
+def _combine(values: list[Any], weights: list[float]) -> Any:
+    """``sum(w * v)`` through tensors, tuples and lists of the same structure."""
+    first = values[0]
+    if isinstance(first, Tensor):
+        out = first * weights[0]
+        for v, w in zip(values[1:], weights[1:], strict=True):
+            out = out.add(v, alpha=w)
+        return out
+    if isinstance(first, tuple | list):
+        return type(first)(_combine(list(parts), weights) for parts in zip(*values, strict=True))
+    return first
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
