@@ -19,6 +19,8 @@ from ..solvers import get_solver
 from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
 
+DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
+
 __all__ = ["PRESETS", "BenchConfig", "Entry", "expand", "parse_solver"]
 
 
@@ -94,7 +96,7 @@ PRESETS: dict[str, BenchConfig] = {
             "plms:warmup=lower_order", "dpm_solver_v3", "dpm_solver_v3:order=3",
         ),
         steps=(5, 8, 10),
-        schedules=("auto", "karras", "logsnr", "time_uniform", "time_quadratic"),
+        schedules=("auto", "karras", "logsnr", "time_uniform", "time_quadratic", "trailing"),
         peers=("ddim", "pndm", "dpmpp_2m", "dpmpp_2s", "unipc", "euler", "deis"),
         n=100,
         reference_steps=100,
@@ -161,11 +163,13 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool, network: A
     with ``cache_peers`` and a ``network`` to inspect, the installed peer caches that apply to it.
     """
     guidance = config.guidance if conditional else (1.0,)
+    # diffusers' timestep spacings exist for discrete (DDPM-type) schedules only; flow models skip them
+    schedules = [s for s in config.schedules if not (objective == "flow" and s in DISCRETE_SPACINGS)]
     entries = []
     for g in guidance:
         for spec in config.solvers:
             name, options = parse_solver(spec)
-            for schedule in config.schedules:
+            for schedule in schedules:
                 for steps in config.steps:
                     entries.append(Entry("hasten", name, options, schedule, steps, g))
         for path in config.plans:

@@ -32,13 +32,16 @@ from ..metrics.reference import REFERENCE_SOLVER, reference_samples, rmse
 from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
 from ..schedules.grids import get_sigmas
-from ..schedules.noise import FlowMatching
+from ..schedules.noise import FlowMatching, VPDiscrete
 from .plan import Plan, PlanError, plan_from_stock, save_plan
 from .search import PREDICTIONS, Candidate, candidate_from_plan, search
 
 __all__ = ["STOCK_GRIDS", "STOCK_SOLVERS", "STOCK_V3", "TuneConfig", "TuneError", "stock_plans", "tune"]
 
-STOCK_GRIDS = ("auto", "karras", "logsnr", "time_uniform", "time_quadratic")
+# "trailing" (diffusers' 999, 799, ... then 0, for discrete schedules) spends no model call at sigma_min: at
+# 5 NFE on mnist-unet it is the best stock grid by far (DPM-Solver-v3 0.086 against 0.160 on time_quadratic).
+STOCK_GRIDS = ("auto", "karras", "logsnr", "time_uniform", "time_quadratic", "trailing")
+DISCRETE_ONLY_GRIDS = ("trailing", "leading", "linspace")
 # Stock multistep solvers that are points of the search space (see search.candidate_from_plan).
 STOCK_SOLVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dpmpp_2m", {}),
@@ -118,6 +121,8 @@ def stock_plans(model: LoadedModel, nfe: int, *, use_v3: bool = False) -> list[t
     for grid in STOCK_GRIDS:
         if grid in ("time_uniform", "time_quadratic") and isinstance(schedule, FlowMatching):
             continue  # the flow 'auto' grid is uniform in time already
+        if grid in DISCRETE_ONLY_GRIDS and not isinstance(schedule, VPDiscrete):
+            continue  # timestep spacings need a discrete (DDPM-type) schedule
         sigmas = tuple(get_sigmas(grid, nfe, schedule).tolist())
         for name, options in solvers:
             plan = plan_from_stock(sigmas, name, **options)
