@@ -14,3 +14,13 @@ os.environ["HASTEN_CACHE"] = tempfile.mkdtemp(prefix="hasten-test-cache-")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A hasten-trained flow DiT after two training steps: a real model folder, in seconds."""
+    from hasten.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-dit")
+    train(TrainConfig(arch="dit", objective="flow", minutes=5, batch_size=8), out, max_steps=2, progress=False)
+    return str(out)

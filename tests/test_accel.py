@@ -481,3 +481,20 @@ def test_ras_bad_input():
         RASConfig(metric="entropy")
     with pytest.raises(TypeError, match="RAS needs a patch transformer"):
         accelerate_(tiny_unet(), RASConfig())
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2, 3])
+def test_deepcache_forecasts_only_the_value_that_reaches_fresh_modules(branch):
+    """Forecasting every cached module or only the boundary one gives the same samples (the rest is unused)."""
+    net = tiny_unet()
+    den = denoiser_for(net)
+    outputs = []
+    for everywhere in (False, True):
+        with accelerate_(net, DeepCacheConfig(interval=3, branch=branch, extrapolate=2)) as acc:
+            if everywhere:
+                acc.forecast_names = None
+            outputs.append(run(den, **labels))
+    with accelerate_(net, DeepCacheConfig(interval=3, branch=branch)):
+        stale = run(den, **labels)
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], stale)

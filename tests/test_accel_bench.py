@@ -15,14 +15,6 @@ from hasten.bench.matrix import BenchConfig, accel_setting
 from hasten.bench.report import cache_comparison, render
 from hasten.bench.runner import run_bench
 from hasten.cli.app import app
-from hasten.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-dit")
-    train(TrainConfig(arch="dit", objective="flow", minutes=5, batch_size=8), out, max_steps=2, progress=False)
-    return str(out)
 
 
 def calibrated_file(path, config=None, steps=4):

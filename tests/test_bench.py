@@ -11,14 +11,6 @@ from hasten.bench.matrix import PRESETS, BenchConfig, expand, parse_solver
 from hasten.bench.report import pareto_front, render
 from hasten.bench.runner import ROW_KEYS, BenchError, read_results, run_bench
 from hasten.cli.app import app
-from hasten.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-dit")
-    train(TrainConfig(arch="dit", objective="flow", minutes=5, batch_size=8), out, max_steps=2, progress=False)
-    return str(out)
 
 
 def _config(model, **kw):

@@ -15,7 +15,6 @@ from hasten.cli.app import app
 from hasten.models import ProductMixture
 from hasten.schedules import VE, get_sigmas
 from hasten.solvers import PerStepSolver, get_solver
-from hasten.train import TrainConfig, train
 from hasten.tune import (
     Candidate,
     Plan,
@@ -33,13 +32,6 @@ from hasten.tune import (
 RUNNER = CliRunner()
 MIXTURE = ProductMixture()
 SCHEDULE = VE(0.002, 80.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-dit")
-    train(TrainConfig(arch="dit", objective="flow", minutes=5, batch_size=8), out, max_steps=2, progress=False)
-    return str(out)
 
 
 def _per_step_plan() -> Plan:

@@ -145,6 +145,15 @@ class DeepCache(Accelerator):
         if unet.mid_block is not None:
             names.append(("mid_block", unet.mid_block))
         self.cached_modules = [n for n, _ in names]
+        # Only one cached output reaches a fresh module: the input of the first fresh up layer. Every other
+        # cached output feeds cached modules only, so it is served as stored and never forecast.
+        if first_fresh == 0:
+            boundary = "mid_block"
+        else:
+            before = up_path[first_fresh - 1]
+            whole = before.block[0] in self.cached_modules
+            boundary = before.block[0] if whole else before.modules[-1][0]
+        self.forecast_names = {boundary}
         for name, module in names:
             self._patch(module, name, self._cached_forward(name))
 

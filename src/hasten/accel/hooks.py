@@ -194,6 +194,7 @@ class Accelerator:
     """
 
     config_type: ClassVar[type[AccelConfig]]
+    forecast_names: set[str] | None = None  # cached values that reach fresh modules (None: all of them)
 
     def __init__(self, module: nn.Module, config: AccelConfig) -> None:
         self.module, self.config = module, config
@@ -293,7 +294,8 @@ class Accelerator:
 
     def _store(self, call: CallState, name: str, value: Any) -> None:
         """Keep ``value`` as the newest full-step value of ``name``, with older steps' values for a forecast."""
-        keep = 1 + int(getattr(self.config, "extrapolate", 0))
+        forecast = self.forecast_names is None or name in self.forecast_names
+        keep = 1 + int(getattr(self.config, "extrapolate", 0)) if forecast else 1
         history = [(step, v) for step, v in call.slot.get(name, ()) if step != call.step]
         call.slot[name] = [(call.step, value), *history][:keep]
 
