@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -126,6 +127,12 @@ def _cache_dit(network: nn.Module, steps: int, params: dict[str, Any]) -> Iterat
     import cache_dit
     from cache_dit.caching.cache_adapters.cache_adapter import CachedAdapter
 
+    # cache-dit logs every install at INFO on its own handlers; keep the bench output readable
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("cache_dit")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+
     # diffusers' DiT reads transformer_blocks[0].norm1 after its block loop; cache-dit swaps the list for one
     # wrapper module during the forward, so the wrapper gets the first block's norm1 (the same module).
     first = network.transformer_blocks[0]
@@ -152,3 +159,5 @@ def _cache_dit(network: nn.Module, steps: int, params: dict[str, Any]) -> Iterat
         yield
     finally:
         cache_dit.disable_cache(network)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
