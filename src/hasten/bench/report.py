@@ -114,7 +114,8 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if not crowded else 7, ncol=2 if not crowded else 1, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:  # a plot with no measured series (e.g. a one-row run) has none
+        ax.legend(fontsize=6 if not crowded else 7, ncol=2 if not crowded else 1, loc="upper right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
