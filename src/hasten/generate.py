@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .accel import accelerate_, accelerator_of
 from .data import from_model_space
 from .models.guidance import CFGDenoiser
 from .models.zoo import LoadedModel
@@ -101,8 +102,6 @@ def generate(
     a cache installed beforehand with :func:`hasten.accelerate_`).
     """
     if accel is not None:
-        from .accel import accelerate_
-
         with accelerate_(model, accel):
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
@@ -133,7 +132,7 @@ def generate(
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device
     scale = model.schedule.initial_noise_scale(float(sigmas[0]))
     outputs, nfe = [], 0
-    installed = getattr(model.network, "_hasten_accelerator", None)
+    installed = accelerator_of(model)
     stats_before = None if installed is None else installed.stats
     start = time.perf_counter()
     for i in range(0, n, batch_size):

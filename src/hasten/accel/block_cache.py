@@ -22,13 +22,21 @@ Chen et al., "Delta-DiT", 2024 and FORA (Selvaraju et al., 2024).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .hooks import TECHNIQUES, AccelConfig, Accelerator, CallState, RefreshSchedule, check_extrapolate
+from .hooks import (
+    TECHNIQUES,
+    AccelConfig,
+    Accelerator,
+    CallState,
+    RefreshSchedule,
+    check_extrapolate,
+    check_window,
+    window_steps,
+)
 
 BLOCK_LISTS = ("transformer_blocks", "blocks")
 
@@ -93,8 +101,7 @@ class FirstBlockCacheConfig(_BlockSplit):
             raise ValueError(f"threshold must be in (0, 1] (a relative change), got {self.threshold!r}")
         if self.max_reuse is not None and (not isinstance(self.max_reuse, int) or self.max_reuse < 1):
             raise ValueError(f"max_reuse must be None or an integer >= 1, got {self.max_reuse!r}")
-        if not 0.0 <= self.start <= self.stop <= 1.0:
-            raise ValueError(f"need 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
+        check_window(self.start, self.stop)
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -140,10 +147,8 @@ class BlockCache(Accelerator):
             call.full = config.is_refresh(call.step, call.num_steps)
             return
         call.full = False  # provisional: the first blocks' residual decides (see _decide)
-        if call.num_steps is not None:
-            position = call.step / call.num_steps
-            if position < config.start or call.step >= math.ceil(config.stop * call.num_steps):
-                call.full = True
+        if call.num_steps is not None and call.step not in window_steps(config.start, config.stop, call.num_steps):
+            call.full = True
         if config.max_reuse is not None and call.slot.get("reused_in_row", 0) >= config.max_reuse:
             call.full = True
         call.slot["decided"] = call.full  # a forced full call needs no comparison

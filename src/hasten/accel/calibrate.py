@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -200,17 +199,13 @@ def calibrate(
 
 
 def paired_speedup(model: Any, config: AccelConfig, kwargs: dict[str, Any], n: int, repeats: int) -> dict[str, Any]:
-    """Median wall-clock time uncached and cached, alternating on the same noise (one warm-up each)."""
+    """Median sampling seconds uncached and cached, alternating on the same noise (one warm-up each)."""
     generate(model, min(n, 10), seed=HELDOUT_SEED, **kwargs)
     generate(model, min(n, 10), seed=HELDOUT_SEED, accel=config, **kwargs)
     plain, cached = [], []
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        generate(model, n, seed=HELDOUT_SEED, **kwargs)
-        plain.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        generate(model, n, seed=HELDOUT_SEED, accel=config, **kwargs)
-        cached.append(time.perf_counter() - start)
+        plain.append(generate(model, n, seed=HELDOUT_SEED, **kwargs).seconds)
+        cached.append(generate(model, n, seed=HELDOUT_SEED, accel=config, **kwargs).seconds)
     t_plain, t_cached = statistics.median(plain), statistics.median(cached)
     return {"seconds_uncached": t_plain, "seconds_cached": t_cached, "speedup": t_plain / t_cached, "repeats": repeats}
 

@@ -17,6 +17,7 @@ persists until ``reset()``: call it between generations there.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -54,23 +55,39 @@ class AccelConfig(Config):
     @classmethod
     def load(cls, path: str | Path) -> AccelConfig:
         """Read a config written by :meth:`save` (or by ``hasten accelerate calibrate``)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"acceleration config {str(path)!r} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"acceleration config {str(path)!r} is not valid JSON: {err}") from None
-        if not isinstance(data, dict) or "config" not in data:
-            raise ValueError(f"{str(path)!r} is not a hasten acceleration config (no 'config' entry)")
-        if data.get("hasten_accel") != ACCEL_SCHEMA:
-            raise ValueError(
-                f"{str(path)!r} has acceleration schema {data.get('hasten_accel')!r}; this hasten reads {ACCEL_SCHEMA}"
-            )
-        config = AccelConfig.from_dict(data["config"])
+        config, _ = read_accel_file(path)
         if not isinstance(config, cls):
             raise TypeError(f"{str(path)!r} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
+
+
+def read_accel_file(path: str | Path) -> tuple[AccelConfig, dict[str, Any]]:
+    """The config in a file written by :meth:`AccelConfig.save` and its calibration record (``{}`` if none)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"acceleration config {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"acceleration config {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "config" not in data:
+        raise ValueError(f"{str(path)!r} is not a hasten acceleration config (no 'config' entry)")
+    if data.get("hasten_accel") != ACCEL_SCHEMA:
+        raise ValueError(
+            f"{str(path)!r} has acceleration schema {data.get('hasten_accel')!r}; this hasten reads {ACCEL_SCHEMA}"
+        )
+    return AccelConfig.from_dict(data["config"]), dict(data.get("calibration") or {})
+
+
+def check_window(start: float, stop: float) -> None:
+    """``start`` / ``stop``: the fractions of the steps between which a cache may reuse."""
+    if not 0.0 <= start <= stop <= 1.0:
+        raise ValueError(f"need 0 <= start <= stop <= 1, got start={start}, stop={stop}")
+
+
+def window_steps(start: float, stop: float, num_steps: int) -> range:
+    """The steps inside the ``[start, stop)`` fraction of ``num_steps``; every other step is computed in full."""
+    return range(math.ceil(start * num_steps), math.ceil(stop * num_steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +111,13 @@ class RefreshSchedule(AccelConfig):
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
         check_choice("schedule", self.schedule, SCHEDULES)
-        if not 0.0 <= self.start <= self.stop <= 1.0:
-            raise ValueError(f"need 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
+        check_window(self.start, self.stop)
 
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - configs are small frozen values; asked once per network call
     def refresh_steps(self, num_steps: int) -> frozenset[int]:
         """The step indices computed in full on a grid of ``num_steps`` steps (always includes step 0)."""
-        first = math.ceil(self.start * num_steps)
-        last = math.ceil(self.stop * num_steps)  # steps >= last are full again
-        full = set(range(first)) | set(range(last, num_steps)) | {0}
-        span = range(first, last)
+        span = window_steps(self.start, self.stop, num_steps)
+        full = (set(range(num_steps)) - set(span)) | {0}
         if not span:
             return frozenset(full)
         if self.schedule == "uniform":
@@ -185,7 +200,7 @@ class CallState:
     skipped: set[str] = dataclasses.field(default_factory=set)  # modules that returned cached values
 
 
-class Accelerator:
+class Accelerator(abc.ABC):
     """Handle of an installed technique. Subclasses patch modules in :meth:`_install` and decide per call.
 
     Attributes:
@@ -259,11 +274,13 @@ class Accelerator:
 
     # -- for subclasses ---------------------------------------------------------------------------------
 
-    def _install(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _install(self) -> None:
+        """Patch the technique's modules (with :meth:`_patch`); raise to refuse a network it cannot hook."""
 
+    @abc.abstractmethod
     def _begin_call(self, call: CallState) -> None:
-        """Decide ``call.full`` before the network runs (a dynamic technique may decide later)."""
+        """Decide ``call.full`` before the network runs (a dynamic technique may revise it during the call)."""
 
     def _skipped_share(self, call: CallState, shares: Mapping[str, float]) -> float:
         """Fraction of a full call's FLOPs this call skipped (default: the modules it served from cache)."""
@@ -405,7 +422,7 @@ def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
         >>> images = hasten.generate(model, 16, steps=20).images                      # doctest: +SKIP
         >>> acc.stats.nfe_saved, acc.remove()                                         # doctest: +SKIP
     """
-    module = model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
+    module = _network_of(model)
     if not isinstance(module, nn.Module):
         raise TypeError(f"accelerate_ needs a torch.nn.Module or a loaded hasten model, got {type(model).__name__}")
     if not isinstance(config, AccelConfig):
@@ -425,8 +442,11 @@ def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
 
 def accelerator_of(model: Any) -> Accelerator | None:
     """The accelerator installed on a network (or a loaded model's network), if any."""
-    module = model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
-    return getattr(module, "_hasten_accelerator", None)
+    return getattr(_network_of(model), "_hasten_accelerator", None)
+
+
+def _network_of(model: Any) -> Any:
+    return model.network if not isinstance(model, nn.Module) and hasattr(model, "network") else model
 
 
 def _combine(values: list[Any], weights: list[float]) -> Any:

@@ -141,14 +141,10 @@ class Entry:
         if self.solver == "plan":
             file = pathlib.Path(self.options["file"]).name
             return f"{self.library}:plan[{file}] (tuned, {self.steps} steps, w={self.guidance:g})"
-        if "accel" in self.options:
-            file = pathlib.Path(self.options["accel"]).name
-            return (
-                f"{self.library}:{self.solver}+cache[{file}] ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
-            )
-        if "cache_peer" in self.options:
-            peer = self.options["cache_peer"]
-            return f"{self.library}:{self.solver}+{peer} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
+        if "accel" in self.options or "cache_peer" in self.options:
+            cache = pathlib.Path(self.options["accel"]).name if "accel" in self.options else None
+            name = f"{self.solver}+{f'cache[{cache}]' if cache else self.options['cache_peer']}"
+            return f"{self.library}:{name} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.solver}[{opts}]" if opts else self.solver
         where = f"{self.schedule}, " if self.schedule else ""
@@ -190,11 +186,10 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool, network: A
 
 def accel_setting(path: str) -> dict[str, Any]:
     """The sampling setting a calibrated cache config was made for (solver, steps, guidance)."""
-    from ..accel import AccelConfig
+    from ..accel.hooks import read_accel_file
 
-    AccelConfig.load(path)  # a missing, corrupt or foreign file fails now, not mid-run
-    data = json.loads(pathlib.Path(path).read_text())
-    setting = (data.get("calibration") or {}).get("setting")
+    _, calibration = read_accel_file(path)  # a missing, corrupt or foreign file fails now, not mid-run
+    setting = calibration.get("setting")
     if not setting or not {"solver", "steps"} <= set(setting):
         raise ValueError(
             f"{path!r} does not say which solver and steps it was calibrated for; bench cache rows need a file "
