@@ -7,9 +7,10 @@ The public API in one place::
     sigmas = hasten.get_sigmas("karras", 10, den.schedule)
     x = hasten.sample(den, noise * sigmas[0], sigmas, "dpmpp_2m")
     acc = hasten.accelerate_(unet, hasten.accel.DeepCacheConfig(interval=3))   # feature caching
+    hasten.quantize_(model, hasten.QuantConfig(weights=8, activations=8), calibration=...)   # int8
 """
 
-from . import accel, models, schedules, solvers, tune
+from . import accel, models, quant, schedules, solvers, tune
 from .accel import AccelConfig, accelerate_
 from .config import Config
 from .generate import Generation, generate
@@ -23,6 +24,7 @@ from .models import (
     X0Denoiser,
 )
 from .models.zoo import LoadedModel, ModelInfo, bundled_models, load
+from .quant import QuantConfig, quantize_
 from .registry import Registry
 from .schedules import (
     VE,
@@ -56,6 +58,7 @@ __all__ = [
     "NoiseSchedule",
     "NonFiniteOutputError",
     "Plan",
+    "QuantConfig",
     "Registry",
     "SampleOutput",
     "Solver",
@@ -77,6 +80,8 @@ __all__ = [
     "load_plan",
     "logsnr_uniform",
     "models",
+    "quant",
+    "quantize_",
     "sample",
     "schedules",
     "solvers",

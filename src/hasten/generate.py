@@ -6,6 +6,7 @@ This is the library behind ``hasten sample``; ``bench`` reuses it so both measur
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -127,7 +128,7 @@ def generate(
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
     solver_options = options_for_model(solver, solver_options, model, guidance)
-    device = next(model.network.parameters()).device
+    device = next(itertools.chain(model.network.parameters(), model.network.buffers())).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device
     scale = model.schedule.initial_noise_scale(float(sigmas[0]))

@@ -60,6 +60,8 @@ class BenchConfig(Config):
     plans: tuple[str, ...] = ()  # plan files from `hasten tune`, each a row at its own guidance scale
     accels: tuple[str, ...] = ()  # cache configs from `hasten accelerate calibrate`: cached, uncached, peer rows
     cache_peers: bool = True  # with each cache config, the peer caches that apply and are installed
+    quants: tuple[str, ...] = ()  # quantised model folders from `hasten quantize`: quantised, float, torchao rows
+    quant_peers: bool = True  # with each quantised model, torchao's data-free configs (if torchao is installed)
 
     def __post_init__(self) -> None:
         if self.n < 10:
@@ -72,6 +74,8 @@ class BenchConfig(Config):
             load_plan(path)  # a missing or corrupt plan fails now, not mid-run
         for path in self.accels:
             accel_setting(path)
+        for path in self.quants:
+            quant_setting(path)
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -104,6 +108,8 @@ PRESETS: dict[str, BenchConfig] = {
     # Only what `--accel` files add: each cache config, the uncached run at its setting, the peer caches.
     # 200 images (FD changes of a few percent need them) and three timed repeats.
     "caching": BenchConfig(solvers=(), steps=(), peers=(), n=200, repeats=3, reference_steps=100),
+    # Only what `--quant` folders add: each quantised model, the float model at its setting, torchao's configs.
+    "quantization": BenchConfig(solvers=(), steps=(), peers=(), n=200, repeats=3, reference_steps=100),
     "full": BenchConfig(
         solvers=(
             "euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m",
@@ -145,6 +151,10 @@ class Entry:
             cache = pathlib.Path(self.options["accel"]).name if "accel" in self.options else None
             name = f"{self.solver}+{f'cache[{cache}]' if cache else self.options['cache_peer']}"
             return f"{self.library}:{name} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
+        if "quant" in self.options or "quant_peer" in self.options:
+            quant = pathlib.Path(self.options["quant"]).name if "quant" in self.options else None
+            name = f"{self.solver}+{f'quant[{quant}]' if quant else self.options['quant_peer']}"
+            return f"{self.library}:{name} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.solver}[{opts}]" if opts else self.solver
         where = f"{self.schedule}, " if self.schedule else ""
@@ -176,6 +186,7 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool, network: A
                     Entry("hasten", "plan", {"file": str(path), "sha256": digest}, "plan", plan.num_steps, g)
                 )
         entries += _cache_entries(config, g, entries, network)
+        entries += _quant_entries(config, g, entries)
         supported = set(peers_for(objective))
         peers = [p if p in supported else f"flow_{p}" for p in config.peers]
         for peer in dict.fromkeys(p for p in peers if p in supported):
@@ -196,6 +207,48 @@ def accel_setting(path: str) -> dict[str, Any]:
             "written by `hasten accelerate calibrate`"
         )
     return setting
+
+
+def quant_setting(path: str) -> dict[str, Any]:
+    """The quantisation record of a folder written by ``hasten quantize`` (source model, calibration)."""
+    folder = pathlib.Path(path)
+    info = folder / "hasten.json"
+    if not info.exists():
+        raise FileNotFoundError(f"{path!r} is not a model folder (no hasten.json); pass a folder from `hasten quantize`")
+    try:
+        record = json.loads(info.read_text()).get("quantization")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{info} is not valid JSON: {err}") from err
+    if not record or not {"source", "calibration"} <= set(record):
+        raise ValueError(f"{path!r} holds a float model; bench quantisation rows need a folder from `hasten quantize`")
+    return record
+
+
+def _quant_entries(config: BenchConfig, guidance: float, existing: list[Entry]) -> list[Entry]:
+    """For each quantised folder: the float row at its calibration setting, the quantised row, torchao's."""
+    from ..models.zoo import weights_fingerprint
+    from .quant_peers import QUANT_PEERS, quant_peers_available
+
+    entries: list[Entry] = []
+    seen = {e.key for e in existing}
+    peers = quant_peers_available() if config.quant_peers else []
+    for path in config.quants:
+        setting = quant_setting(path)["calibration"]
+        if float(setting.get("guidance") or 1.0) != guidance:
+            continue
+        solver, steps = setting["solver"], int(setting["steps"])
+        digest = weights_fingerprint(pathlib.Path(path), "quantized.safetensors")
+        candidates = [
+            Entry("hasten", solver, {}, "auto", steps, guidance),
+            Entry("hasten", solver, {"quant": str(path), "sha256": digest}, "auto", steps, guidance),
+        ]
+        candidates += [Entry("torchao", solver, {"quant_peer": p}, "auto", steps, guidance) for p in peers
+                       if p in QUANT_PEERS]  # fmt: skip
+        for entry in candidates:
+            if entry.key not in seen:
+                seen.add(entry.key)
+                entries.append(entry)
+    return entries
 
 
 def _cache_entries(config: BenchConfig, guidance: float, existing: list[Entry], network: Any) -> list[Entry]:

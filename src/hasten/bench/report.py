@@ -122,13 +122,9 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     plt.close(fig)
 
 
-def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each cached row (hasten cache config or peer cache) against the uncached row at its setting.
-
-    ``speedup`` is the uncached row's median seconds over the cached row's (same run, same noise);
-    ``fd_change`` the relative FD change; ``rmse_to_uncached`` is not stored, so the error to the reference
-    solve of both is given instead.
-    """
+def _against_plain(rows: list[dict[str, Any]], option_keys: tuple[str, ...]):
+    """Each row whose options name one of ``option_keys`` (a cache, a quantised model...), with the plain
+    float hasten row at its setting (same solver, steps, guidance: same run, same noise)."""
 
     def setting(r: dict[str, Any]) -> tuple:
         return (r["solver"], r["steps"], r["guidance"])
@@ -138,12 +134,21 @@ def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rows
         if r["library"] == "hasten" and not r.get("options") and r.get("schedule") == "auto" and r.get("seconds")
     }
-    out = []
     for r in rows:
         options = r.get("options") or {}
-        if not ("accel" in options or "cache_peer" in options) or setting(r) not in plain:
-            continue
-        base = plain[setting(r)]
+        if any(k in options for k in option_keys) and setting(r) in plain:
+            yield r, plain[setting(r)]
+
+
+def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each cached row (hasten cache config or peer cache) against the uncached row at its setting.
+
+    ``speedup`` is the uncached row's median seconds over the cached row's (same run, same noise);
+    ``fd_change`` the relative FD change; ``rmse_to_uncached`` is not stored, so the error to the reference
+    solve of both is given instead.
+    """
+    out = []
+    for r, base in _against_plain(rows, ("accel", "cache_peer")):
         stats = r.get("accel_stats") or {}
         out.append({
             "label": r["label"], "library": r["library"], "solver": r["solver"], "steps": r["steps"],
@@ -155,6 +160,48 @@ def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_bytes_uncached": base.get("peak_memory_bytes"),
         })  # fmt: skip
     return out
+
+
+def quant_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each quantised row (hasten folder or torchao peer) against the float row at its setting: speed-up
+    (same run, same noise), relative FD change, size on disk as a fraction of the float checkpoint."""
+    out = []
+    for r, base in _against_plain(rows, ("quant", "quant_peer")):
+        size, base_size = r.get("bytes_on_disk"), base.get("bytes_on_disk")
+        out.append({
+            "label": r["label"], "library": r["library"], "solver": r["solver"], "steps": r["steps"],
+            "guidance": r["guidance"], "seconds": r["seconds"], "seconds_float": base["seconds"],
+            "speedup": base["seconds"] / r["seconds"], "fd": r["fd"], "fd_float": base["fd"],
+            "fd_change": r["fd"] / base["fd"] - 1.0, "rmse_ref": r["rmse_ref"], "rmse_ref_float": base["rmse_ref"],
+            "bytes_on_disk": size, "size_ratio": None if not (size and base_size) else size / base_size,
+            "execution": r.get("execution"), "peak_memory_bytes": r.get("peak_memory_bytes"),
+        })  # fmt: skip
+    return out
+
+
+def _quant_section(rows: list[dict[str, Any]]) -> str:
+    table = quant_comparison(rows)
+    if not table:
+        return ""
+    head = ("configuration", "FD", "float FD", "FD change", "RMSE ref", "size MB", "size vs float", "seconds",
+            "float s", "speed-up", "execution")  # fmt: skip
+    body = []
+    for c in table:
+        ratio = "–" if c["size_ratio"] is None else f"{c['size_ratio']:.2f}x"
+        size = "–" if c["bytes_on_disk"] is None else f"{c['bytes_on_disk'] / 1e6:.2f}"
+        cells = [html.escape(c["label"]), _fmt(c["fd"], 4), _fmt(c["fd_float"], 4), f"{c['fd_change']:+.1%}",
+                 _fmt(c["rmse_ref"]), size, ratio, _fmt(c["seconds"]), _fmt(c["seconds_float"]),
+                 f"{c['speedup']:.2f}x", html.escape(str(c["execution"] or "–"))]  # fmt: skip
+        body.append(f'<tr class="{html.escape(c["library"])}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    return f"""<h2>Quantisation: against the float model at the same setting</h2>
+<p>FD change: relative to the float row's FD (same noise). Size: the weights file on disk (hasten: integers and
+scales in safetensors; torchao: its serialised state dict) over the float32 checkpoint. Speed-up: median sampling
+seconds of the float row over the quantised row, measured in this run on this machine; the execution column says
+what ran: a simulated (fake-quantised) model is never a speed claim.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>
+{"".join(body)}
+</table>
+"""
 
 
 def _cache_section(rows: list[dict[str, Any]]) -> str:
@@ -257,6 +304,7 @@ the same noise; pixels in [0, 1]), or the exact solution for the analytic mixtur
 Pareto front.</p>
 <div class="plots">{"".join(f'<img src="{_img(folder / name)}" alt="{name}">' for name in plots)}</div>
 {_cache_section(rows)}
+{_quant_section(rows)}
 <h2>Results</h2>
 <table><tr>{"".join(f"<th>{h}</th>" for _, h in cols)}</tr>
 {"".join(body)}

@@ -74,6 +74,9 @@ def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None
         return generate(model, n, plan=plan, seed=config.seed, guidance=entry.guidance)
     if "accel" in entry.options or "cache_peer" in entry.options:
         return _sample_cached(model, entry, config, n)
+    if "quant" in entry.options or "quant_peer" in entry.options:
+        quantized, _ = _quantized_model(model, entry)
+        return generate(quantized, n, solver=entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance)
     if entry.library == "hasten":
         return generate(
             model, n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
@@ -91,6 +94,36 @@ def _sample_cached(model: LoadedModel, entry: Entry, config: BenchConfig, n: int
         return generate(model, n, accel=AccelConfig.load(entry.options["accel"]), **kwargs)
     with peer_cache(entry.options["cache_peer"], model.network, entry.steps):
         return generate(model, n, **kwargs)
+
+
+_QUANTIZED: dict[tuple[str, str], tuple[LoadedModel, dict[str, Any]]] = {}  # per bench run: loaded once
+
+
+def _quantized_model(model: LoadedModel, entry: Entry) -> tuple[LoadedModel, dict[str, Any]]:
+    """The quantised model of a quant row (a `hasten quantize` folder or a torchao peer), with its size and
+    how it executes; refuses a folder quantised from another model."""
+    from ..quant.modules import QuantizedLayer
+    from .quant_peers import quant_peer_model
+
+    key = (model.fingerprint, json.dumps(entry.options, sort_keys=True))
+    if key not in _QUANTIZED:
+        if "quant_peer" in entry.options:
+            _QUANTIZED[key] = quant_peer_model(model, entry.options["quant_peer"])
+        else:
+            quantized = load(entry.options["quant"])
+            source = quantized.info.quantization["source"]
+            if source["fingerprint"] != model.fingerprint:
+                raise BenchError(
+                    f"{entry.options['quant']} was quantised from {source['name']} ({source['fingerprint']}), not "
+                    f"from the benchmarked model {model.info.name} ({model.fingerprint})"
+                )
+            layers = [m for m in quantized.network.modules() if isinstance(m, QuantizedLayer)]
+            kernels = sum(m.execution == "kernel" for m in layers)
+            execution = (f"hasten int8 kernels (oneDNN) for {kernels} of {len(layers)} quantised layers, the rest "
+                         "simulated" if kernels else "simulated (fake-quantised float compute): no speed claim")
+            _QUANTIZED[key] = (quantized, {"bytes_on_disk": quantized.bytes_on_disk(), "execution": execution,
+                                           "quantization": quantized.info.quantization})  # fmt: skip
+    return _QUANTIZED[key]
 
 
 def _measure(
@@ -122,12 +155,22 @@ def _measure(
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_scope": "this configuration" if peak_reset else "process so far",
         "accel_stats": gen.accel_stats,
+        **_model_facts(model, entry),
         "rmse_ref": rmse(gen.images01, reference),
         "psnr_ref": psnr(gen.images01, reference),
         "grid": f"grids/{entry.key}.png",
         **{k: quality[k] for k in QUALITY_KEYS},
         "label_accuracy": quality.get("label_accuracy"),
     }
+
+
+def _model_facts(model: LoadedModel, entry: Entry) -> dict[str, Any]:
+    """Size on disk and execution of the network a hasten or torchao row ran (quantisation rows above all)."""
+    if "quant" in entry.options or "quant_peer" in entry.options:
+        return dict(_quantized_model(model, entry)[1])
+    if entry.library == "hasten":
+        return {"bytes_on_disk": model.bytes_on_disk(), "execution": "float32"}
+    return {}
 
 
 class _Results:
@@ -191,6 +234,7 @@ def run_bench(
     if config.model == "gmm":
         return _run_gmm(config, folder, resume, on_row, started)
     model = load(config.model)
+    _QUANTIZED.clear()
     if model.info.data != "mnist":
         raise BenchError(f"bench measures MNIST models so far; {model.info.name!r} is trained on {model.info.data!r}")
     entries = expand(

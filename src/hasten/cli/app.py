@@ -1,4 +1,4 @@
-"""``hasten`` command line: sample, evaluate, bench, report, tune, train (each prints JSON with --format json)."""
+"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train (JSON with --format json)."""
 
 from __future__ import annotations
 
@@ -197,7 +197,9 @@ def evaluate(
 def bench(
     model: ModelOption = "mnist-dit",
     preset: Annotated[
-        str, typer.Option(help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), standard or full")
+        str,
+        typer.Option(help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), caching (--accel), "
+                     "quantization (--quant), standard or full"),
     ] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
@@ -206,6 +208,10 @@ def bench(
     accel: Annotated[
         list[pathlib.Path] | None,
         typer.Option(help="a cache config from `hasten accelerate calibrate` (repeatable): cached, uncached, peers"),
+    ] = None,
+    quant: Annotated[
+        list[pathlib.Path] | None,
+        typer.Option(help="a quantised model folder from `hasten quantize` (repeatable): quantised, float, torchao"),
     ] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -228,6 +234,7 @@ def bench(
             model=model,
             plans=tuple(map(str, plan or ())),
             accels=tuple(map(str, accel or ())),
+            quants=tuple(map(str, quant or ())),
             **extra,
         )
     except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
@@ -350,6 +357,49 @@ def tune(
         f"{loaded.info.name} at NFE {plan.nfe}: held-out RMSE to reference {held['rmse_ref']:.4f} vs "
         f"{base['heldout']['rmse_ref']:.4f} for the best stock configuration {base['label']}{fd} "
         f"({plan.search['evaluations']} evaluations) -> {out}\n{plan.describe()}",
+    )
+
+
+@app.command()
+def quantize(
+    model: ModelOption = "mnist-unet",
+    weights: Annotated[int, typer.Option(help="weight bits: 8 or 4 (per output channel)")] = 8,
+    activations: Annotated[int, typer.Option(help="activation bits: 8, or 16 to keep float activations")] = 8,
+    out: Annotated[pathlib.Path, typer.Option(help="folder to write: a model `hasten sample --model` loads")] = (
+        pathlib.Path("quantized")
+    ),
+    calibration: Annotated[
+        str, typer.Option(help="trajectory (every step, Q-Diffusion), normal (PTQ4DM), single (middle step only)")
+    ] = "trajectory",
+    n: Annotated[int, typer.Option(help="calibration images (trajectories)")] = 128,
+    solver: SolverOption = "dpmpp_2m",
+    steps: Annotated[int, typer.Option(min=1, help="solver steps of the calibration trajectories")] = 20,
+    guidance: GuidanceOption = 1.0,
+    per_step: Annotated[bool, typer.Option(help="activation ranges per time step (TFMQ-DM finite-set)")] = True,
+    split: Annotated[bool, typer.Option(help="split quantisation of UNet shortcut concatenations")] = True,
+    reconstruct: Annotated[str, typer.Option(help="none, or adaround (learned rounding: slower, better)")] = "none",
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Time-step-aware post-training quantisation: integer weights on disk, int8 kernels where the CPU has them."""
+    from ..quant import QuantConfig, quantize_to_folder
+
+    try:
+        config = QuantConfig(
+            weights=weights, activations=None if activations == 16 else activations, per_step=per_step,
+            split_shortcut=split, reconstruct=reconstruct,
+        )  # fmt: skip
+        record = quantize_to_folder(model, config, out, n=n, mode=calibration, solver=solver, steps=steps,
+                                    guidance=guidance)  # fmt: skip
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    kernels = record["execution"].get("kernel", 0)
+    layers = sum(record["execution"].values())
+    _emit(
+        fmt,
+        record,
+        f"{config.label}: {record['bytes'] / 1e6:.2f} MB on disk ({record['size_ratio']:.2f}x of "
+        f"{record['source']['bytes'] / 1e6:.2f} MB), network output SQNR {record['network_sqnr_db']:.1f} dB, "
+        f"{kernels} of {layers} layers on int8 kernels -> {record['out']}",
     )
 
 

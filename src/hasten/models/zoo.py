@@ -41,6 +41,12 @@ class ModelInfo:
     time_scale: float = 1.0
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)  # set by `hasten quantize`
+
+    @property
+    def weights_file(self) -> str:
+        """The weights file of the folder: diffusers' for float models, hasten's integer format if quantised."""
+        return "quantized.safetensors" if self.quantization else "diffusion_pytorch_model.safetensors"
 
     @property
     def null_class(self) -> int | None:
@@ -123,10 +129,10 @@ def _network_class(arch: str):
     return {"unet": diffusers.UNet2DModel, "dit": diffusers.DiTTransformer2DModel}[arch]
 
 
-def weights_fingerprint(folder: pathlib.Path) -> str:
+def weights_fingerprint(folder: pathlib.Path, weights_file: str = "diffusion_pytorch_model.safetensors") -> str:
     """sha256 of the weights file: identifies a model for caches and plans."""
     digest = hashlib.sha256()
-    with open(folder / "diffusion_pytorch_model.safetensors", "rb") as fh:
+    with open(folder / weights_file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -147,7 +153,7 @@ class LoadedModel:
         return self.denoiser.schedule
 
     def bytes_on_disk(self) -> int:
-        return (self.folder / "diffusion_pytorch_model.safetensors").stat().st_size
+        return (self.folder / self.info.weights_file).stat().st_size
 
 
 def bundled_models() -> list[str]:
@@ -174,7 +180,12 @@ def load(
     info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
     if info.format_version > FORMAT_VERSION:
         raise ValueError(f"{folder} was written by a newer hasten (format {info.format_version})")
-    network = _network_class(info.arch).from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    if info.quantization:
+        from ..quant.storage import load_quantized_network
+
+        network = load_quantized_network(_network_class(info.arch), folder)
+    else:
+        network = _network_class(info.arch).from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
     schedule = info.schedule()
@@ -186,7 +197,7 @@ def load(
         denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown objective {info.objective!r} in {folder / 'hasten.json'}")
-    return LoadedModel(denoiser, network, info, folder, weights_fingerprint(folder))
+    return LoadedModel(denoiser, network, info, folder, weights_fingerprint(folder, info.weights_file))
 
 
 def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -> pathlib.Path:
