@@ -136,7 +136,9 @@ class CalibrationSet:
                 if meta.get("hasten_calibration") != "1":
                     raise ValueError(f"{str(path)!r} is not a hasten calibration set (format 1)")
                 tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no iter)
-        except (OSError, json.JSONDecodeError) as err:
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
             raise ValueError(f"cannot read calibration set {str(path)!r}: {err}") from err
         calls = []
         for spec in json.loads(meta["calls"]):
