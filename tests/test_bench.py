@@ -30,7 +30,7 @@ def test_matrix_expansion():
     assert {e.solver for e in flow if e.library == "diffusers"} == {"flow_euler"} and {e.guidance for e in flow} == {
         1.0
     }
-    assert set(PRESETS) == {"quick", "tuning", "standard", "full", "caching"}
+    assert set(PRESETS) == {"quick", "tuning", "standard", "full", "caching", "quantization"}
 
 
 def test_parse_solver_validates_early():
