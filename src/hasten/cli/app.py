@@ -389,7 +389,7 @@ def quantize(
             split_shortcut=split, reconstruct=reconstruct,
         )  # fmt: skip
         record = quantize_to_folder(model, config, out, n=n, mode=calibration, solver=solver, steps=steps,
-                                    guidance=guidance)  # fmt: skip
+                                    guidance=guidance, progress=fmt is OutputFormat.text)  # fmt: skip
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     kernels = record["execution"].get("kernel", 0)

@@ -188,6 +188,7 @@ def quantize_to_folder(
     guidance: float | None = None,
     seed: int = 1000,
     points: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Calibrate on ``model``'s own trajectories, quantise a copy, write it to ``out``; returns the record.
 
@@ -205,7 +206,7 @@ def quantize_to_folder(
     calibration = collect_calibration(loaded, n=n, mode=mode, solver=solver, steps=steps, guidance=guidance,
                                       seed=seed, points=points)  # fmt: skip
     source = {"name": loaded.info.name, "fingerprint": loaded.fingerprint, "bytes": loaded.bytes_on_disk()}
-    report = quantize_(loaded, config, calibration=calibration)
+    report = quantize_(loaded, config, calibration=calibration, progress=progress)
     record = {
         "label": config.label, "config": config.to_dict(), "source": source, "calibration": calibration.setting,
         "network_sqnr_db": report.network_sqnr_db,
