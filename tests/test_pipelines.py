@@ -28,7 +28,8 @@ def _pipeline_loop(model, scheduler, steps=10, **set_kwargs):
     """What a diffusers pipeline does with its scheduler (set_timesteps, scale, model call, step)."""
     scheduler.set_timesteps(steps, **set_kwargs)
     # flow-matching schedulers have no init_noise_sigma (they start from unit noise)
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * getattr(scheduler, "init_noise_sigma", 1)
+    noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = noise * getattr(scheduler, "init_noise_sigma", 1)
     scale = model.info.time_scale / 1000 if model.info.objective == "flow" else 1.0
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     for t in scheduler.timesteps:
@@ -64,8 +65,10 @@ def test_agrees_with_diffusers_schedulers(unet, cls, config, solver, options):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-4 if cls == "PNDMScheduler" else 1e-4)
 
 
-@pytest.mark.parametrize(("cls", "solver", "options"), [("FlowMatchEulerDiscreteScheduler", "euler", {}),
-                                                         ("FlowMatchHeunDiscreteScheduler", "heun", {"space": "flow"})])
+@pytest.mark.parametrize(
+    ("cls", "solver", "options"),
+    [("FlowMatchEulerDiscreteScheduler", "euler", {}), ("FlowMatchHeunDiscreteScheduler", "heun", {"space": "flow"})],
+)
 def test_agrees_with_flow_matching_schedulers(dit, cls, solver, options):
     reference = getattr(diffusers, cls)(num_train_timesteps=1000, shift=1.0)
     theirs = _pipeline_loop(dit, reference)
@@ -176,7 +179,7 @@ def test_img2img_begins_at_a_step_boundary(unet):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="unknown solver|solver"):
+    with pytest.raises(ValueError, match=r"unknown solver|solver"):
         HastenScheduler(solver="dpmpp_9m")
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         HastenScheduler(prediction_type="score")

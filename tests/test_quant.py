@@ -159,7 +159,7 @@ def test_calibration_set_round_trips(tmp_path, unet_calibration):
     assert len(back) == len(unet_calibration) and back.times == unet_calibration.times
     assert torch.equal(back.calls[2].args[0], unet_calibration.calls[2].args[0])
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="cannot read calibration set|not a hasten calibration"):
+    with pytest.raises(ValueError, match=r"cannot read calibration set|not a hasten calibration"):
         CalibrationSet.load(tmp_path / "bad.safetensors")
 
 
@@ -297,7 +297,7 @@ def test_save_load_reproduces_outputs_exactly(tmp_path, unet, unet_calibration):
 def test_corrupt_quantised_checkpoints_are_refused(tmp_path, w8a8):
     from safetensors.torch import load_file, save_file
 
-    model, report = w8a8
+    model, _ = w8a8
     folder = save_quantized(model, tmp_path / "q", record={"label": "x", "source": {}, "calibration": {}})
     path = folder / "quantized.safetensors"
     meta = {"hasten_quant": "1", "layers": json.dumps(json.loads(_metadata(path)["layers"]))}
@@ -305,12 +305,12 @@ def test_corrupt_quantised_checkpoints_are_refused(tmp_path, w8a8):
     broken = dict(tensors)
     del broken["conv_in.weight_scale"]
     save_file(broken, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="lacks 'conv_in.weight_scale'"):
+    with pytest.raises(ValueError, match=r"lacks 'conv_in\.weight_scale'"):
         hasten.load(folder)
     broken = dict(tensors)
     broken["conv_in.weight_scale"] = torch.ones(1, 7)
     save_file(broken, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="conv_in.weight_scale has shape"):
+    with pytest.raises(ValueError, match=r"conv_in\.weight_scale has shape"):
         hasten.load(folder)
 
 

@@ -214,7 +214,9 @@ def quant_setting(path: str) -> dict[str, Any]:
     folder = pathlib.Path(path)
     info = folder / "hasten.json"
     if not info.exists():
-        raise FileNotFoundError(f"{path!r} is not a model folder (no hasten.json); pass a folder from `hasten quantize`")
+        raise FileNotFoundError(
+            f"{path!r} is not a model folder (no hasten.json); pass a folder from `hasten quantize`"
+        )
     try:
         record = json.loads(info.read_text()).get("quantization")
     except json.JSONDecodeError as err:

@@ -119,8 +119,11 @@ def _quantized_model(model: LoadedModel, entry: Entry) -> tuple[LoadedModel, dic
                 )
             layers = [m for m in quantized.network.modules() if isinstance(m, QuantizedLayer)]
             kernels = sum(m.execution == "kernel" for m in layers)
-            execution = (f"hasten int8 kernels (oneDNN) for {kernels} of {len(layers)} quantised layers, the rest "
-                         "simulated" if kernels else "simulated (fake-quantised float compute): no speed claim")
+            execution = (
+                f"hasten int8 kernels (oneDNN) for {kernels} of {len(layers)} quantised layers, the rest simulated"
+                if kernels
+                else "simulated (fake-quantised float compute): no speed claim"
+            )
             _QUANTIZED[key] = (quantized, {"bytes_on_disk": quantized.bytes_on_disk(), "execution": execution,
                                            "quantization": quantized.info.quantization})  # fmt: skip
     return _QUANTIZED[key]

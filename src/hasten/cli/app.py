@@ -1,4 +1,4 @@
-"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train (JSON with --format json)."""
+"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train (--format json)."""
 
 from __future__ import annotations
 
@@ -198,8 +198,10 @@ def bench(
     model: ModelOption = "mnist-dit",
     preset: Annotated[
         str,
-        typer.Option(help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), caching (--accel), "
-                     "quantization (--quant), standard or full"),
+        typer.Option(
+            help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), caching (--accel), "
+            "quantization (--quant), standard or full"
+        ),
     ] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,

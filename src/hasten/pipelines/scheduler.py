@@ -44,7 +44,7 @@ SCHEDULES_NATIVE = "native"  # the timesteps the pipeline's own scheduler would 
 FLOW_T_MAX = 1.0 - 1e-6  # where a flow grid starting at t = 1 starts here (the model still sees t = 1)
 
 
-class _NextCall(Exception):  # noqa: N818 - control flow, not an error
+class _NextCall(Exception):
     """Raised by the replay denoiser where the solver asks for a model output not given yet."""
 
     def __init__(self, x: Tensor, sigma: Tensor) -> None:
@@ -391,7 +391,7 @@ def _pick_source(candidates: list[str], config: dict[str, Any]) -> str | None:
             scheduler = getattr(diffusers, name).from_config(config)
             scheduler.set_timesteps(10)
             grids.append(scheduler.timesteps.double().tolist())
-        except Exception:  # noqa: BLE001 - a candidate that cannot even build is no match
+        except Exception:
             return None
     return min(candidates, key=len) if all(g == grids[0] for g in grids) else None  # the plain name
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -174,21 +175,9 @@ def _shifted(call: NetworkCall) -> NetworkCall:
     return NetworkCall(call.args, {**call.kwargs, key: call.kwargs[key] + 1.0}, call.t, call.step, call.branch)
 
 
-@torch.no_grad()
 def _layer_inputs(network: nn.Module, modules: dict[str, nn.Module], call: NetworkCall) -> dict[str, Tensor]:
-    """Each named module's input on one call (first call of a module, in execution order)."""
-    seen: dict[str, Tensor] = {}
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].detach()))
-        for name, module in modules.items()
-    ]
-    try:
-        with network_time(call.t):
-            call.run(network)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    """Each named module's (first) input on one call, in execution order; modules never called are absent."""
+    return {name: inputs[0] for name, inputs in _layer_inputs_all(network, modules, call).items()}
 
 
 def _targets(network: nn.Module, config: QuantConfig, filter_fn: Callable | None) -> dict[str, nn.Module]:
@@ -226,7 +215,7 @@ def _activation_ranges(
 
         def hook(m: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
-            for g, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            for g, (lo, hi) in enumerate(itertools.pairwise(edges)):
                 part = x.narrow(channel_dim, lo, hi - lo).flatten()
                 keep = part[torch.randint(0, part.numel(), (SAMPLE_PER_CHUNK,), generator=generator)]
                 keep = torch.cat([keep, part.min()[None], part.max()[None]])  # the extremes always count
@@ -313,11 +302,13 @@ def _capture(network: nn.Module, modules: dict[str, nn.Module], calls: list[Netw
     return captured
 
 
+@torch.no_grad()
 def _layer_inputs_all(network: nn.Module, modules: dict[str, nn.Module], call: NetworkCall) -> dict[str, list[Tensor]]:
-    """Every input of each named module on one call (a module may run more than once)."""
-    seen: dict[str, list[Tensor]] = {name: [] for name in modules}
+    """Every input of each named module on one call (a module may run more than once), keyed in the order
+    the modules first ran; modules never called are absent."""
+    seen: dict[str, list[Tensor]] = {}
     handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].detach()))
         for name, module in modules.items()
     ]
     try:
@@ -349,10 +340,12 @@ def _adaround_layer(module: nn.Module, layer: QuantizedLayer, inputs: list[tuple
         if len(layer.channel_groups) == 1:
             fwd = forward
         else:  # learn one group's rounding with the other groups at their current values
+
             def fwd(x: Tensor, w_g: Tensor, lo=lo, hi=hi) -> Tensor:
                 full = layer.dequantized_weight().clone()
                 full = torch.cat([full[:, :lo], w_g, full[:, hi:]], dim=dim)
                 return forward(x, full)
+
         learned.append(adaround(
             w[:, lo:hi], layer.weight_scale[g], layer.bits, fwd, x_q, target, iters=config.adaround_iters,
             generator=generator,
@@ -429,7 +422,7 @@ def quantize_(
     probe = middle.select(torch.arange(min(8, middle.batch_size)))
     try:
         first = _layer_inputs(network, targets, probe)
-    except Exception as err:  # noqa: BLE001 - a set for another architecture fails here; say so
+    except Exception as err:
         raise ValueError(f"the network cannot run on the calibration inputs ({err}); was the set made for it?") from err
     order = list(first)  # execution order; layers the network never calls are not quantised
     if not order:

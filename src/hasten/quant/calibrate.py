@@ -135,10 +135,10 @@ class CalibrationSet:
                 meta = fh.metadata() or {}
                 if meta.get("hasten_calibration") != "1":
                     raise ValueError(f"{str(path)!r} is not a hasten calibration set (format 1)")
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no iter)
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         except ValueError:
             raise
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
+        except Exception as err:
             raise ValueError(f"cannot read calibration set {str(path)!r}: {err}") from err
         calls = []
         for spec in json.loads(meta["calls"]):
@@ -203,7 +203,8 @@ def collect_calibration(
         gen = generate(model, n, solver=solver, steps=steps, guidance=guidance, seed=seed, **sample_options)
     finally:
         handle.remove()
-    setting = {"mode": mode, "n": n, "points": points, "solver": solver, "steps": steps, "guidance": 1.0 if guidance is None else guidance,
+    setting = {"mode": mode, "n": n, "points": points, "solver": solver, "steps": steps,
+               "guidance": 1.0 if guidance is None else guidance,
                "seed": seed, "nfe": gen.nfe, **{k: v for k, v in sample_options.items() if _jsonable(v)}}  # fmt: skip
     calls = _merge_batches(recorded)
     generator = torch.Generator().manual_seed(seed)

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import itertools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -177,7 +178,7 @@ class QuantizedLayer(nn.Module):
     def channel_groups(self) -> list[tuple[int, int]]:
         """(start, stop) of each input-channel group."""
         edges = [0, *self.split, self.weight_int.shape[1]]
-        return list(zip(edges[:-1], edges[1:], strict=True))
+        return list(itertools.pairwise(edges))
 
     @property
     def quantizes_activations(self) -> bool:

@@ -20,8 +20,8 @@ from torch import Tensor
 
 __all__ = [
     "LP_NORM",
-    "act_range_search",
     "act_qparams",
+    "act_range_search",
     "adaround",
     "fake_quant_act",
     "pack_int4",
@@ -98,7 +98,8 @@ def _weighted_sample(x: Tensor) -> tuple[Tensor, Tensor]:
     middle = x[(x < top[-1]) & (x > bottom[-1])]
     gen = torch.Generator().manual_seed(0)
     picked = middle[torch.randint(0, middle.numel(), (ACT_SAMPLE,), generator=gen)] if middle.numel() else middle
-    weights = torch.cat([torch.ones(2 * ACT_TAIL), torch.full((picked.numel(),), middle.numel() / max(picked.numel(), 1))])
+    share = middle.numel() / max(picked.numel(), 1)
+    weights = torch.cat([torch.ones(2 * ACT_TAIL), torch.full((picked.numel(),), share)])
     return torch.cat([top, bottom, picked]), weights
 
 
@@ -182,7 +183,8 @@ def adaround(
     ``forward(x, w_q)`` matches ``targets`` on ``inputs``; returns the int8 values.
 
     ``h(V) = clip(sigmoid(V)(zeta - gamma) + gamma, 0, 1)`` starts at the fractional part of ``w / s``;
-    the loss is the output squared error (summed per sample, averaged over the batch) plus ``reg * sum(1 - |2h - 1|^beta)`` (after a warm-up without it, beta
+    the loss is the output squared error (summed per sample, averaged over the batch) plus
+    ``reg * sum(1 - |2h - 1|^beta)`` (after a warm-up without it, beta
     annealed 20 -> 2) which pushes every h to 0 or 1; the result rounds at ``h >= 0.5``.
 
     Reference: Nagel et al., ICML 2020, eqs. 21-24.

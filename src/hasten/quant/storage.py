@@ -110,8 +110,8 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no iter)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as err:
         raise ValueError(f"cannot read {path}: {err}") from err
     if meta.get("hasten_quant") != str(QUANT_FORMAT):
         raise ValueError(f"{path} is not a hasten quantised checkpoint of format {QUANT_FORMAT}")
