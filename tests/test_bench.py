@@ -113,3 +113,18 @@ def test_gmm_bench_exact_errors_fall_with_nfe(tmp_path):
         assert all(a > b for a, b in itertools.pairwise(errs)), (solver, errs)
     res = CliRunner().invoke(app, ["report", str(tmp_path / "gmm"), "--format", "json"])
     assert res.exit_code == 0 and json.loads(res.output)["rows"] == 16
+
+
+def test_results_of_an_older_matrix_resume_after_new_options_appear():
+    """A folder written before BenchConfig gained an option (absent there, at its default now) still resumes."""
+    from hasten.bench.runner import _same_matrix
+
+    config = BenchConfig(model="mnist-dit").to_dict()
+    new = {"config": config, "model_fingerprint": "f", "entries": ["a"]}
+    old = {"config": {k: v for k, v in config.items() if k not in ("quants", "quant_peers")},
+           "model_fingerprint": "f", "entries": ["a"]}  # fmt: skip
+    assert _same_matrix(old, new)
+    changed = {**new, "config": {**config, "quants": ["somewhere"]}}
+    assert not _same_matrix(old, changed)
+    assert not _same_matrix({**old, "entries": ["b"]}, new)
+    assert not _same_matrix(None, new)

@@ -176,6 +176,18 @@ def _model_facts(model: LoadedModel, entry: Entry) -> dict[str, Any]:
     return {}
 
 
+def _same_matrix(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a folder's matrix is this one; options added to BenchConfig since the folder was written
+    count as equal when the new matrix has them at their defaults (an upgrade must not orphan results)."""
+    if old is None:
+        return False
+    defaults = BenchConfig().to_dict()
+    old_config, new_config = dict(old.get("config", {})), dict(new["config"])
+    for key in [k for k in new_config if k not in old_config and new_config[k] == defaults.get(k)]:
+        del new_config[key]
+    return {**old, "config": old_config} == {**new, "config": new_config}
+
+
 class _Results:
     """The folder's ``results.jsonl`` and ``matrix.json``: refuses a foreign matrix, rewrites atomically."""
 
@@ -190,7 +202,7 @@ class _Results:
                     f"{folder} already holds bench results; pass --resume to continue them, or use another --out"
                 )
             old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
-            if old != matrix:
+            if not _same_matrix(old, matrix):
                 raise BenchError(
                     f"{folder} holds results of a different matrix (settings or model changed); use another --out"
                 )
