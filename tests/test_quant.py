@@ -17,11 +17,11 @@ from hasten.quant import (
     QuantizedLayer,
     collect_calibration,
     int8_kernels_available,
+    modules,
     quantize_,
     save_quantized,
     shortcut_splits,
 )
-from hasten.quant.modules import network_time
 from hasten.quant.quantizers import (
     act_qparams,
     act_range_search,
@@ -197,10 +197,18 @@ def test_activation_ranges_follow_the_time_input(w8a8, unet_calibration):
     layer = model.network.get_submodule("down_blocks.1.resnets.0.conv1")
     assert layer.act_t.numel() == 1 + len(unet_calibration.times)  # row 0: all times
     for row, t in enumerate(unet_calibration.times, start=1):
-        with network_time(t + 0.01):
-            assert layer._row() == row
-    with network_time(None):
-        assert layer._row() == 0
+        assert layer.row_for(t + 0.01) == row
+    assert layer.row_for(None) == 0
+    # the network's pre-hook publishes each call's timestep to its quantised layers
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(m.row_for(modules._TIME.get())))
+    try:
+        with torch.no_grad():
+            t = unet_calibration.times[2]
+            model.network(torch.randn(1, 1, 28, 28), torch.tensor([t]), class_labels=torch.tensor([3]))
+    finally:
+        handle.remove()
+    assert seen == [3]
     assert len(set(layer.act_scale[1:, 0].tolist())) > 1  # ranges differ over the trajectory
 
 

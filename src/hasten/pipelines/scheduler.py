@@ -32,6 +32,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import Tensor, nn
 
+from .._context import current_run
 from ..models.adapters import EpsDenoiser, FlowDenoiser, VDenoiser, X0Denoiser
 from ..schedules import FlowMatching, VPDiscrete, get_sigmas
 from ..schedules.grids import from_sigmas, from_timesteps
@@ -192,12 +193,13 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         options = self.config.solver_options or {}
         self._solver = self._plan.build_solver(**options) if self._plan is not None else get_solver(
             self.config.solver, **options)  # fmt: skip
-        calls = _evaluation_sigmas(self._solver, self._grid)
-        self._call_sigmas = calls
+        calls = _model_calls(self._solver, self._grid)
+        self._call_sigmas = [sigma for sigma, _ in calls]
+        self._call_steps = [step for _, step in calls]
         self.num_inference_steps = len(self._grid) - 1
         per_step = len(calls) / self.num_inference_steps
         self.order = int(per_step) if per_step == int(per_step) else 1
-        self.timesteps = self._model_time(torch.tensor(calls, dtype=torch.float64)).to(
+        self.timesteps = self._model_time(torch.tensor(self._call_sigmas, dtype=torch.float64)).to(
             device=device, dtype=torch.float32)  # fmt: skip
         self._reset()
 
@@ -235,7 +237,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             # The replay integrates in float64: a few latent-sized tensors, and it lets flow grids start a
             # hair below t = 1 (VE sigma 1e6) without cancellation.
             self._x_start = sample.to(torch.float64) / float(self.noise_schedule.alpha_from_ve_sigma(sigma0))
-            self._start_step = _step_of_call(self._solver, self._grid, begin)
+            self._start_step = self._call_steps[begin]
+            if begin and self._call_steps[begin - 1] == self._start_step:
+                raise ValueError(f"begin index {begin} is not the first model call of a grid step")
             if generator is not None:
                 self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         if begin + len(self._outputs) >= len(self._call_sigmas):
@@ -255,7 +259,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         s = (alpha * sigma).reshape(shape).to(original_samples.device, torch.float32)
         return (a * original_samples.float() + s * noise.float()).to(original_samples.dtype)
 
-    scale_noise = None  # set below: flow-matching pipelines call scale_noise(sample, timestep, noise)
+    def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor) -> Tensor:
+        """Flow matching's forward process at ``timestep`` (what SD3/Flux img2img pipelines call)."""
+        return self.add_noise(sample, noise, torch.as_tensor(timestep))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -445,41 +451,15 @@ def _probe_state(solver: Any) -> Tensor:
     return torch.zeros(1, 1)
 
 
-def _evaluation_sigmas(solver: Any, grid: Tensor) -> list[float]:
-    """The noise level of every model call the solver makes on ``grid`` (a dry run on a zero state)."""
-    seen: list[float] = []
+def _model_calls(solver: Any, grid: Tensor) -> list[tuple[float, int]]:
+    """Every model call the solver makes on ``grid``: its noise level and the grid step it belongs to (a dry
+    run on a zero state; the step is the one the sample loop publishes)."""
+    seen: list[tuple[float, int]] = []
 
     def probe(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        seen.append(float(sigma.flatten()[0]))
+        run = current_run()
+        seen.append((float(sigma.flatten()[0]), run.step.index if run is not None and run.step else 0))
         return torch.zeros_like(x)
 
     sample(probe, _probe_state(solver), grid, solver, generator=torch.Generator().manual_seed(0))
     return seen
-
-
-def _step_of_call(solver: Any, grid: Tensor, call: int) -> int:
-    """The grid step whose first model call is the ``call``-th (img2img begins there)."""
-    if call == 0:
-        return 0
-    counts: list[int] = []
-
-    def probe(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        counts[-1] += 1
-        return torch.zeros_like(x)
-
-    total = 0
-    for i in range(len(grid) - 1):
-        if total == call:
-            return i
-        counts.append(0)
-        sample(probe, _probe_state(solver), grid[i : i + 2], solver, generator=torch.Generator().manual_seed(0))
-        total += counts[-1]
-    raise ValueError(f"begin index {call} is not the first model call of a grid step")
-
-
-def _scale_noise(self: HastenScheduler, sample: Tensor, timestep: Any, noise: Tensor) -> Tensor:
-    """Flow matching's forward process at ``timestep`` (what SD3/Flux img2img pipelines call)."""
-    return self.add_noise(sample, noise, torch.as_tensor(timestep))
-
-
-HastenScheduler.scale_noise = _scale_noise

@@ -38,7 +38,7 @@ from ..config import Config, check_choice
 from ..progress import BudgetProgress
 from .calibrate import MIN_SAMPLES, CalibrationSet, NetworkCall
 from .modules import EXECUTIONS, QuantizedLayer, int8_kernels_available, network_time, publish_network_time
-from .quantizers import act_range_search, adaround, fake_quant_act, quantize_weight, sqnr_db
+from .quantizers import act_range_search, adaround, quantize_weight, sqnr_db
 
 __all__ = ["QuantConfig", "QuantReport", "is_quantized", "quantize_", "shortcut_splits"]
 
@@ -265,22 +265,6 @@ def _quantize_weights(module: nn.Module, layer: QuantizedLayer, config: QuantCon
         layer.weight_scale[g] = scale
 
 
-def _fake_quant_input(layer: QuantizedLayer, x: Tensor, row: int) -> Tensor:
-    if not layer.quantizes_activations:
-        return x
-    dim = 1 if layer.kind == "conv2d" else -1
-    parts = [
-        fake_quant_act(x.narrow(dim, lo, hi - lo), float(layer.act_scale[row, g]), int(layer.act_zero_point[row, g]))
-        for g, (lo, hi) in enumerate(layer.channel_groups)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _row_for(layer: QuantizedLayer, t: float | None) -> int:
-    with network_time(t):
-        return layer._row()
-
-
 def _adaround_samples(calibration: CalibrationSet, count: int, generator: torch.Generator) -> list[NetworkCall]:
     """About ``count`` samples spread evenly over the calibration calls (so over times and branches)."""
     per_call = max(1, math.ceil(count / len(calibration.calls)))
@@ -326,7 +310,7 @@ def _adaround_layer(module: nn.Module, layer: QuantizedLayer, inputs: list[tuple
     """Learn the rounding of one layer's weights: ``inputs`` (from the partly quantised network, fake-quantised
     as the layer will see them) must reproduce the float layer's output on ``float_inputs``."""
     with torch.no_grad():
-        x_q = torch.cat([_fake_quant_input(layer, x, _row_for(layer, t)) for x, t in inputs])
+        x_q = torch.cat([layer.fake_quantized_input(x, layer.row_for(t)) for x, t in inputs])
         target = torch.cat([module(x) for x, _ in float_inputs])
     bias = None if module.bias is None else module.bias.detach()
     dim = 1

@@ -152,6 +152,7 @@ class QuantizedLayer(nn.Module):
             self.act_t = self.act_scale = self.act_zero_point = None
         self.execution = "simulated"
         self._packed: tuple[Any, list[Any]] | None = None
+        self._weight_zero: Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -199,12 +200,9 @@ class QuantizedLayer(nn.Module):
         return f"{self.kind}, w{self.bits} {tuple(self.weight_int.shape)}, activations {act}{split}, {self.execution}"
 
     # -- forward -----------------------------------------------------------------------------------
-    def _row(self) -> int:
-        """Bank row for the current network time: the nearest calibrated time, else row 0 (all times)."""
-        if self.act_t is None or self.act_t.numel() == 1:
-            return 0
-        t = _TIME.get()
-        if t is None:
+    def row_for(self, t: float | None) -> int:
+        """Bank row for network time ``t``: the nearest calibrated time, else row 0 (all times)."""
+        if self.act_t is None or self.act_t.numel() == 1 or t is None:
             return 0
         distance = (self.act_t[1:] - t).abs()
         return 1 + int(torch.argmin(distance))
@@ -217,22 +215,28 @@ class QuantizedLayer(nn.Module):
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fake_quantized_input(self, x: Tensor, row: int) -> Tensor:
+        """``x`` on this layer's uint8 grids (bank ``row``, one grid per channel group); ``x`` itself for a
+        layer with float activations."""
         if not self.quantizes_activations:
-            return self._float_op(x, self.dequantized_weight().to(x.dtype), self.bias)
-        row = self._row()
-        if self.execution == "kernel" and x.device.type == "cpu" and x.dtype == torch.float32:
-            return self._kernel_forward(x, row)
-        groups = self.channel_groups
+            return x
         dim = self._channel_dim()
         parts = [
             fake_quant_act(x.narrow(dim, lo, hi - lo), float(self.act_scale[row, g]), int(self.act_zero_point[row, g]))
-            for g, (lo, hi) in enumerate(groups)
+            for g, (lo, hi) in enumerate(self.channel_groups)
         ]
-        x_q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-        return self._float_op(x_q, self.dequantized_weight(), self.bias)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quantizes_activations:
+            return self._float_op(x, self.dequantized_weight().to(x.dtype), self.bias)
+        row = self.row_for(_TIME.get())
+        if self.execution == "kernel" and x.device.type == "cpu" and x.dtype == torch.float32:
+            return self._kernel_forward(x, row)
+        return self._float_op(self.fake_quantized_input(x, row), self.dequantized_weight(), self.bias)
 
     def _packed_weights(self) -> list[Any]:
+        """oneDNN's packed int8 weights per channel group, rebuilt only when the weights change."""
         key = (self.weight_int.data_ptr(), self.weight_int._version, self.weight_scale._version)
         if self._packed is None or self._packed[0] != key:
             packed = []
@@ -246,6 +250,7 @@ class QuantizedLayer(nn.Module):
                         list(self.dilation), self.groups, None,
                     ))  # fmt: skip
             self._packed = (key, packed)
+            self._weight_zero = torch.zeros(self.weight_scale.shape[1], dtype=torch.long)  # symmetric weights
         return self._packed[1]
 
     def _kernel_forward(self, x: Tensor, row: int) -> Tensor:
@@ -256,7 +261,7 @@ class QuantizedLayer(nn.Module):
             scale, zero_point = float(self.act_scale[row, g]), int(self.act_zero_point[row, g])
             part = x.narrow(dim, lo, hi - lo) if len(self.split) else x
             x_q = torch.quantize_per_tensor(part.contiguous(), scale, zero_point, torch.quint8).int_repr()
-            w_scale, w_zero = self.weight_scale[g], torch.zeros(self.weight_scale.shape[1], dtype=torch.long)
+            w_scale, w_zero = self.weight_scale[g], self._weight_zero
             bias = self.bias if g == 0 else None
             if self.kind == "linear":
                 flat = x_q.reshape(-1, x_q.shape[-1])

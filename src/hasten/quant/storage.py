@@ -60,9 +60,8 @@ def quantized_state(network: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             value = getattr(layer, key)
             if value is not None:
                 tensors[f"{name}.{key}"] = value
-    prefixes = tuple(f"{name}." for name in quantized)
     for key, value in network.state_dict().items():
-        if not key.startswith(prefixes):
+        if not _owned_by(quantized, key):
             tensors[key] = value
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, specs
 
@@ -142,12 +141,12 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
             target.copy_(value)
         parent_name, _, child = name.rpartition(".")
         setattr(network.get_submodule(parent_name) if parent_name else network, child, layer)
-    rest = network.state_dict()
-    rest = {k: v for k, v in rest.items() if not _belongs_to_quantized(network, k)}
-    missing = sorted(set(rest) - set(tensors))
+    quantized = {n for n, m in network.named_modules() if isinstance(m, QuantizedLayer)}
+    state = network.state_dict()  # the quantised layers' buffers are filled above; the rest comes from the file
+    missing = sorted(k for k in state if not _owned_by(quantized, k) and k not in tensors)
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors of the network, e.g. {missing[:3]}")
-    network.load_state_dict({k: tensors[k] for k in rest} | _quantized_buffers(network), strict=True)
+    network.load_state_dict({k: v if _owned_by(quantized, k) else tensors[k] for k, v in state.items()}, strict=True)
     use_kernels = execution in ("auto", "kernel") and int8_kernels_available()
     if execution == "kernel" and not use_kernels:
         raise RuntimeError("execution='kernel' needs PyTorch's oneDNN int8 kernels (x86 CPU); use 'auto'")
@@ -164,16 +163,9 @@ def _take(tensors: dict[str, torch.Tensor], key: str, path: pathlib.Path) -> tor
     return tensors[key]
 
 
-def _belongs_to_quantized(network: nn.Module, key: str) -> bool:
-    module_name = key.rpartition(".")[0]
-    try:
-        return isinstance(network.get_submodule(module_name), QuantizedLayer)
-    except AttributeError:
-        return False
-
-
-def _quantized_buffers(network: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in network.state_dict().items() if _belongs_to_quantized(network, k)}
+def _owned_by(layers: Any, key: str) -> bool:
+    """Whether a state-dict ``key`` is a tensor of one of the named (quantised) layers."""
+    return key.rpartition(".")[0] in layers
 
 
 def quantize_to_folder(
