@@ -15,14 +15,20 @@ import torch
 from torch import Tensor
 
 from .accel import accelerate_, accelerator_of
-from .data import from_model_space
 from .models.guidance import CFGDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
 from .schedules.noise import FlowMatching, NoiseSchedule
 from .solvers import SOLVERS, Solver, sample
 
-__all__ = ["Generation", "default_labels", "generate", "options_for_model", "options_for_schedule"]
+__all__ = [
+    "Generation",
+    "default_labels",
+    "generate",
+    "guided_denoiser",
+    "options_for_model",
+    "options_for_schedule",
+]
 
 
 @dataclasses.dataclass
@@ -33,6 +39,20 @@ class Generation:
     seconds: float
     sigmas: list[float]
     accel_stats: dict[str, Any] | None = None  # what an installed cache did (hasten.accel.AccelStats)
+    samples: Tensor | None = None  # the samples in model space (latents for a latent pipeline)
+
+
+def guided_denoiser(model: LoadedModel, guidance: float):
+    """The model's denoiser, wrapped in classifier-free guidance unless ``guidance == 1``."""
+    if guidance == 1.0:
+        return model.denoiser
+    uncond = model.unconditional()
+    if uncond is None:
+        raise ValueError(
+            f"guidance {guidance:g} needs a model with an unconditional branch (class labels with a null class, or a "
+            f"prompt pipeline with a negative prompt); {model.info.name!r} has none: use guidance 1"
+        )
+    return CFGDenoiser(model.denoiser, guidance, uncond)
 
 
 def default_labels(model: LoadedModel, n: int, label: int | None = None) -> Tensor | None:
@@ -118,13 +138,9 @@ def generate(
         sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
         guidance = plan.guidance if guidance is None else guidance
         solver = plan.build_solver(**options_for_model(plan.solver, plan.options, model, guidance))
-    guidance = 1.0 if guidance is None else guidance
+    guidance = model.default_guidance if guidance is None else guidance
     labels = default_labels(model, n, label)
-    denoiser = model.denoiser
-    if guidance != 1.0:
-        if labels is None:
-            raise ValueError("guidance needs a class-conditional model")
-        denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
+    denoiser = guided_denoiser(model, guidance)
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
     solver_options = options_for_model(solver, solver_options, model, guidance)
@@ -137,7 +153,9 @@ def generate(
     stats_before = None if installed is None else installed.stats
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        cond = {} if labels is None else {"class_labels": labels[i : i + batch_size].to(device)}
+        rows = range(i, min(i + batch_size, n))
+        batch_labels = None if labels is None else labels[i : i + batch_size]
+        cond = {key: v.to(device) for key, v in model.conditioning(batch_labels, rows).items()}
         result = sample(
             denoiser,
             (noise[i : i + batch_size] * scale).to(device),
@@ -154,6 +172,7 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    images = from_model_space(torch.cat(outputs).cpu())
+    samples = torch.cat(outputs)
+    images = model.to_images(samples).cpu()
     stats = None if installed is None else installed.stats.since(stats_before).as_dict()
-    return Generation(images, labels, nfe, seconds, sigmas.tolist(), stats)
+    return Generation(images, labels, nfe, seconds, sigmas.tolist(), stats, samples.cpu())

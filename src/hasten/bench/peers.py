@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..data import from_model_space
 from ..generate import Generation, default_labels
+from ..models.adapters import _unwrap
+from ..models.guidance import CFGDenoiser
 from ..models.zoo import LoadedModel
 
 __all__ = ["PEERS", "PeerSpec", "diffusers_generate", "peers_for"]
@@ -80,10 +81,21 @@ def peers_for(objective: str) -> list[str]:
     return [name for name, spec in PEERS.items() if objective in spec.objectives]
 
 
-def _scheduler(spec: PeerSpec, objective: str):
+_TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def _scheduler(spec: PeerSpec, objective: str, training: dict[str, Any] | None = None):
+    """The peer's scheduler; ``training`` (a pipeline's own scheduler config) replaces the bundled models'
+    training schedule and flow shift."""
     import diffusers
 
     config = dict(spec.config)
+    if training:
+        if objective != "flow":
+            config.update({key: training[key] for key in _TRAINING_KEYS if training.get(key) is not None})
+        for key in ("shift", "flow_shift"):
+            if key in config and "shift" in training:
+                config[key] = training["shift"]
     if objective == "v":
         config["prediction_type"] = "v_prediction"
     return getattr(diffusers, spec.scheduler)(**config)
@@ -115,18 +127,26 @@ def diffusers_generate(
             f"peer {peer!r} ({spec.scheduler}) does not support {objective!r} models; use one of {peers_for(objective)}"
         )
     labels = default_labels(model, n, label)
-    net = model.network
-    device = next(net.parameters()).device
+    net = model.denoiser.model  # called in the network's own time units, as a pipeline calls it
+    device = next(model.network.parameters()).device
+    uncond = model.unconditional() if guidance != 1.0 else None
+    if guidance != 1.0 and uncond is None:
+        raise ValueError(f"guidance {guidance:g} needs a model with an unconditional branch")
     noise = torch.randn((n, *model.info.image_shape), generator=torch.Generator().manual_seed(seed))
     outputs, nfe = [], 0
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        scheduler = _scheduler(spec, objective)
+        scheduler = _scheduler(spec, objective, getattr(model, "scheduler_config", None))
         scheduler.set_timesteps(steps, device=device)
         # Flow-matching schedulers have neither (their start is unit noise, their input unscaled).
         x = noise[i : i + batch_size].to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
         scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
-        y = None if labels is None else labels[i : i + batch_size].to(device)
+        rows = range(i, min(i + batch_size, n))
+        y = None if labels is None else labels[i : i + batch_size]
+        cond = {k: v.to(device) for k, v in model.conditioning(y, rows).items()}
+        both_cond = {}
+        if uncond is not None:
+            both_cond = CFGDenoiser(model.denoiser, guidance, uncond)._merged(cond, len(rows))
         # Only stochastic schedulers take a generator.
         step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + i)}
         if "generator" not in inspect.signature(scheduler.step).parameters:
@@ -135,13 +155,12 @@ def diffusers_generate(
         for t in scheduler.timesteps:
             x_in = scale_input(x, t)
             t_in = t.expand(x.shape[0]).to(device)
-            if guidance != 1.0:
-                null = torch.full_like(y, model.info.null_class)
-                both = net(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), class_labels=torch.cat([y, null])).sample
-                cond, uncond = both.chunk(2)
-                out = uncond + guidance * (cond - uncond)
+            if uncond is not None:
+                both = _unwrap(net(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), **both_cond))
+                out_cond, out_uncond = both.chunk(2)
+                out = out_uncond + guidance * (out_cond - out_uncond)
             else:
-                out = net(x_in, t_in, class_labels=y).sample if y is not None else net(x_in, t_in).sample
+                out = _unwrap(net(x_in, t_in, **cond))
             calls += 1
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         outputs.append(x)
@@ -149,4 +168,5 @@ def diffusers_generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return Generation(from_model_space(torch.cat(outputs).cpu()), labels, nfe, seconds, [])
+    samples = torch.cat(outputs)
+    return Generation(model.to_images(samples).cpu(), labels, nfe, seconds, [], None, samples.cpu())

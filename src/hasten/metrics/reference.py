@@ -55,6 +55,8 @@ def reference_samples(
 
     solver = {**REFERENCE_SOLVER, **({"steps": steps} if steps is not None else {})}
     spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **solver}
+    if model.condition_key:  # a pipeline's prompts
+        spec["condition"] = model.condition_key
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "references" / f"{key}.safetensors"
     if path.exists():

@@ -155,6 +155,24 @@ class LoadedModel:
     def bytes_on_disk(self) -> int:
         return (self.folder / self.info.weights_file).stat().st_size
 
+    # What sampling needs from a model beyond its denoiser; pipeline models (hasten.from_pipeline) override.
+    default_guidance = 1.0  # the guidance scale when the caller gives none
+    condition_key = ""  # identifies conditioning fixed at load time (prompts), for caches of samples
+
+    def conditioning(self, labels: torch.Tensor | None, rows: range) -> dict[str, torch.Tensor]:
+        """The denoiser's keyword inputs for samples ``rows`` of a run (``labels`` their class labels)."""
+        return {} if labels is None else {"class_labels": labels}
+
+    def unconditional(self) -> dict[str, torch.Tensor] | None:
+        """The unconditional inputs classifier-free guidance contrasts with; None if the model has none."""
+        return None if self.info.null_class is None else {"class_labels": torch.tensor([self.info.null_class])}
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in model space -> images in [0, 1] (pixel models: a rescale; latent models: the decoder)."""
+        from ..data import from_model_space
+
+        return from_model_space(x)
+
 
 def bundled_models() -> list[str]:
     """Names of the models shipped with hasten."""

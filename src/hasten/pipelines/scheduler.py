@@ -73,6 +73,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         source, source_config: The scheduler this one was made from and its full config (``from_config``
             records both; ``schedule="native"`` rebuilds its timesteps from them).
         seed: Seed of the noise stochastic solvers draw (when ``step`` gets no generator).
+        use_flow_sigmas: Tells Flux-type pipelines not to pass sigmas of their own; set automatically for a flow
+            model on a hasten grid. Sigmas a pipeline does pass are shifted on arrival, as diffusers' flow
+            schedulers shift them (on ``schedule="native"`` by the replaced scheduler itself).
     """
 
     config_name = "scheduler_config.json"
@@ -103,6 +106,7 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         source: str | None = None,
         source_config: dict[str, Any] | None = None,
         seed: int = 0,
+        use_flow_sigmas: bool = False,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
@@ -113,6 +117,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         except KeyError as err:
             raise ValueError(err.args[0]) from None
         self.flow = prediction_type == "flow_prediction"
+        if self.flow and schedule != SCHEDULES_NATIVE and not use_flow_sigmas:
+            # Flux-type pipelines pass sigmas of their own unless the scheduler says it makes its own grid
+            self.register_to_config(use_flow_sigmas=True)
         if self.flow:  # diffusers' flow grids start at t = 1 (pure noise); hasten's VE state needs t < 1
             self.noise_schedule = FlowMatching(shift=shift, t_max=FLOW_T_MAX)
         elif trained_betas is not None:
@@ -308,8 +315,10 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             return from_timesteps(schedule, ts, final=final)
         if sigmas is not None:
             s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            if self.flow:  # diffusers' flow "sigmas" are times t in [0, 1]
-                s = schedule.ve_sigma(s.clamp(max=schedule.t_max)) if s.max() <= 1 else s
+            if self.flow and s.max() <= 1:  # diffusers' flow "sigmas" are times t in [0, 1], shifted on arrival
+                if self.config.schedule == SCHEDULES_NATIVE and self._source_class() is not None:
+                    return self._native_grid(None, mu, final, sigmas=s)  # Flux passes its own, for the source to shift
+                s = schedule.ve_sigma(schedule.time_shift(s).clamp(max=schedule.t_max))
             return from_sigmas(_finish(s, final, schedule))
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {n}")
@@ -320,12 +329,18 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             grid = torch.cat([grid[:-1][grid[:-1] > schedule.sigma_min], grid.new_tensor([schedule.sigma_min])])
         return from_sigmas(grid)
 
-    def _native_grid(self, n: int, mu: float | None, final: str) -> Tensor:
-        """The grid of the scheduler this one replaces (its own ``set_timesteps``), in VE sigmas."""
+    def _source_class(self) -> Any:
+        """The diffusers scheduler class this one replaces, if known."""
         import diffusers
 
         source_cls = getattr(diffusers, self.config.source or "", None)
-        if source_cls is None or source_cls is HastenScheduler:
+        return None if source_cls is None or source_cls is HastenScheduler else source_cls
+
+    def _native_grid(self, n: int | None, mu: float | None, final: str, sigmas: Tensor | None = None) -> Tensor:
+        """The grid of the scheduler this one replaces (its own ``set_timesteps``, with the pipeline's ``sigmas``
+        where it passes them), in VE sigmas."""
+        source_cls = self._source_class()
+        if source_cls is None:
             from ..schedules.grids import discrete_timesteps
 
             if self.flow:
@@ -335,6 +350,10 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             return from_timesteps(self.noise_schedule, ts, final=final)
         source = source_cls.from_config(_source_config(self.config))
         kwargs = {"mu": mu} if mu is not None else {}
+        if sigmas is not None:
+            if "sigmas" not in inspect.signature(source.set_timesteps).parameters:
+                raise ValueError(f"{source_cls.__name__} takes no explicit sigmas; pass num_inference_steps")
+            kwargs["sigmas"] = sigmas.float().numpy()
         source.set_timesteps(n, **kwargs)
         # The first model input the source gives a pipeline's unit noise: Euler/Heun-type schedulers start
         # at sigma_max * noise (not sqrt(sigma_max^2 + 1) * noise) and scale it down; mirror that exactly.

@@ -165,12 +165,13 @@ def ems_path_for_model(
     samples = EMS_SAMPLES if samples is None else samples
     num_lambdas = EMS_LAMBDAS if num_lambdas is None else num_lambdas
     from ..data import load_dataset, to_model_space
-    from ..generate import default_labels
+    from ..generate import default_labels, generate, guided_denoiser
     from ..metrics.quality import cache_dir
-    from ..metrics.reference import reference_samples
-    from ..models.guidance import CFGDenoiser
+    from ..metrics.reference import REFERENCE_SOLVER
 
     spec = {"model": model.fingerprint, "guidance": guidance, "samples": samples, "num_lambdas": num_lambdas, "v": 2}
+    if model.condition_key:  # a pipeline's prompts are part of what the statistics describe
+        spec["condition"] = model.condition_key
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "ems" / f"{key}.safetensors"
     if path.exists():
@@ -182,12 +183,10 @@ def ems_path_for_model(
         x0 = to_model_space(data.images[pick])
         if labels is not None and data.labels is not None:
             labels = data.labels[pick].long()
-    else:
-        x0 = reference_samples(model, samples, seed=7, guidance=guidance) * 2 - 1
-    denoiser = model.denoiser
-    if guidance != 1.0:
-        denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.tensor([model.info.null_class])})
-    cond = {} if labels is None else {"class_labels": labels}
+    else:  # the model's own high-accuracy samples (latents for a latent pipeline)
+        x0 = generate(model, samples, seed=7, guidance=guidance, **REFERENCE_SOLVER).samples
+    denoiser = guided_denoiser(model, guidance)
+    cond = model.conditioning(labels, range(samples))
     schedule = model.schedule
     # Minutes on a CPU: show it on an interactive terminal.
     bar = BudgetProgress(sys.stderr.isatty(), f"DPM-Solver-v3 statistics of {model.info.name}", 2 * num_lambdas)

@@ -1,0 +1,142 @@
+"""hasten.from_pipeline: every supported pipeline family, from tiny parts, sampled by hasten and by the pipeline
+itself (with HastenScheduler) from the same noise: the same latents, so the adapters make exactly the model
+calls the pipelines make (conditioning, guidance, time units, packing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hasten
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # diffusers' text-to-image pipelines import it
+import tiny_pipelines  # noqa: E402
+from hasten.generate import guided_denoiser  # noqa: E402
+from hasten.pipelines import HastenScheduler, PipelineModel, from_pipeline  # noqa: E402
+
+SIZE = {"sd": 16, "sdxl": 16, "sd3": 16, "flux": 32}  # pixels; the pixel and DiT models have one size
+
+
+def _size(family: str) -> dict[str, int]:
+    return {"height": SIZE[family], "width": SIZE[family]} if family in SIZE else {}
+
+
+def _pipeline_run(pipe, kwargs, family, latents, steps):
+    """The pipeline's own loop with HastenScheduler; returns model-space samples (pixel models, DiT: images)."""
+    gen = torch.Generator().manual_seed(0)
+    if family == "ddpm":
+        return torch.as_tensor(pipe(batch_size=len(latents), num_inference_steps=steps, generator=gen,
+                                    output_type="np").images).permute(0, 3, 1, 2)  # fmt: skip
+    if family == "dit":
+        images = pipe(kwargs["class_labels"], num_inference_steps=steps, generator=gen, output_type="np").images
+        return torch.as_tensor(images).permute(0, 3, 1, 2)
+    # one row per sample, prompts cycling as hasten cycles them (not every pipeline repeats given embeddings)
+    rows = torch.arange(len(latents))
+    kwargs = {k: v[rows % len(v)] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return pipe(**kwargs, **_size(family), latents=latents, num_inference_steps=steps, generator=gen,
+                output_type="latent").images  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(tiny_pipelines.BUILDERS))
+def test_each_family_agrees_with_its_own_pipeline(family):
+    pipe, kwargs = tiny_pipelines.BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
+    model = from_pipeline(pipe, **kwargs, **_size(family))
+    assert isinstance(model, PipelineModel) and model.info.arch == type(model.network).__name__
+    batch = 2
+    # the pipelines that draw their own noise (DDPM, DiT) draw this from the generator seeded 0
+    latents = torch.randn((batch, *model.info.image_shape), generator=torch.Generator().manual_seed(0))
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    theirs = _pipeline_run(pipe, kwargs, family, latents, steps=5)
+
+    grid = pipe.scheduler._grid  # the grid the pipeline's own set_timesteps call built
+    start = float(pipe.scheduler.noise_schedule.alpha_from_ve_sigma(grid[0]))
+    x = latents.double() * pipe.scheduler.init_noise_sigma / start
+    ours = hasten.sample(guided_denoiser(model, model.default_guidance), x, grid, "dpmpp_2m",
+                         cond=model.conditioning(None, range(batch)))  # fmt: skip
+    if family in ("ddpm", "dit"):
+        ours = model.to_images(ours.float())
+    assert ours.shape == theirs.shape
+    assert theirs.abs().max() > 0.05  # not a degenerate output
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=5e-5)  # measured <= 1.6e-5
+
+
+def test_generate_bench_pieces_on_a_pipeline_model(tmp_path):
+    """hasten.generate, the diffusers peer loop and the reference solve all run on a pipeline model; the
+    prompts cycle over the samples and guidance defaults to the pipeline's."""
+    from hasten.bench.peers import diffusers_generate
+
+    pipe, kwargs = tiny_pipelines.stable_diffusion()
+    model = from_pipeline(pipe, **kwargs, height=16, width=16, guidance=3.0)
+    assert model.default_guidance == 3.0 and len(model.uncond["encoder_hidden_states"]) == 1
+    cond = model.conditioning(None, range(3))["encoder_hidden_states"]
+    torch.testing.assert_close(cond[2], kwargs["prompt_embeds"][0])  # sample 2 uses prompt 0 again
+    gen = hasten.generate(model, 3, solver="unipc", steps=4)
+    assert gen.images01.shape == (3, 3, 16, 16) and gen.samples.shape == (3, 4, 8, 8) and gen.nfe == 4
+    peer = diffusers_generate(model, 3, "dpmpp_2m", steps=4, guidance=model.default_guidance)
+    ours = hasten.generate(model, 3, solver="dpmpp_2m", steps=4, schedule="time_uniform")
+    assert peer.images01.shape == ours.images01.shape
+    unguided = hasten.generate(model, 3, solver="dpmpp_2m", steps=4, guidance=1.0)
+    assert not torch.allclose(unguided.samples, gen.samples)
+
+
+def test_from_a_saved_folder(tmp_path):
+    pipe, _ = tiny_pipelines.dit()
+    pipe.save_pretrained(tmp_path / "dit")
+    again = from_pipeline(tmp_path / "dit", class_labels=[3])
+    first = from_pipeline(pipe, class_labels=[3])
+    assert again.fingerprint == first.fingerprint and again.info.name == "dit"
+    assert again.condition_key == first.condition_key != from_pipeline(pipe, class_labels=[4]).condition_key
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
+        from_pipeline(tmp_path)
+
+
+def test_bad_input():
+    pipe, kwargs = tiny_pipelines.stable_diffusion()
+    with pytest.raises(ValueError, match=r"pass prompt=\.\.\. or prompt_embeds"):
+        from_pipeline(pipe)
+    with pytest.raises(ValueError, match="without text encoders needs prompt_embeds"):
+        from_pipeline(pipe, prompt="a red bicycle")
+    with pytest.raises(ValueError, match="class_labels cannot be used with a UNet2DConditionModel"):
+        from_pipeline(pipe, **kwargs, class_labels=[1])
+    with pytest.raises(ValueError, match="one negative prompt"):
+        from_pipeline(pipe, prompt_embeds=kwargs["prompt_embeds"], negative_prompt_embeds=kwargs["prompt_embeds"])
+    with pytest.raises(ValueError, match="multiples of the VAE's factor 2"):
+        from_pipeline(pipe, **kwargs, height=15, width=16)
+    unguided = from_pipeline(pipe, prompt_embeds=kwargs["prompt_embeds"], guidance=1.0)
+    with pytest.raises(ValueError, match="unconditional branch"):
+        hasten.generate(unguided, 2, steps=3, guidance=2.0)
+    dit, _ = tiny_pipelines.dit()
+    with pytest.raises(ValueError, match=r"classes in 0\.\.999"):
+        from_pipeline(dit, class_labels=[1000])
+    flux, flux_kwargs = tiny_pipelines.flux()
+    with pytest.raises(ValueError, match="multiples of 4"):
+        from_pipeline(flux, **flux_kwargs, height=18, width=32)
+
+    class Other(torch.nn.Module):
+        pass
+
+    pipe.unet = Other()
+    with pytest.raises(ValueError, match=r"denoiser is Other .*supported: UNet2DModel"):
+        from_pipeline(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_pipelines_agree_with_flow_match_euler(family):
+    """In SD3's and Flux's own pipelines, HastenScheduler("euler") mirrors FlowMatchEulerDiscreteScheduler,
+    Flux's resolution shift of the sigmas the pipeline passes included; a hasten grid stops the pipeline
+    passing its own sigmas."""
+    pipe, kwargs = tiny_pipelines.BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(**kwargs, **_size(family), num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images  # fmt: skip
+
+    theirs = run()
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="euler")
+    torch.testing.assert_close(run(), theirs, rtol=0, atol=1e-5)
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", schedule="karras")
+    assert pipe.scheduler.config.use_flow_sigmas
+    assert torch.isfinite(run()).all() and len(pipe.scheduler.timesteps) == 6
