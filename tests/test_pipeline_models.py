@@ -140,3 +140,52 @@ def test_flow_pipelines_agree_with_flow_match_euler(family):
     pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", schedule="karras")
     assert pipe.scheduler.config.use_flow_sigmas
     assert torch.isfinite(run()).all() and len(pipe.scheduler.timesteps) == 6
+
+
+def test_bench_a_pipeline_folder(tmp_path):
+    """`hasten bench --pipeline DIR` on a Stable Diffusion pipeline saved from parts, prompts from an embeddings
+    file: hasten rows, a diffusers peer, the pipeline's own scheduler and the reference, no FD (no feature
+    network for this data), an HTML report."""
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    pipe, kwargs = tiny_pipelines.stable_diffusion()
+    pipe.save_pretrained(tmp_path / "sd")
+    save_file({k: v.contiguous() for k, v in kwargs.items()}, str(tmp_path / "prompts.safetensors"))
+    args = ["bench", "--pipeline", str(tmp_path / "sd"), "--prompt-embeds", str(tmp_path / "prompts.safetensors"),
+            "--height", "16", "--width", "16", "--guidance", "3", "--n", "10", "--out", str(tmp_path / "out"),
+            "--format", "json"]  # fmt: skip
+    from hasten.bench import matrix
+
+    quick = matrix.PRESETS["quick"]
+    small = dataclasses_replace(quick, solvers=("dpmpp_2m",), steps=(3,), peers=("dpmpp_2m",), reference_steps=12)
+    matrix.PRESETS["pipeline-test"] = small
+    try:
+        result = CliRunner().invoke(app, [*args, "--preset", "pipeline-test"])
+    finally:
+        del matrix.PRESETS["pipeline-test"]
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    labels = {r["label"] for r in rows}
+    assert {r["library"] for r in rows} == {"reference", "hasten", "diffusers"}
+    assert any("pipeline[scheduler=DPMSolverMultistepScheduler]" in label for label in labels), labels
+    assert all(r["fd"] is None for r in rows) and all(r["guidance"] == 3.0 for r in rows)
+    measured = [r for r in rows if r["library"] != "reference"]
+    assert all(r["nfe"] == 3 and 0 < r["rmse_ref"] < 1 for r in measured)
+    # the pipeline's own DPM-Solver++ and diffusers' at the same settings are one algorithm on one grid
+    own = next(r for r in measured if r["solver"] == "pipeline")
+    peer = next(r for r in measured if r["library"] == "diffusers" and r["solver"] == "dpmpp_2m")
+    assert abs(own["rmse_ref"] - peer["rmse_ref"]) < 1e-6
+    assert "No FD" in (tmp_path / "out" / "report.html").read_text()
+    bad = CliRunner().invoke(app, ["bench", "--prompt", "a cat"])
+    assert bad.exit_code != 0 and "go with --pipeline" in bad.output
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

@@ -21,7 +21,7 @@ from .peers import PEERS, peers_for
 
 DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
 
-__all__ = ["PRESETS", "BenchConfig", "Entry", "expand", "parse_solver"]
+__all__ = ["PIPELINE_EMBEDS", "PRESETS", "BenchConfig", "Entry", "PipelineSource", "expand", "parse_solver"]
 
 
 def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
@@ -43,6 +43,52 @@ def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+PIPELINE_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSource(Config):
+    """A diffusers pipeline folder to benchmark and what to condition it on (see :func:`hasten.from_pipeline`).
+
+    ``embeds`` names a safetensors file of encoded prompts (tensors named as in :data:`PIPELINE_EMBEDS`), for
+    pipelines saved without text encoders; ``guidance`` None means the pipeline's default."""
+
+    folder: str
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str | None = None
+    embeds: str = ""
+    class_labels: tuple[int, ...] = ()
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (pathlib.Path(self.folder) / "model_index.json").exists():
+            raise FileNotFoundError(f"{self.folder!r} is not a diffusers pipeline folder (no model_index.json)")
+        if self.prompts and self.embeds:
+            raise ValueError("give prompts or an embeddings file, not both")
+        if self.embeds and not pathlib.Path(self.embeds).is_file():
+            raise FileNotFoundError(f"no embeddings file {self.embeds!r}")
+
+    def load(self) -> Any:
+        """The pipeline as a hasten model (:class:`hasten.pipelines.PipelineModel`)."""
+        from ..pipelines import from_pipeline
+
+        tensors: dict[str, Any] = {}
+        if self.embeds:
+            from safetensors.torch import load_file
+
+            tensors = load_file(self.embeds)
+            unknown = sorted(set(tensors) - set(PIPELINE_EMBEDS))
+            if unknown:
+                raise ValueError(f"{self.embeds}: unknown tensors {unknown}; allowed: {', '.join(PIPELINE_EMBEDS)}")
+        return from_pipeline(
+            self.folder, prompt=list(self.prompts) or None, negative_prompt=self.negative_prompt,
+            class_labels=list(self.class_labels) or None, guidance=self.guidance, height=self.height,
+            width=self.width, **tensors,
+        )  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig(Config):
     """What ``hasten bench`` measures."""
@@ -62,8 +108,16 @@ class BenchConfig(Config):
     cache_peers: bool = True  # with each cache config, the peer caches that apply and are installed
     quants: tuple[str, ...] = ()  # quantised model folders from `hasten quantize`: quantised, float, torchao rows
     quant_peers: bool = True  # with each quantised model, torchao's data-free configs (if torchao is installed)
+    pipeline: PipelineSource | None = None  # benchmark this diffusers pipeline instead of ``model``
 
     def __post_init__(self) -> None:
+        if isinstance(self.pipeline, dict):  # from JSON
+            object.__setattr__(self, "pipeline", Config.from_dict(self.pipeline))
+        if self.pipeline is not None and self.quants:
+            raise ValueError(
+                "--quant takes folders `hasten quantize` wrote from a hasten model; quantise a pipeline's denoiser in "
+                "Python (hasten.quantize_(model.network, ...))"
+            )
         if self.n < 10:
             raise ValueError(f"n must be >= 10 (metrics need samples), got {self.n}")
         if any(s < 1 for s in self.steps):
@@ -161,8 +215,11 @@ class Entry:
         return f"{self.library}:{name} ({where}{self.steps} steps, w={self.guidance:g})"
 
 
-def expand(config: BenchConfig, *, objective: str, conditional: bool, network: Any = None) -> list[Entry]:
-    """All entries, hasten's first; diffusers peers only where they support the model's objective.
+def expand(
+    config: BenchConfig, *, objective: str, conditional: bool, network: Any = None, own_scheduler: str | None = None
+) -> list[Entry]:
+    """All entries, hasten's first; diffusers peers only where they support the model's objective, and
+    ``own_scheduler`` (a pipeline's scheduler class) at every step count: what the pipeline runs today.
 
     For flow-matching models a generic peer name maps to its flow variant ("euler" -> "flow_euler"). Each
     cache config adds its cached row, the uncached row at the same setting (unless the matrix has it) and,
@@ -192,6 +249,9 @@ def expand(config: BenchConfig, *, objective: str, conditional: bool, network: A
         for peer in dict.fromkeys(p for p in peers if p in supported):
             for steps in config.steps:
                 entries.append(Entry("diffusers", peer, {}, None, steps, g))
+        if own_scheduler is not None:
+            for steps in config.steps:
+                entries.append(Entry("diffusers", "pipeline", {"scheduler": own_scheduler}, None, steps, g))
     return entries
 
 

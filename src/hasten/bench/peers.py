@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..generate import Generation, default_labels
@@ -101,6 +103,16 @@ def _scheduler(spec: PeerSpec, objective: str, training: dict[str, Any] | None =
     return getattr(diffusers, spec.scheduler)(**config)
 
 
+def _set_timesteps_as_pipeline(scheduler: Any, steps: int, model: Any, device: torch.device) -> None:
+    """``set_timesteps`` as the pipeline calls it: Flux passes its own sigmas and the resolution shift ``mu``."""
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = math.log(model.denoiser.schedule.shift)
+    if model.family == "FluxTransformer2DModel" and not scheduler.config.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    scheduler.set_timesteps(None if "sigmas" in kwargs else steps, device=device, **kwargs)
+
+
 @torch.no_grad()
 def diffusers_generate(
     model: LoadedModel,
@@ -118,13 +130,17 @@ def diffusers_generate(
     Returns a :class:`~hasten.generate.Generation` whose ``nfe`` counts network calls per image batch (a
     guided call runs both branches in one batch, as in hasten) and ``seconds`` the sampling time alone.
     """
-    if peer not in PEERS:
-        raise KeyError(f"unknown diffusers peer {peer!r}; available: {', '.join(PEERS)}")
-    spec = PEERS[peer]
     objective = model.info.objective
-    if objective not in spec.objectives:
+    own = getattr(model, "pipeline", None)
+    if peer == "pipeline":
+        if own is None:
+            raise ValueError("peer 'pipeline' (the pipeline's own scheduler) needs a model from hasten.from_pipeline")
+    elif peer not in PEERS:
+        raise KeyError(f"unknown diffusers peer {peer!r}; available: {', '.join(PEERS)}")
+    elif objective not in PEERS[peer].objectives:
         raise ValueError(
-            f"peer {peer!r} ({spec.scheduler}) does not support {objective!r} models; use one of {peers_for(objective)}"
+            f"peer {peer!r} ({PEERS[peer].scheduler}) does not support {objective!r} models; use one of "
+            f"{peers_for(objective)}"
         )
     labels = default_labels(model, n, label)
     net = model.denoiser.model  # called in the network's own time units, as a pipeline calls it
@@ -136,8 +152,12 @@ def diffusers_generate(
     outputs, nfe = [], 0
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        scheduler = _scheduler(spec, objective, getattr(model, "scheduler_config", None))
-        scheduler.set_timesteps(steps, device=device)
+        if peer == "pipeline":
+            scheduler = type(own.scheduler).from_config(own.scheduler.config)
+            _set_timesteps_as_pipeline(scheduler, steps, model, device)
+        else:
+            scheduler = _scheduler(PEERS[peer], objective, getattr(model, "scheduler_config", None))
+            scheduler.set_timesteps(steps, device=device)
         # Flow-matching schedulers have neither (their start is unit noise, their input unscaled).
         x = noise[i : i + batch_size].to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
         scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)

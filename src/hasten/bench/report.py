@@ -245,15 +245,26 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
+def _quality_note(first: dict[str, Any], has_fd: bool) -> str:
+    if has_fd:
+        return ("FD and precision/recall: bundled MNIST features against 5,000 held-out digits; real-vs-real FD at "
+                f"this n: {_fmt(first.get('fd_real_vs_real'))}.")  # fmt: skip
+    return ("No FD: hasten has no feature network for this model's data, so quality is the error to the reference "
+            "solve (decoded images).")  # fmt: skip
+
+
 def render(folder: str | os.PathLike) -> pathlib.Path:
     """Render plots and ``report.html`` from ``folder/results.jsonl``; returns the HTML path."""
     folder = pathlib.Path(folder)
     rows = read_results(folder)
     if not rows:
         raise FileNotFoundError(f"no results in {folder / 'results.jsonl'}; run `hasten bench --out {folder}` first")
+    # FD where the data has a feature network (MNIST); otherwise (pipelines) the error to the reference solve
+    has_fd = any(r.get("fd") is not None for r in rows)
+    quality, quality_label = ("fd", "FD to held-out digits") if has_fd else ("rmse_ref", "RMSE to reference")
     plots = {
-        "pareto_nfe.png": ("nfe", "fd", "NFE (denoiser calls)", "FD to held-out digits", "Quality against NFE"),
-        "pareto_seconds.png": ("seconds", "fd", "sampling seconds", "FD to held-out digits", "Quality against time"),
+        "pareto_nfe.png": ("nfe", quality, "NFE (denoiser calls)", quality_label, "Quality against NFE"),
+        "pareto_seconds.png": ("seconds", quality, "sampling seconds", quality_label, "Quality against time"),
         "error_nfe.png": (
             "nfe",
             "rmse_ref",
@@ -268,7 +279,7 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
     cols = [("label", "configuration"), ("nfe", "NFE"), ("seconds", "seconds"), ("images_per_second", "images/s"),
             ("fd", "FD"), ("precision", "precision"), ("recall", "recall"), ("rmse_ref", "RMSE ref"),
             ("psnr_ref", "PSNR ref"), ("label_accuracy", "label acc."), ("memorised_share", "memorised")]  # fmt: skip
-    front = {r["key"] for r in pareto_front([r for r in rows if r["library"] != "reference"], "nfe", "fd")}
+    front = {r["key"] for r in pareto_front([r for r in rows if r["library"] != "reference"], "nfe", quality)}
     body = []
     for r in sorted(
         rows, key=lambda r: (r["library"] != "reference", r["guidance"], r["library"], r["solver"], r["steps"])
@@ -298,10 +309,9 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
 <p>{len(rows)} configurations, {first.get("n")} samples each from the same noise (seed {first.get("seed")}).
 Machine: {html.escape(str(env.get("machine", "?")))}; torch {html.escape(str(env.get("torch", "?")))},
 diffusers {html.escape(str(env.get("diffusers", "?")))}, hasten {html.escape(str(env.get("hasten", "?")))}.{wall}
-FD and precision/recall: bundled MNIST features against 5,000 held-out digits; real-vs-real FD at this n:
-{_fmt(first.get("fd_real_vs_real"))}. RMSE/PSNR: against the reference row (a many-step third-order solve from
-the same noise; pixels in [0, 1]), or the exact solution for the analytic mixture. Bold rows are on the FD-NFE
-Pareto front.</p>
+{_quality_note(first, has_fd)} RMSE/PSNR: against the reference row (a many-step third-order solve from
+the same noise; pixels in [0, 1]), or the exact solution for the analytic mixture. Bold rows are on the
+{"FD" if has_fd else "RMSE"}-NFE Pareto front.</p>
 <div class="plots">{"".join(f'<img src="{_img(folder / name)}" alt="{name}">' for name in plots)}</div>
 {_cache_section(rows)}
 {_quant_section(rows)}

@@ -7,6 +7,7 @@ configurations; a folder holding a different matrix is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -137,7 +138,7 @@ def _measure(
     runs = [_sample(model, entry, config) for _ in range(config.repeats)]
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
-    quality = evaluate_mnist(gen.images01, gen.labels)
+    quality = _quality(model, gen.images01, gen.labels)
     save_grid(gen.images01[:50], grids / f"{entry.key}.png", nrow=10, scale=2)
     return {
         "key": entry.key,
@@ -167,12 +168,21 @@ def _measure(
     }
 
 
+def _quality(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+    """FD, precision/recall and the rest on MNIST models; other data has no bundled feature network, so a
+    pipeline's rows report the error to the reference solve (and cost) only."""
+    if model.info.data == "mnist":
+        return evaluate_mnist(images, labels)
+    return dict.fromkeys((*QUALITY_KEYS, "label_accuracy"))
+
+
 def _model_facts(model: LoadedModel, entry: Entry) -> dict[str, Any]:
     """Size on disk and execution of the network a hasten or torchao row ran (quantisation rows above all)."""
     if "quant" in entry.options or "quant_peer" in entry.options:
         return dict(_quantized_model(model, entry)[1])
     if entry.library == "hasten":
-        return {"bytes_on_disk": model.bytes_on_disk(), "execution": "float32"}
+        dtype = next(model.network.parameters()).dtype
+        return {"bytes_on_disk": model.bytes_on_disk(), "execution": str(dtype).removeprefix("torch.")}
     return {}
 
 
@@ -248,14 +258,25 @@ def run_bench(
     folder = pathlib.Path(out)
     if config.model == "gmm":
         return _run_gmm(config, folder, resume, on_row, started)
-    model = load(config.model)
     _QUANTIZED.clear()
-    if model.info.data != "mnist":
-        raise BenchError(f"bench measures MNIST models so far; {model.info.name!r} is trained on {model.info.data!r}")
-    entries = expand(
-        config, objective=model.info.objective, conditional=bool(model.info.num_classes), network=model.network
-    )
+    own_scheduler = None
+    if config.pipeline is not None:
+        model = config.pipeline.load()
+        # the guidance the pipeline runs at (hasten's CFG; Flux's distilled guidance is an input, not a row)
+        config = dataclasses.replace(config, guidance=(model.default_guidance,))
+        own_scheduler = type(model.pipeline.scheduler).__name__
+    else:
+        model = load(config.model)
+        if model.info.data != "mnist":
+            raise BenchError(
+                f"bench measures MNIST models and diffusers pipelines (--pipeline); {model.info.name!r} is trained "
+                f"on {model.info.data!r}"
+            )
+    entries = expand(config, objective=model.info.objective, conditional=model.unconditional() is not None,
+                     network=model.network, own_scheduler=own_scheduler)  # fmt: skip
     matrix = {"config": config.to_dict(), "model_fingerprint": model.fingerprint, "entries": [e.key for e in entries]}
+    if model.condition_key:  # a pipeline's prompts: other prompts are another matrix
+        matrix["condition"] = model.condition_key
     results = _Results(folder, matrix, resume)
     env = _environment()
     grids = folder / "grids"
@@ -266,7 +287,7 @@ def run_bench(
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
         ref = Entry("reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], steps, g)
         if ref.key not in results.done:
-            quality = evaluate_mnist(references[g], None)
+            quality = _quality(model, references[g], None)
             save_grid(references[g][:50], grids / f"{ref.key}.png", nrow=10, scale=2)
             results.add({
                 "key": ref.key, "label": ref.label, "library": "reference", "solver": ref.solver, "options": {},

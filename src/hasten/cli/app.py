@@ -215,13 +215,27 @@ def bench(
         list[pathlib.Path] | None,
         typer.Option(help="a quantised model folder from `hasten quantize` (repeatable): quantised, float, torchao"),
     ] = None,
+    pipeline: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="a diffusers pipeline folder to benchmark instead of --model (SD, SDXL, DiT, SD3, Flux)"),
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="--pipeline: a prompt (repeatable; samples cycle)")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="--pipeline: the negative prompt")] = None,
+    prompt_embeds: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="--pipeline: safetensors of encoded prompts (prompt_embeds, negative_prompt_embeds, ...)"),
+    ] = None,
+    class_label: Annotated[list[int] | None, typer.Option(help="--pipeline (DiT): a class (repeatable)")] = None,
+    height: Annotated[int | None, typer.Option(help="--pipeline: image height in pixels")] = None,
+    width: Annotated[int | None, typer.Option(help="--pipeline: image width in pixels")] = None,
+    guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Every configuration against the diffusers peers, from the same noise; JSONL + HTML report."""
     import dataclasses
     import time
 
-    from ..bench.matrix import PRESETS
+    from ..bench.matrix import PRESETS, PipelineSource
     from ..bench.report import render
     from ..bench.runner import BenchError, run_bench
 
@@ -230,7 +244,17 @@ def bench(
     from ..tune.plan import PlanError
 
     extra: dict[str, Any] = {"n": n} if n is not None else {}
+    pipeline_inputs = (prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance)
+    if pipeline is None and any(v is not None for v in pipeline_inputs):
+        _fail("--prompt, --negative-prompt, --prompt-embeds, --class-label, --height, --width and --guidance "
+              "go with --pipeline DIR")  # fmt: skip
     try:
+        if pipeline is not None:
+            extra["pipeline"] = PipelineSource(
+                str(pipeline), prompts=tuple(prompt or ()), negative_prompt=negative_prompt,
+                embeds=str(prompt_embeds or ""), class_labels=tuple(class_label or ()), height=height, width=width,
+                guidance=guidance,
+            )  # fmt: skip
         config = dataclasses.replace(
             PRESETS[preset],
             model=model,

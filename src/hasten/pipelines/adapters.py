@@ -201,10 +201,8 @@ def from_pipeline(
         folder = pathlib.Path(pipe)
         if not (folder / "model_index.json").exists():
             raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-        from diffusers import DiffusionPipeline
-
         name = name or folder.name
-        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe = _load_pipeline(folder, text=prompt is not None or negative_prompt is not None)
     net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     family = type(net).__name__
     if family not in FAMILIES:
@@ -371,6 +369,28 @@ def _flux(pipe, net, args, guidance, height, width) -> dict[str, Any]:
                                             config.get("max_shift", 1.15)).shift  # fmt: skip
     return {"call": _FluxCall(net, img_ids, txt_ids.cpu()), "shape": (rows * cols, net.config.in_channels),
             "cond": cond, "uncond": None, "size": (height, width), "shift": shift}  # fmt: skip
+
+
+_TEXT_PARTS = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor", "image_encoder")
+
+
+def _load_pipeline(folder: pathlib.Path, *, text: bool) -> Any:
+    """``DiffusionPipeline.from_pretrained(folder)``, with the parts it was saved without passed as None and,
+    when prompts come as embeddings (``text=False``), the text encoders left unloaded (SD3's and Flux's T5 is
+    most of the pipeline's memory)."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {}
+    for part, entry in index.items():
+        if part.startswith("_"):
+            continue
+        saved = isinstance(entry, list) and entry and entry[0] is not None and (folder / part).exists()
+        if not saved or (not text and part.startswith(_TEXT_PARTS)):
+            absent[part] = None
+    return DiffusionPipeline.from_pretrained(folder, **absent)
 
 
 def _one_negative(uncond: dict[str, Tensor]) -> dict[str, Tensor]:
