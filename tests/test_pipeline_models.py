@@ -189,3 +189,36 @@ def dataclasses_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_tune_cache_and_quantise_a_pipeline_model(tmp_path):
+    """The other verbs take a pipeline model: a capped tune on DiT, a block cache on DiT and DeepCache on SDXL's
+    UNet2DConditionModel, W8A8 quantisation of SDXL calibrated on its trajectory (its added conditions are a
+    dict of tensors: recorded, merged across batches, saved and loaded)."""
+    from hasten.accel import BlockCacheConfig, DeepCacheConfig
+    from hasten.quant.calibrate import CalibrationSet, collect_calibration
+    from hasten.tune.tuner import TuneConfig, tune
+
+    dit, dit_kwargs = tiny_pipelines.dit()
+    model = from_pipeline(dit, **dit_kwargs)
+    plan = tune(model, TuneConfig(nfe=3, minutes=0.5, n_search=4, n_heldout=10, max_evaluations=3,
+                                  reference_steps=12, use_v3=False, guidance=model.default_guidance),
+                out=tmp_path / "plan.json")  # fmt: skip
+    assert plan.fingerprint == model.fingerprint and plan.guidance == 4.0 and plan.num_steps == 3
+    assert hasten.generate(model, 2, plan=plan).nfe == 3
+    cached = hasten.generate(model, 2, steps=6, accel=BlockCacheConfig(interval=2))
+    assert cached.accel_stats["reused"] > 0
+
+    sdxl, sdxl_kwargs = tiny_pipelines.stable_diffusion_xl()
+    model = from_pipeline(sdxl, **sdxl_kwargs, height=16, width=16)
+    assert hasten.generate(model, 2, steps=6, accel=DeepCacheConfig(interval=3)).accel_stats["reused"] > 0
+    float_samples = hasten.generate(model, 4, steps=4).samples
+    calibration = collect_calibration(model, n=32, steps=4, batch_size=16)  # two batches to merge
+    calibration.save(tmp_path / "calibration.safetensors")
+    loaded = CalibrationSet.load(tmp_path / "calibration.safetensors")
+    added = loaded.calls[0].kwargs["added_cond_kwargs"]
+    assert set(added) == {"text_embeds", "time_ids"} and len(added["time_ids"]) == loaded.calls[0].batch_size == 64
+    report = hasten.quantize_(model, hasten.QuantConfig(weights=8, activations=8), calibration=loaded)
+    assert len(report.layers) > 50
+    quantised = hasten.generate(model, 4, steps=4).samples
+    assert 0 < (quantised - float_samples).abs().max() < 0.5 * float_samples.abs().max()

@@ -66,6 +66,8 @@ class NetworkCall:
         size = self.batch_size
 
         def pick(value: Any) -> Any:
+            if isinstance(value, dict):  # e.g. SDXL's added_cond_kwargs
+                return {k: pick(v) for k, v in value.items()}
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == size:
                 return value[rows]
             return value
@@ -152,14 +154,20 @@ def _store(tensors: dict[str, Tensor], key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, Tensor):
         tensors[key] = value.detach().cpu().contiguous()
         return {"tensor": key}
+    if isinstance(value, dict):  # e.g. SDXL's added_cond_kwargs: a dict of tensors
+        return {"dict": {k: _store(tensors, f"{key}.{k}", v) for k, v in value.items()}}
     return {"value": value}
 
 
 def _restore(tensors: dict[str, Tensor], spec: dict[str, Any]) -> Any:
+    if "dict" in spec:
+        return {k: _restore(tensors, v) for k, v in spec["dict"].items()}
     return tensors[spec["tensor"]] if "tensor" in spec else spec["value"]
 
 
 def _clone(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
     return value.detach().clone() if isinstance(value, Tensor) else value
 
 
@@ -241,12 +249,18 @@ def _merge_batches(calls: list[NetworkCall]) -> list[NetworkCall]:
             merged.append(parts[0])
             continue
 
+        sizes = [part.batch_size for part in parts]
+
         def cat(values: list[Any]) -> Any:
+            """Per-sample tensors (first dimension = that call's batch) joined; shared inputs (Flux's
+            positional ids, a scalar time) kept once."""
             first = values[0]
-            if isinstance(first, Tensor) and first.dim() >= 1 and all(isinstance(v, Tensor) for v in values):
-                sizes = {v.shape[1:] for v in values}
-                if len(sizes) == 1:
-                    return torch.cat(values)
+            if isinstance(first, dict):  # e.g. SDXL's added_cond_kwargs
+                return {k: cat([v[k] for v in values]) for k in first}
+            per_sample = all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size
+                             for v, size in zip(values, sizes, strict=True))  # fmt: skip
+            if per_sample and len({v.shape[1:] for v in values}) == 1:
+                return torch.cat(values)
             return first
 
         args = tuple(cat([p.args[i] for p in parts]) for i in range(len(parts[0].args)))

@@ -164,8 +164,9 @@ def tune(
                     f"{state_path} belongs to a search with other settings or another model; use another --out"
                 )
             cache, fd_cache = saved["cache"], saved.get("fd", {})
-    if config.guidance != 1.0 and not model.info.num_classes:
-        raise TuneError("guidance needs a class-conditional model")
+    if config.guidance != 1.0 and model.unconditional() is None:
+        raise TuneError(f"guidance {config.guidance:g} needs a model with an unconditional branch; {model.info.name!r} "
+                        "has none")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.info.name, "fingerprint": model.fingerprint, "guidance": config.guidance}
     sigma_max = float(model.schedule.sigma_max)
@@ -238,7 +239,8 @@ def tune(
         chosen, full_stage = _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state)
 
     start_keys = {c.normalised(log_max, log_min).key(): (label, c) for label, c in starts}
-    best_stock_key = min(start_keys, key=lambda k: cache[k]["score"])
+    # (an evaluation cap may stop the search before every stock start was scored)
+    best_stock_key = min((k for k in start_keys if k in cache), key=lambda k: cache[k]["score"])
     best_stock_label, best_stock = start_keys[best_stock_key]
 
     # Validation on a third noise seed: near-equal candidates swap places between image sets, so a plan
