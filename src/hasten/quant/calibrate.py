@@ -248,25 +248,25 @@ def _merge_batches(calls: list[NetworkCall]) -> list[NetworkCall]:
         if len(parts) == 1:
             merged.append(parts[0])
             continue
-
         sizes = [part.batch_size for part in parts]
-
-        def cat(values: list[Any]) -> Any:
-            """Per-sample tensors (first dimension = that call's batch) joined; shared inputs (Flux's
-            positional ids, a scalar time) kept once."""
-            first = values[0]
-            if isinstance(first, dict):  # e.g. SDXL's added_cond_kwargs
-                return {k: cat([v[k] for v in values]) for k in first}
-            per_sample = all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size
-                             for v, size in zip(values, sizes, strict=True))  # fmt: skip
-            if per_sample and len({v.shape[1:] for v in values}) == 1:
-                return torch.cat(values)
-            return first
-
-        args = tuple(cat([p.args[i] for p in parts]) for i in range(len(parts[0].args)))
-        kwargs = {k: cat([p.kwargs[k] for p in parts]) for k in parts[0].kwargs}
+        args = tuple(_join([p.args[i] for p in parts], sizes) for i in range(len(parts[0].args)))
+        kwargs = {k: _join([p.kwargs[k] for p in parts], sizes) for k in parts[0].kwargs}
         merged.append(NetworkCall(args, kwargs, t, step, branch))
     return merged
+
+
+def _join(values: list[Any], sizes: list[int]) -> Any:
+    """One input of several batches of a call: per-sample tensors (first dimension = that batch's size)
+    joined; shared inputs (Flux's positional ids, a scalar time) kept once; dicts (SDXL's added conditions)
+    joined entry by entry."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _join([v[k] for v in values], sizes) for k in first}
+    per_sample = all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size
+                     for v, size in zip(values, sizes, strict=True))  # fmt: skip
+    if per_sample and len({v.shape[1:] for v in values}) == 1:
+        return torch.cat(values)
+    return first
 
 
 def _normal_draw(calls: list[NetworkCall], n: int, generator: torch.Generator) -> list[NetworkCall]:
