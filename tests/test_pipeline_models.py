@@ -222,3 +222,29 @@ def test_tune_cache_and_quantise_a_pipeline_model(tmp_path):
     assert len(report.layers) > 50
     quantised = hasten.generate(model, 4, steps=4).samples
     assert 0 < (quantised - float_samples).abs().max() < 0.5 * float_samples.abs().max()
+
+
+def test_sample_and_tune_commands_take_a_pipeline_folder(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    pipe, _ = tiny_pipelines.dit()
+    pipe.save_pretrained(tmp_path / "dit")
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "--pipeline", str(tmp_path / "dit"), "--class-label", "3", "--steps", "3",
+                                 "--n", "2", "--out", str(tmp_path / "grid.png"), "--format", "json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if '{"model"' in line)  # after diffusers' progress bar
+    data = json.loads(line[line.index("{") :])
+    assert data["nfe"] == 3 and data["guidance"] == 4.0 and (tmp_path / "grid.png").exists()
+    result = runner.invoke(app, ["tune", "--pipeline", str(tmp_path / "dit"), "--nfe", "3", "--minutes", "0.05",
+                                 "--n-search", "4", "--n-heldout", "10", "--reference-steps", "12", "--no-v3",
+                                 "--out", str(tmp_path / "plan.json"), "--format", "json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = hasten.load_plan(tmp_path / "plan.json")
+    assert plan.guidance == 4.0 and plan.model == "dit"
+    bad = runner.invoke(app, ["sample", "--class-label", "3"])
+    assert bad.exit_code == 2 and "go with --pipeline" in bad.output

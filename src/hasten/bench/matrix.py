@@ -70,8 +70,8 @@ class PipelineSource(Config):
         if self.embeds and not pathlib.Path(self.embeds).is_file():
             raise FileNotFoundError(f"no embeddings file {self.embeds!r}")
 
-    def load(self) -> Any:
-        """The pipeline as a hasten model (:class:`hasten.pipelines.PipelineModel`)."""
+    def load(self, device: str = "cpu") -> Any:
+        """The pipeline as a hasten model (:class:`hasten.pipelines.PipelineModel`) on ``device``."""
         from ..pipelines import from_pipeline
 
         tensors: dict[str, Any] = {}
@@ -85,7 +85,7 @@ class PipelineSource(Config):
         return from_pipeline(
             self.folder, prompt=list(self.prompts) or None, negative_prompt=self.negative_prompt,
             class_labels=list(self.class_labels) or None, guidance=self.guidance, height=self.height,
-            width=self.width, **tensors,
+            width=self.width, device=device, **tensors,
         )  # fmt: skip
 
 

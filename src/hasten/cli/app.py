@@ -30,6 +30,40 @@ ScheduleOption = Annotated[
     typer.Option(help="discretisation: auto (karras; uniform time for flow models), karras, logsnr, time_uniform, ..."),
 ]
 
+# A diffusers pipeline instead of --model (sample, tune, bench), and what to condition it on.
+PipelineOption = Annotated[
+    pathlib.Path | None,
+    typer.Option(help="a diffusers pipeline folder to use instead of --model (SD, SDXL, DiT, SD3, Flux, DDPM)"),
+]
+PromptOption = Annotated[list[str] | None, typer.Option(help="--pipeline: a prompt (repeatable; samples cycle)")]
+NegativePromptOption = Annotated[str | None, typer.Option(help="--pipeline: the negative prompt")]
+PromptEmbedsOption = Annotated[
+    pathlib.Path | None,
+    typer.Option(help="--pipeline: safetensors of encoded prompts (prompt_embeds, negative_prompt_embeds, ...)"),
+]
+ClassLabelOption = Annotated[list[int] | None, typer.Option(help="--pipeline (DiT): a class (repeatable)")]
+HeightOption = Annotated[int | None, typer.Option(help="--pipeline: image height in pixels")]
+WidthOption = Annotated[int | None, typer.Option(help="--pipeline: image width in pixels")]
+
+
+def _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance=None):
+    """The --pipeline options as a :class:`hasten.bench.matrix.PipelineSource` (None without --pipeline)."""
+    from ..bench.matrix import PipelineSource
+
+    if pipeline is None:
+        if any(v is not None for v in (prompt, negative_prompt, prompt_embeds, class_label, height, width)):
+            _fail("--prompt, --negative-prompt, --prompt-embeds, --class-label, --height and --width go with "
+                  "--pipeline DIR")  # fmt: skip
+        return None
+    try:
+        return PipelineSource(
+            str(pipeline), prompts=tuple(prompt or ()), negative_prompt=negative_prompt,
+            embeds=str(prompt_embeds or ""), class_labels=tuple(class_label or ()), height=height, width=width,
+            guidance=guidance,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -53,7 +87,8 @@ def sample(
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
     guidance: Annotated[
-        float | None, typer.Option(help="classifier-free guidance scale (default 1 = none, or the plan's)")
+        float | None,
+        typer.Option(help="classifier-free guidance scale (default: 1 = none, the plan's, or the pipeline's)"),
     ] = None,
     label: Annotated[int | None, typer.Option(help="class to sample (default: spread over the classes)")] = None,
     schedule: ScheduleOption = "auto",
@@ -65,9 +100,17 @@ def sample(
         pathlib.Path | None, typer.Option(help="a cache config (from `hasten accelerate calibrate`) to apply")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    pipeline: PipelineOption = None,
+    prompt: PromptOption = None,
+    negative_prompt: NegativePromptOption = None,
+    prompt_embeds: PromptEmbedsOption = None,
+    class_label: ClassLabelOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Sample a model and write an image grid; prints NFE and sampling seconds (loading excluded)."""
+    """Sample a model (or a diffusers pipeline) and write an image grid; prints NFE and sampling seconds
+    (loading and decoding excluded)."""
     import numpy as np
     import torch
 
@@ -78,8 +121,9 @@ def sample(
     from ..tune.plan import PlanError, load_plan
     from ..viz import save_grid
 
+    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
-        loaded = load(model, device=device)
+        loaded = load(model, device=device) if source is None else source.load(device=device)
         the_plan = None if plan is None else load_plan(plan)
         accel_config = None if accel is None else AccelConfig.load(accel)
     except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
@@ -125,7 +169,9 @@ def sample(
         "steps": steps,
         "n": n,
         "seed": seed,
-        "guidance": guidance if guidance is not None else (the_plan.guidance if the_plan is not None else 1.0),
+        "guidance": guidance
+        if guidance is not None
+        else (the_plan.guidance if the_plan is not None else loaded.default_guidance),
         "label": label,
         "plan": None if plan is None else str(plan),
         "nfe": result.nfe,
@@ -215,19 +261,13 @@ def bench(
         list[pathlib.Path] | None,
         typer.Option(help="a quantised model folder from `hasten quantize` (repeatable): quantised, float, torchao"),
     ] = None,
-    pipeline: Annotated[
-        pathlib.Path | None,
-        typer.Option(help="a diffusers pipeline folder to benchmark instead of --model (SD, SDXL, DiT, SD3, Flux)"),
-    ] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="--pipeline: a prompt (repeatable; samples cycle)")] = None,
-    negative_prompt: Annotated[str | None, typer.Option(help="--pipeline: the negative prompt")] = None,
-    prompt_embeds: Annotated[
-        pathlib.Path | None,
-        typer.Option(help="--pipeline: safetensors of encoded prompts (prompt_embeds, negative_prompt_embeds, ...)"),
-    ] = None,
-    class_label: Annotated[list[int] | None, typer.Option(help="--pipeline (DiT): a class (repeatable)")] = None,
-    height: Annotated[int | None, typer.Option(help="--pipeline: image height in pixels")] = None,
-    width: Annotated[int | None, typer.Option(help="--pipeline: image width in pixels")] = None,
+    pipeline: PipelineOption = None,
+    prompt: PromptOption = None,
+    negative_prompt: NegativePromptOption = None,
+    prompt_embeds: PromptEmbedsOption = None,
+    class_label: ClassLabelOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
     guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -235,7 +275,7 @@ def bench(
     import dataclasses
     import time
 
-    from ..bench.matrix import PRESETS, PipelineSource
+    from ..bench.matrix import PRESETS
     from ..bench.report import render
     from ..bench.runner import BenchError, run_bench
 
@@ -244,17 +284,12 @@ def bench(
     from ..tune.plan import PlanError
 
     extra: dict[str, Any] = {"n": n} if n is not None else {}
-    pipeline_inputs = (prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance)
-    if pipeline is None and any(v is not None for v in pipeline_inputs):
-        _fail("--prompt, --negative-prompt, --prompt-embeds, --class-label, --height, --width and --guidance "
-              "go with --pipeline DIR")  # fmt: skip
+    if pipeline is None and guidance is not None:
+        _fail("--guidance goes with --pipeline DIR (bundled models take the preset's guidance scales)")
+    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance)
+    if source is not None:
+        extra["pipeline"] = source
     try:
-        if pipeline is not None:
-            extra["pipeline"] = PipelineSource(
-                str(pipeline), prompts=tuple(prompt or ()), negative_prompt=negative_prompt,
-                embeds=str(prompt_embeds or ""), class_labels=tuple(class_label or ()), height=height, width=width,
-                guidance=guidance,
-            )  # fmt: skip
         config = dataclasses.replace(
             PRESETS[preset],
             model=model,
@@ -345,7 +380,9 @@ def tune(
     nfe: Annotated[int, typer.Option(help="exact denoiser calls per sample (>= 2)")] = 5,
     minutes: Annotated[float, typer.Option(help="search budget (evaluation time; resumes count earlier time)")] = 10.0,
     out: Annotated[pathlib.Path, typer.Option(help="plan file to write (JSON)")] = pathlib.Path("plan.json"),
-    guidance: GuidanceOption = 1.0,
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (default: 1 = none, or the pipeline's)")
+    ] = None,
     n_search: Annotated[int, typer.Option(help="images per search evaluation")] = 64,
     n_fd: Annotated[int, typer.Option(help="images per FD evaluation in the full-objective stage")] = 200,
     fd_candidates: Annotated[int, typer.Option(help="candidates scored by FD at the end (0: proxy only)")] = 6,
@@ -356,6 +393,13 @@ def tune(
     v3: Annotated[
         bool, typer.Option(help="include DPM-Solver-v3 (its statistics are estimated once per model, minutes)")
     ] = True,
+    pipeline: PipelineOption = None,
+    prompt: PromptOption = None,
+    negative_prompt: NegativePromptOption = None,
+    prompt_embeds: PromptEmbedsOption = None,
+    class_label: ClassLabelOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Search a sampling plan (grid + per-step solver decisions) for a model at an exact NFE."""
@@ -363,12 +407,14 @@ def tune(
     from ..tune import TuneConfig, TuneError
     from ..tune import tune as run_tune
 
+    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
+        loaded = load(model) if source is None else source.load()
         config = TuneConfig(
-            nfe=nfe, minutes=minutes, guidance=guidance, n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd,
-            fd_candidates=fd_candidates, n_heldout=n_heldout, reference_steps=reference_steps,
+            nfe=nfe, minutes=minutes, guidance=loaded.default_guidance if guidance is None else guidance,
+            n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd, fd_candidates=fd_candidates, n_heldout=n_heldout,
+            reference_steps=reference_steps,
         )  # fmt: skip
-        loaded = load(model)
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError) as err:
         _fail(str(err))

@@ -103,8 +103,8 @@ class _FluxCall(nn.Module):
     def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
                 guidance: Tensor | None = None) -> Tensor:  # fmt: skip
         return self.net(hidden_states=x, timestep=t / 1000, guidance=guidance, pooled_projections=pooled_projections,
-                        encoder_hidden_states=encoder_hidden_states, txt_ids=self.txt_ids, img_ids=self.img_ids,
-                        return_dict=False)[0]  # fmt: skip
+                        encoder_hidden_states=encoder_hidden_states, txt_ids=self.txt_ids.to(x.device),
+                        img_ids=self.img_ids.to(x.device), return_dict=False)[0]  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -175,6 +175,7 @@ def from_pipeline(
     height: int | None = None,
     width: int | None = None,
     name: str | None = None,
+    device: str | torch.device | None = None,
 ) -> PipelineModel:
     """A hasten model from a diffusers pipeline (an object, or a folder ``DiffusionPipeline.from_pretrained``
     loads).
@@ -189,6 +190,7 @@ def from_pipeline(
             :func:`hasten.generate` for this model.
         height, width: Image size in pixels (default: the pipeline's default size).
         name: A name for reports (default: the folder name or the pipeline class).
+        device: Move the pipeline there first (default: leave it where it is).
 
     Raises:
         ValueError: for a denoiser or prediction type hasten does not know (naming what it found and what is
@@ -203,6 +205,8 @@ def from_pipeline(
             raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
         name = name or folder.name
         pipe = _load_pipeline(folder, text=prompt is not None or negative_prompt is not None)
+    if device is not None:
+        pipe = pipe.to(device)
     net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     family = type(net).__name__
     if family not in FAMILIES:
