@@ -12,7 +12,10 @@ fit the output to the current input), and the middle stack ``M`` is either compu
   (measured over the batch, as the reference implementations do).
 
 Works on any model that runs a ``transformer_blocks`` (or ``blocks``) list of modules taking the hidden
-state first and returning a tensor (diffusers ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ...).
+state first and returning it (diffusers ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ...), and on
+dual-stream blocks that also carry the text tokens, ``(h, c) <- B_k(h, c)`` returned as ``(c, h)`` as SD3's
+and Flux's blocks do: there the middle stack's residual is kept for both streams (a block that ends the text
+stream, SD3's last, returns ``None`` for it, and so does its skipped stand-in).
 
 Reference: first-block cache: ParaAttention "First Block Cache" (2024) and diffusers'
 ``FirstBlockCacheConfig``; Fn/Bn compute blocks: cache-dit "DBCache" (2025); fixed-interval block reuse:
@@ -135,6 +138,7 @@ class BlockCache(Accelerator):
                 f"{len(blocks)} blocks in {list_name}"
             )
         self.middle = [f"{list_name}.{i}" for i in range(first, len(blocks) - last)]
+        self._formats: dict[str, tuple[bool, bool]] = {}
         for i in range(first):
             self._patch(blocks[i], f"{list_name}.{i}", self._head_forward(f"{list_name}.{i}", i == 0, i == first - 1))
         for i, name in enumerate(self.middle):
@@ -158,9 +162,9 @@ class BlockCache(Accelerator):
             call = self._call
             if call is not None and is_first:
                 call.slot["h_in"] = _hidden(args, kwargs)
-            out = _check_tensor(original(*args, **kwargs), name)
+            out = original(*args, **kwargs)
             if call is not None and decides:
-                self._decide(call, out - call.slot.pop("h_in"))
+                self._decide(call, _streams(out, name)[0] - call.slot.pop("h_in"))
             return out
 
         return forward
@@ -180,16 +184,26 @@ class BlockCache(Accelerator):
     def _middle_forward(self, name: str, is_first: bool, is_last: bool) -> Callable[..., Any]:
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             call = self._call
-            h = _hidden(args, kwargs)
+            h, c = _hidden(args, kwargs), _context(args, kwargs)
             if call is None or call.full:
                 if call is not None and is_first:
-                    call.slot["h_middle_in"] = h
-                out = _check_tensor(original(*args, **kwargs), name)
+                    call.slot["middle_in"] = (h, c)
+                out = original(*args, **kwargs)
+                h_out, c_out, pair = _streams(out, name)
+                self._formats[name] = (pair, c_out is None)  # what this block's skipped stand-in returns
                 if call is not None and is_last:
-                    self._store(call, "middle_residual", out - call.slot.pop("h_middle_in"))
+                    h_in, c_in = call.slot.pop("middle_in")
+                    self._store(call, "middle_residual", h_out - h_in)
+                    if c_out is not None and c_in is not None:
+                        self._store(call, "middle_context_residual", c_out - c_in)
                 return out
             call.skipped.add(name)
-            return h + self._serve(call, "middle_residual") if is_first else h
+            if is_first:
+                h = h + self._serve(call, "middle_residual")
+                if c is not None and "middle_context_residual" in call.slot:
+                    c = c + self._serve(call, "middle_context_residual")
+            pair, context_ends = self._formats[name]
+            return ((None if context_ends else c), h) if pair else h
 
         return forward
 
@@ -201,10 +215,20 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return h
 
 
-def _check_tensor(out: Any, name: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"block {name} returned {type(out).__name__}; block caching supports blocks that return the hidden "
-            "state tensor (dual-stream blocks returning tuples are not supported)"
-        )
-    return out
+def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The text stream a dual-stream block takes second (SD3, Flux), if any."""
+    c = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return c if isinstance(c, Tensor) else None
+
+
+def _streams(out: Any, name: str) -> tuple[Tensor, Tensor | None, bool]:
+    """``(hidden, context, is_pair)`` of a block's output: a tensor, or diffusers' dual-stream ``(context, hidden)``."""
+    if isinstance(out, Tensor):
+        return out, None, False
+    if isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[1], Tensor):
+        if out[0] is None or isinstance(out[0], Tensor):
+            return out[1], out[0], True
+    raise TypeError(
+        f"block {name} returned {type(out).__name__}; block caching supports blocks that return the hidden state "
+        "or a dual-stream (text, hidden) pair of tensors"
+    )
