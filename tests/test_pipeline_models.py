@@ -42,7 +42,7 @@ def _pipeline_run(pipe, kwargs, family, latents, steps):
 def test_each_family_agrees_with_its_own_pipeline(family):
     pipe, kwargs = tiny_pipelines.BUILDERS[family]()
     pipe.set_progress_bar_config(disable=True)
-    model = from_pipeline(pipe, **kwargs, **_size(family))
+    model = hasten.from_pipeline(pipe, **kwargs, **_size(family))
     assert isinstance(model, PipelineModel) and model.info.arch == type(model.network).__name__
     batch = 2
     # the pipelines that draw their own noise (DDPM, DiT) draw this from the generator seeded 0

@@ -8,6 +8,7 @@ The public API in one place::
     x = hasten.sample(den, noise * sigmas[0], sigmas, "dpmpp_2m")
     acc = hasten.accelerate_(unet, hasten.accel.DeepCacheConfig(interval=3))   # feature caching
     hasten.quantize_(model, hasten.QuantConfig(weights=8, activations=8), calibration=...)   # int8
+    model = hasten.from_pipeline(pipe, prompt="a red bicycle")   # a diffusers pipeline as a hasten model
 """
 
 from . import accel, models, quant, schedules, solvers, tune
@@ -42,6 +43,17 @@ from .tune.plan import Plan, load_plan
 
 __version__ = "0.1.0"
 
+
+def from_pipeline(pipe, **inputs):
+    """A diffusers pipeline's denoiser as a hasten model; see :func:`hasten.pipelines.from_pipeline`.
+
+    (Defined here so ``import hasten`` stays free of diffusers until a pipeline is used.)
+    """
+    from .pipelines.adapters import from_pipeline as adapt
+
+    return adapt(pipe, **inputs)
+
+
 __all__ = [
     "VE",
     "AccelConfig",
@@ -72,6 +84,7 @@ __all__ = [
     "accelerate_",
     "available",
     "bundled_models",
+    "from_pipeline",
     "generate",
     "get_sigmas",
     "get_solver",
