@@ -123,7 +123,7 @@ member of the bundled zoo.
 
 ## Measured quality
 
-{args.n} samples per row on the `auto` grid (Karras for DDPM models, uniform time for flow models), labels
+{args.n} samples per row on the `auto` grid (trailing for DDPM models, uniform time for flow models), labels
 spread evenly over the ten digits, seed 0. For deterministic samplers the RMSE column is the error to a
 200-step third-order solve from the same noise on {args.reference_n} of them (pixel values in [0, 1]): how
 converged the setting is{"; `ddpm` is the stochastic DDPM posterior sampler (no reference error)" if any(r["rmse_ref_subset"] is None for r in rows) else ""}. FD and precision/recall

@@ -223,3 +223,17 @@ def test_bad_input():
         HastenScheduler().step(torch.zeros(1, 1), 999, torch.zeros(1, 1))
     with pytest.raises(ValueError, match="needs mu"):
         HastenScheduler(prediction_type="flow_prediction", use_dynamic_shifting=True).set_timesteps(4)
+
+
+def test_grids_outside_the_training_range_are_refused():
+    vp, flow = HastenScheduler(), HastenScheduler(prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0\.0, 999\.0\]"):
+        vp.set_timesteps(timesteps=[1500, 500])
+    with pytest.raises(ValueError, match="sigmas must lie in .*trained noise levels"):
+        vp.set_timesteps(sigmas=[1e9, 1.0])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\] for a flow-matching model"):
+        flow.set_timesteps(timesteps=[1200.0, 500.0])
+    with pytest.raises(ValueError, match="sigmas must lie in"):
+        flow.set_timesteps(sigmas=[0.5, -0.1])
+    flow.set_timesteps(sigmas=[1.0, 0.5])  # times in [0, 1], as diffusers' flow pipelines pass them
+    assert len(flow.timesteps) == 2

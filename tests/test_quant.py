@@ -125,7 +125,7 @@ def test_trajectory_calibration_covers_every_step(unet, unet_calibration):
     assert len(cal) == MIN_SAMPLES * 6
     steps = sorted({c.step for c in cal.calls})
     assert steps == list(range(6))
-    assert len(cal.times) == 6 and cal.times[-1] > 900 and cal.times[0] < 100  # noise to nearly clean
+    assert len(cal.times) == 6 and cal.times[-1] > 900 and cal.times[0] < 200  # noise to the last step (t = 166)
     assert cal.fingerprint == unet.fingerprint and cal.setting["mode"] == "trajectory"
 
 

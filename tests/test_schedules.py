@@ -218,7 +218,11 @@ def test_bad_schedule_arguments():
 
 def test_auto_grid():
     vp, flow = VPDiscrete.from_betas(), FlowMatching(shift=3.0)
-    torch.testing.assert_close(get_sigmas("auto", 6, vp), get_sigmas("karras", 6, vp))
+    # DDPM-type: trailing, so the last model call is at timestep T/n - 1, not at the smallest trained level
+    torch.testing.assert_close(get_sigmas("auto", 6, vp), get_sigmas("trailing", 6, vp))
+    assert float(vp.t_from_ve_sigma(get_sigmas("auto", 5, vp)[-2])) == pytest.approx(199, abs=1e-6)
+    continuous = VPLinear()
+    torch.testing.assert_close(get_sigmas("auto", 6, continuous), get_sigmas("karras", 6, continuous))
     s = get_sigmas("auto", 5, FlowMatching())
     _check_grid(s, 5)
     # SD3 / Flux: t uniform from t_max down to t_max / n (no model call at already-clean t_min), then 0

@@ -267,12 +267,13 @@ def test_dpm_solver_v3_auto_statistics_through_generate(tiny_model, monkeypatch)
         hasten.sample(model.denoiser, torch.randn(2, 1, 28, 28), plan=plan)
 
 
-def test_stock_starts_include_diffusers_trailing_grid_for_discrete_schedules_only():
+def test_stock_starts_include_the_trailing_grid_for_discrete_schedules_only():
     import hasten
     from hasten.tune.tuner import stock_plans
 
     unet_grids = {label.rsplit("(", 1)[1].rstrip(")") for label, _ in stock_plans(hasten.load("mnist-unet"), 5)}
     dit_grids = {label.rsplit("(", 1)[1].rstrip(")") for label, _ in stock_plans(hasten.load("mnist-dit"), 5)}
-    assert "trailing" in unet_grids and "trailing" not in dit_grids
-    trailing = next(p for label, p in stock_plans(hasten.load("mnist-unet"), 5) if label.endswith("(trailing)"))
+    # on a discrete schedule `auto` is the trailing grid: one start, labelled by the first name that made it
+    assert "auto" in unet_grids and "trailing" not in unet_grids and "trailing" not in dit_grids
+    trailing = next(p for label, p in stock_plans(hasten.load("mnist-unet"), 5) if label.endswith("(auto)"))
     assert trailing.sigmas[-1] == 0.0 and trailing.sigmas[-2] > 0.5  # no model call spent at sigma_min

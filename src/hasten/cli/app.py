@@ -27,7 +27,7 @@ SeedOption = Annotated[int, typer.Option(help="noise seed")]
 GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
 ScheduleOption = Annotated[
     str,
-    typer.Option(help="discretisation: auto (karras; uniform time for flow models), karras, logsnr, time_uniform, ..."),
+    typer.Option(help="discretisation: auto (trailing for DDPM-type, uniform time for flow, else karras), karras, ..."),
 ]
 
 # A diffusers pipeline instead of --model (sample, tune, bench), and what to condition it on.

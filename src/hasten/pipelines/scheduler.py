@@ -310,11 +310,18 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         final = "zero" if self.config.final_sigma == "zero" else "sigma_min"
         if timesteps is not None:
             ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+            top = self.config.num_train_timesteps
+            if self.flow and not (ts.min() >= 0 and ts.max() <= top):  # VP ranges are checked by from_timesteps
+                raise ValueError(f"timesteps must lie in [0, {top}] for a flow-matching model, got {ts.tolist()}")
             if self.flow:
                 return from_sigmas(_finish(self._ve_sigma(ts), final, schedule))
             return from_timesteps(schedule, ts, final=final)
         if sigmas is not None:
             s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            top = float(schedule.sigma_max) * (1 + 1e-6)
+            if not (s.min() >= 0 and (s.max() <= top or (self.flow and s.max() <= 1))):
+                raise ValueError(f"sigmas must lie in [0, {float(schedule.sigma_max):.6g}] (the model's trained noise "
+                                 f"levels), got {s.tolist()}")  # fmt: skip
             if self.flow and s.max() <= 1:  # diffusers' flow "sigmas" are times t in [0, 1], shifted on arrival
                 if self.config.schedule == SCHEDULES_NATIVE and self._source_class() is not None:
                     return self._native_grid(None, mu, final, sigmas=s)  # Flux passes its own, for the source to shift

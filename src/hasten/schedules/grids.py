@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from .noise import FlowMatching, NoiseSchedule, _f64
+from .noise import FlowMatching, NoiseSchedule, VPDiscrete, _f64
 
 __all__ = [
     "DISCRETISATIONS",
@@ -226,10 +226,20 @@ for _spacing in ("linspace", "leading", "trailing"):
 
 @DISCRETISATIONS.register("auto")
 def _auto(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
-    """``karras`` for diffusion schedules; for flow matching the SD3 / Flux grid: ``n`` levels uniform in
-    (shifted) time from ``t_max`` down to ``t_max / n``, then 0. (A rho grid from the flow's VE level
-    ~1e4 would spend its first steps on pure noise, and ``time_uniform`` down to ``t_min`` would spend its
-    last model call on already-clean data.)"""
+    """One rule where the model's time is discrete or bounded: ``n`` levels uniform in time from the top
+    down to ``1/n`` of it, then 0, so the last model call sees a real noise level. For a discrete (DDPM-type)
+    schedule that is ``trailing`` (timesteps ``T-1, ..., T/n - 1``; Lin et al. 2024); for flow matching the
+    SD3 / Flux grid in (shifted) time from ``t_max`` down to ``t_max / n``. ``karras`` for continuous VP and
+    VE schedules.
+
+    Why: a grid that ends at the smallest trained level (``karras``, ``logsnr`` and ``time_uniform`` down to
+    ``sigma_min``) spends its last model call on already-clean data. Measured on the bundled noise-predicting
+    UNet (RMSE to a 200-step reference, 200 images; DPM-Solver++(2M) at 5 / 10 / 20 steps): karras 0.345 /
+    0.068 / 0.019, trailing 0.107 / 0.042 / 0.015 (``benchmarks/diffusers_defaults.py``)."""
+    if isinstance(schedule, VPDiscrete):
+        if kw:
+            raise TypeError(f"the discrete-schedule 'auto' grid takes no options, got {sorted(kw)}")
+        return DISCRETISATIONS.get("trailing")(n, schedule)
     if not isinstance(schedule, FlowMatching):
         return _karras(n, schedule, **kw)
     if kw:
@@ -242,7 +252,8 @@ def _auto(n: int, schedule: NoiseSchedule, **kw) -> Tensor:
 def get_sigmas(name: str, n: int, schedule: NoiseSchedule, **options) -> Tensor:
     """Build the named discretisation with ``n`` steps for ``schedule``.
 
-    Names: ``auto`` (``karras``; for flow matching uniform in time down to ``t_max / n``), ``karras``, ``logsnr``,
+    Names: ``auto`` (``trailing`` for discrete schedules, uniform in time down to ``t_max / n`` for flow
+    matching, ``karras`` otherwise), ``karras``, ``logsnr``,
     ``time_uniform``, ``time_quadratic``, ``linspace``, ``leading``, ``trailing`` (the last three for
     discrete schedules).
     """
