@@ -229,7 +229,7 @@ def test_grids_outside_the_training_range_are_refused():
     vp, flow = HastenScheduler(), HastenScheduler(prediction_type="flow_prediction")
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0\.0, 999\.0\]"):
         vp.set_timesteps(timesteps=[1500, 500])
-    with pytest.raises(ValueError, match="sigmas must lie in .*trained noise levels"):
+    with pytest.raises(ValueError, match=r"sigmas must lie in .*trained noise levels"):
         vp.set_timesteps(sigmas=[1e9, 1.0])
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\] for a flow-matching model"):
         flow.set_timesteps(timesteps=[1200.0, 500.0])
