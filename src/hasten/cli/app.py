@@ -346,6 +346,7 @@ def report(
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="hasten bench")
@@ -357,7 +358,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
     for r in rows:
         table.add_row(
-            r["label"], str(r["nfe"]), cell(r.get("seconds"), ".2f"), cell(r.get("fd"), ".1f"),
+            escape(r["label"]), str(r["nfe"]), cell(r.get("seconds"), ".2f"), cell(r.get("fd"), ".1f"),
             cell(r.get("precision"), ".3f"), cell(r.get("recall"), ".3f"), cell(r.get("rmse_ref"), ".4f"),
         )  # fmt: skip
     Console(stderr=False).print(table)
