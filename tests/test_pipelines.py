@@ -146,28 +146,14 @@ def test_in_a_stable_diffusion_pipeline_with_guidance():
     passed directly, classifier-free guidance): HastenScheduler mirroring DPM-Solver++ gives its images; a
     singlestep third-order solver on a Karras grid runs with its inner evaluations as timesteps."""
     pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).eval()  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    ).eval()  # fmt: skip
-    reference = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=reference, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    import tiny_pipelines
+
+    pipe, prompts = tiny_pipelines.stable_diffusion()  # its scheduler: DPMSolverMultistep, SD's betas
     pipe.set_progress_bar_config(disable=True)
-    prompt = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
 
     def run():
-        return pipe(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), num_inference_steps=8,
-                    guidance_scale=3.0, height=16, width=16, generator=torch.Generator().manual_seed(0),
-                    output_type="pt").images  # fmt: skip
+        return pipe(**prompts, num_inference_steps=8, guidance_scale=3.0, height=16, width=16,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
 
     theirs = run()
     pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
