@@ -278,3 +278,30 @@ def test_block_caches_on_dual_stream_transformers(family):
         cached = hasten.generate(model, 2, steps=6, accel=config)
         assert cached.accel_stats["reused"] >= 3
         assert 0 < (cached.samples - plain).abs().max() < 0.1 * plain.abs().max()
+
+
+def test_accelerate_calibrate_takes_a_pipeline_with_an_rmse_budget(tmp_path):
+    """No feature network for a pipeline's data, so the cache calibration's budget is the RMSE to the uncached
+    images (required, named in the error when missing); the config it writes samples the pipeline."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    pipe, _ = tiny_pipelines.dit()
+    pipe.save_pretrained(tmp_path / "dit")
+    runner = CliRunner()
+    base = ["accelerate", "calibrate", "--pipeline", str(tmp_path / "dit"), "--technique", "block_cache", "--steps",
+            "6", "--n", "10", "--out", str(tmp_path / "accel.json")]  # fmt: skip
+    missing = runner.invoke(app, base)
+    assert missing.exit_code == 2 and "give max_rmse" in missing.output
+    result = runner.invoke(app, [*base, "--max-rmse", "0.5", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "accel.json.calibration.json").read_text())
+    assert record["setting"]["guidance"] == 4.0 and all(row["fd"] is None for row in record["rows"])
+    assert record["heldout"]["passed"] and record["heldout"]["rmse_to_uncached"] <= 0.5
+    sample = ["sample", "--pipeline", str(tmp_path / "dit"), "--steps", "6", "--n", "2", "--accel",
+              str(tmp_path / "accel.json"), "--out", str(tmp_path / "g.png")]  # fmt: skip
+    sampled = runner.invoke(app, sample)
+    assert sampled.exit_code == 0, sampled.output

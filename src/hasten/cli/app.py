@@ -489,15 +489,26 @@ def accelerate_calibrate(
     ] = None,
     solver: SolverOption = "dpmpp_2m",
     steps: StepsOption = 20,
-    guidance: GuidanceOption = 1.0,
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (default: 1 = none, or the pipeline's)")
+    ] = None,
     max_quality_loss: Annotated[
         float, typer.Option(help="largest relative FD increase over the uncached run (0.05 = 5%)")
     ] = 0.05,
-    max_rmse: Annotated[float | None, typer.Option(help="also bound the RMSE to the uncached images")] = None,
+    max_rmse: Annotated[
+        float | None, typer.Option(help="bound the RMSE to the uncached images (the only budget for --pipeline)")
+    ] = None,
     n: Annotated[int, typer.Option(min=10, help="images per evaluation (calibration and held-out noise)")] = 200,
     out: Annotated[pathlib.Path, typer.Option(help="config file to write (one per technique if several)")] = (
         pathlib.Path("accel.json")
     ),
+    pipeline: PipelineOption = None,
+    prompt: PromptOption = None,
+    negative_prompt: NegativePromptOption = None,
+    prompt_embeds: PromptEmbedsOption = None,
+    class_label: ClassLabelOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Find the fastest cache setting whose FD loss against the uncached run stays within the target.
@@ -510,8 +521,10 @@ def accelerate_calibrate(
     from ..accel.calibrate import calibrate, techniques_for
     from ..models.zoo import load
 
+    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
-        loaded = load(model)
+        loaded = load(model) if source is None else source.load()
+        guidance = loaded.default_guidance if guidance is None else guidance
         names = [technique] if technique is not None else techniques_for(loaded.network)
         if not names:
             _fail(f"no caching technique can hook {type(loaded.network).__name__}")
@@ -525,9 +538,9 @@ def accelerate_calibrate(
             if fmt is OutputFormat.text:
                 where = "held-out" if row.get("heldout") else "calibration"
                 typer.echo(
-                    f"  {name} {where}: {_accel_label(row['config'])}: FD {row['fd']:.1f} vs {row['fd_uncached']:.1f} "
-                    f"({row['quality_loss']:+.1%}), RMSE {row['rmse_to_uncached']:.4f}, "
-                    f"{row['saved_fraction']:.0%} of the work skipped: {'pass' if row['passed'] else 'fail'}",
+                    f"  {name} {where}: {_accel_label(row['config'])}: {_fd_change(row)}RMSE "
+                    f"{row['rmse_to_uncached']:.4f}, {row['saved_fraction']:.0%} of the work skipped: "
+                    f"{'pass' if row['passed'] else 'fail'}",
                     err=True,
                 )
 
@@ -546,18 +559,27 @@ def accelerate_calibrate(
             lines.append(
                 f"{name}: {_accel_label(record['config'])} skips {found.heldout['saved_fraction']:.0%} of the work, "
                 f"{sp['speedup']:.2f}x wall clock ({sp['seconds_uncached']:.2f} s -> {sp['seconds_cached']:.2f} s), "
-                f"held-out FD {found.heldout['fd']:.1f} vs {found.heldout['fd_uncached']:.1f} "
-                f"({found.heldout['quality_loss']:+.1%}) -> {target}"
+                f"held-out {_fd_change(found.heldout)}RMSE {found.heldout['rmse_to_uncached']:.4f} -> {target}"
             )
         else:
+            budget = f"a {max_quality_loss:.0%} FD loss" if found.baseline.get("fd_calibration") is not None else ""
+            if max_rmse is not None:
+                budget += f"{' and ' if budget else ''}an RMSE of {max_rmse:g}"
             lines.append(
-                f"{name}: no setting meets a {max_quality_loss:.0%} FD loss at {solver} {steps} steps "
-                f"({len(found.rows)} tried); nothing written but {target.name}.calibration.json"
+                f"{name}: no setting meets {budget} at {solver} {steps} steps ({len(found.rows)} tried); nothing "
+                f"written but {target.name}.calibration.json"
             )
         results.append({"out": str(target) if found.config is not None else None, **record})
     _emit(fmt, {"results": results}, "\n".join(lines))
     if not any(r["met"] for r in results):
         raise typer.Exit(3)
+
+
+def _fd_change(row: dict[str, Any]) -> str:
+    """``"FD a vs b (+x%), "``, or nothing where the model's data has no feature network (pipelines)."""
+    if row.get("fd") is None:
+        return ""
+    return f"FD {row['fd']:.1f} vs {row['fd_uncached']:.1f} ({row['quality_loss']:+.1%}), "
 
 
 def _accel_label(config: dict[str, Any]) -> str:
