@@ -223,3 +223,51 @@ def test_grids_outside_the_training_range_are_refused():
         flow.set_timesteps(sigmas=[0.5, -0.1])
     flow.set_timesteps(sigmas=[1.0, 0.5])  # times in [0, 1], as diffusers' flow pipelines pass them
     assert len(flow.timesteps) == 2
+
+
+def test_latent_edits_between_steps_are_fed_back():
+    """Pipelines may change the latents between steps: inpainting blends the known region in after every step,
+    and ``callback_on_step_end`` may return edited latents. HastenScheduler takes the edited latents as the
+    state at that grid point (keeping the multistep history), so mirroring DPM-Solver++ it gives the
+    pipeline's own results; singlestep solvers refuse edits between their inner evaluations."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+
+    import tiny_pipelines
+
+    base, prompts = tiny_pipelines.stable_diffusion()
+    base.set_progress_bar_config(disable=True)
+    common = {**prompts, "num_inference_steps": 6, "guidance_scale": 3.0, "height": 16, "width": 16,
+              "output_type": "latent"}  # fmt: skip
+
+    def damp(pipe, i, t, tensors):  # a global edit: every step's latents scaled by 0.9
+        return {"latents": tensors["latents"] * 0.9}
+
+    def edited():
+        return base(**common, generator=torch.Generator().manual_seed(0), callback_on_step_end=damp).images
+
+    theirs = edited()
+    base.scheduler = HastenScheduler.from_config(base.scheduler.config, solver="dpmpp_2m")
+    torch.testing.assert_close(edited(), theirs, rtol=0, atol=1e-4)
+    assert len(base.scheduler._edits) == 5  # the edit after the last step comes after the last step() call
+    base.scheduler._record_edit = lambda sample, call: None  # what ignoring the edits gives
+    assert (edited() - theirs).abs().max() > 0.01
+
+    pipe = diffusers.StableDiffusionInpaintPipeline(**{**base.components, "scheduler": base.scheduler})
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base.scheduler.config.source_config)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255  # repaint the right half
+
+    def inpaint():
+        return pipe(**common, image=image, mask_image=Image.fromarray(mask), strength=1.0,
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    theirs = inpaint()
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    torch.testing.assert_close(inpaint(), theirs, rtol=0, atol=1e-4)
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2s", schedule="karras")
+    with pytest.raises(ValueError, match="edited between the inner evaluations"):
+        inpaint()

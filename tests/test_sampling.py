@@ -226,3 +226,19 @@ def test_stochastic_noise_comes_from_the_generator():
     b = hasten.sample(MIX, x, sig, "ddpm", generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(a, b)
     assert get_solver("ddpm").stochastic and not get_solver("ddim").stochastic
+
+
+def test_a_callback_may_replace_the_state():
+    """callback(i, sigma_next, x) returning a tensor replaces x (diffusers' callback_on_step_end contract);
+    None leaves it; anything else is refused."""
+    gmm = hasten.models.ProductMixture()
+    sigmas = hasten.schedules.karras(6, 0.01, 20.0)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    plain = hasten.sample(gmm, x, sigmas, "dpmpp_2m")
+    assert torch.equal(hasten.sample(gmm, x, sigmas, "dpmpp_2m", callback=lambda i, s, x: None), plain)
+    zeroed = hasten.sample(gmm, x, sigmas, "dpmpp_2m", callback=lambda i, s, x: torch.zeros_like(x) if i == 4 else None)
+    assert not torch.allclose(zeroed, plain)
+    with pytest.raises(TypeError, match="return None or a replacement x"):
+        hasten.sample(gmm, x, sigmas, "dpmpp_2m", callback=lambda i, s, x: True)
+    with pytest.raises(ValueError, match="callback returned shape"):
+        hasten.sample(gmm, x, sigmas, "dpmpp_2m", callback=lambda i, s, x: x[:1])

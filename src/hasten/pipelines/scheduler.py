@@ -251,11 +251,26 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         if begin + len(self._outputs) >= len(self._call_sigmas):
             raise RuntimeError(f"step() called more often than the {len(self._call_sigmas)} model calls of the grid")
+        if self._returned is not None and not torch.equal(sample, self._returned):
+            self._record_edit(sample, begin + len(self._outputs))
         self._outputs.append(model_output.detach())
         x, sigma = self._replay()
         alpha = self.noise_schedule.alpha_from_ve_sigma(sigma) if sigma > 0 else 1.0
         prev = (x * float(alpha)).to(sample.dtype)
+        self._returned = prev
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _record_edit(self, sample: Tensor, call: int) -> None:
+        """The pipeline changed the latents since the last ``step`` (inpainting blends in the known region):
+        the replay puts the edited state in at the grid point it belongs to, keeping the solver's history."""
+        step = self._call_steps[call]
+        if self._call_steps[call - 1] == step:
+            raise ValueError(
+                "the latents were edited between the inner evaluations of a step; edits (inpainting blending) are "
+                "supported at grid points, i.e. with multistep solvers or between the steps of a singlestep one"
+            )
+        alpha = float(self.noise_schedule.alpha_from_ve_sigma(self._grid[step]))
+        self._edits[step - 1 - self._start_step] = sample.detach().to(torch.float64) / alpha
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``x_t`` at the given model timesteps (img2img): ``alpha_t x0 + sigma_t eps`` (flow: ``(1-t) x0 + t eps``)."""
@@ -276,6 +291,8 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
     # -- internals ---------------------------------------------------------------------------------------
     def _reset(self) -> None:
         self._outputs: list[Tensor] = []
+        self._edits: dict[int, Tensor] = {}  # replay loop step -> VE state the pipeline set after it
+        self._returned: Tensor | None = None
         self._x_start: Tensor | None = None
         self._begin_index: int | None = getattr(self, "_begin_index", None)
         self._noise_seed = self.config.seed
@@ -386,9 +403,13 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             count[0] += 1
             return adapter.denoised_from_output(outputs[j].to(x.device, x.dtype), x, sigma)
 
+        def edits(i: int, sigma: float, x: Tensor) -> Tensor | None:
+            return self._edits.get(i)
+
         generator = torch.Generator(device=self._x_start.device).manual_seed(self._noise_seed)
         try:
-            x = sample(denoiser, self._x_start, self._grid[self._start_step :], self._solver, generator=generator)
+            x = sample(denoiser, self._x_start, self._grid[self._start_step :], self._solver, generator=generator,
+                       callback=edits)  # fmt: skip
         except _NextCall as call:
             return call.x, float(call.sigma.flatten()[0])
         return x, float(self._grid[-1])

@@ -229,7 +229,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     hooks: Sequence[StepHook] = (),
-    callback: Callable[[int, float, Tensor], None] | None = None,
+    callback: Callable[[int, float, Tensor], Tensor | None] | None = None,
     state: Any = None,
     denoise_to_zero: bool = False,
     check_finite: bool = True,
@@ -248,7 +248,9 @@ def sample(
         cond: Conditioning passed to every denoiser call (``{"class_labels": y}``).
         generator: Random source for stochastic solvers.
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
-        callback: Called as ``callback(i, sigma_next, x)`` after every step.
+        callback: Called as ``callback(i, sigma_next, x)`` after every step. A tensor it returns replaces ``x``
+            (as diffusers' ``callback_on_step_end`` replaces latents: inpainting's blending of the known
+            region); multistep histories are kept.
         state: Initial solver state (to resume, or to seed a multistep history exactly).
         denoise_to_zero: If the grid ends above 0, finish with one extra denoiser call (DPM-Solver's
             option); counted in NFE.
@@ -299,7 +301,13 @@ def sample(
                 hook.begin_step(info)
             xw, state = solver.step(model, xw, info, state, noise)
             if callback is not None:
-                callback(i, grid[i + 1], xw)
+                edited = callback(i, grid[i + 1], xw)
+                if edited is not None:
+                    if not isinstance(edited, Tensor):
+                        raise TypeError(f"callback returned {type(edited).__name__}; return None or a replacement x")
+                    if edited.shape != xw.shape:
+                        raise ValueError(f"callback returned shape {tuple(edited.shape)} for x of {tuple(xw.shape)}")
+                    xw = edited.to(device=xw.device, dtype=work)
         if denoise_to_zero and grid[-1] > 0:
             model.step_index = len(grid) - 1
             run.step = StepInfo(len(grid) - 2, grid)  # part of the last step
