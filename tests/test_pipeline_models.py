@@ -15,7 +15,7 @@ import tiny_pipelines  # noqa: E402
 from hasten.generate import guided_denoiser  # noqa: E402
 from hasten.pipelines import HastenScheduler, PipelineModel, from_pipeline  # noqa: E402
 
-SIZE = {"sd": 16, "sdxl": 16, "sd3": 16, "flux": 32}  # pixels; the pixel and DiT models have one size
+SIZE = {"sd": 16, "sdxl": 16, "pixart": 16, "sd3": 16, "flux": 32}  # pixels; the pixel and DiT models have one size
 
 
 def _size(family: str) -> dict[str, int]:
@@ -34,6 +34,8 @@ def _pipeline_run(pipe, kwargs, family, latents, steps):
     # one row per sample, prompts cycling as hasten cycles them (not every pipeline repeats given embeddings)
     rows = torch.arange(len(latents))
     kwargs = {k: v[rows % len(v)] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if family == "pixart":  # its aspect-ratio bins exist for its released sizes only
+        kwargs["use_resolution_binning"] = False
     return pipe(**kwargs, **_size(family), latents=latents, num_inference_steps=steps, generator=gen,
                 output_type="latent").images  # fmt: skip
 
@@ -59,7 +61,8 @@ def test_each_family_agrees_with_its_own_pipeline(family):
         ours = model.to_images(ours.float())
     assert ours.shape == theirs.shape
     assert theirs.abs().max() > 0.05  # not a degenerate output
-    torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=5e-5)  # measured <= 1.6e-5
+    # measured: <= 1.6e-5 absolute; PixArt 6.1e-5 on latents of magnitude ~100 (relative 5e-7)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-5, atol=5e-5)
 
 
 def test_generate_bench_pieces_on_a_pipeline_model(tmp_path):

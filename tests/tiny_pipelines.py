@@ -83,6 +83,24 @@ def dit():
     return pipe, {"class_labels": [1, 7]}
 
 
+def pixart():
+    gen = _seeded(6)
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()  # fmt: skip
+    pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
+                                         scheduler=diffusers.DPMSolverMultistepScheduler())  # fmt: skip
+    mask = torch.ones(1, 5)
+    mask[:, 4] = 0  # a padded token
+    return pipe, {
+        "prompt_embeds": torch.randn(1, 5, 32, generator=gen), "prompt_attention_mask": mask,
+        "negative_prompt_embeds": torch.randn(1, 5, 32, generator=gen) * 0.1,
+        "negative_prompt_attention_mask": torch.ones(1, 5), "negative_prompt": None,
+    }  # fmt: skip
+
+
 def stable_diffusion_3():
     gen = _seeded(4)
     transformer = diffusers.SD3Transformer2DModel(
@@ -123,6 +141,7 @@ BUILDERS = {
     "sd": stable_diffusion,
     "sdxl": stable_diffusion_xl,
     "dit": dit,
+    "pixart": pixart,
     "sd3": stable_diffusion_3,
     "flux": flux,
 }

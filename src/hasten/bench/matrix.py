@@ -43,7 +43,14 @@ def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-PIPELINE_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+PIPELINE_EMBEDS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_attention_mask",
+)
 
 
 @dataclasses.dataclass(frozen=True)

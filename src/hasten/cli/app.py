@@ -33,7 +33,7 @@ ScheduleOption = Annotated[
 # A diffusers pipeline instead of --model (sample, tune, bench), and what to condition it on.
 PipelineOption = Annotated[
     pathlib.Path | None,
-    typer.Option(help="a diffusers pipeline folder to use instead of --model (SD, SDXL, DiT, SD3, Flux, DDPM)"),
+    typer.Option(help="a diffusers pipeline folder to use instead of --model (SD, SDXL, DiT, PixArt, SD3, Flux, DDPM)"),
 ]
 PromptOption = Annotated[list[str] | None, typer.Option(help="--pipeline: a prompt (repeatable; samples cycle)")]
 NegativePromptOption = Annotated[str | None, typer.Option(help="--pipeline: the negative prompt")]

@@ -14,11 +14,13 @@ negative prompt the pipeline itself would use (SDXL's zeros for an empty negativ
 Families (the pipeline's denoiser class): ``UNet2DModel`` (DDPM/DDIM pipelines, hasten's own models),
 ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL with its pooled text and size conditions),
 ``DiTTransformer2DModel`` (class labels; a learned-variance half of the output is dropped),
+``PixArtTransformer2DModel`` (prompts with token masks; 1024-px models' size conditions),
 ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` (flow matching; Flux's latents are packed 2x2
 into tokens, its resolution shift follows the image size and its distilled guidance is an input).
 
 Reference: the diffusers pipelines' denoising loops (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``DiTPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``), whose model calls these adapters reproduce.
+``DiTPipeline``, ``PixArtAlphaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``), whose model calls
+these adapters reproduce.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ FAMILIES = {
     "UNet2DModel": "DDPM / DDIM pipelines (unconditional or class-conditional pixel UNets)",
     "UNet2DConditionModel": "Stable Diffusion 1.x / 2.x and SDXL",
     "DiTTransformer2DModel": "DiT (class labels)",
+    "PixArtTransformer2DModel": "PixArt-alpha / PixArt-sigma",
     "SD3Transformer2DModel": "Stable Diffusion 3 (flow matching)",
     "FluxTransformer2DModel": "Flux (flow matching)",
 }
@@ -75,6 +78,22 @@ class _DiTCall(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor) -> Tensor:
         out = self.net(x, timestep=t, class_labels=class_labels).sample
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+class _PixArtCall(nn.Module):
+    """PixArtTransformer2DModel: prompt tokens with their attention mask, and (1024-px models) the resolution and
+    aspect-ratio conditions as flat keywords; a learned-variance half of the output is dropped."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor,
+                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:  # fmt: skip
+        added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+        out = self.net(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                       timestep=t, added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
@@ -170,6 +189,8 @@ def from_pipeline(
     negative_prompt_embeds: Tensor | None = None,
     pooled_prompt_embeds: Tensor | None = None,
     negative_pooled_prompt_embeds: Tensor | None = None,
+    prompt_attention_mask: Tensor | None = None,
+    negative_prompt_attention_mask: Tensor | None = None,
     class_labels: list[int] | Tensor | None = None,
     guidance: float | None = None,
     height: int | None = None,
@@ -184,6 +205,7 @@ def from_pipeline(
         prompt, negative_prompt: Text, encoded by the pipeline's ``encode_prompt`` (needs its text encoders).
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds: Encoded
             prompts instead of text, shaped as the pipeline takes them (one row per prompt).
+        prompt_attention_mask, negative_prompt_attention_mask: PixArt's token masks of encoded prompts.
         class_labels: DiT's classes (default: every class in turn).
         guidance: The guidance scale (default: the pipeline's own default). For Flux it is the distilled
             guidance input of the model; elsewhere hasten's classifier-free guidance, and the default of
@@ -198,7 +220,9 @@ def from_pipeline(
     """
     args = {"prompt": prompt, "negative_prompt": negative_prompt, "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "class_labels": class_labels}  # fmt: skip
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "class_labels": class_labels,
+            "prompt_attention_mask": prompt_attention_mask,
+            "negative_prompt_attention_mask": negative_prompt_attention_mask}  # fmt: skip
     if isinstance(pipe, str | os.PathLike):
         folder = pathlib.Path(pipe)
         if not (folder / "model_index.json").exists():
@@ -224,6 +248,7 @@ def from_pipeline(
         "UNet2DModel": _pixel_unet,
         "UNet2DConditionModel": _text_unet,
         "DiTTransformer2DModel": _dit,
+        "PixArtTransformer2DModel": _pixart,
         "SD3Transformer2DModel": _sd3,
         "FluxTransformer2DModel": _flux,
     }[family]
@@ -284,8 +309,12 @@ def _encode(pipe, args: dict[str, Any], do_cfg: bool) -> tuple[Tensor | None, ..
               "num_images_per_prompt": 1, "do_classifier_free_guidance": do_cfg,
               "prompt_embeds": args["prompt_embeds"], "negative_prompt_embeds": args["negative_prompt_embeds"],
               "pooled_prompt_embeds": args["pooled_prompt_embeds"],
-              "negative_pooled_prompt_embeds": args["negative_pooled_prompt_embeds"]}  # fmt: skip
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+              "negative_pooled_prompt_embeds": args["negative_pooled_prompt_embeds"],
+              "prompt_attention_mask": args["prompt_attention_mask"],
+              "negative_prompt_attention_mask": args["negative_prompt_attention_mask"]}  # fmt: skip
+    # None where the signature has a default leaves the pipeline's own default (PixArt's negative prompt "")
+    kwargs = {k: v for k, v in kwargs.items()
+              if k in accepted and (v is not None or accepted[k].default is inspect.Parameter.empty)}  # fmt: skip
     if "prompt_2" in accepted:
         kwargs["prompt_2"] = None
     if "prompt_3" in accepted:
@@ -341,6 +370,23 @@ def _dit(pipe, net, args, guidance, height, width) -> dict[str, Any]:
     uncond = {"class_labels": torch.tensor([classes])} if guidance > 1.0 else None  # DiT's null class
     return {"call": _DiTCall(net), "shape": (net.config.in_channels, size, size), "cond": {"class_labels": labels},
             "uncond": uncond, "size": (size * factor, size * factor)}  # fmt: skip
+
+
+def _pixart(pipe, net, args, guidance, height, width) -> dict[str, Any]:
+    _refuse(args, "class_labels", "pooled_prompt_embeds", family="PixArtTransformer2DModel")
+    factor, height, width = _latent_size(pipe, net, height, width, int(net.config.sample_size))
+    do_cfg = guidance > 1.0
+    embeds, mask, negative, negative_mask = _encode(pipe, args, do_cfg)
+    cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+    uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask} if do_cfg else None
+    if int(net.config.sample_size) == 128:  # PixArt-alpha 1024 px: resolution and aspect-ratio conditions
+        size = {"resolution": torch.tensor([[float(height), float(width)]]),
+                "aspect_ratio": torch.tensor([[height / width]])}  # fmt: skip
+        cond.update({k: v.expand(len(embeds), -1) for k, v in size.items()})
+        if uncond is not None:
+            uncond.update(size)
+    shape = (net.config.in_channels, height // factor, width // factor)
+    return {"call": _PixArtCall(net), "shape": shape, "cond": cond, "uncond": uncond, "size": (height, width)}
 
 
 def _sd3(pipe, net, args, guidance, height, width) -> dict[str, Any]:
@@ -411,6 +457,8 @@ def _one_negative(uncond: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _refuse(args: dict[str, Any], *names: str, family: str) -> None:
+    if family != "PixArtTransformer2DModel":
+        names = (*names, "prompt_attention_mask", "negative_prompt_attention_mask")
     given = [n for n in names if args.get(n) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} cannot be used with a {family} pipeline")
