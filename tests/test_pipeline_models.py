@@ -308,3 +308,14 @@ def test_accelerate_calibrate_takes_a_pipeline_with_an_rmse_budget(tmp_path):
               str(tmp_path / "accel.json"), "--out", str(tmp_path / "g.png")]  # fmt: skip
     sampled = runner.invoke(app, sample)
     assert sampled.exit_code == 0, sampled.output
+
+
+def test_a_float16_vae_decodes_in_float32_as_its_pipeline_does():
+    pipe, kwargs = tiny_pipelines.stable_diffusion()
+    model = from_pipeline(pipe, **kwargs, height=16, width=16)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = model.to_images(latents)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    torch.testing.assert_close(model.to_images(latents), full, rtol=0, atol=1e-3)  # float16 weights, float32 math
+    assert next(pipe.vae.parameters()).dtype == torch.float16  # given back as it was

@@ -175,8 +175,16 @@ class PipelineModel(LoadedModel):
         else:
             x = x / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
         param = next(vae.parameters())
-        images = [vae.decode(chunk.to(param.device, param.dtype)).sample.float().cpu()
-                  for chunk in x.split(_DECODE_BATCH)]  # fmt: skip
+        # SDXL's VAE overflows in float16; its pipeline decodes in float32 (force_upcast), and so do we
+        upcast = param.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        dtype = torch.float32 if upcast else param.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = [vae.decode(c.to(param.device, dtype)).sample.float().cpu() for c in x.split(_DECODE_BATCH)]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return (torch.cat(images) / 2 + 0.5).clamp(0.0, 1.0)
 
 
