@@ -166,7 +166,7 @@ def diffusers_generate(
         cond = {k: v.to(device) for k, v in model.conditioning(y, rows).items()}
         both_cond = {}
         if uncond is not None:
-            both_cond = CFGDenoiser(model.denoiser, guidance, uncond)._merged(cond, len(rows))
+            both_cond = CFGDenoiser(model.denoiser, guidance, uncond).both_branches(cond, len(rows))
         # Only stochastic schedulers take a generator.
         step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + i)}
         if "generator" not in inspect.signature(scheduler.step).parameters:

@@ -104,7 +104,9 @@ class CFGDenoiser(Denoiser):
         self.sigma_min = getattr(denoiser, "sigma_min", 0.0)
         self.sigma_max = getattr(denoiser, "sigma_max", math.inf)
 
-    def _merged(self, cond: Mapping[str, Any], batch: int) -> dict[str, Any]:
+    def both_branches(self, cond: Mapping[str, Any], batch: int) -> dict[str, Any]:
+        """The inputs of one batched call of both branches: each conditional input with its unconditional one
+        appended (rows ``batch..2 batch``); also what a loop outside hasten (the diffusers peers) feeds."""
         if set(cond) != set(self.uncond):
             raise ValueError(
                 f"conditioning keys {sorted(cond)} do not match the unconditional inputs {sorted(self.uncond)}"
@@ -132,7 +134,8 @@ class CFGDenoiser(Denoiser):
                 denoised = self.denoiser(x, sigma, **cond)
         else:
             with guidance_branch("cond+uncond"):  # both branches in one batch: caches keep them apart by row
-                both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._merged(cond, x.shape[0]))
+                inputs = self.both_branches(cond, x.shape[0])
+                both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **inputs)
             d_cond, d_uncond = both.chunk(2)
             denoised = d_uncond + self.scale * (d_cond - d_uncond)
         return self.threshold(denoised) if self.threshold is not None else denoised
