@@ -123,7 +123,7 @@ class BenchConfig(Config):
         if self.pipeline is not None and self.quants:
             raise ValueError(
                 "--quant takes folders `hasten quantize` wrote from a hasten model; quantise a pipeline's denoiser in "
-                "Python (hasten.quantize_(model.network, ...))"
+                "Python: hasten.quantize_(hasten.from_pipeline(pipe, ...), QuantConfig(...), calibration=...)"
             )
         if self.n < 10:
             raise ValueError(f"n must be >= 10 (metrics need samples), got {self.n}")
