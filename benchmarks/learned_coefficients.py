@@ -30,6 +30,7 @@ from hasten._io import write_text_atomic
 from hasten.data import from_model_space
 from hasten.metrics.reference import reference_samples, rmse
 from hasten.train import machine_description
+from hasten.tune.plan import save_plan
 
 
 def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> list[torch.Tensor]:
@@ -54,7 +55,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--init", choices=("ddim", "dpmpp_2m"), default="dpmpp_2m")
     parser.add_argument("--grid", default="auto", help="a stock grid name, or a plan file to start from")
-    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="the fit's record (JSON)")
+    parser.add_argument(
+        "--plan-out",
+        type=pathlib.Path,
+        default=None,
+        help="also write the result as a plan (solver learned_multistep) for `hasten bench --plan`",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = hasten.load(args.model)
@@ -120,6 +127,16 @@ def main() -> None:
     }  # fmt: skip
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    if args.plan_out is not None:
+        plan = hasten.Plan(
+            (*(float(s) for s in torch.cat([log_first, interior]).detach().double().exp()), 0.0),
+            "learned_multistep", {"coefficients": [[float(v) for v in c] for c in coefficients]}, nfe=nfe,
+            model=model.info.name, fingerprint=model.fingerprint,
+            scores={"heldout": {"rmse_ref": history[-1]["heldout_rmse"], "n": 100, "seed": 0}},
+            search={"method": "learned coefficients (benchmarks/learned_coefficients.py)", "init": args.init,
+                    "grid": args.grid, "iterations": args.iterations, "lr": args.lr, "train_seed": 1000},
+        )  # fmt: skip
+        save_plan(plan, args.plan_out)
     print(json.dumps({k: result[k] for k in ("sigmas", "coefficients")}))
     assert math.isfinite(history[-1]["heldout_rmse"])
 
