@@ -277,3 +277,19 @@ def test_stock_starts_include_the_trailing_grid_for_discrete_schedules_only():
     assert "auto" in unet_grids and "trailing" not in unet_grids and "trailing" not in dit_grids
     trailing = next(p for label, p in stock_plans(hasten.load("mnist-unet"), 5) if label.endswith("(auto)"))
     assert trailing.sigmas[-1] == 0.0 and trailing.sigmas[-2] > 0.5  # no model call spent at sigma_min
+
+
+def test_the_shipped_fitted_weights_plan_replays_its_recorded_score():
+    """plans/mnist-dit-nfe5-learned.json (solver learned_multistep) samples at the held-out error it records."""
+    import pathlib
+
+    import hasten
+    from hasten.metrics.reference import reference_samples, rmse
+
+    path = pathlib.Path(__file__).parents[1] / "plans" / "mnist-dit-nfe5-learned.json"
+    plan = hasten.load_plan(path)
+    model = hasten.load("mnist-dit")
+    assert plan.solver == "learned_multistep" and plan.fingerprint == model.fingerprint
+    gen = hasten.generate(model, 100, plan=plan, seed=0)
+    measured = rmse(gen.images01, reference_samples(model, 100, seed=0, steps=100))
+    assert gen.nfe == 5 and measured == pytest.approx(plan.scores["heldout"]["rmse_ref"], abs=5e-4)
