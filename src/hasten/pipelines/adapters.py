@@ -26,6 +26,7 @@ these adapters reproduce.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -57,6 +58,11 @@ _DECODE_BATCH = 8
 
 
 # -- the model calls of each family, as ``call(x_t, t, **cond)`` in the pipeline's own time units -------------
+def _noise_half(out: Tensor, x: Tensor) -> Tensor:
+    """A learned-variance network (DiT, PixArt) returns 2C channels: the first C are the noise."""
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
 class _UNetCall(nn.Module):
     """UNet2DConditionModel; SDXL's added conditions arrive as the flat keywords ``text_embeds``/``time_ids``
     (so classifier-free guidance can batch them like any other input)."""
@@ -77,8 +83,7 @@ class _DiTCall(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor) -> Tensor:
-        out = self.net(x, timestep=t, class_labels=class_labels).sample
-        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+        return _noise_half(self.net(x, timestep=t, class_labels=class_labels).sample, x)
 
 
 class _PixArtCall(nn.Module):
@@ -94,7 +99,7 @@ class _PixArtCall(nn.Module):
         added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
         out = self.net(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                        timestep=t, added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
-        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+        return _noise_half(out, x)
 
 
 class _SD3Call(nn.Module):
@@ -140,8 +145,8 @@ class PipelineModel(LoadedModel):
     scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded images
 
-    @property
-    def condition_key(self) -> str:  # type: ignore[override]
+    @functools.cached_property
+    def condition_key(self) -> str:  # type: ignore[override]  # the conditioning is fixed: hash it once
         digest = hashlib.sha256()
         for part in (self.cond, self.uncond or {}):
             for name in sorted(part):

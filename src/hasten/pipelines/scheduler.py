@@ -251,7 +251,7 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         if begin + len(self._outputs) >= len(self._call_sigmas):
             raise RuntimeError(f"step() called more often than the {len(self._call_sigmas)} model calls of the grid")
-        if self._returned is not None and not torch.equal(sample, self._returned):
+        if self._returned is not None and sample is not self._returned and not torch.equal(sample, self._returned):
             self._record_edit(sample, begin + len(self._outputs))
         self._outputs.append(model_output.detach())
         x, sigma = self._replay()
