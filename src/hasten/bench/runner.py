@@ -103,7 +103,6 @@ _QUANTIZED: dict[tuple[str, str], tuple[LoadedModel, dict[str, Any]]] = {}  # pe
 def _quantized_model(model: LoadedModel, entry: Entry) -> tuple[LoadedModel, dict[str, Any]]:
     """The quantised model of a quant row (a `hasten quantize` folder or a torchao peer), with its size and
     how it executes; refuses a folder quantised from another model."""
-    from ..quant.modules import QuantizedLayer
     from .quant_peers import quant_peer_model
 
     key = (model.fingerprint, json.dumps(entry.options, sort_keys=True))
@@ -118,16 +117,22 @@ def _quantized_model(model: LoadedModel, entry: Entry) -> tuple[LoadedModel, dic
                     f"{entry.options['quant']} was quantised from {source['name']} ({source['fingerprint']}), not "
                     f"from the benchmarked model {model.info.name} ({model.fingerprint})"
                 )
-            layers = [m for m in quantized.network.modules() if isinstance(m, QuantizedLayer)]
-            kernels = sum(m.execution == "kernel" for m in layers)
-            execution = (
-                f"hasten int8 kernels (oneDNN) for {kernels} of {len(layers)} quantised layers, the rest simulated"
-                if kernels
-                else "simulated (fake-quantised float compute): no speed claim"
-            )
+            execution = _execution_label(quantized.network)
             _QUANTIZED[key] = (quantized, {"bytes_on_disk": quantized.bytes_on_disk(), "execution": execution,
                                            "quantization": quantized.info.quantization})  # fmt: skip
     return _QUANTIZED[key]
+
+
+def _execution_label(network: torch.nn.Module) -> str:
+    """Which kernels the quantised layers of ``network`` run on its device, in words for the report."""
+    from ..quant import execution_summary
+
+    counts = execution_summary(network, next(network.buffers()).device)
+    fast = {path: n for path, n in counts.items() if path != "simulated"}
+    if not fast:
+        return "simulated (fake-quantised float compute): no speed claim"
+    kernels = ", ".join(f"{path} for {n}" for path, n in fast.items())
+    return f"hasten kernels: {kernels} of {sum(counts.values())} quantised layers, the rest simulated"
 
 
 def _measure(

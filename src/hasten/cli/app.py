@@ -465,14 +465,14 @@ def quantize(
                                     guidance=guidance, progress=fmt is OutputFormat.text)  # fmt: skip
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
-    kernels = record["execution"].get("kernel", 0)
+    kernels = sum(n for path, n in record["execution"].items() if path != "simulated")
     layers = sum(record["execution"].values())
     _emit(
         fmt,
         record,
         f"{config.label}: {record['bytes'] / 1e6:.2f} MB on disk ({record['size_ratio']:.2f}x of "
         f"{record['source']['bytes'] / 1e6:.2f} MB), network output SQNR {record['network_sqnr_db']:.1f} dB, "
-        f"{kernels} of {layers} layers on int8 kernels -> {record['out']}",
+        f"{kernels} of {layers} layers on integer kernels here -> {record['out']}",
     )
 
 

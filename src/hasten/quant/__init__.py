@@ -1,4 +1,4 @@
-"""Time-step-aware post-training quantisation with integer storage and int8 kernels.
+"""Time-step-aware post-training quantisation with integer storage and int8/float8 kernels.
 
     calibration = hasten.quant.collect_calibration(model, solver="dpmpp_2m", steps=20)
     report = hasten.quantize_(model, hasten.quant.QuantConfig(weights=4, activations=8), calibration=calibration)
@@ -10,7 +10,14 @@ See ``docs/guide/quantization.md``.
 
 from .api import QuantConfig, QuantReport, is_quantized, quantize_, shortcut_splits
 from .calibrate import MIN_SAMPLES, MODES, CalibrationSet, collect_calibration
-from .modules import QuantizedLayer, int8_kernels_available
+from .modules import (
+    QuantizedLayer,
+    cuda_int8_available,
+    execution_summary,
+    float8_available,
+    int8_kernels_available,
+    set_execution,
+)
 from .storage import WEIGHTS_FILE, load_quantized_network, quantize_to_folder, save_quantized
 
 __all__ = [
@@ -22,11 +29,15 @@ __all__ = [
     "QuantReport",
     "QuantizedLayer",
     "collect_calibration",
+    "cuda_int8_available",
+    "execution_summary",
+    "float8_available",
     "int8_kernels_available",
     "is_quantized",
     "load_quantized_network",
     "quantize_",
     "quantize_to_folder",
     "save_quantized",
+    "set_execution",
     "shortcut_splits",
 ]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..config import Config, check_choice
 from ..progress import BudgetProgress
 from .calibrate import MIN_SAMPLES, CalibrationSet, NetworkCall
-from .modules import EXECUTIONS, QuantizedLayer, int8_kernels_available, network_time, publish_network_time
+from .modules import EXECUTIONS, QuantizedLayer, check_execution, network_time, publish_network_time, set_execution
 from .quantizers import act_range_search, adaround, quantize_weight, sqnr_db
 
 __all__ = ["QuantConfig", "QuantReport", "is_quantized", "quantize_", "shortcut_splits"]
@@ -73,7 +73,10 @@ class QuantConfig(Config):
             high noise; on the bundled UNet the 288 weights of its output conv at 8 bits alone moved the
             samples by 0.055 RMSE of 0.094. It is a tiny layer.
         exclude: Layer-name patterns (fnmatch) left in float.
-        execution: "auto" (int8 kernels where the device has them), "kernel" (require them), "simulated".
+        execution: "auto" (integer kernels where the device of a call has them: oneDNN on x86 CPUs,
+            ``torch._int_mm`` for linear layers on CUDA; else simulated), "kernel" (require them on the
+            network's device), "float8" (linear layers in e4m3 through ``torch._scaled_mm``: CUDA compute
+            capability 8.9+; re-rounds the integer weights), "simulated" (fake-quantised float compute).
         adaround_iters: Optimisation steps per layer for ``reconstruct="adaround"``.
     """
 
@@ -399,8 +402,9 @@ def quantize_(
         )
     if len(calibration) < MIN_SAMPLES:
         raise ValueError(f"the calibration set has {len(calibration)} samples; at least {MIN_SAMPLES} are needed")
-    if config.execution == "kernel" and config.activations and not int8_kernels_available():
-        raise RuntimeError("execution='kernel' needs PyTorch's oneDNN int8 kernels (x86 CPU); use 'auto'")
+    device = next(iter(network.parameters())).device
+    if config.activations:
+        check_execution(config.execution, device)
     targets = _targets(network, config, filter_fn)
     middle = calibration.calls[len(calibration.calls) // 2]
     probe = middle.select(torch.arange(min(8, middle.batch_size)))
@@ -434,8 +438,9 @@ def quantize_(
         module = targets[name]
         bits = config.first_last_bits if (name in edges and config.first_last_bits) else config.weights
         times, scale, zero = ranges.get(name, ([], None, None))
-        layer = QuantizedLayer.like(module, bits=bits, split=splits.get(name, ()),
-                                    act_rows=0 if scale is None else scale.shape[0])  # fmt: skip
+        rows = 0 if scale is None else scale.shape[0]
+        layer = QuantizedLayer.like(module, bits=bits, split=splits.get(name, ()), act_rows=rows)
+        layer = layer.to(module.weight.device)
         if scale is not None:
             layer.act_t[1:] = torch.tensor(times, dtype=torch.float32)
             layer.act_scale.copy_(scale)
@@ -454,16 +459,14 @@ def quantize_(
         layer_sqnr = {name: sqnr_db(targets[name](first[name]), layers[name](first[name])) for name in order}
     for name, layer in layers.items():
         _set_parent(network, name, layer)
-    use_kernels = config.execution in ("auto", "kernel") and int8_kernels_available()
-    for layer in layers.values():
-        layer.execution = "kernel" if (use_kernels and layer.quantizes_activations) else "simulated"
+    set_execution(network, config.execution)
     network._hasten_quant_hooks = publish_network_time(network)  # type: ignore[attr-defined]
     network._hasten_quant_config = config  # type: ignore[attr-defined]
     with torch.no_grad():
         quantized_out = _output(probe.run(network))
     rows = [{
         "name": name, "kind": layer.kind, "bits": layer.bits, "activations": "uint8" if layer.quantizes_activations
-        else "float", "temporal": name in temporal, "split": list(layer.split), "execution": layer.execution,
+        else "float", "temporal": name in temporal, "split": list(layer.split), "execution": layer.path_on(device),
         "parameters": layer.weight_int.numel(), "sqnr_db": layer_sqnr[name],
     } for name, layer in layers.items()]  # fmt: skip
     return QuantReport(config, rows, sqnr_db(reference_out, quantized_out),

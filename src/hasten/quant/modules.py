@@ -11,9 +11,20 @@ A layer may split its input channels into groups with their own activation range
 (Q-Diffusion's split quantisation of UNet shortcut concatenations, where the deep features and the skip
 features have ranges far apart).
 
-Execution: ``"kernel"`` runs PyTorch's oneDNN int8 convolution and linear kernels (x86 CPUs; uint8
-activations x int8 weights, int32 accumulation, float32 output), ``"simulated"`` dequantises and runs the
-float operator on fake-quantised inputs. Both compute the same function up to float rounding.
+Execution is chosen per call from the device the input is on (:meth:`QuantizedLayer.path_for`):
+
+* ``"kernel"`` runs integer kernels: on x86 CPUs PyTorch's oneDNN int8 convolution and linear (uint8
+  activations x int8 weights, int32 accumulation, float32 output); on CUDA, linear layers through
+  ``torch._int_mm`` (the uint8 grid shifted to int8, int32 accumulation, the zero point's contribution
+  subtracted as one row-sum vector, both scales and the bias applied in one fused multiply-add).
+  Convolutions on CUDA stay simulated (PyTorch exposes no int8 convolution there).
+* ``"float8"`` runs linear layers through ``torch._scaled_mm`` in float8 e4m3 with a per-tensor activation
+  scale taken from the calibrated range and per-output-channel weight scales, bias and output cast fused in
+  the matrix product (Hopper/Ada GPUs' fast path). This re-rounds the calibrated integer weights to e4m3
+  (3 mantissa bits): a nearby function, not the same one; its error is measured, not assumed.
+* ``"simulated"`` dequantises and runs the float operator on fake-quantised inputs.
+
+``"kernel"`` and ``"simulated"`` compute the same function up to float rounding (tested per path).
 
 Reference: Li et al., "Q-Diffusion", ICCV 2023 (split shortcut quantisation); Huang et al., "TFMQ-DM",
 CVPR 2024 (finite-set calibration of activation ranges per time step).
@@ -36,9 +47,22 @@ from torch import Tensor, nn
 
 from .quantizers import fake_quant_act
 
-__all__ = ["EXECUTIONS", "QuantizedLayer", "int8_kernels_available", "network_time", "publish_network_time"]
+__all__ = [
+    "EXECUTIONS",
+    "QuantizedLayer",
+    "check_execution",
+    "cuda_int8_available",
+    "execution_summary",
+    "float8_available",
+    "int8_kernels_available",
+    "network_time",
+    "publish_network_time",
+    "set_execution",
+]
 
-EXECUTIONS = ("auto", "kernel", "simulated")
+EXECUTIONS = ("auto", "kernel", "float8", "simulated")
+PATHS = ("onednn-int8", "cuda-int8", "float8", "simulated")  # what one call actually runs
+FLOAT8_MAX = 448.0  # largest finite float8 e4m3fn value
 # PyTorch marks its quantised tensor type deprecated; its quantize_per_tensor is still the fast uint8
 # quantiser here (a third of the time of round/clamp/cast). int8_kernels_available() tests it too, so a
 # PyTorch without it falls back to simulation instead of failing.
@@ -60,6 +84,88 @@ def int8_kernels_available() -> bool:
         return bool(torch.allclose(out, torch.full_like(out, 3.0)))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def cuda_int8_available(device: str) -> bool:
+    """Whether ``torch._int_mm`` runs on this CUDA device (checked once on a small product)."""
+    try:
+        a = (torch.arange(32 * 32) % 200 - 100).reshape(32, 32).to(torch.int8).to(device)
+        b = torch.eye(32, dtype=torch.int8).to(device)
+        return bool(torch.equal(torch._int_mm(a, b.t()), a.int()))
+    except (AttributeError, AssertionError, RuntimeError, NotImplementedError):  # no CUDA build: AssertionError
+        return False
+
+
+def _float8_product(device: str, *, bias: bool) -> bool:
+    dtype = torch.float8_e4m3fn
+    a, b = torch.ones(32, 32).to(device, dtype), torch.ones(32, 32).to(device, dtype)
+    out = torch._scaled_mm(
+        a, b.t(), scale_a=torch.full((32, 1), 2.0).to(device), scale_b=torch.ones(1, 32).to(device),
+        bias=torch.ones(32, dtype=torch.bfloat16).to(device) if bias else None, out_dtype=torch.bfloat16,
+    )  # fmt: skip
+    return bool(torch.all(out == (65.0 if bias else 64.0)))
+
+
+@functools.cache
+def float8_available(device: str) -> bool:
+    """Whether ``torch._scaled_mm`` runs e4m3 x e4m3 with row-wise scales and bfloat16 output here."""
+    try:
+        return _float8_product(device, bias=False)
+    except (AttributeError, AssertionError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+@functools.cache
+def float8_fuses_bias(device: str) -> bool:
+    """Whether that product also takes the bias (else it is added after)."""
+    try:
+        return _float8_product(device, bias=True)
+    except (AttributeError, AssertionError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _int8_in(x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``x`` on the uint8 grid shifted to int8 (float32 arithmetic whatever ``x``'s dtype)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero, -128, 127).to(torch.int8)
+
+
+def _int8_out(acc: Tensor, col_scale: Tensor, offset: Tensor) -> Tensor:
+    """The int32 product scaled per output channel plus the zero point's and the bias's offset."""
+    return torch.addcmul(offset, acc, col_scale)
+
+
+def _float8_in(x: Tensor, scale: Tensor) -> Tensor:
+    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+
+
+_STEPS = {"int8_in": _int8_in, "int8_out": _int8_out, "float8_in": _float8_in}
+# On CUDA the quantise / dequantise steps around the integer products run as one fused kernel each, built by
+# torch.compile (several passes over the activations otherwise: they cost as much as the int8 product saves).
+# Set to False to run them op by op; a step whose compilation fails falls back to that by itself.
+FUSE_ON_CUDA = True
+_FUSED: dict[str, Any] = {}
+
+
+def _fused(name: str) -> Any:
+    eager = _STEPS[name]
+    if not FUSE_ON_CUDA or not torch.cuda.is_available() or _FUSED.get(name) is False:
+        return eager
+    if name not in _FUSED:
+        _FUSED[name] = torch.compile(eager, dynamic=True)
+
+    def call(*args: Tensor) -> Tensor:
+        if args[0].device.type != "cuda":
+            return eager(*args)
+        try:
+            return _FUSED[name](*args)
+        except Exception as err:  # any compiler failure: keep working, op by op
+            warnings.warn(f"hasten: fusing the {name} step failed ({type(err).__name__}: {err}); running it op by op",
+                          stacklevel=2)  # fmt: skip
+            _FUSED[name] = False
+            return eager(*args)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -150,9 +256,23 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("act_zero_point", torch.zeros(act_rows, n_groups, dtype=torch.int32))
         else:
             self.act_t = self.act_scale = self.act_zero_point = None
-        self.execution = "simulated"
+        self.execution = "simulated"  # what is asked for: "kernel", "float8" or "simulated"
         self._packed: tuple[Any, list[Any]] | None = None
         self._weight_zero: Tensor | None = None
+        self._prepared: dict[str, tuple[Any, Any]] = {}  # per kernel path: (buffer versions, prepared weights)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # kernel-ready weights are caches (oneDNN's packed ones cannot even be copied): copies rebuild them
+        return {**self.__dict__, "_packed": None, "_weight_zero": None, "_prepared": {}}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLayer:
+        # Moves follow the network; dtype casts do not: scales, times and bias stay float32 when the network
+        # is cast to bfloat16 (a bfloat16 scale is off by up to 0.4%, and 999 would read as 1000).
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -204,8 +324,40 @@ class QuantizedLayer(nn.Module):
         """Bank row for network time ``t``: the nearest calibrated time, else row 0 (all times)."""
         if self.act_t is None or self.act_t.numel() == 1 or t is None:
             return 0
-        distance = (self.act_t[1:] - t).abs()
-        return 1 + int(torch.argmin(distance))
+        times = self._bank()[0]
+        return 1 + min(range(len(times) - 1), key=lambda i: abs(times[i + 1] - t))
+
+    def _bank(self) -> tuple[list[float], list[list[float]], list[list[int]]]:
+        """The activation bank as Python numbers (times, scales, zero points), read from the device once per
+        change of the buffers: reading them per call would stall a GPU's queue on every layer."""
+        key = tuple((b.data_ptr(), b._version, b.dtype) for b in (self.act_t, self.act_scale, self.act_zero_point))
+        cached = self._prepared.get("bank")
+        if cached is None or cached[0] != key:
+            bank = (self.act_t.double().tolist(), self.act_scale.double().tolist(), self.act_zero_point.tolist())
+            self._prepared["bank"] = cached = (key, bank)
+        return cached[1]
+
+    def path_for(self, x: Tensor) -> str:
+        """What a call on ``x`` runs: ``"onednn-int8"``, ``"cuda-int8"``, ``"float8"`` or ``"simulated"``."""
+        if not self.quantizes_activations or self.execution == "simulated":
+            return "simulated"
+        rows = x.numel() // max(x.shape[-1], 1)
+        linear = self.kind == "linear" and self.groups == 1
+        if self.execution == "float8":
+            fits = linear and all((hi - lo) % 16 == 0 for lo, hi in self.channel_groups)
+            fits = fits and self.weight_int.shape[0] % 16 == 0
+            return "float8" if fits and float8_available(str(x.device)) else "simulated"
+        if x.device.type == "cpu":
+            return "onednn-int8" if x.dtype == torch.float32 and int8_kernels_available() else "simulated"
+        if x.device.type == "cuda" and linear and rows > 16:  # torch._int_mm's shape rules on CUDA
+            fits = all((hi - lo) % 8 == 0 for lo, hi in self.channel_groups) and self.weight_int.shape[0] % 8 == 0
+            return "cuda-int8" if fits and cuda_int8_available(str(x.device)) else "simulated"
+        return "simulated"
+
+    def path_on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+        """The path of a typical call on ``device`` (a batch of more than 16 rows)."""
+        shape = (4, self.in_channels, 8, 8) if self.kind == "conv2d" else (32, self.in_channels)
+        return self.path_for(torch.empty(shape, device=device, dtype=dtype))
 
     def _channel_dim(self) -> int:
         return 1 if self.kind == "conv2d" else -1
@@ -217,23 +369,108 @@ class QuantizedLayer(nn.Module):
 
     def fake_quantized_input(self, x: Tensor, row: int) -> Tensor:
         """``x`` on this layer's uint8 grids (bank ``row``, one grid per channel group); ``x`` itself for a
-        layer with float activations."""
+        layer with float activations. Computed in float32 whatever ``x``'s dtype (a bfloat16 ``x / scale``
+        would be off by more than one step)."""
         if not self.quantizes_activations:
             return x
         dim = self._channel_dim()
+        _, scales, zeros = self._bank()
         parts = [
-            fake_quant_act(x.narrow(dim, lo, hi - lo), float(self.act_scale[row, g]), int(self.act_zero_point[row, g]))
+            fake_quant_act(x.narrow(dim, lo, hi - lo).float(), scales[row][g], zeros[row][g]).to(x.dtype)
             for g, (lo, hi) in enumerate(self.channel_groups)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
+    def _float_bias(self, dtype: torch.dtype) -> Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantizes_activations:
-            return self._float_op(x, self.dequantized_weight().to(x.dtype), self.bias)
+            return self._float_op(x, self.dequantized_weight().to(x.dtype), self._float_bias(x.dtype))
         row = self.row_for(_TIME.get())
-        if self.execution == "kernel" and x.device.type == "cpu" and x.dtype == torch.float32:
+        path = self.path_for(x)
+        if path == "onednn-int8":
             return self._kernel_forward(x, row)
-        return self._float_op(self.fake_quantized_input(x, row), self.dequantized_weight(), self.bias)
+        if path == "cuda-int8":
+            return self._int_mm_forward(x, row)
+        if path == "float8":
+            return self._float8_forward(x, row)
+        weight = self.dequantized_weight().to(x.dtype)
+        return self._float_op(self.fake_quantized_input(x, row), weight, self._float_bias(x.dtype))
+
+    def _prepare(self, path: str, build: Any) -> Any:
+        """Weights and per-row constants prepared for a kernel path, rebuilt only when a buffer changes or
+        moves (so a call does no host-device traffic and no small kernels for them)."""
+        buffers = (self.weight_int, self.weight_scale, self.bias, self.act_t, self.act_scale, self.act_zero_point)
+        key = tuple((b.data_ptr(), b._version, b.dtype, b.device) for b in buffers if b is not None)
+        cached = self._prepared.get(path)
+        if cached is None or cached[0] != key:
+            self._prepared[path] = cached = (key, build())
+        return cached[1]
+
+    def _int_mm_constants(self) -> dict[str, Any]:
+        """Per channel group the int8 weights as a column-major [k, n] view (the layout cuBLASLt's int8 product
+        wants); per bank row and group the activation scale and shifted zero point (0-d tensors) and the
+        epilogue's per-channel factor ``s_x s_w`` and offset ``-z' s_x s_w rowsum(W_q) (+ b)``."""
+        weights = [self.weight_int[:, lo:hi].contiguous() for lo, hi in self.channel_groups]
+        scale = self.act_scale.float()  # [rows, groups]
+        zero = self.act_zero_point.float() - 128.0
+        rowsum = torch.stack([w.sum(dim=1, dtype=torch.int32).float() for w in weights])  # [groups, n]
+        col_scale = scale[:, :, None] * self.weight_scale.float()[None]  # [rows, groups, n]
+        offset = -zero[:, :, None] * rowsum[None] * col_scale
+        if self.bias is not None:
+            offset[:, 0] += self.bias.float()
+        return {"w_t": [w.t() for w in weights], "scale": scale, "zero": zero, "col_scale": col_scale,
+                "offset": offset}  # fmt: skip
+
+    def _int_mm_forward(self, x: Tensor, row: int) -> Tensor:
+        """``y = s_x s_w (X_q W_q^T - z' rowsum(W_q)) + b`` with X_q on the uint8 grid shifted by -128 to int8
+        (zero point z' = z - 128): the same integers as the uint8 grid, so the same function as simulation."""
+        c = self._prepare("cuda-int8", self._int_mm_constants)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        for g, (lo, hi) in enumerate(self.channel_groups):
+            part = flat[:, lo:hi] if self.split else flat
+            x_q = _fused("int8_in")(part, c["scale"][row, g], c["zero"][row, g])
+            y = _fused("int8_out")(torch._int_mm(x_q, c["w_t"][g]), c["col_scale"][row, g], c["offset"][row, g])
+            out = y if out is None else out + y
+        assert out is not None
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def _float8_constants(self) -> dict[str, Any]:
+        """Per channel group e4m3 weights [n, k] scaled per output channel to the format's range, with the
+        scales as the [1, n] row ``torch._scaled_mm`` takes; per bank row and group the activation scale that
+        maps the larger end of the calibrated range to the format's largest value; the bias in bfloat16."""
+        weights, scales = [], []
+        for g, (lo, hi) in enumerate(self.channel_groups):
+            w = self.weight_int[:, lo:hi].float() * self.weight_scale[g].float()[:, None]
+            scale = (w.abs().amax(dim=1) / FLOAT8_MAX).clamp_min(1e-12)
+            weights.append((w / scale[:, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn))
+            scales.append(scale[None, :].contiguous())
+        s, z = self.act_scale.float(), self.act_zero_point.float()
+        act = (torch.maximum(z * s, (255.0 - z) * s) / FLOAT8_MAX).clamp_min(1e-12)  # [rows, groups]
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return {"w8": weights, "w_scale": scales, "act": act, "act_host": act.tolist(), "bias": bias}
+
+    def _float8_forward(self, x: Tensor, row: int) -> Tensor:
+        """e4m3 x e4m3 product with a per-tensor activation scale from the calibrated range and per-channel
+        weight scales; bias (where the product takes it) and the bfloat16 output fused in the product."""
+        c = self._prepare("float8", self._float8_constants)
+        flat = x.reshape(-1, x.shape[-1])
+        fuse_bias = float8_fuses_bias(str(x.device))
+        out = None
+        for g, (lo, hi) in enumerate(self.channel_groups):
+            part = flat[:, lo:hi] if self.split else flat
+            x8 = _fused("float8_in")(part, c["act"][row, g])
+            scale_a = torch.full((x8.shape[0], 1), c["act_host"][row][g], device=x.device, dtype=torch.float32)
+            bias = c["bias"] if g == 0 else None
+            y = torch._scaled_mm(x8, c["w8"][g].t(), scale_a=scale_a, scale_b=c["w_scale"][g],
+                                 bias=bias if fuse_bias else None, out_dtype=torch.bfloat16)  # fmt: skip
+            if bias is not None and not fuse_bias:
+                y = y + bias
+            out = y if out is None else out + y
+        assert out is not None
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def _packed_weights(self) -> list[Any]:
         """oneDNN's packed int8 weights per channel group, rebuilt only when the weights change."""
@@ -256,9 +493,10 @@ class QuantizedLayer(nn.Module):
     def _kernel_forward(self, x: Tensor, row: int) -> Tensor:
         packed = self._packed_weights()
         dim = self._channel_dim()
+        _, scales, zeros = self._bank()
         out = None
         for g, (lo, hi) in enumerate(self.channel_groups):
-            scale, zero_point = float(self.act_scale[row, g]), int(self.act_zero_point[row, g])
+            scale, zero_point = float(scales[row][g]), int(zeros[row][g])
             part = x.narrow(dim, lo, hi - lo) if len(self.split) else x
             x_q = torch.quantize_per_tensor(part.contiguous(), scale, zero_point, torch.quint8).int_repr()
             w_scale, w_zero = self.weight_scale[g], self._weight_zero
@@ -277,3 +515,45 @@ class QuantizedLayer(nn.Module):
         assert out is not None
         # oneDNN returns channels-last; the float ops around (GroupNorm above all) are slower on it on the CPU
         return out.contiguous()
+
+
+def check_execution(execution: str, device: torch.device | str) -> None:
+    """Refuse an execution that cannot run on ``device`` (``"auto"`` and ``"simulated"`` always can)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {list(EXECUTIONS)}, got {execution!r}")
+    device = torch.device(device)
+    if execution == "kernel" and not (
+        (device.type == "cpu" and int8_kernels_available())
+        or (device.type == "cuda" and cuda_int8_available(str(device)))
+    ):
+        raise RuntimeError(
+            f"execution='kernel' needs int8 kernels on {device} (PyTorch's oneDNN on x86 CPUs, torch._int_mm on "
+            "CUDA); use 'auto' to fall back to simulation"
+        )
+    if execution == "float8" and not float8_available(str(device)):
+        raise RuntimeError(
+            f"execution='float8' needs torch._scaled_mm with e4m3 and row-wise scales on {device} (CUDA GPUs of "
+            "compute capability 8.9 or later); use 'auto'"
+        )
+
+
+def set_execution(network: nn.Module, execution: str) -> None:
+    """Switch every quantised layer of ``network`` to ``execution`` ("auto" = "kernel", integer kernels
+    where the device of each call has them), e.g. after moving a quantised model to a GPU with float8."""
+    layers = [m for m in network.modules() if isinstance(m, QuantizedLayer)]
+    if not layers:
+        raise ValueError("the network has no quantised layers (quantise it with hasten.quantize_ first)")
+    check_execution(execution, layers[0].weight_int.device)
+    for layer in layers:
+        layer.execution = (
+            "simulated" if not layer.quantizes_activations else "kernel" if execution == "auto" else execution
+        )
+
+
+def execution_summary(network: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """How many quantised layers of ``network`` run each path (see :data:`PATHS`) on ``device``."""
+    counts = dict.fromkeys(PATHS, 0)
+    for module in network.modules():
+        if isinstance(module, QuantizedLayer):
+            counts[module.path_on(device, dtype)] += 1
+    return {path: n for path, n in counts.items() if n}

@@ -110,7 +110,7 @@ def act_range_search(sample: Tensor, *, search: bool = True) -> tuple[float, int
     error, all candidates at once, on a weighted sample that keeps every tail value; ``search=False`` is
     plain min-max.
     """
-    sample = sample.detach().float().flatten()
+    sample = sample.detach().float().flatten().cpu()  # a few thousand values: the search runs on the CPU
     lo, hi = min(float(sample.min()), 0.0), max(float(sample.max()), 0.0)
     if not search or hi - lo < 1e-8:
         return act_qparams(lo, hi)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import QuantizedLayer, int8_kernels_available, publish_network_time
+from .modules import QuantizedLayer, publish_network_time, set_execution
 from .quantizers import pack_int4, unpack_int4
 
 __all__ = ["QUANT_FORMAT", "WEIGHTS_FILE", "load_quantized_network", "save_quantized"]
@@ -147,12 +147,8 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors of the network, e.g. {missing[:3]}")
     network.load_state_dict({k: v if _owned_by(quantized, k) else tensors[k] for k, v in state.items()}, strict=True)
-    use_kernels = execution in ("auto", "kernel") and int8_kernels_available()
-    if execution == "kernel" and not use_kernels:
-        raise RuntimeError("execution='kernel' needs PyTorch's oneDNN int8 kernels (x86 CPU); use 'auto'")
-    for module in network.modules():
-        if isinstance(module, QuantizedLayer):
-            module.execution = "kernel" if (use_kernels and module.quantizes_activations) else "simulated"
+    if quantized:
+        set_execution(network, execution)
     network._hasten_quant_hooks = publish_network_time(network)  # type: ignore[attr-defined]
     return network
 

@@ -158,6 +158,8 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation (``numpy.interp``) for increasing ``xp``, extrapolating linearly."""
+    if xp.device != x.device:  # the tables live on the CPU; a sampler on a GPU asks with GPU tensors
+        xp, fp = xp.to(x.device), fp.to(x.device)
     idx = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
     x0, x1 = xp[idx - 1], xp[idx]
     y0, y1 = fp[idx - 1], fp[idx]

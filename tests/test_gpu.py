@@ -1,0 +1,28 @@
+"""CUDA smoke tests: sampling and pipeline models on a GPU agree with the CPU (run on a GPU machine with
+``pytest -m gpu``; skipped elsewhere). The quantised kernels' CUDA test lives in test_quant_kernels.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hasten
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("name", ["mnist-unet", "mnist-dit"])
+def test_bundled_models_sample_on_cuda_as_on_cpu(name):
+    cpu = hasten.generate(hasten.load(name), 8, steps=5, seed=0)
+    gpu = hasten.generate(hasten.load(name, device="cuda"), 8, steps=5, seed=0)
+    difference = (cpu.images01 - gpu.images01.cpu()).abs()
+    assert difference.mean() < 5e-3 and difference.max() < 0.1  # cuDNN/TF32 rounding, not a different sampler
+
+
+def test_pipeline_model_samples_on_cuda():
+    from tiny_pipelines import dit
+
+    pipe, kwargs = dit()
+    cpu = hasten.generate(hasten.from_pipeline(pipe, **kwargs), 2, steps=4, seed=0)
+    gpu = hasten.generate(hasten.from_pipeline(pipe, device="cuda", **kwargs), 2, steps=4, seed=0)
+    assert (cpu.samples - gpu.samples.cpu()).abs().max() < 1e-2
