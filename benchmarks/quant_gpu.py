@@ -52,6 +52,8 @@ from hasten.quant.modules import cuda_int8_available, float8_available, network_
 from hasten.quant.quantizers import act_range_search, quantize_weight, sqnr_db
 
 EXECUTIONS = ("simulated", "kernel", "float8")
+BATCHES = [16, 64, 256]
+PEERS = ["float8", "int8"]
 
 
 def timed(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 10) -> float:
@@ -171,6 +173,50 @@ def stage_layers(device: torch.device, small: bool) -> list[dict]:
     return rows
 
 
+def stage_probe(device: torch.device, small: bool) -> dict:
+    """Where a float8 / int8 layer's time goes at DiT-XL's largest linear shape: each step of the path alone."""
+    m, k, n = (65536, 1152, 4608) if not small else (256, 64, 64)
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, device=device)
+    x = torch.randn(m, k, device=device) * 2 + 0.1
+    layer = quantized_linear(linear, x)
+    xb, bf16 = x.bfloat16(), linear.to(torch.bfloat16)
+    row: dict[str, Any] = {"tokens": m, "in": k, "out": n, "bf16_linear_s": timed(functools.partial(bf16, xb), device)}
+    c = layer._prepare("float8", layer._float8_constants)
+    scale = c["act"][0, 0]
+    row["f8_quant_eager_s"] = timed(functools.partial(modules._float8_in, xb, scale), device)
+    for dynamic in (True, False):
+        compiled = torch.compile(modules._float8_in, dynamic=dynamic)
+        row[f"f8_quant_compiled_dynamic_{dynamic}_s"] = timed(functools.partial(compiled, xb, scale), device)
+    x8 = modules._float8_in(xb, scale)
+    scale_a = torch.full((m, 1), c["act_host"][0][0], device=device)
+    for bias in (None, c["bias"]):
+        product = functools.partial(torch._scaled_mm, x8, c["w8"][0].t(), scale_a=scale_a, scale_b=c["w_scale"][0],
+                                    bias=bias, out_dtype=torch.bfloat16)  # fmt: skip
+        row[f"f8_scaled_mm_bias_{bias is not None}_s"] = timed(product, device)
+    layer.execution = "float8"
+    row["f8_layer_s"] = timed(functools.partial(layer, xb), device)
+    with unfused():
+        row["f8_layer_unfused_s"] = timed(functools.partial(layer, xb), device)
+    if device.type == "cuda":
+        row["f8_layer_graph_s"] = timed(graphed(functools.partial(layer, xb)), device)
+    layer.execution = "kernel"
+    if layer.path_for(xb) == "cuda-int8":
+        ci = layer._prepare("cuda-int8", layer._int_mm_constants)
+        s, z = ci["scale"][0, 0], ci["zero"][0, 0]
+        row["i8_quant_fused_s"] = timed(functools.partial(modules._fused("int8_in"), xb, s, z), device)
+        xq = modules._int8_in(xb, s, z)
+        row["i8_int_mm_s"] = timed(functools.partial(torch._int_mm, xq, ci["w_t"][0]), device)
+        acc = torch._int_mm(xq, ci["w_t"][0])
+        epilogue = functools.partial(
+            modules._fused("int8_out"), acc, ci["col_scale"][0, 0], ci["offset"][0, 0], torch.bfloat16
+        )
+        row["i8_epilogue_fused_s"] = timed(epilogue, device)
+        row["i8_layer_s"] = timed(functools.partial(layer, xb), device)
+    print("probe", json.dumps(row))
+    return row
+
+
 def dit_pipeline(small: bool):
     import diffusers
 
@@ -201,6 +247,8 @@ def torchao_peers(network: nn.Module) -> dict[str, nn.Module]:
         ("torchao_float8_rowwise", lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
         ("torchao_int8_dynamic", lambda: Int8DynamicActivationInt8WeightConfig()),
     ):
+        if name.split("_")[1] not in PEERS:
+            continue
         try:
             peer = copy.deepcopy(network)
             ao_quantize_(peer, config(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear)
@@ -237,7 +285,7 @@ def stage_network(device: torch.device, small: bool) -> dict:
         if isinstance(peer, nn.Module):
             variants[name] = lambda: None
     nets = {"bf16": float_net, **dict.fromkeys(EXECUTIONS, quant_net), **peers}
-    for batch in (16, 64, 256) if not small else (4,):
+    for batch in BATCHES if not small else (4,):
         gen = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(batch, 4, latent, latent, generator=gen).to(device, torch.bfloat16)
         t = torch.full((batch,), 500.0, device=device)
@@ -307,8 +355,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--small", action="store_true", help="small shapes (a CPU smoke run of every stage)")
-    parser.add_argument("--stages", default="layers,network,bundled")
+    parser.add_argument("--stages", default="probe,layers,network,bundled")
+    parser.add_argument("--peers", default="float8,int8", help="torchao configurations beside hasten's")
+    parser.add_argument("--batches", default="16,64,256", help="DiT-XL batch sizes of the network stage")
     args = parser.parse_args()
+    BATCHES[:] = [int(b) for b in args.batches.split(",")]
+    PEERS[:] = args.peers.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -318,7 +370,7 @@ def main() -> None:
         "float8": float8_available(str(device)), "small": args.small,
     }  # fmt: skip
     print(json.dumps(record))
-    stages = {"layers": stage_layers, "network": stage_network, "bundled": stage_bundled}
+    stages = {"probe": stage_probe, "layers": stage_layers, "network": stage_network, "bundled": stage_bundled}
     for name in args.stages.split(","):
         t0 = time.perf_counter()
         try:

@@ -368,6 +368,14 @@ def test_cli_quantize_then_sample_and_bench(tmp_path, tiny_model):
     result = runner.invoke(app, ["sample", "--model", str(out), "--n", "4", "--steps", "3",
                                  "--out", str(tmp_path / "grid.png")])  # fmt: skip
     assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["sample", "--model", str(out), "--n", "4", "--execution", "int4"])
+    assert bad.exit_code == 2 and "--execution must be one of" in bad.output
+    on_float = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "4", "--execution", "float8"])
+    assert on_float.exit_code == 2 and "applies to quantised models" in on_float.output
+    if hasten.quant.float8_available("cpu"):
+        result = runner.invoke(app, ["sample", "--model", str(out), "--n", "4", "--steps", "3", "--execution",
+                                     "float8", "--out", str(tmp_path / "grid8.png")])  # fmt: skip
+        assert result.exit_code == 0, result.output
     bench = tmp_path / "bench"
     result = runner.invoke(app, ["bench", "--model", tiny_model, "--preset", "quantization", "--quant", str(out),
                                  "--n", "10", "--out", str(bench)])  # fmt: skip

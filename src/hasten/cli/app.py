@@ -46,6 +46,19 @@ HeightOption = Annotated[int | None, typer.Option(help="--pipeline: image height
 WidthOption = Annotated[int | None, typer.Option(help="--pipeline: image width in pixels")]
 
 
+def _set_quant_execution(loaded: Any, execution: str) -> None:
+    """Apply ``--execution`` to a quantised model; refuse anything but ``auto`` for a float one."""
+    from ..quant import is_quantized, set_execution
+    from ..quant.modules import EXECUTIONS
+
+    if execution not in EXECUTIONS:
+        raise ValueError(f"--execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+    if is_quantized(loaded.network):
+        set_execution(loaded.network, execution)
+    elif execution != "auto":
+        raise ValueError(f"--execution {execution} applies to quantised models (from `hasten quantize`) only")
+
+
 def _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance=None):
     """The --pipeline options as a :class:`hasten.bench.matrix.PipelineSource` (None without --pipeline)."""
     from ..bench.matrix import PipelineSource
@@ -100,6 +113,13 @@ def sample(
         pathlib.Path | None, typer.Option(help="a cache config (from `hasten accelerate calibrate`) to apply")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    execution: Annotated[
+        str,
+        typer.Option(
+            help="a quantised model's kernels: auto (integer kernels where the device has them), kernel, float8 "
+            "(e4m3 linear layers on CUDA GPUs of compute capability 8.9+), simulated"
+        ),
+    ] = "auto",
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = None,
@@ -126,7 +146,8 @@ def sample(
         loaded = load(model, device=device) if source is None else source.load(device=device)
         the_plan = None if plan is None else load_plan(plan)
         accel_config = None if accel is None else AccelConfig.load(accel)
-    except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
+        _set_quant_execution(loaded, execution)
+    except (FileNotFoundError, PlanError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err))
     if the_plan is not None:
         solver, steps, schedule = f"plan:{plan.name}", the_plan.num_steps, "plan"

@@ -130,9 +130,10 @@ def _int8_in(x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return torch.clamp(torch.round(x.float() / scale) + zero, -128, 127).to(torch.int8)
 
 
-def _int8_out(acc: Tensor, col_scale: Tensor, offset: Tensor) -> Tensor:
-    """The int32 product scaled per output channel plus the zero point's and the bias's offset."""
-    return torch.addcmul(offset, acc, col_scale)
+def _int8_out(acc: Tensor, col_scale: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+    """The int32 product scaled per output channel plus the zero point's and the bias's offset, in ``dtype``
+    (written once: a float32 intermediate is a second pass over the largest tensor of the layer)."""
+    return torch.addcmul(offset, acc, col_scale).to(dtype)
 
 
 def _float8_in(x: Tensor, scale: Tensor) -> Tensor:
@@ -154,7 +155,7 @@ def _fused(name: str) -> Any:
     if name not in _FUSED:
         _FUSED[name] = torch.compile(eager, dynamic=True)
 
-    def call(*args: Tensor) -> Tensor:
+    def call(*args: Any) -> Tensor:
         if args[0].device.type != "cuda":
             return eager(*args)
         try:
@@ -260,10 +261,11 @@ class QuantizedLayer(nn.Module):
         self._packed: tuple[Any, list[Any]] | None = None
         self._weight_zero: Tensor | None = None
         self._prepared: dict[str, tuple[Any, Any]] = {}  # per kernel path: (buffer versions, prepared weights)
+        self._paths: dict[tuple, str] = {}  # (device, dtype, execution, rows > 16) -> path
 
     def __getstate__(self) -> dict[str, Any]:
         # kernel-ready weights are caches (oneDNN's packed ones cannot even be copied): copies rebuild them
-        return {**self.__dict__, "_packed": None, "_weight_zero": None, "_prepared": {}}
+        return {**self.__dict__, "_packed": None, "_weight_zero": None, "_prepared": {}, "_paths": {}}
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLayer:
         # Moves follow the network; dtype casts do not: scales, times and bias stay float32 when the network
@@ -339,6 +341,13 @@ class QuantizedLayer(nn.Module):
 
     def path_for(self, x: Tensor) -> str:
         """What a call on ``x`` runs: ``"onednn-int8"``, ``"cuda-int8"``, ``"float8"`` or ``"simulated"``."""
+        key = (x.device, x.dtype, self.execution, x.numel() > 16 * x.shape[-1])
+        path = self._paths.get(key)
+        if path is None:  # decided once per device, dtype and request: this runs on every call
+            self._paths[key] = path = self._choose_path(x)
+        return path
+
+    def _choose_path(self, x: Tensor) -> str:
         if not self.quantizes_activations or self.execution == "simulated":
             return "simulated"
         rows = x.numel() // max(x.shape[-1], 1)
@@ -384,9 +393,13 @@ class QuantizedLayer(nn.Module):
     def _float_bias(self, dtype: torch.dtype) -> Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
+    def _compute_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantised weights in ``dtype``, kept between calls (float activations and simulation)."""
+        return self._prepare(f"weight-{dtype}", lambda: self.dequantized_weight().to(dtype))
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantizes_activations:
-            return self._float_op(x, self.dequantized_weight().to(x.dtype), self._float_bias(x.dtype))
+            return self._float_op(x, self._compute_weight(x.dtype), self._float_bias(x.dtype))
         row = self.row_for(_TIME.get())
         path = self.path_for(x)
         if path == "onednn-int8":
@@ -395,8 +408,8 @@ class QuantizedLayer(nn.Module):
             return self._int_mm_forward(x, row)
         if path == "float8":
             return self._float8_forward(x, row)
-        weight = self.dequantized_weight().to(x.dtype)
-        return self._float_op(self.fake_quantized_input(x, row), weight, self._float_bias(x.dtype))
+        x_q = self.fake_quantized_input(x, row)
+        return self._float_op(x_q, self._compute_weight(x.dtype), self._float_bias(x.dtype))
 
     def _prepare(self, path: str, build: Any) -> Any:
         """Weights and per-row constants prepared for a kernel path, rebuilt only when a buffer changes or
@@ -432,10 +445,11 @@ class QuantizedLayer(nn.Module):
         for g, (lo, hi) in enumerate(self.channel_groups):
             part = flat[:, lo:hi] if self.split else flat
             x_q = _fused("int8_in")(part, c["scale"][row, g], c["zero"][row, g])
-            y = _fused("int8_out")(torch._int_mm(x_q, c["w_t"][g]), c["col_scale"][row, g], c["offset"][row, g])
+            acc = torch._int_mm(x_q, c["w_t"][g])
+            y = _fused("int8_out")(acc, c["col_scale"][row, g], c["offset"][row, g], x.dtype)
             out = y if out is None else out + y
         assert out is not None
-        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return out.reshape(*x.shape[:-1], -1)
 
     def _float8_constants(self) -> dict[str, Any]:
         """Per channel group e4m3 weights [n, k] scaled per output channel to the format's range, with the
