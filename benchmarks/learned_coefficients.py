@@ -6,7 +6,8 @@ DPM-Solver++(2M) is ``c_ii = 1 + 1/(2 q_i)``, ``c_i,i-1 = -1/(2 q_i)`` (``q_i`` 
 Here every ``c_ij`` and the interior log-sigmas are free and fitted by gradient descent through the sampler
 (autograd through the network) to the final sample of a 100-step reference solve, on training noise (seed
 1000, 128 images, batches of 32); scored on held-out noise (seed 0, 100 images) as ``hasten bench`` scores.
-Not part of hasten yet: this measures whether the family can reach issue 5's targets.
+This study script (no validation, fixed iteration count) measured whether the family can reach issue 5's
+targets; ``hasten tune --fit-iterations N`` is the product version (validated, resumable: hasten.tune.fit).
 
 Reference: the idea of fitting solver coefficients / time steps to a teacher: Shaul et al., "Bespoke Solvers
 for Generative Flow Models", ICLR 2024; Tong et al., "Learning to Discretize Denoising Diffusion ODEs" (LD3),
@@ -30,21 +31,8 @@ from hasten._io import write_text_atomic
 from hasten.data import from_model_space
 from hasten.metrics.reference import reference_samples, rmse
 from hasten.train import machine_description
+from hasten.tune.fit import dpmpp_2m_weights
 from hasten.tune.plan import save_plan
-
-
-def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> list[torch.Tensor]:
-    """DPM-Solver++(2M)'s combination weights on this grid (first order at the first and the last step)."""
-    lam = -torch.log(sigmas)  # VE log-SNR up to a constant: only differences matter
-    coefficients = []
-    for i in range(len(sigmas)):
-        c = torch.zeros(i + 1)
-        c[i] = 1.0
-        if 0 < i < len(sigmas) - 1:
-            q = float((lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i]))
-            c[i], c[i - 1] = 1 + 1 / (2 * q), -1 / (2 * q)
-        coefficients.append(c)
-    return coefficients
 
 
 def main() -> None:
@@ -74,8 +62,9 @@ def main() -> None:
         raise SystemExit(f"grid has {len(start)} model calls, not {nfe}")
     log_first = torch.log(start[:1]).float()
     interior = torch.log(start[1:]).float().clone().requires_grad_(True)
-    init = dpmpp_2m_coefficients(start.float()) if args.init == "dpmpp_2m" else None
-    coefficients = [(init[i] if init else torch.eye(i + 1)[i]).clone().requires_grad_(True) for i in range(nfe)]
+    init = dpmpp_2m_weights(start) if args.init == "dpmpp_2m" else None
+    rows = init if init else [torch.eye(i + 1)[i].tolist() for i in range(nfe)]
+    coefficients = [torch.tensor(row, dtype=torch.float32, requires_grad=True) for row in rows]
 
     def sample(noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sigmas = torch.cat([log_first, interior]).exp()

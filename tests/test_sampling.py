@@ -247,7 +247,7 @@ def test_a_callback_may_replace_the_state():
 def test_learned_multistep_holds_ddim_and_dpmpp_2m():
     """learned_multistep with no weights is DDIM; with DPM-Solver++(2M)'s weights on a grid it is dpmpp_2m
     there (first order at the first and the last step, as dpmpp_2m below 15 steps); bad weights are refused."""
-    from hasten.solvers._base import lambda_of
+    from hasten.tune import dpmpp_2m_weights
 
     gmm = ProductMixture()
     sigmas = hasten.karras(6, 0.05, 10.0)
@@ -255,13 +255,7 @@ def test_learned_multistep_holds_ddim_and_dpmpp_2m():
     ddim = hasten.sample(gmm, x, sigmas, "ddim")
     torch.testing.assert_close(hasten.sample(gmm, x, sigmas, "learned_multistep"), ddim)
     levels = sigmas.tolist()
-    rows = []
-    for i in range(6):
-        row = [0.0] * i + [1.0]
-        if 0 < i < 5:
-            q = (lambda_of(levels[i]) - lambda_of(levels[i - 1])) / (lambda_of(levels[i + 1]) - lambda_of(levels[i]))
-            row[i], row[i - 1] = 1 + 1 / (2 * q), -1 / (2 * q)
-        rows.append(row)
+    rows = dpmpp_2m_weights(sigmas[:-1])  # what the fit stage of `hasten tune` starts from
     fitted = hasten.sample(gmm, x, sigmas, "learned_multistep", coefficients=rows)
     torch.testing.assert_close(fitted, hasten.sample(gmm, x, sigmas, "dpmpp_2m"), rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="fitted for 6 steps; the grid has 3"):

@@ -1,9 +1,11 @@
 """Per-model tuning: plans (serialisable sampling recipes) and the search that finds them.
 
 ``hasten.tune.tune(model, TuneConfig(nfe=5), "plan.json")`` searches; ``hasten.tune.load_plan`` reads a plan;
-``hasten.generate(model, n, plan=plan)`` / ``hasten.sample(den, x, plan=plan)`` replay it.
+``hasten.generate(model, n, plan=plan)`` / ``hasten.sample(den, x, plan=plan)`` replay it; with
+``fit_iterations`` the search's plan gets fitted multistep weights (``hasten.tune.fit``).
 """
 
+from .fit import FitConfig, FitResult, dpmpp_2m_weights, fit_weights
 from .plan import PLAN_SCHEMA_VERSION, Plan, PlanError, load_plan, plan_from_stock, save_plan
 from .search import Candidate, SearchResult, candidate_from_plan, search
 from .tuner import STOCK_GRIDS, STOCK_SOLVERS, TuneConfig, TuneError, stock_plans, tune
@@ -13,12 +15,16 @@ __all__ = [
     "STOCK_GRIDS",
     "STOCK_SOLVERS",
     "Candidate",
+    "FitConfig",
+    "FitResult",
     "Plan",
     "PlanError",
     "SearchResult",
     "TuneConfig",
     "TuneError",
     "candidate_from_plan",
+    "dpmpp_2m_weights",
+    "fit_weights",
     "load_plan",
     "plan_from_stock",
     "save_plan",

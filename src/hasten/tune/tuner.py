@@ -33,6 +33,7 @@ from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
 from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching, VPDiscrete
+from .fit import FitConfig, fit_weights
 from .plan import Plan, PlanError, plan_from_stock, save_plan
 from .search import PREDICTIONS, Candidate, candidate_from_plan, search
 
@@ -84,6 +85,13 @@ class TuneConfig(Config):
         n_fd: Images per FD evaluation (search seed).
         use_v3: Include DPM-Solver-v3 (its statistics are estimated once per model and cached) both as
             stock starts and as a parameterisation the search may choose.
+        fit_iterations: Fit stage (0 skips it): Adam iterations fitting ``learned_multistep`` weights and the
+            interior levels, from DPM-Solver++(2M) on the chosen plan's grid, to the reference solve of
+            ``n_fit`` images of the search seed; the best weights on the validation seed are kept, and they
+            replace the plan only if they beat it there (:mod:`hasten.tune.fit`).
+        fit_lr: Adam's learning rate for the fit.
+        n_fit: Training images of the fit.
+        fit_every: Iterations between validations (and checkpoints) of the fit.
     """
 
     nfe: int = 5
@@ -100,6 +108,10 @@ class TuneConfig(Config):
     fd_candidates: int = 6
     n_fd: int = 200
     use_v3: bool = True
+    fit_iterations: int = 0
+    fit_lr: float = 0.01
+    n_fit: int = 128
+    fit_every: int = 25
 
     def __post_init__(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -108,6 +120,11 @@ class TuneConfig(Config):
             raise TuneError(f"minutes must be > 0, got {self.minutes}")
         if self.n_search < 2 or self.n_heldout < 10:
             raise TuneError(f"n_search must be >= 2 and n_heldout >= 10, got {self.n_search} and {self.n_heldout}")
+        if self.fit_iterations < 0 or self.fit_every < 1 or not self.fit_lr > 0 or self.n_fit < 2:
+            raise TuneError(
+                f"fit_iterations must be >= 0, fit_every >= 1, fit_lr > 0 and n_fit >= 2; got {self.fit_iterations}, "
+                f"{self.fit_every}, {self.fit_lr} and {self.n_fit}"
+            )
         seeds = (self.search_seed, self.validation_seed, self.heldout_seed)
         if len(set(seeds)) != 3:
             raise TuneError(f"search_seed, validation_seed and heldout_seed must all differ, got {seeds}")
@@ -147,11 +164,15 @@ def tune(
     """Search a plan for ``model`` and write it to ``out`` (JSON); returns it. See the module docstring."""
     out = pathlib.Path(out)
     state_path = _state_path(out)
-    # What a resumed search must share with the saved one: everything but the budget (more time may be given).
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations")}
+    # What a resumed search must share with the saved one: everything but the budget (more time may be given)
+    # and the fit stage's settings (checked against the fit's own checkpoint below; a fit may be added later).
+    fit_keys = ("fit_iterations", "fit_lr", "n_fit", "fit_every")
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations", *fit_keys)}
+    fit_settings = {k: getattr(config, k) for k in fit_keys if k != "fit_iterations"}
     identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
     cache: dict[str, dict[str, float]] = {}  # proxy evaluations by candidate key
     fd_cache: dict[str, float] = {}  # FD of the full-objective stage by candidate key
+    fit_state: dict[str, Any] | None = None  # the fit stage's checkpoint
     if state_path.exists() or out.exists():
         if not resume:
             raise TuneError(
@@ -164,6 +185,12 @@ def tune(
                     f"{state_path} belongs to a search with other settings or another model; use another --out"
                 )
             cache, fd_cache = saved["cache"], saved.get("fd", {})
+            fit_state = saved.get("fit")
+            if fit_state is not None and fit_state.get("settings") != fit_settings:
+                raise TuneError(
+                    f"{state_path} holds a fit with other settings ({fit_state.get('settings')}); resume it with "
+                    "those, or use another --out"
+                )
     if config.guidance != 1.0 and model.unconditional() is None:
         raise TuneError(f"guidance {config.guidance:g} needs a model with an unconditional branch; {model.info.name!r} "
                         "has none")  # fmt: skip
@@ -218,7 +245,7 @@ def tune(
     bar = BudgetProgress(progress, "tuning", budget)
 
     def save_state() -> None:  # after every evaluation: a kill loses at most the one running
-        write_text_atomic(state_path, json.dumps({**identity, "cache": cache, "fd": fd_cache}))
+        write_text_atomic(state_path, json.dumps({**identity, "cache": cache, "fd": fd_cache, "fit": fit_state}))
 
     def on_evaluation(candidate: Candidate, score: float, best: float, count: int, spent: float) -> None:
         save_state()
@@ -261,14 +288,46 @@ def tune(
     validation["kept"] = "searched" if validation["rmse_ref_searched"] < validation["rmse_ref_best_stock"] else "stock"
     if validation["kept"] == "stock":
         chosen = best_stock
+    plan = chosen.to_plan(sigma_max, **meta)
+    chosen_key = chosen.normalised(log_max, log_min).key()
+
+    fit_record = None
+    if config.fit_iterations > 0:
+
+        def validate(sigmas: tuple[float, ...], coefficients: tuple[tuple[float, ...], ...]) -> float:
+            candidate = Plan(sigmas, "learned_multistep", {"coefficients": coefficients}, nfe=config.nfe, **meta)
+            return rmse(run(candidate, config.n_search, config.validation_seed).images01, val_ref)
+
+        def checkpoint(state: dict[str, Any]) -> None:
+            nonlocal fit_state
+            fit_state = {**state, "settings": fit_settings}
+            save_state()
+
+        fit = fit_weights(
+            model, plan.sigmas,
+            FitConfig(iterations=config.fit_iterations, lr=config.fit_lr, n_train=config.n_fit,
+                      train_seed=config.search_seed, every=config.fit_every, reference_steps=config.reference_steps,
+                      guidance=config.guidance, seed=config.seed),
+            validate, state=fit_state, on_checkpoint=checkpoint, progress=progress,
+        )  # fmt: skip
+        plan_validation = validation["rmse_ref_searched" if validation["kept"] == "searched" else "rmse_ref_best_stock"]
+        fit_record = {
+            "method": "learned_multistep weights and interior levels fitted by Adam through the sampler to the "
+            "reference solve, from DPM-Solver++(2M) on the plan's grid; best validated weights",
+            "iterations": config.fit_iterations, "lr": config.fit_lr, "n_train": config.n_fit,
+            "train_seed": config.search_seed, "start_validation_rmse": fit.start_validation_rmse,
+            "validation_rmse": fit.validation_rmse, "best_iteration": fit.best_iteration,
+            "plan_validation_rmse": plan_validation, "history": fit.history,
+        }  # fmt: skip
+        fit_record["kept"] = "fitted" if fit.validation_rmse < plan_validation else "plan"
+        if fit_record["kept"] == "fitted":
+            plan = Plan(fit.sigmas, "learned_multistep", {"coefficients": fit.coefficients}, nfe=config.nfe, **meta)
 
     # Held-out scores: the plan and the best stock start by search score, on other noise.
     held_ref = reference_samples(
         model, config.n_heldout, seed=config.heldout_seed, guidance=config.guidance, steps=config.reference_steps
     )
     held_fd = _fd(held_ref, model) if model.info.data in FEATURE_NETS else None  # the floor, computed once
-    plan = chosen.to_plan(sigma_max, **meta)
-    chosen_key = chosen.normalised(log_max, log_min).key()
     scores = {
         "objective": "rmse_ref" if full_stage is None else "rmse_ref, then FD among the best",
         "search": {"rmse_ref": cache[chosen_key]["score"], "n": config.n_search, "seed": config.search_seed},
@@ -291,7 +350,7 @@ def tune(
         scores=scores,
         search={
             "method": "evolutionary search + coordinate refinement over per-step UniPC / DPM-Solver-v3 decisions "
-            "(USF space)",
+            "(USF space)" + (", then fitted weights" if fit_record and fit_record["kept"] == "fitted" else ""),
             "config": config.to_dict(),
             "evaluations": result.evaluations,
             "evaluation_seconds": result.seconds,
@@ -299,6 +358,7 @@ def tune(
             "stock_starts": len(starts),
             "best_proxy_rmse_ref": result.best_score,
             "full_objective": full_stage,
+            "fit": fit_record,
         },
     )
     save_plan(plan, out)

@@ -1,0 +1,209 @@
+"""Fitting a plan's solver weights and interior noise levels to a reference solve (``hasten tune``'s fit stage).
+
+The solver family is :class:`hasten.solvers.learned.LearnedMultistep`, DPM-Solver++'s multistep update in VE
+form with free weights, ``x_{i+1} = r_i x_i + (1 - r_i) sum_j c_ij D_j`` (``r_i = sigma_{i+1} / sigma_i``).
+Starting from DPM-Solver++(2M)'s weights on a grid (the searched plan's), Adam fits every ``c_ij`` and the
+interior log-sigmas (first and last level fixed) by backpropagating through the sampler and the network to
+the final samples of a high-accuracy solve from the same noise, on training noise. A validation seed scores
+the weights every ``every`` iterations with the real sampler (``generate`` on the plan); the best validated
+weights are the result (early stopping: on the 128 training images alone the weights overfit).
+
+The fit's state (iteration, weights, Adam's moments, best-so-far, history) is a JSON-able dict handed to
+``on_checkpoint`` at every validation, so a killed fit resumes losing at most ``every`` iterations.
+
+Reference: Shaul et al., "Bespoke Solvers for Generative Flow Models", ICLR 2024; Tong et al., "Learning to
+Discretize Denoising Diffusion ODEs" (LD3), 2024 (fitting a sampler's coefficients / time steps to a
+teacher solve); Lu et al., "DPM-Solver++", 2022 (the update family).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..generate import default_labels, guided_denoiser
+from ..metrics.reference import REFERENCE_SOLVER
+from ..models.zoo import LoadedModel
+from ..progress import BudgetProgress
+
+__all__ = ["FitConfig", "FitResult", "dpmpp_2m_weights", "fit_weights", "multistep_samples"]
+
+
+def dpmpp_2m_weights(sigmas: Tensor) -> list[list[float]]:
+    """DPM-Solver++(2M)'s weights over ``D_0 .. D_i`` on a grid of noise levels (the last step onto 0 and the
+    first step are first order, as in ``dpmpp_2m``)."""
+    lam = -torch.log(sigmas.double())  # VE log-SNR up to a constant: only differences matter
+    rows = []
+    for i in range(len(sigmas)):
+        row = [0.0] * (i + 1)
+        row[i] = 1.0
+        if 0 < i < len(sigmas) - 1:
+            q = float((lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i]))
+            row[i], row[i - 1] = 1 + 1 / (2 * q), -1 / (2 * q)
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Settings of one fit (see :class:`hasten.tune.TuneConfig` for the user-facing names)."""
+
+    iterations: int
+    lr: float = 0.01
+    n_train: int = 128
+    batch_size: int = 32
+    train_seed: int = 1000
+    every: int = 25
+    reference_steps: int = 100
+    guidance: float = 1.0
+    seed: int = 0
+    min_gap: float = 0.05  # smallest log-sigma step kept between consecutive levels
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    sigmas: tuple[float, ...]  # descending, ending with 0
+    coefficients: tuple[tuple[float, ...], ...]
+    validation_rmse: float  # of the returned weights
+    start_validation_rmse: float  # of the starting weights (2M on the given grid)
+    best_iteration: int
+    history: list[dict[str, float]]
+
+
+def fit_weights(
+    model: LoadedModel,
+    sigmas: tuple[float, ...],
+    config: FitConfig,
+    validate: Callable[[tuple[float, ...], tuple[tuple[float, ...], ...]], float],
+    *,
+    state: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit weights and interior levels for the grid ``sigmas`` (descending, ending with 0); see the module
+    docstring. ``validate(sigmas, coefficients)`` returns the validation RMSE of a candidate; ``state`` is a
+    checkpoint from an earlier call with the same arguments."""
+    levels = torch.tensor(sigmas, dtype=torch.float64)
+    if len(levels) < 3 or float(levels[-1]) != 0.0 or not bool(torch.all(levels[:-2] > levels[1:-1])):
+        raise ValueError(f"need a descending grid of at least 2 steps ending with 0, got {list(sigmas)}")
+    log_first = torch.log(levels[:1])  # levels in float64: the first one must stay sigma_max exactly
+    log_floor = math.log(float(model.schedule.sigma_min))
+    interior = torch.log(levels[1:-1]).clone().requires_grad_(True)
+    weights = [torch.tensor(row, dtype=torch.float32, requires_grad=True) for row in dpmpp_2m_weights(levels[:-1])]
+    optimiser = torch.optim.Adam([interior, *weights], lr=config.lr)
+
+    def current() -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+        grid = [float(levels[0]), *(float(s) for s in interior.detach().exp())]
+        return (*grid, 0.0), tuple(tuple(float(v) for v in w.detach()) for w in weights)
+
+    if state is None:
+        start_sigmas, start_weights = current()
+        start_val = validate(start_sigmas, start_weights)
+        state = {"iteration": 0, "history": [{"iteration": 0, "validation_rmse": start_val}],
+                 "start_validation_rmse": start_val,
+                 "best": {"iteration": 0, "validation_rmse": start_val, "sigmas": list(start_sigmas),
+                          "coefficients": [list(r) for r in start_weights]}}  # fmt: skip
+    else:  # resume: weights, levels and Adam's moments as they were at the checkpoint
+        with torch.no_grad():
+            interior.copy_(torch.tensor(state["interior"]))
+            for w, row in zip(weights, state["coefficients"], strict=True):
+                w.copy_(torch.tensor(row))
+        optimiser.load_state_dict(_adam_from_json(state["adam"]))
+
+    denoiser = guided_denoiser(model, config.guidance)
+    network_params = [p for p in model.network.parameters() if p.requires_grad]
+    noise_gen = torch.Generator().manual_seed(config.train_seed)  # the noise generate() draws for this seed
+    noise = torch.randn((config.n_train, *model.info.image_shape), generator=noise_gen)
+    labels = default_labels(model, config.n_train, None)
+    target = _reference(model, config)
+
+    def sample(rows: list[int]) -> Tensor:
+        cond = model.conditioning(None if labels is None else labels[rows], rows)
+        return multistep_samples(denoiser, model, torch.cat([log_first, interior]), weights, noise[rows], cond)
+
+    bar = BudgetProgress(progress, "fitting weights", config.iterations)
+    try:
+        for p in network_params:  # gradients flow through the network, not into it
+            p.requires_grad_(False)
+        for it in range(state["iteration"] + 1, config.iterations + 1):
+            batch_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + it)  # the same batches on resume
+            rows = torch.randperm(config.n_train, generator=batch_gen)[: config.batch_size].tolist()
+            loss = (sample(rows) - target[rows]).pow(2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():  # keep the levels strictly descending and above the schedule's floor
+                for k in range(len(interior)):
+                    above = log_first[0] if k == 0 else interior[k - 1]
+                    interior[k] = torch.clamp(torch.minimum(interior[k], above - config.min_gap), min=log_floor)
+            if it % config.every == 0 or it == config.iterations:
+                fit_sigmas, fit_weights_ = current()
+                score = validate(fit_sigmas, fit_weights_)
+                state["history"].append({"iteration": it, "train_loss": float(loss.detach()), "validation_rmse": score})
+                if score < state["best"]["validation_rmse"]:
+                    state["best"] = {"iteration": it, "validation_rmse": score, "sigmas": list(fit_sigmas),
+                                     "coefficients": [list(r) for r in fit_weights_]}  # fmt: skip
+                state.update(iteration=it, interior=interior.detach().tolist(),
+                             coefficients=[w.detach().tolist() for w in weights],
+                             adam=_adam_to_json(optimiser.state_dict()))  # fmt: skip
+                if on_checkpoint is not None:
+                    on_checkpoint(state)
+                best_score = state["best"]["validation_rmse"]
+                bar.update(it, f"iteration {it}  validation RMSE {score:.5f}  best {best_score:.5f}")
+    finally:
+        for p in network_params:
+            p.requires_grad_(True)
+        bar.close()
+    best = state["best"]
+    return FitResult(
+        tuple(best["sigmas"]), tuple(tuple(r) for r in best["coefficients"]), best["validation_rmse"],
+        state["start_validation_rmse"], best["iteration"], state["history"],
+    )  # fmt: skip
+
+
+def multistep_samples(
+    denoiser: Any, model: LoadedModel, log_sigmas: Tensor, weights: list[Tensor], noise: Tensor, cond: dict
+) -> Tensor:
+    """The ``learned_multistep`` sampler written with autograd-friendly ops: levels ``exp(log_sigmas)`` then 0,
+    one weight row per step, from unit ``noise`` scaled as ``generate`` scales it (float32 state, float64
+    levels). Equal to ``generate`` on the corresponding plan up to float rounding."""
+    level = torch.cat([log_sigmas.exp(), torch.zeros(1)])
+    x = noise * float(model.schedule.initial_noise_scale(float(level[0].detach())))
+    denoised: list[Tensor] = []
+    for i in range(len(weights)):
+        denoised.append(denoiser(x, level[i].double().expand(len(x)), **cond).float())
+        r = level[i + 1] / level[i]
+        x = r * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))
+    return x
+
+
+def _reference(model: LoadedModel, config: FitConfig) -> Tensor:
+    """Model-space samples of the reference solve from the training noise (what the fit imitates)."""
+    from ..generate import generate
+
+    with torch.no_grad():
+        gen = generate(
+            model, config.n_train, solver=REFERENCE_SOLVER["solver"], steps=config.reference_steps,
+            schedule=REFERENCE_SOLVER["schedule"], seed=config.train_seed, guidance=config.guidance,
+        )  # fmt: skip
+    assert gen.samples is not None
+    return gen.samples.float()
+
+
+def _adam_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": {str(k): {name: v.tolist() for name, v in s.items()} for k, s in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def _adam_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": {int(k): {name: torch.tensor(v) for name, v in s.items()} for k, s in data["state"].items()},
+        "param_groups": data["param_groups"],
+    }

@@ -1,0 +1,98 @@
+"""The fit stage of `hasten tune`: the differentiable sampler is the plan's sampler, a killed fit resumes to
+the same weights, and the tuner keeps fitted weights only when they win on validation noise."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import hasten
+from hasten.metrics.reference import reference_samples, rmse
+from hasten.tune import FitConfig, Plan, TuneConfig, TuneError, dpmpp_2m_weights, fit_weights, tune
+from hasten.tune.fit import multistep_samples
+
+
+def test_the_fit_sampler_is_the_plan_sampler(tiny_model):
+    model = hasten.load(tiny_model)
+    sigmas = hasten.get_sigmas("auto", 3, model.schedule)
+    weights = dpmpp_2m_weights(sigmas[:-1])
+    plan = Plan(tuple(sigmas.tolist()), "learned_multistep", {"coefficients": weights})
+    expected = hasten.generate(model, 4, plan=plan, seed=5).samples
+    noise = torch.randn((4, *model.info.image_shape), generator=torch.Generator().manual_seed(5))
+    labels = hasten.generate.__globals__["default_labels"](model, 4, None)
+    cond = model.conditioning(labels, range(4))
+    with torch.no_grad():
+        got = multistep_samples(model.denoiser, model, torch.log(sigmas[:-1]),
+                                [torch.tensor(w) for w in weights], noise, cond)  # fmt: skip
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
+
+
+def _fit_setup(tiny_model):
+    model = hasten.load(tiny_model)
+    sigmas = tuple(hasten.get_sigmas("auto", 3, model.schedule).tolist())
+    reference = reference_samples(model, 6, seed=2000, steps=8)
+
+    def validate(levels, coefficients) -> float:
+        plan = Plan(levels, "learned_multistep", {"coefficients": coefficients})
+        return rmse(hasten.generate(model, 6, plan=plan, seed=2000).images01, reference)
+
+    config = FitConfig(iterations=6, lr=0.05, n_train=8, batch_size=4, every=2, reference_steps=8)
+    return model, sigmas, validate, config
+
+
+def test_a_killed_fit_resumes_to_the_same_weights(tiny_model):
+    model, sigmas, validate, config = _fit_setup(tiny_model)
+    grad_flags = [p.requires_grad for p in model.network.parameters()]
+    whole = fit_weights(model, sigmas, config, validate, progress=False)
+    assert [h["iteration"] for h in whole.history] == [0, 2, 4, 6]
+    assert whole.validation_rmse <= whole.start_validation_rmse  # the start is a candidate: never worse
+    assert whole.sigmas[0] == sigmas[0] and whole.sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(whole.sigmas, whole.sigmas[1:], strict=False))
+    assert any(abs(a - b) > 1e-6 for a, b in zip(whole.coefficients[1], dpmpp_2m_weights(torch.tensor(sigmas[:-1]))[1],
+                                                  strict=True))  # fmt: skip
+
+    saved = {}
+
+    def kill_at_four(state):
+        saved.update(copy.deepcopy(json.loads(json.dumps(state))))  # what the tuner writes to disk
+        if state["iteration"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_weights(model, sigmas, config, validate, on_checkpoint=kill_at_four, progress=False)
+    assert saved["iteration"] == 4
+    resumed = fit_weights(model, sigmas, config, validate, state=saved, progress=False)
+    assert [h["iteration"] for h in resumed.history] == [0, 2, 4, 6]
+    for a, b in zip(resumed.coefficients, whole.coefficients, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert resumed.sigmas == pytest.approx(whole.sigmas, rel=1e-6)
+    assert [p.requires_grad for p in model.network.parameters()] == grad_flags  # the network is left as it was
+    with pytest.raises(ValueError, match="descending grid"):
+        fit_weights(model, (1.0, 2.0, 0.0), config, validate, progress=False)
+
+
+def test_tune_with_a_fit_stage(tiny_model, tmp_path):
+    model = hasten.load(tiny_model)
+    config = TuneConfig(nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=6,
+                        fd_candidates=0, use_v3=False, fit_iterations=4, fit_every=2, n_fit=8)  # fmt: skip
+    out = tmp_path / "plan.json"
+    plan = tune(model, config, out, progress=False)
+    fit = plan.search["fit"]
+    assert fit["kept"] == ("fitted" if fit["validation_rmse"] < fit["plan_validation_rmse"] else "plan")
+    assert (plan.solver == "learned_multistep") == (fit["kept"] == "fitted")
+    assert [h["iteration"] for h in fit["history"]] == [0, 2, 4]
+    state = json.loads(out.with_name(out.name + ".search.json").read_text())
+    assert state["fit"]["iteration"] == 4
+    again = tune(model, config, out, resume=True, progress=False)  # replays the search and the finished fit
+    assert again.sigmas == plan.sigmas and again.options == plan.options
+    assert hasten.generate(model, 2, plan=plan).nfe == 3
+    with pytest.raises(TuneError, match="fit with other settings"):
+        tune(model, dataclasses.replace(config, fit_lr=0.5), out, resume=True, progress=False)
+    longer = tune(model, dataclasses.replace(config, fit_iterations=6), out, resume=True, progress=False)
+    assert [h["iteration"] for h in longer.search["fit"]["history"]] == [0, 2, 4, 6]  # continued, not restarted
+    with pytest.raises(TuneError, match="fit_iterations must be >= 0"):
+        TuneConfig(fit_iterations=-1)
