@@ -98,31 +98,29 @@ def cuda_int8_available(device: str) -> bool:
 
 
 def _float8_product(device: str, *, bias: bool) -> bool:
-    dtype = torch.float8_e4m3fn
-    a, b = torch.ones(32, 32).to(device, dtype), torch.ones(32, 32).to(device, dtype)
-    out = torch._scaled_mm(
-        a, b.t(), scale_a=torch.full((32, 1), 2.0).to(device), scale_b=torch.ones(1, 32).to(device),
-        bias=torch.ones(32, dtype=torch.bfloat16).to(device) if bias else None, out_dtype=torch.bfloat16,
-    )  # fmt: skip
-    return bool(torch.all(out == (65.0 if bias else 64.0)))
+    """Whether a small e4m3 product with row-wise scales (and the bias, if asked) runs here and is right."""
+    try:
+        dtype = torch.float8_e4m3fn
+        a, b = torch.ones(32, 32).to(device, dtype), torch.ones(32, 32).to(device, dtype)
+        out = torch._scaled_mm(
+            a, b.t(), scale_a=torch.full((32, 1), 2.0).to(device), scale_b=torch.ones(1, 32).to(device),
+            bias=torch.ones(32, dtype=torch.bfloat16).to(device) if bias else None, out_dtype=torch.bfloat16,
+        )  # fmt: skip
+        return bool(torch.all(out == (65.0 if bias else 64.0)))
+    except (AttributeError, AssertionError, RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 @functools.cache
 def float8_available(device: str) -> bool:
     """Whether ``torch._scaled_mm`` runs e4m3 x e4m3 with row-wise scales and bfloat16 output here."""
-    try:
-        return _float8_product(device, bias=False)
-    except (AttributeError, AssertionError, RuntimeError, NotImplementedError, TypeError):
-        return False
+    return _float8_product(device, bias=False)
 
 
 @functools.cache
 def float8_fuses_bias(device: str) -> bool:
     """Whether that product also takes the bias (else it is added after)."""
-    try:
-        return _float8_product(device, bias=True)
-    except (AttributeError, AssertionError, RuntimeError, NotImplementedError, TypeError):
-        return False
+    return _float8_product(device, bias=True)
 
 
 def _int8_in(x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
