@@ -185,6 +185,7 @@ def tune(
                     f"{state_path} belongs to a search with other settings or another model; use another --out"
                 )
             cache, fd_cache = saved["cache"], saved.get("fd", {})
+            fd_cache.update(cache.pop("_fd", {}))  # where states of earlier versions kept their FDs
             fit_state = saved.get("fit")
             if fit_state is not None and fit_state.get("settings") != fit_settings:
                 raise TuneError(
