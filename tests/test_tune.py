@@ -279,17 +279,20 @@ def test_stock_starts_include_the_trailing_grid_for_discrete_schedules_only():
     assert trailing.sigmas[-1] == 0.0 and trailing.sigmas[-2] > 0.5  # no model call spent at sigma_min
 
 
-def test_the_shipped_fitted_weights_plan_replays_its_recorded_score():
-    """plans/mnist-dit-nfe5-learned.json (solver learned_multistep) samples at the held-out error it records."""
+@pytest.mark.parametrize("name", ["mnist-dit-nfe5-fitted.json", "mnist-dit-nfe8-fitted.json"])
+def test_the_shipped_fitted_plans_replay_their_recorded_scores(name):
+    """The plans `hasten tune --fit-iterations` wrote (solver learned_multistep) sample at the held-out error
+    they record, which is below their recorded stock baseline's."""
     import pathlib
 
     import hasten
     from hasten.metrics.reference import reference_samples, rmse
 
-    path = pathlib.Path(__file__).parents[1] / "plans" / "mnist-dit-nfe5-learned.json"
-    plan = hasten.load_plan(path)
+    plan = hasten.load_plan(pathlib.Path(__file__).parents[1] / "plans" / name)
     model = hasten.load("mnist-dit")
     assert plan.solver == "learned_multistep" and plan.fingerprint == model.fingerprint
+    assert plan.search["fit"]["kept"] == "fitted"
     gen = hasten.generate(model, 100, plan=plan, seed=0)
     measured = rmse(gen.images01, reference_samples(model, 100, seed=0, steps=100))
-    assert gen.nfe == 5 and measured == pytest.approx(plan.scores["heldout"]["rmse_ref"], abs=5e-4)
+    assert gen.nfe == plan.nfe and measured == pytest.approx(plan.scores["heldout"]["rmse_ref"], abs=5e-4)
+    assert measured < 0.85 * plan.scores["baseline"]["heldout"]["rmse_ref"]
