@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hasten
+from hasten.generate import default_labels
 from hasten.metrics.reference import reference_samples, rmse
 from hasten.tune import FitConfig, Plan, TuneConfig, TuneError, dpmpp_2m_weights, fit_weights, tune
 from hasten.tune.fit import multistep_samples
@@ -23,7 +24,7 @@ def test_the_fit_sampler_is_the_plan_sampler(tiny_model):
     plan = Plan(tuple(sigmas.tolist()), "learned_multistep", {"coefficients": weights})
     expected = hasten.generate(model, 4, plan=plan, seed=5).samples
     noise = torch.randn((4, *model.info.image_shape), generator=torch.Generator().manual_seed(5))
-    labels = hasten.generate.__globals__["default_labels"](model, 4, None)
+    labels = default_labels(model, 4, None)
     cond = model.conditioning(labels, range(4))
     with torch.no_grad():
         got = multistep_samples(model.denoiser, model, torch.log(sigmas[:-1]),

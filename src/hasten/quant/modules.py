@@ -256,14 +256,12 @@ class QuantizedLayer(nn.Module):
         else:
             self.act_t = self.act_scale = self.act_zero_point = None
         self.execution = "simulated"  # what is asked for: "kernel", "float8" or "simulated"
-        self._packed: tuple[Any, list[Any]] | None = None
-        self._weight_zero: Tensor | None = None
         self._prepared: dict[str, tuple[Any, Any]] = {}  # per kernel path: (buffer versions, prepared weights)
         self._paths: dict[tuple, str] = {}  # (device, dtype, execution, rows > 16) -> path
 
     def __getstate__(self) -> dict[str, Any]:
         # kernel-ready weights are caches (oneDNN's packed ones cannot even be copied): copies rebuild them
-        return {**self.__dict__, "_packed": None, "_weight_zero": None, "_prepared": {}, "_paths": {}}
+        return {**self.__dict__, "_prepared": {}, "_paths": {}}
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLayer:
         # Moves follow the network; dtype casts do not: scales, times and bias stay float32 when the network
@@ -330,12 +328,11 @@ class QuantizedLayer(nn.Module):
     def _bank(self) -> tuple[list[float], list[list[float]], list[list[int]]]:
         """The activation bank as Python numbers (times, scales, zero points), read from the device once per
         change of the buffers: reading them per call would stall a GPU's queue on every layer."""
-        key = tuple((b.data_ptr(), b._version, b.dtype) for b in (self.act_t, self.act_scale, self.act_zero_point))
-        cached = self._prepared.get("bank")
-        if cached is None or cached[0] != key:
-            bank = (self.act_t.double().tolist(), self.act_scale.double().tolist(), self.act_zero_point.tolist())
-            self._prepared["bank"] = cached = (key, bank)
-        return cached[1]
+
+        def read() -> tuple:
+            return self.act_t.double().tolist(), self.act_scale.double().tolist(), self.act_zero_point.tolist()
+
+        return self._prepare("bank", read)
 
     def path_for(self, x: Tensor) -> str:
         """What a call on ``x`` runs: ``"onednn-int8"``, ``"cuda-int8"``, ``"float8"`` or ``"simulated"``."""
@@ -389,7 +386,9 @@ class QuantizedLayer(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
     def _float_bias(self, dtype: torch.dtype) -> Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
+        if self.bias is None or self.bias.dtype == dtype:
+            return self.bias
+        return self._prepare(f"bias-{dtype}", lambda: self.bias.to(dtype))
 
     def _compute_weight(self, dtype: torch.dtype) -> Tensor:
         """The dequantised weights in ``dtype``, kept between calls (float activations and simulation)."""
@@ -410,8 +409,9 @@ class QuantizedLayer(nn.Module):
         return self._float_op(x_q, self._compute_weight(x.dtype), self._float_bias(x.dtype))
 
     def _prepare(self, path: str, build: Any) -> Any:
-        """Weights and per-row constants prepared for a kernel path, rebuilt only when a buffer changes or
-        moves (so a call does no host-device traffic and no small kernels for them)."""
+        """What ``build`` derives from the buffers (kernel-ready weights, per-row constants, the bank as
+        Python numbers), rebuilt only when a buffer changes or moves: a call does no host-device traffic and
+        no small kernels for them."""
         buffers = (self.weight_int, self.weight_scale, self.bias, self.act_t, self.act_scale, self.act_zero_point)
         key = tuple((b.data_ptr(), b._version, b.dtype, b.device) for b in buffers if b is not None)
         cached = self._prepared.get(path)
@@ -461,7 +461,7 @@ class QuantizedLayer(nn.Module):
             scales.append(scale[None, :].contiguous())
         s, z = self.act_scale.float(), self.act_zero_point.float()
         act = (torch.maximum(z * s, (255.0 - z) * s) / FLOAT8_MAX).clamp_min(1e-12)  # [rows, groups]
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        bias = self._float_bias(torch.bfloat16)
         return {"w8": weights, "w_scale": scales, "act": act, "act_host": act.tolist(), "bias": bias}
 
     def _float8_forward(self, x: Tensor, row: int) -> Tensor:
@@ -484,26 +484,23 @@ class QuantizedLayer(nn.Module):
         assert out is not None
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
-    def _packed_weights(self) -> list[Any]:
-        """oneDNN's packed int8 weights per channel group, rebuilt only when the weights change."""
-        key = (self.weight_int.data_ptr(), self.weight_int._version, self.weight_scale._version)
-        if self._packed is None or self._packed[0] != key:
-            packed = []
-            for g, (lo, hi) in enumerate(self.channel_groups):
-                w = self.weight_int[:, lo:hi].contiguous()
-                if self.kind == "linear":
-                    packed.append(torch.ops.onednn.qlinear_prepack(w, None))
-                else:
-                    packed.append(torch.ops.onednn.qconv_prepack(
-                        w, self.weight_scale[g], 1.0, 0, list(self.stride), list(self.padding),
-                        list(self.dilation), self.groups, None,
-                    ))  # fmt: skip
-            self._packed = (key, packed)
-            self._weight_zero = torch.zeros(self.weight_scale.shape[1], dtype=torch.long)  # symmetric weights
-        return self._packed[1]
+    def _onednn_constants(self) -> dict[str, Any]:
+        """oneDNN's packed int8 weights per channel group, and the weights' (zero) zero points."""
+        packed = []
+        for g, (lo, hi) in enumerate(self.channel_groups):
+            w = self.weight_int[:, lo:hi].contiguous()
+            if self.kind == "linear":
+                packed.append(torch.ops.onednn.qlinear_prepack(w, None))
+            else:
+                packed.append(torch.ops.onednn.qconv_prepack(
+                    w, self.weight_scale[g], 1.0, 0, list(self.stride), list(self.padding),
+                    list(self.dilation), self.groups, None,
+                ))  # fmt: skip
+        return {"packed": packed, "weight_zero": torch.zeros(self.weight_scale.shape[1], dtype=torch.long)}
 
     def _kernel_forward(self, x: Tensor, row: int) -> Tensor:
-        packed = self._packed_weights()
+        c = self._prepare("onednn-int8", self._onednn_constants)
+        packed = c["packed"]
         dim = self._channel_dim()
         _, scales, zeros = self._bank()
         out = None
@@ -511,7 +508,7 @@ class QuantizedLayer(nn.Module):
             scale, zero_point = float(scales[row][g]), int(zeros[row][g])
             part = x.narrow(dim, lo, hi - lo) if len(self.split) else x
             x_q = torch.quantize_per_tensor(part.contiguous(), scale, zero_point, torch.quint8).int_repr()
-            w_scale, w_zero = self.weight_scale[g], self._weight_zero
+            w_scale, w_zero = self.weight_scale[g], c["weight_zero"]
             bias = self.bias if g == 0 else None
             if self.kind == "linear":
                 flat = x_q.reshape(-1, x_q.shape[-1])

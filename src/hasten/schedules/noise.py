@@ -158,8 +158,6 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation (``numpy.interp``) for increasing ``xp``, extrapolating linearly."""
-    if xp.device != x.device:  # the tables live on the CPU; a sampler on a GPU asks with GPU tensors
-        xp, fp = xp.to(x.device), fp.to(x.device)
     idx = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
     x0, x1 = xp[idx - 1], xp[idx]
     y0, y1 = fp[idx - 1], fp[idx]
@@ -197,6 +195,17 @@ class VPDiscrete(_VariancePreserving):
         self._lambdas = 0.5 * (torch.log(ab) - torch.log1p(-ab))
         self._index = torch.arange(ab.numel(), dtype=torch.float64)
         self._lambdas_increasing, self._index_reversed = self._lambdas.flip(0), self._index.flip(0)
+        self._on_device: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(index, lambdas, lambdas increasing, index reversed) on ``device``: copied once per device, since a
+        sampler on a GPU asks with GPU tensors on every model call."""
+        tables = (self._index, self._lambdas, self._lambdas_increasing, self._index_reversed)
+        if device == self._index.device:
+            return tables
+        if device not in self._on_device:
+            self._on_device[device] = tuple(t.to(device) for t in tables)
+        return self._on_device[device]  # type: ignore[return-value]
 
     @classmethod
     def from_betas(
@@ -217,11 +226,13 @@ class VPDiscrete(_VariancePreserving):
 
     def lambda_(self, t: TensorLike) -> Tensor:
         t = _f64(t)
-        return _interp(t.flatten(), self._index, self._lambdas).reshape(t.shape)
+        index, lambdas, _, _ = self._tables(t.device)
+        return _interp(t.flatten(), index, lambdas).reshape(t.shape)
 
     def t_from_lambda(self, lambda_: TensorLike) -> Tensor:
         lam = _f64(lambda_)
-        flipped = _interp(lam.flatten(), self._lambdas_increasing, self._index_reversed)
+        _, _, lambdas_increasing, index_reversed = self._tables(lam.device)
+        flipped = _interp(lam.flatten(), lambdas_increasing, index_reversed)
         return flipped.reshape(lam.shape)
 
     def __repr__(self) -> str:
