@@ -1,6 +1,8 @@
 """The shared sampling loop: the contract every solver keeps, NFE accounting, bad input, stochastic solvers."""
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -264,3 +266,14 @@ def test_learned_multistep_holds_ddim_and_dpmpp_2m():
         get_solver("learned_multistep", coefficients=[[1.0], [1.0]])
     plan = hasten.Plan(tuple(levels), "learned_multistep", {"coefficients": rows})
     torch.testing.assert_close(hasten.sample(gmm, x, plan=plan), fitted)
+    # State weights: a_i = r_i is the same update; another a_i changes exactly the weight on x_i.
+    ratios = [b / a for a, b in itertools.pairwise(levels)]
+    same = hasten.sample(gmm, x, sigmas, "learned_multistep", coefficients=rows, x_weights=ratios)
+    torch.testing.assert_close(same, fitted, rtol=0, atol=1e-10)
+    last_kept = hasten.sample(gmm, x, sigmas, "learned_multistep", coefficients=rows, x_weights=[*ratios[:-1], 0.1])
+    before_last = hasten.sample(gmm, x, sigmas[:-1], "learned_multistep", coefficients=rows[:-1])
+    torch.testing.assert_close(last_kept - fitted, 0.1 * before_last, rtol=0, atol=1e-10)  # the last r is 0
+    with pytest.raises(ValueError, match="one weight per coefficients row"):
+        get_solver("learned_multistep", coefficients=rows, x_weights=[1.0])
+    with pytest.raises(ValueError, match="x_weights has a non-finite"):
+        get_solver("learned_multistep", coefficients=rows[:1], x_weights=[math.nan])

@@ -21,14 +21,16 @@ def test_the_fit_sampler_is_the_plan_sampler(tiny_model):
     model = hasten.load(tiny_model)
     sigmas = hasten.get_sigmas("auto", 3, model.schedule)
     weights = dpmpp_2m_weights(sigmas[:-1])
-    plan = Plan(tuple(sigmas.tolist()), "learned_multistep", {"coefficients": weights})
+    offsets = torch.tensor([0.01, -0.02, 0.03])
+    x_weights = [b / a + float(e) for a, b, e in zip(sigmas.tolist(), sigmas[1:].tolist(), offsets, strict=False)]
+    plan = Plan(tuple(sigmas.tolist()), "learned_multistep", {"coefficients": weights, "x_weights": x_weights})
     expected = hasten.generate(model, 4, plan=plan, seed=5).samples
     noise = torch.randn((4, *model.info.image_shape), generator=torch.Generator().manual_seed(5))
     labels = default_labels(model, 4, None)
     cond = model.conditioning(labels, range(4))
     with torch.no_grad():
         got = multistep_samples(model.denoiser, model, torch.log(sigmas[:-1]),
-                                [torch.tensor(w) for w in weights], noise, cond)  # fmt: skip
+                                [torch.tensor(w) for w in weights], noise, cond, offsets)  # fmt: skip
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
 
 
@@ -37,8 +39,8 @@ def _fit_setup(tiny_model):
     sigmas = tuple(hasten.get_sigmas("auto", 3, model.schedule).tolist())
     reference = reference_samples(model, 6, seed=2000, steps=8)
 
-    def validate(levels, coefficients) -> float:
-        plan = Plan(levels, "learned_multistep", {"coefficients": coefficients})
+    def validate(levels, coefficients, x_weights) -> float:
+        plan = Plan(levels, "learned_multistep", {"coefficients": coefficients, "x_weights": x_weights})
         return rmse(hasten.generate(model, 6, plan=plan, seed=2000).images01, reference)
 
     config = FitConfig(iterations=6, lr=0.05, n_train=8, batch_size=4, every=2, reference_steps=8)
@@ -71,6 +73,10 @@ def test_a_killed_fit_resumes_to_the_same_weights(tiny_model):
     for a, b in zip(resumed.coefficients, whole.coefficients, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
     assert resumed.sigmas == pytest.approx(whole.sigmas, rel=1e-6)
+    assert resumed.x_weights == pytest.approx(whole.x_weights, abs=1e-6)
+    with pytest.raises(ValueError, match="fit version 1"):  # a checkpoint of the model-space fit, no a_i
+        fit_weights(model, sigmas, config, validate, state={k: v for k, v in saved.items() if k != "version"},
+                    progress=False)  # fmt: skip
     assert [p.requires_grad for p in model.network.parameters()] == grad_flags  # the network is left as it was
     with pytest.raises(ValueError, match="descending grid"):
         fit_weights(model, (1.0, 2.0, 0.0), config, validate, progress=False)
@@ -95,5 +101,13 @@ def test_tune_with_a_fit_stage(tiny_model, tmp_path):
         tune(model, dataclasses.replace(config, fit_lr=0.5), out, resume=True, progress=False)
     longer = tune(model, dataclasses.replace(config, fit_iterations=6), out, resume=True, progress=False)
     assert [h["iteration"] for h in longer.search["fit"]["history"]] == [0, 2, 4, 6]  # continued, not restarted
+    state_path = out.with_name(out.name + ".search.json")
+    state = json.loads(state_path.read_text())
+    del state["fit"]["version"]  # a fit an earlier hasten saved (model-space loss, no a_i)
+    state_path.write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="the fit starts again"):
+        refit = tune(model, config, out, resume=True, progress=False)
+    assert [h["iteration"] for h in refit.search["fit"]["history"]] == [0, 2, 4]  # the search replayed, not redone
+    assert json.loads(state_path.read_text())["cache"] == state["cache"]
     with pytest.raises(TuneError, match="fit_iterations must be >= 0"):
         TuneConfig(fit_iterations=-1)

@@ -1,12 +1,23 @@
 """Fitting a plan's solver weights and interior noise levels to a reference solve (``hasten tune``'s fit stage).
 
 The solver family is :class:`hasten.solvers.learned.LearnedMultistep`, DPM-Solver++'s multistep update in VE
-form with free weights, ``x_{i+1} = r_i x_i + (1 - r_i) sum_j c_ij D_j`` (``r_i = sigma_{i+1} / sigma_i``).
-Starting from DPM-Solver++(2M)'s weights on a grid (the searched plan's), Adam fits every ``c_ij`` and the
-interior log-sigmas (first and last level fixed) by backpropagating through the sampler and the network to
-the final samples of a high-accuracy solve from the same noise, on training noise. A validation seed scores
-the weights every ``every`` iterations with the real sampler (``generate`` on the plan); the best validated
-weights are the result (early stopping: on the 128 training images alone the weights overfit).
+form with free weights, ``x_{i+1} = a_i x_i + (1 - r_i) sum_j c_ij D_j`` (``r_i = sigma_{i+1} / sigma_i``).
+Starting from DPM-Solver++(2M) on a grid (the searched plan's: ``a_i = r_i``), Adam fits every ``c_ij``, the
+offsets ``a_i - r_i`` and the interior log-sigmas (first and last level fixed) by backpropagating through the
+sampler and the network to the final samples of a high-accuracy solve from the same noise, on training noise.
+Adam moves the offsets in units of ``s_i = sqrt(1 + sigma_{i+1}^2) / sqrt(1 + sigma_i^2)`` (on the starting
+grid), the ratio of the state's scales after and before the step: a unit then changes ``x_{i+1}`` by about its
+own size at every step, where a raw offset of 0.01 at the first step of a flow model (``sigma_max`` near
+10^4) would add a hundred units of noise.
+
+The loss is the metric's own: squared error of the images in [0, 1] (``model.to_images``, clamped), not of
+raw model outputs. A model may overshoot the data range where it does not matter (the bundled UNet puts a
+third of its pixels below -1, some at -16, where the image is black either way); a model-space loss spends
+the fit on those pixels.
+
+A validation seed scores the weights every ``every`` iterations with the real sampler (``generate`` on the
+plan); the best validated weights are the result (early stopping: on the 128 training images alone the
+weights overfit).
 
 The fit's state (iteration, weights, Adam's moments, best-so-far, history) is a JSON-able dict handed to
 ``on_checkpoint`` at every validation, so a killed fit resumes losing at most ``every`` iterations.
@@ -27,11 +38,14 @@ import torch
 from torch import Tensor
 
 from ..generate import default_labels, guided_denoiser
-from ..metrics.reference import REFERENCE_SOLVER
+from ..metrics.reference import reference_samples
 from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
 
-__all__ = ["FitConfig", "FitResult", "dpmpp_2m_weights", "fit_weights", "multistep_samples"]
+__all__ = ["FIT_VERSION", "FitConfig", "FitResult", "dpmpp_2m_weights", "fit_weights", "multistep_samples"]
+
+# Checkpoints of another version (another loss or family) cannot be continued. 2: image-space loss, free a_i.
+FIT_VERSION = 2
 
 
 def dpmpp_2m_weights(sigmas: Tensor) -> list[list[float]]:
@@ -69,6 +83,7 @@ class FitConfig:
 class FitResult:
     sigmas: tuple[float, ...]  # descending, ending with 0
     coefficients: tuple[tuple[float, ...], ...]
+    x_weights: tuple[float, ...]  # a_i, one per step
     validation_rmse: float  # of the returned weights
     start_validation_rmse: float  # of the starting weights (2M on the given grid)
     best_iteration: int
@@ -79,15 +94,15 @@ def fit_weights(
     model: LoadedModel,
     sigmas: tuple[float, ...],
     config: FitConfig,
-    validate: Callable[[tuple[float, ...], tuple[tuple[float, ...], ...]], float],
+    validate: Callable[[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]], float],
     *,
     state: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Fit weights and interior levels for the grid ``sigmas`` (descending, ending with 0); see the module
-    docstring. ``validate(sigmas, coefficients)`` returns the validation RMSE of a candidate; ``state`` is a
-    checkpoint from an earlier call with the same arguments."""
+    docstring. ``validate(sigmas, coefficients, x_weights)`` returns the validation RMSE of a candidate;
+    ``state`` is a checkpoint from an earlier call with the same arguments."""
     levels = torch.tensor(sigmas, dtype=torch.float64)
     if len(levels) < 3 or float(levels[-1]) != 0.0 or not bool(torch.all(levels[:-2] > levels[1:-1])):
         raise ValueError(f"need a descending grid of at least 2 steps ending with 0, got {list(sigmas)}")
@@ -95,24 +110,35 @@ def fit_weights(
     log_floor = math.log(float(model.schedule.sigma_min))
     interior = torch.log(levels[1:-1]).clone().requires_grad_(True)
     weights = [torch.tensor(row, dtype=torch.float32, requires_grad=True) for row in dpmpp_2m_weights(levels[:-1])]
-    optimiser = torch.optim.Adam([interior, *weights], lr=config.lr)
+    scale = levels.pow(2).add(1).sqrt()
+    x_offset_unit = (scale[1:] / scale[:-1]).float()  # s_i (see the module docstring)
+    x_offsets = torch.zeros(len(weights), requires_grad=True)  # (a_i - r_i) / s_i: the fit starts from a_i = r_i
+    optimiser = torch.optim.Adam([interior, *weights, x_offsets], lr=config.lr)
 
-    def current() -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
-        grid = [float(levels[0]), *(float(s) for s in interior.detach().exp())]
-        return (*grid, 0.0), tuple(tuple(float(v) for v in w.detach()) for w in weights)
+    def current() -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]]:
+        grid = (float(levels[0]), *(float(s) for s in interior.detach().exp()), 0.0)
+        offsets = (x_offsets.detach() * x_offset_unit).tolist()
+        x_weights = tuple(b / a + e for a, b, e in zip(grid, grid[1:], offsets, strict=False))
+        return grid, tuple(tuple(float(v) for v in w.detach()) for w in weights), x_weights
+
+    def record(iteration: int, score: float, candidate) -> dict[str, Any]:
+        sigmas_, coefficients, x_weights = candidate
+        return {"iteration": iteration, "validation_rmse": score, "sigmas": list(sigmas_),
+                "coefficients": [list(r) for r in coefficients], "x_weights": list(x_weights)}  # fmt: skip
 
     if state is None:
-        start_sigmas, start_weights = current()
-        start_val = validate(start_sigmas, start_weights)
-        state = {"iteration": 0, "history": [{"iteration": 0, "validation_rmse": start_val}],
-                 "start_validation_rmse": start_val,
-                 "best": {"iteration": 0, "validation_rmse": start_val, "sigmas": list(start_sigmas),
-                          "coefficients": [list(r) for r in start_weights]}}  # fmt: skip
+        start = current()
+        start_val = validate(*start)
+        state = {"version": FIT_VERSION, "iteration": 0, "history": [{"iteration": 0, "validation_rmse": start_val}],
+                 "start_validation_rmse": start_val, "best": record(0, start_val, start)}  # fmt: skip
     else:  # resume: weights, levels and Adam's moments as they were at the checkpoint
+        if state.get("version") != FIT_VERSION:
+            raise ValueError(f"this checkpoint is from fit version {state.get('version', 1)}; this is {FIT_VERSION}")
         with torch.no_grad():
             interior.copy_(torch.tensor(state["interior"]))
             for w, row in zip(weights, state["coefficients"], strict=True):
                 w.copy_(torch.tensor(row))
+            x_offsets.copy_(torch.tensor(state["x_offsets"]))
         optimiser.load_state_dict(_adam_from_json(state["adam"]))
 
     denoiser = guided_denoiser(model, config.guidance)
@@ -120,11 +146,14 @@ def fit_weights(
     noise_gen = torch.Generator().manual_seed(config.train_seed)  # the noise generate() draws for this seed
     noise = torch.randn((config.n_train, *model.info.image_shape), generator=noise_gen)
     labels = default_labels(model, config.n_train, None)
-    target = _reference(model, config)
+    target = reference_samples(  # images in [0, 1] from the same noise (cached on disk)
+        model, config.n_train, seed=config.train_seed, guidance=config.guidance, steps=config.reference_steps
+    )
 
     def sample(rows: list[int]) -> Tensor:
         cond = model.conditioning(None if labels is None else labels[rows], rows)
-        return multistep_samples(denoiser, model, torch.cat([log_first, interior]), weights, noise[rows], cond)
+        log_sigmas = torch.cat([log_first, interior])
+        return multistep_samples(denoiser, model, log_sigmas, weights, noise[rows], cond, x_offsets * x_offset_unit)
 
     bar = BudgetProgress(progress, "fitting weights", config.iterations)
     try:
@@ -133,7 +162,7 @@ def fit_weights(
         for it in range(state["iteration"] + 1, config.iterations + 1):
             batch_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + it)  # the same batches on resume
             rows = torch.randperm(config.n_train, generator=batch_gen)[: config.batch_size].tolist()
-            loss = (sample(rows) - target[rows]).pow(2).mean()
+            loss = (model.to_images(sample(rows)) - target[rows]).pow(2).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -142,14 +171,13 @@ def fit_weights(
                     above = log_first[0] if k == 0 else interior[k - 1]
                     interior[k] = torch.clamp(torch.minimum(interior[k], above - config.min_gap), min=log_floor)
             if it % config.every == 0 or it == config.iterations:
-                fit_sigmas, fit_weights_ = current()
-                score = validate(fit_sigmas, fit_weights_)
+                candidate = current()
+                score = validate(*candidate)
                 state["history"].append({"iteration": it, "train_loss": float(loss.detach()), "validation_rmse": score})
                 if score < state["best"]["validation_rmse"]:
-                    state["best"] = {"iteration": it, "validation_rmse": score, "sigmas": list(fit_sigmas),
-                                     "coefficients": [list(r) for r in fit_weights_]}  # fmt: skip
+                    state["best"] = record(it, score, candidate)
                 state.update(iteration=it, interior=interior.detach().tolist(),
-                             coefficients=[w.detach().tolist() for w in weights],
+                             coefficients=[w.detach().tolist() for w in weights], x_offsets=x_offsets.detach().tolist(),
                              adam=_adam_to_json(optimiser.state_dict()))  # fmt: skip
                 if on_checkpoint is not None:
                     on_checkpoint(state)
@@ -161,38 +189,33 @@ def fit_weights(
         bar.close()
     best = state["best"]
     return FitResult(
-        tuple(best["sigmas"]), tuple(tuple(r) for r in best["coefficients"]), best["validation_rmse"],
-        state["start_validation_rmse"], best["iteration"], state["history"],
+        tuple(best["sigmas"]), tuple(tuple(r) for r in best["coefficients"]), tuple(best["x_weights"]),
+        best["validation_rmse"], state["start_validation_rmse"], best["iteration"], state["history"],
     )  # fmt: skip
 
 
 def multistep_samples(
-    denoiser: Any, model: LoadedModel, log_sigmas: Tensor, weights: list[Tensor], noise: Tensor, cond: dict
+    denoiser: Any,
+    model: LoadedModel,
+    log_sigmas: Tensor,
+    weights: list[Tensor],
+    noise: Tensor,
+    cond: dict,
+    x_offsets: Tensor | None = None,
 ) -> Tensor:
     """The ``learned_multistep`` sampler written with autograd-friendly ops: levels ``exp(log_sigmas)`` then 0,
-    one weight row per step, from unit ``noise`` scaled as ``generate`` scales it (float32 state, float64
-    levels). Equal to ``generate`` on the corresponding plan up to float rounding."""
-    level = torch.cat([log_sigmas.exp(), torch.zeros(1)])
+    one weight row per step, ``a_i = r_i + x_offsets[i]`` (``r_i`` when None), from unit ``noise`` scaled as
+    ``generate`` scales it (float32 state, float64 levels). Equal to ``generate`` on the corresponding plan up to
+    float rounding."""
+    level = torch.cat([log_sigmas.exp(), torch.zeros(1, dtype=log_sigmas.dtype)])
     x = noise * float(model.schedule.initial_noise_scale(float(level[0].detach())))
     denoised: list[Tensor] = []
     for i in range(len(weights)):
         denoised.append(denoiser(x, level[i].double().expand(len(x)), **cond).float())
-        r = level[i + 1] / level[i]
-        x = r * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))
+        r = (level[i + 1] / level[i]).float()
+        a = r if x_offsets is None else r + x_offsets[i]
+        x = a * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))
     return x
-
-
-def _reference(model: LoadedModel, config: FitConfig) -> Tensor:
-    """Model-space samples of the reference solve from the training noise (what the fit imitates)."""
-    from ..generate import generate
-
-    with torch.no_grad():
-        gen = generate(
-            model, config.n_train, solver=REFERENCE_SOLVER["solver"], steps=config.reference_steps,
-            schedule=REFERENCE_SOLVER["schedule"], seed=config.train_seed, guidance=config.guidance,
-        )  # fmt: skip
-    assert gen.samples is not None
-    return gen.samples.float()
 
 
 def _adam_to_json(state: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
 from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching, VPDiscrete
-from .fit import FitConfig, fit_weights
+from .fit import FIT_VERSION, FitConfig, fit_weights
 from .plan import Plan, PlanError, plan_from_stock, save_plan
 from .search import PREDICTIONS, Candidate, candidate_from_plan, search
 
@@ -85,10 +86,11 @@ class TuneConfig(Config):
         n_fd: Images per FD evaluation (search seed).
         use_v3: Include DPM-Solver-v3 (its statistics are estimated once per model and cached) both as
             stock starts and as a parameterisation the search may choose.
-        fit_iterations: Fit stage (0 skips it): Adam iterations fitting ``learned_multistep`` weights and the
-            interior levels, from DPM-Solver++(2M) on the chosen plan's grid, to the reference solve of
-            ``n_fit`` images of the search seed; the best weights on the validation seed are kept, and they
-            replace the plan only if they beat it there (:mod:`hasten.tune.fit`).
+        fit_iterations: Fit stage (0 skips it): Adam iterations fitting ``learned_multistep`` weights (on the
+            denoised estimates and on the state) and the interior levels, from DPM-Solver++(2M) on the chosen
+            plan's grid, to the reference solve of ``n_fit`` images of the search seed; the best weights on the
+            validation seed are kept, and they replace the plan only if they beat it there
+            (:mod:`hasten.tune.fit`).
         fit_lr: Adam's learning rate for the fit.
         n_fit: Training images of the fit.
         fit_every: Iterations between validations (and checkpoints) of the fit.
@@ -187,6 +189,12 @@ def tune(
             cache, fd_cache = saved["cache"], saved.get("fd", {})
             fd_cache.update(cache.pop("_fd", {}))  # where states of earlier versions kept their FDs
             fit_state = saved.get("fit")
+            if fit_state is not None and fit_state.get("version") != FIT_VERSION:
+                warnings.warn(
+                    f"{state_path} holds a fit made by an earlier hasten (another loss and solver family); the "
+                    "search is resumed and the fit starts again", stacklevel=2,
+                )  # fmt: skip
+                fit_state = None
             if fit_state is not None and fit_state.get("settings") != fit_settings:
                 raise TuneError(
                     f"{state_path} holds a fit with other settings ({fit_state.get('settings')}); resume it with "
@@ -295,8 +303,12 @@ def tune(
     fit_record = None
     if config.fit_iterations > 0:
 
-        def validate(sigmas: tuple[float, ...], coefficients: tuple[tuple[float, ...], ...]) -> float:
-            candidate = Plan(sigmas, "learned_multistep", {"coefficients": coefficients}, nfe=config.nfe, **meta)
+        def fitted_plan(sigmas, coefficients, x_weights) -> Plan:
+            options = {"coefficients": coefficients, "x_weights": x_weights}
+            return Plan(sigmas, "learned_multistep", options, nfe=config.nfe, **meta)
+
+        def validate(sigmas, coefficients, x_weights) -> float:
+            candidate = fitted_plan(sigmas, coefficients, x_weights)
             return rmse(run(candidate, config.n_search, config.validation_seed).images01, val_ref)
 
         def checkpoint(state: dict[str, Any]) -> None:
@@ -313,8 +325,9 @@ def tune(
         )  # fmt: skip
         plan_validation = validation["rmse_ref_searched" if validation["kept"] == "searched" else "rmse_ref_best_stock"]
         fit_record = {
-            "method": "learned_multistep weights and interior levels fitted by Adam through the sampler to the "
-            "reference solve, from DPM-Solver++(2M) on the plan's grid; best validated weights",
+            "method": "learned_multistep weights (c_ij and a_i) and interior levels fitted by Adam through the "
+            "sampler to the reference solve's images, from DPM-Solver++(2M) on the plan's grid; best validated "
+            "weights",
             "iterations": config.fit_iterations, "lr": config.fit_lr, "n_train": config.n_fit,
             "train_seed": config.search_seed, "start_validation_rmse": fit.start_validation_rmse,
             "validation_rmse": fit.validation_rmse, "best_iteration": fit.best_iteration,
@@ -322,7 +335,7 @@ def tune(
         }  # fmt: skip
         fit_record["kept"] = "fitted" if fit.validation_rmse < plan_validation else "plan"
         if fit_record["kept"] == "fitted":
-            plan = Plan(fit.sigmas, "learned_multistep", {"coefficients": fit.coefficients}, nfe=config.nfe, **meta)
+            plan = fitted_plan(fit.sigmas, fit.coefficients, fit.x_weights)
 
     # Held-out scores: the plan and the best stock start by search score, on other noise.
     held_ref = reference_samples(
