@@ -53,6 +53,8 @@ def test_a_killed_fit_resumes_to_the_same_weights(tiny_model):
     whole = fit_weights(model, sigmas, config, validate, progress=False)
     assert [h["iteration"] for h in whole.history] == [0, 2, 4, 6]
     assert whole.validation_rmse <= whole.start_validation_rmse  # the start is a candidate: never worse
+    assert whole.start in ("dpmpp_2m", "ddim")  # the better of the two on the validation noise
+    assert whole.history[0]["validation_rmse"] == whole.start_validation_rmse
     assert whole.sigmas[0] == sigmas[0] and whole.sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(whole.sigmas, whole.sigmas[1:], strict=False))
     assert any(abs(a - b) > 1e-6 for a, b in zip(whole.coefficients[1], dpmpp_2m_weights(torch.tensor(sigmas[:-1]))[1],

@@ -2,7 +2,8 @@
 
 The solver family is :class:`hasten.solvers.learned.LearnedMultistep`, DPM-Solver++'s multistep update in VE
 form with free weights, ``x_{i+1} = a_i x_i + (1 - r_i) sum_j c_ij D_j`` (``r_i = sigma_{i+1} / sigma_i``).
-Starting from DPM-Solver++(2M) on a grid (the searched plan's: ``a_i = r_i``), Adam fits every ``c_ij``, the
+Starting from DPM-Solver++(2M) or DDIM on a grid (the searched plan's; whichever validates better: 2M's
+extrapolation can be far off on an uneven grid; ``a_i = r_i``), Adam fits every ``c_ij``, the
 offsets ``a_i - r_i`` and the interior log-sigmas (first and last level fixed) by backpropagating through the
 sampler and the network to the final samples of a high-accuracy solve from the same noise, on training noise.
 Adam moves the offsets in units of ``s_i = sqrt(1 + sigma_{i+1}^2) / sqrt(1 + sigma_i^2)`` (on the starting
@@ -85,7 +86,8 @@ class FitResult:
     coefficients: tuple[tuple[float, ...], ...]
     x_weights: tuple[float, ...]  # a_i, one per step
     validation_rmse: float  # of the returned weights
-    start_validation_rmse: float  # of the starting weights (2M on the given grid)
+    start_validation_rmse: float  # of the starting weights on the given grid
+    start: str  # which: "dpmpp_2m" or "ddim"
     best_iteration: int
     history: list[dict[str, float]]
 
@@ -126,10 +128,20 @@ def fit_weights(
         return {"iteration": iteration, "validation_rmse": score, "sigmas": list(sigmas_),
                 "coefficients": [list(r) for r in coefficients], "x_weights": list(x_weights)}  # fmt: skip
 
-    if state is None:
-        start = current()
-        start_val = validate(*start)
+    if state is None:  # start from whichever of 2M and DDIM scores better on this grid
+        start_scores = {}
+        for name, rows in (("dpmpp_2m", dpmpp_2m_weights(levels[:-1])), ("ddim", _ddim_weights(len(weights)))):
+            with torch.no_grad():
+                for w, row in zip(weights, rows, strict=True):
+                    w.copy_(torch.tensor(row))
+            start_scores[name] = (validate(*current()), current())
+        start_name = min(start_scores, key=lambda name: start_scores[name][0])
+        start_val, start = start_scores[start_name]
+        with torch.no_grad():
+            for w, row in zip(weights, start[1], strict=True):
+                w.copy_(torch.tensor(row))
         state = {"version": FIT_VERSION, "iteration": 0, "history": [{"iteration": 0, "validation_rmse": start_val}],
+                 "start": start_name, "start_scores": {name: v[0] for name, v in start_scores.items()},
                  "start_validation_rmse": start_val, "best": record(0, start_val, start)}  # fmt: skip
     else:  # resume: weights, levels and Adam's moments as they were at the checkpoint
         if state.get("version") != FIT_VERSION:
@@ -190,7 +202,7 @@ def fit_weights(
     best = state["best"]
     return FitResult(
         tuple(best["sigmas"]), tuple(tuple(r) for r in best["coefficients"]), tuple(best["x_weights"]),
-        best["validation_rmse"], state["start_validation_rmse"], best["iteration"], state["history"],
+        best["validation_rmse"], state["start_validation_rmse"], state["start"], best["iteration"], state["history"],
     )  # fmt: skip
 
 
@@ -216,6 +228,11 @@ def multistep_samples(
         a = r if x_offsets is None else r + x_offsets[i]
         x = a * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))
     return x
+
+
+def _ddim_weights(steps: int) -> list[list[float]]:
+    """``c_ii = 1``: each step uses its own denoised estimate only (no extrapolation from older ones)."""
+    return [[0.0] * i + [1.0] for i in range(steps)]
 
 
 def _adam_to_json(state: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class TuneConfig(Config):
         use_v3: Include DPM-Solver-v3 (its statistics are estimated once per model and cached) both as
             stock starts and as a parameterisation the search may choose.
         fit_iterations: Fit stage (0 skips it): Adam iterations fitting ``learned_multistep`` weights (on the
-            denoised estimates and on the state) and the interior levels, from DPM-Solver++(2M) on the chosen
+            denoised estimates and on the state) and the interior levels, from DPM-Solver++(2M) or DDIM on the chosen
             plan's grid, to the reference solve of ``n_fit`` images of the search seed; the best weights on the
             validation seed are kept, and they replace the plan only if they beat it there
             (:mod:`hasten.tune.fit`).
@@ -326,10 +326,10 @@ def tune(
         plan_validation = validation["rmse_ref_searched" if validation["kept"] == "searched" else "rmse_ref_best_stock"]
         fit_record = {
             "method": "learned_multistep weights (c_ij and a_i) and interior levels fitted by Adam through the "
-            "sampler to the reference solve's images, from DPM-Solver++(2M) on the plan's grid; best validated "
+            "sampler to the reference solve's images, from DPM-Solver++(2M) or DDIM on the plan's grid; best validated "
             "weights",
             "iterations": config.fit_iterations, "lr": config.fit_lr, "n_train": config.n_fit,
-            "train_seed": config.search_seed, "start_validation_rmse": fit.start_validation_rmse,
+            "train_seed": config.search_seed, "start": fit.start, "start_validation_rmse": fit.start_validation_rmse,
             "validation_rmse": fit.validation_rmse, "best_iteration": fit.best_iteration,
             "plan_validation_rmse": plan_validation, "history": fit.history,
         }  # fmt: skip
