@@ -422,7 +422,10 @@ def tune(
             "per iteration for mnist-dit at NFE 5 on 2 CPU cores; 600-800 recommended)"
         ),
     ] = 0,
-    fit_lr: Annotated[float, typer.Option(help="learning rate of the fit (Adam)")] = 0.01,
+    fit_lr: Annotated[float, typer.Option(help="learning rate of the fit (Adam; its first)")] = 0.01,
+    fit_lr_schedule: Annotated[
+        str, typer.Option(help="cosine (decays to 5% of --fit-lr at the last iteration) or constant")
+    ] = "cosine",
     n_fit: Annotated[int, typer.Option(help="training images of the fit (search seed)")] = 128,
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
@@ -444,7 +447,8 @@ def tune(
         config = TuneConfig(
             nfe=nfe, minutes=minutes, guidance=loaded.default_guidance if guidance is None else guidance,
             n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd, fd_candidates=fd_candidates, n_heldout=n_heldout,
-            reference_steps=reference_steps, fit_iterations=fit_iterations, fit_lr=fit_lr, n_fit=n_fit,
+            reference_steps=reference_steps, fit_iterations=fit_iterations, fit_lr=fit_lr,
+            fit_lr_schedule=fit_lr_schedule, n_fit=n_fit,
         )  # fmt: skip
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError) as err:

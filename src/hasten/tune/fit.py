@@ -47,6 +47,8 @@ __all__ = ["FIT_VERSION", "FitConfig", "FitResult", "dpmpp_2m_weights", "fit_wei
 
 # Checkpoints of another version (another loss or family) cannot be continued. 2: image-space loss, free a_i.
 FIT_VERSION = 2
+LR_SCHEDULES = ("cosine", "constant")
+LR_FLOOR = 0.05  # the cosine schedule's last step size, as a fraction of the first
 
 
 def dpmpp_2m_weights(sigmas: Tensor) -> list[list[float]]:
@@ -70,6 +72,7 @@ class FitConfig:
 
     iterations: int
     lr: float = 0.01
+    lr_schedule: str = "cosine"  # or "constant"; cosine decays to LR_FLOOR * lr at the last iteration
     n_train: int = 128
     batch_size: int = 32
     train_seed: int = 1000
@@ -78,6 +81,10 @@ class FitConfig:
     guidance: float = 1.0
     seed: int = 0
     min_gap: float = 0.05  # smallest log-sigma step kept between consecutive levels
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +184,8 @@ def fit_weights(
             loss = (model.to_images(sample(rows)) - target[rows]).pow(2).mean()
             optimiser.zero_grad()
             loss.backward()
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, it)
             optimiser.step()
             with torch.no_grad():  # keep the levels strictly descending and above the schedule's floor
                 for k in range(len(interior)):
@@ -228,6 +237,17 @@ def multistep_samples(
         a = r if x_offsets is None else r + x_offsets[i]
         x = a * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))
     return x
+
+
+def learning_rate(config: FitConfig, iteration: int) -> float:
+    """Adam's step size at ``iteration`` (1-based). Cosine: from ``lr`` down to ``LR_FLOOR * lr`` at
+    ``config.iterations``, so the last validations see the bottom of the valley rather than Adam's
+    oscillation around it (at a constant 0.01 the UNet's validation error swung by 3% between checkpoints).
+    A fit extended to more iterations follows the longer curve from where it is (a warm restart)."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = min(iteration / config.iterations, 1.0)
+    return config.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _ddim_weights(steps: int) -> list[list[float]]:

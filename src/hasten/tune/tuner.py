@@ -34,7 +34,7 @@ from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
 from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching, VPDiscrete
-from .fit import FIT_VERSION, FitConfig, fit_weights
+from .fit import FIT_VERSION, LR_SCHEDULES, FitConfig, fit_weights
 from .plan import Plan, PlanError, plan_from_stock, save_plan
 from .search import PREDICTIONS, Candidate, candidate_from_plan, search
 
@@ -91,7 +91,8 @@ class TuneConfig(Config):
             plan's grid, to the reference solve of ``n_fit`` images of the search seed; the best weights on the
             validation seed are kept, and they replace the plan only if they beat it there
             (:mod:`hasten.tune.fit`).
-        fit_lr: Adam's learning rate for the fit.
+        fit_lr: Adam's learning rate for the fit (its first; see ``fit_lr_schedule``).
+        fit_lr_schedule: ``"cosine"`` (decays to 5% of ``fit_lr`` at the last iteration) or ``"constant"``.
         n_fit: Training images of the fit.
         fit_every: Iterations between validations (and checkpoints) of the fit.
     """
@@ -112,6 +113,7 @@ class TuneConfig(Config):
     use_v3: bool = True
     fit_iterations: int = 0
     fit_lr: float = 0.01
+    fit_lr_schedule: str = "cosine"
     n_fit: int = 128
     fit_every: int = 25
 
@@ -127,6 +129,8 @@ class TuneConfig(Config):
                 f"fit_iterations must be >= 0, fit_every >= 1, fit_lr > 0 and n_fit >= 2; got {self.fit_iterations}, "
                 f"{self.fit_every}, {self.fit_lr} and {self.n_fit}"
             )
+        if self.fit_lr_schedule not in LR_SCHEDULES:
+            raise TuneError(f"fit_lr_schedule must be one of {LR_SCHEDULES}, got {self.fit_lr_schedule!r}")
         seeds = (self.search_seed, self.validation_seed, self.heldout_seed)
         if len(set(seeds)) != 3:
             raise TuneError(f"search_seed, validation_seed and heldout_seed must all differ, got {seeds}")
@@ -168,7 +172,7 @@ def tune(
     state_path = _state_path(out)
     # What a resumed search must share with the saved one: everything but the budget (more time may be given)
     # and the fit stage's settings (checked against the fit's own checkpoint below; a fit may be added later).
-    fit_keys = ("fit_iterations", "fit_lr", "n_fit", "fit_every")
+    fit_keys = ("fit_iterations", "fit_lr", "fit_lr_schedule", "n_fit", "fit_every")
     settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations", *fit_keys)}
     fit_settings = {k: getattr(config, k) for k in fit_keys if k != "fit_iterations"}
     identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
@@ -318,9 +322,9 @@ def tune(
 
         fit = fit_weights(
             model, plan.sigmas,
-            FitConfig(iterations=config.fit_iterations, lr=config.fit_lr, n_train=config.n_fit,
-                      train_seed=config.search_seed, every=config.fit_every, reference_steps=config.reference_steps,
-                      guidance=config.guidance, seed=config.seed),
+            FitConfig(iterations=config.fit_iterations, lr=config.fit_lr, lr_schedule=config.fit_lr_schedule,
+                      n_train=config.n_fit, train_seed=config.search_seed, every=config.fit_every,
+                      reference_steps=config.reference_steps, guidance=config.guidance, seed=config.seed),
             validate, state=fit_state, on_checkpoint=checkpoint, progress=progress,
         )  # fmt: skip
         plan_validation = validation["rmse_ref_searched" if validation["kept"] == "searched" else "rmse_ref_best_stock"]
@@ -328,7 +332,8 @@ def tune(
             "method": "learned_multistep weights (c_ij and a_i) and interior levels fitted by Adam through the "
             "sampler to the reference solve's images, from DPM-Solver++(2M) or DDIM on the plan's grid; best validated "
             "weights",
-            "iterations": config.fit_iterations, "lr": config.fit_lr, "n_train": config.n_fit,
+            "iterations": config.fit_iterations, "lr": config.fit_lr, "lr_schedule": config.fit_lr_schedule,
+            "n_train": config.n_fit,
             "train_seed": config.search_seed, "start": fit.start, "start_validation_rmse": fit.start_validation_rmse,
             "validation_rmse": fit.validation_rmse, "best_iteration": fit.best_iteration,
             "plan_validation_rmse": plan_validation, "history": fit.history,
