@@ -227,6 +227,9 @@ def test_tune_errors(tiny_model, tmp_path):
     assert not (tmp_path / "p.json").exists()
     res = RUNNER.invoke(app, ["tune", "--model", tiny_model, "--nfe", "1", "--out", str(tmp_path / "q.json")])
     assert res.exit_code == 2 and "nfe must be" in res.output
+    res = RUNNER.invoke(app, ["tune", "--model", tiny_model, "--fit-iterations", "5", "--fit-lr-schedule", "step",
+                              "--out", str(tmp_path / "q.json")])  # fmt: skip
+    assert res.exit_code == 2 and "fit_lr_schedule must be one of ('cosine', 'constant'), got 'step'" in res.output
 
 
 def test_cli_tune_json(tiny_model, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -113,3 +114,21 @@ def test_tune_with_a_fit_stage(tiny_model, tmp_path):
     assert json.loads(state_path.read_text())["cache"] == state["cache"]
     with pytest.raises(TuneError, match="fit_iterations must be >= 0"):
         TuneConfig(fit_iterations=-1)
+
+
+def test_the_fit_learning_rate_schedules():
+    """Cosine decays from lr to LR_FLOOR * lr at the last iteration (and stays there when extended past it);
+    constant stays at lr; an unknown schedule is refused by name."""
+    from hasten.tune.fit import LR_FLOOR, learning_rate
+
+    cosine = FitConfig(iterations=100, lr=0.02)
+    assert learning_rate(cosine, 1) == pytest.approx(0.02, rel=1e-3)
+    assert learning_rate(cosine, 50) == pytest.approx(0.02 * (LR_FLOOR + (1 - LR_FLOOR) / 2))
+    assert learning_rate(cosine, 100) == pytest.approx(0.02 * LR_FLOOR)
+    steps = [learning_rate(cosine, i) for i in range(1, 101)]
+    assert all(a > b for a, b in itertools.pairwise(steps))
+    assert learning_rate(FitConfig(iterations=100, lr=0.02, lr_schedule="constant"), 100) == 0.02
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        FitConfig(iterations=10, lr_schedule="step")
+    with pytest.raises(TuneError, match="fit_lr_schedule must be one of"):
+        TuneConfig(fit_lr_schedule="linear")
