@@ -282,7 +282,11 @@ def test_stock_starts_include_the_trailing_grid_for_discrete_schedules_only():
     assert trailing.sigmas[-1] == 0.0 and trailing.sigmas[-2] > 0.5  # no model call spent at sigma_min
 
 
-@pytest.mark.parametrize("name", ["mnist-dit-nfe5-fitted.json", "mnist-dit-nfe8-fitted.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["mnist-dit-nfe5-fitted.json", "mnist-dit-nfe8-fitted.json", "mnist-unet-nfe5-fitted.json",
+     "mnist-unet-nfe8-fitted.json", "mnist-unet-nfe10-fitted.json"],
+)  # fmt: skip
 def test_the_shipped_fitted_plans_replay_their_recorded_scores(name):
     """The plans `hasten tune --fit-iterations` wrote (solver learned_multistep) sample at the held-out error
     they record, which is below their recorded stock baseline's."""
@@ -292,7 +296,7 @@ def test_the_shipped_fitted_plans_replay_their_recorded_scores(name):
     from hasten.metrics.reference import reference_samples, rmse
 
     plan = hasten.load_plan(pathlib.Path(__file__).parents[1] / "plans" / name)
-    model = hasten.load("mnist-dit")
+    model = hasten.load(plan.model)
     assert plan.solver == "learned_multistep" and plan.fingerprint == model.fingerprint
     assert plan.search["fit"]["kept"] == "fitted"
     gen = hasten.generate(model, 100, plan=plan, seed=0)
