@@ -85,6 +85,40 @@ def test_a_killed_fit_resumes_to_the_same_weights(tiny_model):
         fit_weights(model, (1.0, 2.0, 0.0), config, validate, progress=False)
 
 
+def test_the_fit_starts_from_the_best_grid_and_resumes_on_it(tiny_model):
+    """With an alternative grid the start is the best of 2M and DDIM on either grid by validation; a killed
+    fit resumes on the grid it started from."""
+    model, sigmas, validate, config = _fit_setup(tiny_model)
+    other = tuple(hasten.karras(3, float(model.schedule.sigma_min), sigmas[0]).tolist())
+    scored = {}
+
+    def recording(levels, coefficients, x_weights):
+        score = validate(levels, coefficients, x_weights)
+        scored.setdefault(tuple(levels), []).append(score)
+        return score
+
+    whole = fit_weights(model, sigmas, config, recording, alternatives=[other, sigmas], progress=False)
+    starts = [v for grid in (sigmas, other) for v in scored[grid][:2]]  # 2M and DDIM on each grid, first
+    assert len(starts) == 4 and whole.start_validation_rmse == min(starts)
+    assert whole.start.endswith(", grid 1") == (min(scored[other][:2]) < min(scored[sigmas][:2]))
+
+    saved = {}
+
+    def kill_at_four(state):
+        saved.update(copy.deepcopy(json.loads(json.dumps(state))))
+        if state["iteration"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_weights(model, sigmas, config, validate, alternatives=[other], on_checkpoint=kill_at_four, progress=False)
+    resumed = fit_weights(model, sigmas, config, validate, alternatives=[other], state=saved, progress=False)
+    assert resumed.sigmas == pytest.approx(whole.sigmas, rel=1e-6) and resumed.start == whole.start
+    for a, b in zip(resumed.coefficients, whole.coefficients, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    with pytest.raises(ValueError, match="alternative grids need 3 steps"):
+        fit_weights(model, sigmas, config, validate, alternatives=[other[1:]], progress=False)
+
+
 def test_tune_with_a_fit_stage(tiny_model, tmp_path):
     model = hasten.load(tiny_model)
     config = TuneConfig(nfe=3, minutes=30, n_search=4, n_heldout=10, reference_steps=8, max_evaluations=6,

@@ -31,8 +31,9 @@ teacher solve); Lu et al., "DPM-Solver++", 2022 (the update family).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ class FitResult:
     x_weights: tuple[float, ...]  # a_i, one per step
     validation_rmse: float  # of the returned weights
     start_validation_rmse: float  # of the starting weights on the given grid
-    start: str  # which: "dpmpp_2m" or "ddim"
+    start: str  # which: "dpmpp_2m" or "ddim", with ", grid k" when it was alternative k (1-based)
     best_iteration: int
     history: list[dict[str, float]]
 
@@ -105,20 +106,44 @@ def fit_weights(
     config: FitConfig,
     validate: Callable[[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]], float],
     *,
+    alternatives: Sequence[tuple[float, ...]] = (),
     state: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Fit weights and interior levels for the grid ``sigmas`` (descending, ending with 0); see the module
-    docstring. ``validate(sigmas, coefficients, x_weights)`` returns the validation RMSE of a candidate;
-    ``state`` is a checkpoint from an earlier call with the same arguments."""
-    levels = torch.tensor(sigmas, dtype=torch.float64)
-    if len(levels) < 3 or float(levels[-1]) != 0.0 or not bool(torch.all(levels[:-2] > levels[1:-1])):
-        raise ValueError(f"need a descending grid of at least 2 steps ending with 0, got {list(sigmas)}")
+    docstring. ``alternatives``: other grids of as many steps the fit may start from instead (the start is
+    the best of 2M and DDIM on every grid, by validation). ``validate(sigmas, coefficients, x_weights)`` returns
+    the validation RMSE of a candidate; ``state`` is a checkpoint from an earlier call with the same arguments."""
+    grids = [tuple(float(v) for v in sigmas)]
+    grids += [g for g in (tuple(float(v) for v in alt) for alt in alternatives) if g not in grids]
+    for grid in grids:
+        levels = torch.tensor(grid, dtype=torch.float64)
+        if len(levels) < 3 or float(levels[-1]) != 0.0 or not bool(torch.all(levels[:-2] > levels[1:-1])):
+            raise ValueError(f"need a descending grid of at least 2 steps ending with 0, got {list(grid)}")
+        if len(grid) != len(grids[0]):
+            raise ValueError(f"alternative grids need {len(grids[0]) - 1} steps like sigmas, got {list(grid)}")
+
+    if state is None:  # start from whichever of 2M and DDIM scores better, on whichever grid
+        start_scores: dict[str, tuple[float, tuple, list[list[float]]]] = {}
+        for k, grid in enumerate(grids):
+            ratios = tuple(b / a for a, b in itertools.pairwise(grid))
+            two_m = dpmpp_2m_weights(torch.tensor(grid[:-1], dtype=torch.float64))
+            for name, rows in (("dpmpp_2m", two_m), ("ddim", _ddim_weights(len(grid) - 1))):
+                label = name if k == 0 else f"{name}, grid {k}"
+                score = validate(grid, tuple(tuple(r) for r in rows), ratios)
+                start_scores[label] = (score, grid, rows)
+        start_name = min(start_scores, key=lambda label: start_scores[label][0])
+        start_val, start_grid, start_rows = start_scores[start_name]
+    else:
+        start_grid = tuple(state.get("start_sigmas", grids[0]))  # checkpoints before alternatives: sigmas
+        start_rows = _ddim_weights(len(start_grid) - 1)  # placeholders: the checkpoint's weights replace them
+
+    levels = torch.tensor(start_grid, dtype=torch.float64)
     log_first = torch.log(levels[:1])  # levels in float64: the first one must stay sigma_max exactly
     log_floor = math.log(float(model.schedule.sigma_min))
     interior = torch.log(levels[1:-1]).clone().requires_grad_(True)
-    weights = [torch.tensor(row, dtype=torch.float32, requires_grad=True) for row in dpmpp_2m_weights(levels[:-1])]
+    weights = [torch.tensor(row, dtype=torch.float32, requires_grad=True) for row in start_rows]
     scale = levels.pow(2).add(1).sqrt()
     x_offset_unit = (scale[1:] / scale[:-1]).float()  # s_i (see the module docstring)
     x_offsets = torch.zeros(len(weights), requires_grad=True)  # (a_i - r_i) / s_i: the fit starts from a_i = r_i
@@ -135,21 +160,11 @@ def fit_weights(
         return {"iteration": iteration, "validation_rmse": score, "sigmas": list(sigmas_),
                 "coefficients": [list(r) for r in coefficients], "x_weights": list(x_weights)}  # fmt: skip
 
-    if state is None:  # start from whichever of 2M and DDIM scores better on this grid
-        start_scores = {}
-        for name, rows in (("dpmpp_2m", dpmpp_2m_weights(levels[:-1])), ("ddim", _ddim_weights(len(weights)))):
-            with torch.no_grad():
-                for w, row in zip(weights, rows, strict=True):
-                    w.copy_(torch.tensor(row))
-            start_scores[name] = (validate(*current()), current())
-        start_name = min(start_scores, key=lambda name: start_scores[name][0])
-        start_val, start = start_scores[start_name]
-        with torch.no_grad():
-            for w, row in zip(weights, start[1], strict=True):
-                w.copy_(torch.tensor(row))
+    if state is None:
         state = {"version": FIT_VERSION, "iteration": 0, "history": [{"iteration": 0, "validation_rmse": start_val}],
-                 "start": start_name, "start_scores": {name: v[0] for name, v in start_scores.items()},
-                 "start_validation_rmse": start_val, "best": record(0, start_val, start)}  # fmt: skip
+                 "start": start_name, "start_sigmas": list(start_grid),
+                 "start_scores": {label: v[0] for label, v in start_scores.items()},
+                 "start_validation_rmse": start_val, "best": record(0, start_val, current())}  # fmt: skip
     else:  # resume: weights, levels and Adam's moments as they were at the checkpoint
         if state.get("version") != FIT_VERSION:
             raise ValueError(f"this checkpoint is from fit version {state.get('version', 1)}; this is {FIT_VERSION}")
