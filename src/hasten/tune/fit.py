@@ -2,8 +2,9 @@
 
 The solver family is :class:`hasten.solvers.learned.LearnedMultistep`, DPM-Solver++'s multistep update in VE
 form with free weights, ``x_{i+1} = a_i x_i + (1 - r_i) sum_j c_ij D_j`` (``r_i = sigma_{i+1} / sigma_i``).
-Starting from DPM-Solver++(2M) or DDIM on a grid (the searched plan's; whichever validates better: 2M's
-extrapolation can be far off on an uneven grid; ``a_i = r_i``), Adam fits every ``c_ij``, the
+Starting from DPM-Solver++(2M) or DDIM on a grid (the searched plan's or an alternative, e.g. the best stock
+start's: whichever pair validates best, since 2M's extrapolation can be far off on an uneven grid;
+``a_i = r_i``), Adam fits every ``c_ij``, the
 offsets ``a_i - r_i`` and the interior log-sigmas (first and last level fixed) by backpropagating through the
 sampler and the network to the final samples of a high-accuracy solve from the same noise, on training noise.
 Adam moves the offsets in units of ``s_i = sqrt(1 + sigma_{i+1}^2) / sqrt(1 + sigma_i^2)`` (on the starting
@@ -94,7 +95,7 @@ class FitResult:
     coefficients: tuple[tuple[float, ...], ...]
     x_weights: tuple[float, ...]  # a_i, one per step
     validation_rmse: float  # of the returned weights
-    start_validation_rmse: float  # of the starting weights on the given grid
+    start_validation_rmse: float  # of the starting weights on the start grid
     start: str  # which: "dpmpp_2m" or "ddim", with ", grid k" when it was alternative k (1-based)
     best_iteration: int
     history: list[dict[str, float]]
