@@ -89,9 +89,8 @@ class TuneConfig(Config):
         fit_iterations: Fit stage (0 skips it): Adam iterations fitting ``learned_multistep`` weights (on the
             denoised estimates and on the state) and the interior levels, from DPM-Solver++(2M) or DDIM on the chosen
             plan's or the best stock start's grid, to the reference solve of ``n_fit`` images of the search seed;
-            the best weights on the
-            validation seed are kept, and they replace the plan only if they beat it there
-            (:mod:`hasten.tune.fit`).
+            the best weights on the validation seed are kept, and they replace the plan only if they beat it
+            there (:mod:`hasten.tune.fit`).
         fit_lr: Adam's learning rate for the fit (its first; see ``fit_lr_schedule``).
         fit_lr_schedule: ``"cosine"`` (decays to 5% of ``fit_lr`` at the last iteration) or ``"constant"``.
         n_fit: Training images of the fit.
