@@ -134,6 +134,9 @@ def test_cli_sample_smoke(tiny_dit, tmp_path):
         (["--label", "12"], "label must be in 0..9"),
         (["--schedule", "cubic"], "unknown discretisation"),
         (["--model", "no-such-model"], "no hasten model"),
+        (["--solver", "unipc:order=9"], "order must be one of 1, 2, 3; got 9"),
+        (["--solver", "unipc:order"], "must look like key=value"),
+        (["--solver", "euler:eta=1"], "solver 'euler'"),
     ],
 )
 def test_cli_sample_errors(tiny_dit, tmp_path, args, message):
@@ -141,6 +144,20 @@ def test_cli_sample_errors(tiny_dit, tmp_path, args, message):
     base = ["sample", "--model", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
     res = RUNNER.invoke(app, base + args)
     assert res.exit_code == 2 and message in res.output
+
+
+def test_cli_sample_solver_options_reach_the_solver(tiny_dit, tmp_path):
+    out, _ = tiny_dit
+    saved = {}
+    for spec in ("unipc:order=1", "unipc:order=3,variant=bh1"):
+        npz = tmp_path / f"{spec}.npz"
+        res = RUNNER.invoke(app, ["sample", "--model", str(out), "--n", "2", "--steps", "4", "--solver", spec,
+                                  "--out", str(tmp_path / "g.png"), "--save", str(npz)])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        saved[spec] = np.load(npz)["samples"]
+    direct = hasten.generate(load(out), 2, solver="unipc", steps=4, order=3, variant="bh1").images01.numpy()
+    np.testing.assert_allclose(saved["unipc:order=3,variant=bh1"], direct, atol=1e-6)
+    assert not np.allclose(saved["unipc:order=1"], direct, atol=1e-4)
 
 
 def test_cli_train_json(tmp_path):

@@ -15,32 +15,13 @@ import pathlib
 from typing import Any
 
 from ..config import Config, check_choice
-from ..solvers import get_solver
+from ..solvers import parse_solver
 from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
 
 DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
 
-__all__ = ["PIPELINE_EMBEDS", "PRESETS", "BenchConfig", "Entry", "PipelineSource", "expand", "parse_solver"]
-
-
-def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"unipc:variant=bh2,order=3"`` -> ``("unipc", {"variant": "bh2", "order": 3})``.
-
-    Values are parsed as JSON when they can be (numbers, true/false), else kept as strings.
-    """
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"solver option {item!r} in {spec!r} must look like key=value")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    get_solver(name, **options)  # validates the name and every option now, not mid-run
-    return name, options
+__all__ = ["PIPELINE_EMBEDS", "PRESETS", "BenchConfig", "Entry", "PipelineSource", "expand"]
 
 
 PIPELINE_EMBEDS = (

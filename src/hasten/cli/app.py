@@ -22,6 +22,9 @@ class OutputFormat(str, Enum):
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="text for people, json for scripts")]
 ModelOption = Annotated[str, typer.Option(help="bundled model name or a model folder")]
 SolverOption = Annotated[str, typer.Option(help="solver name; see `hasten.available()`")]
+SolverSpecOption = Annotated[
+    str, typer.Option(help="solver name, options after a colon (unipc:order=3,variant=bh2); see `hasten.available()`")
+]
 StepsOption = Annotated[int, typer.Option(min=1, help="solver steps")]
 SeedOption = Annotated[int, typer.Option(help="noise seed")]
 GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
@@ -93,7 +96,7 @@ def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
 @app.command()
 def sample(
     model: ModelOption = "mnist-dit",
-    solver: SolverOption = "dpmpp_2m",
+    solver: SolverSpecOption = "dpmpp_2m",
     steps: StepsOption = 10,
     n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
     seed: SeedOption = 0,
@@ -138,17 +141,21 @@ def sample(
     from ..accel import AccelConfig
     from ..generate import generate
     from ..models.zoo import load
+    from ..solvers import parse_solver
     from ..tune.plan import PlanError, load_plan
     from ..viz import save_grid
 
     source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
+        solver_name, solver_options = parse_solver(solver)
         loaded = load(model, device=device) if source is None else source.load(device=device)
         the_plan = None if plan is None else load_plan(plan)
         accel_config = None if accel is None else AccelConfig.load(accel)
         _set_quant_execution(loaded, execution)
     except (FileNotFoundError, PlanError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err))
+    except KeyError as err:
+        _fail(str(err.args[0]) if err.args else str(err))
     if the_plan is not None:
         solver, steps, schedule = f"plan:{plan.name}", the_plan.num_steps, "plan"
     progress = None
@@ -169,7 +176,7 @@ def sample(
         sampler = (
             {"plan": the_plan, "force_plan": force_plan}
             if the_plan is not None
-            else {"solver": solver, "steps": steps, "schedule": schedule}
+            else {"solver": solver_name, "steps": steps, "schedule": schedule, **solver_options}
         )
         result = generate(
             loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, accel=accel_config, **sampler
@@ -222,7 +229,7 @@ def sample(
 @app.command()
 def evaluate(
     model: ModelOption = "mnist-dit",
-    solver: SolverOption = "dpmpp_2m",
+    solver: SolverSpecOption = "dpmpp_2m",
     steps: StepsOption = 20,
     n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
     seed: SeedOption = 0,
@@ -235,19 +242,22 @@ def evaluate(
     """Measure quality (FD, precision/recall, confidence, memorisation), reference error and cost."""
     from ..evaluate import evaluate_model
     from ..models.zoo import load
+    from ..solvers import parse_solver
     from ..viz import save_grid
 
     try:
+        solver_name, solver_options = parse_solver(solver)
         loaded = load(model)
         result = evaluate_model(
             loaded,
             n=n,
-            solver=solver,
+            solver=solver_name,
             steps=steps,
             schedule=schedule,
             seed=seed,
             guidance=guidance,
             reference=reference,
+            **solver_options,
         )
     except FileNotFoundError as err:
         _fail(str(err))

@@ -12,6 +12,7 @@ explicit solver state and a declared order).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
@@ -35,6 +36,7 @@ __all__ = [
     "available",
     "ddim_step",
     "get_solver",
+    "parse_solver",
     "register_solver",
     "sample",
 ]
@@ -172,6 +174,25 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
         return spec.cls.create(**{**spec.defaults, **options})
     except TypeError as err:
         raise TypeError(f"solver {solver!r}: {err}") from None
+
+
+def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a solver spec: ``"unipc:variant=bh2,order=3"`` -> ``("unipc", {"variant": "bh2", "order": 3})``.
+
+    Values are parsed as JSON when they can be (numbers, true/false), else kept as strings.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"solver option {item!r} in {spec!r} must look like key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    get_solver(name, **options)  # validates the name and every option now, not mid-run
+    return name, options
 
 
 class _CountedModel:
