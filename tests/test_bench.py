@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from hasten.bench.matrix import PRESETS, BenchConfig, expand
-from hasten.solvers import parse_solver
 from hasten.bench.report import pareto_front, render
 from hasten.bench.runner import ROW_KEYS, BenchError, read_results, run_bench
 from hasten.cli.app import app
+from hasten.solvers import parse_solver
 
 
 def _config(model, **kw):
