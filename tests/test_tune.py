@@ -284,8 +284,8 @@ def test_stock_starts_include_the_trailing_grid_for_discrete_schedules_only():
 
 @pytest.mark.parametrize(
     "name",
-    ["mnist-dit-nfe5-fitted.json", "mnist-dit-nfe8-fitted.json", "mnist-unet-nfe5-fitted.json",
-     "mnist-unet-nfe8-fitted.json", "mnist-unet-nfe10-fitted.json"],
+    ["mnist-dit-nfe5-fitted.json", "mnist-dit-nfe8-fitted.json", "mnist-dit-nfe10-fitted.json",
+     "mnist-unet-nfe5-fitted.json", "mnist-unet-nfe8-fitted.json", "mnist-unet-nfe10-fitted.json"],
 )  # fmt: skip
 def test_the_shipped_fitted_plans_replay_their_recorded_scores(name):
     """The plans `hasten tune --fit-iterations` wrote (solver learned_multistep) sample at the held-out error
