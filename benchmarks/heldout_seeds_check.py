@@ -20,6 +20,7 @@ import torch
 
 import hasten
 from hasten._io import write_text_atomic
+from hasten.bench.runner import read_results
 from hasten.metrics.reference import reference_samples, rmse
 from hasten.tune import load_plan
 
@@ -37,8 +38,7 @@ def shipped_plan(model: str, nfe: int) -> pathlib.Path:
 
 
 def stock_rows(run: pathlib.Path, nfe: int) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
-    stock = [r for r in rows if r["library"] == "hasten" and r["solver"] != "plan" and r["nfe"] == nfe]
+    stock = [r for r in read_results(run) if r["library"] == "hasten" and r["solver"] != "plan" and r["nfe"] == nfe]
     distinct: dict[tuple, dict] = {}  # "auto" is one of the named grids: keep one row per configuration
     for r in sorted(stock, key=lambda r: r["rmse_ref"]):
         distinct.setdefault((r["solver"], json.dumps(r["options"], sort_keys=True), r["rmse_ref"]), r)

@@ -335,8 +335,7 @@ def tune(
         fit_record = {
             "method": "learned_multistep weights (c_ij and a_i) and interior levels fitted by Adam through the "
             "sampler to the reference solve's images, from DPM-Solver++(2M) or DDIM on the plan's or the best stock "
-            "start's grid; best validated "
-            "weights",
+            "start's grid; best validated weights",
             "iterations": config.fit_iterations, "lr": config.fit_lr, "lr_schedule": config.fit_lr_schedule,
             "n_train": config.n_fit,
             "train_seed": config.search_seed, "start": fit.start, "start_validation_rmse": fit.start_validation_rmse,
