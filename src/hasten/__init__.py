@@ -9,6 +9,8 @@ The public API in one place::
     acc = hasten.accelerate_(unet, hasten.accel.DeepCacheConfig(interval=3))   # feature caching
     hasten.quantize_(model, hasten.QuantConfig(weights=8, activations=8), calibration=...)   # int8
     model = hasten.from_pipeline(pipe, prompt="a red bicycle")   # a diffusers pipeline as a hasten model
+    recipe = hasten.load_recipe("recipe.json")   # from `hasten optimize`: sampler + cache + quantisation
+    images = hasten.generate(recipe.load_model(), 16, recipe=recipe).images01
 """
 
 from . import accel, models, quant, schedules, solvers, tune
@@ -26,6 +28,7 @@ from .models import (
 )
 from .models.zoo import LoadedModel, ModelInfo, bundled_models, load
 from .quant import QuantConfig, quantize_
+from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .registry import Registry
 from .schedules import (
     VE,
@@ -71,6 +74,8 @@ __all__ = [
     "NonFiniteOutputError",
     "Plan",
     "QuantConfig",
+    "Recipe",
+    "RecipeError",
     "Registry",
     "SampleOutput",
     "Solver",
@@ -91,11 +96,13 @@ __all__ = [
     "karras",
     "load",
     "load_plan",
+    "load_recipe",
     "logsnr_uniform",
     "models",
     "quant",
     "quantize_",
     "sample",
+    "save_recipe",
     "schedules",
     "solvers",
     "tune",

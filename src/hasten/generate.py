@@ -102,7 +102,7 @@ def generate(
     solver: str = "dpmpp_2m",
     steps: int = 10,
     schedule: str = "auto",
-    seed: int = 0,
+    seed: int | None = None,
     guidance: float | None = None,
     label: int | None = None,
     batch_size: int = 256,
@@ -111,6 +111,7 @@ def generate(
     plan: Any = None,
     force_plan: bool = False,
     accel: Any = None,
+    recipe: Any = None,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -121,7 +122,35 @@ def generate(
     made for other weights is refused unless ``force_plan``. ``accel`` (a :class:`hasten.accel.AccelConfig`)
     installs that cache on the network for this call only; its stats land in ``accel_stats`` (as they do for
     a cache installed beforehand with :func:`hasten.accelerate_`).
+
+    ``recipe`` (a :class:`hasten.Recipe`) supplies all of that (sampler or plan, grid, guidance, cache) and the
+    seed; it is checked against ``model`` first (see :meth:`hasten.Recipe.check_model`). ``seed`` overrides the
+    recipe's; any other sampler argument given with a recipe is refused. Without a recipe, ``seed`` defaults to 0.
     """
+    if recipe is not None:
+        given = {
+            name: value
+            for name, value, default in (
+                ("solver", solver, "dpmpp_2m"),
+                ("steps", steps, 10),
+                ("schedule", schedule, "auto"),
+                ("guidance", guidance, None),
+                ("sigmas", sigmas, None),
+                ("plan", plan, None),
+                ("accel", accel, None),
+                ("force_plan", force_plan, False),
+            )  # fmt: skip
+            if value is not default and value != default
+        }
+        given.update(solver_options)
+        if given:
+            raise TypeError(f"a recipe supplies the sampler; do not also pass {', '.join(sorted(given))}")
+        recipe.check_model(model)
+        return generate(
+            model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
+            callback=callback, **recipe.generate_kwargs(),
+        )  # fmt: skip
+    seed = 0 if seed is None else seed
     if accel is not None:
         with accelerate_(model, accel):
             return generate(

@@ -95,11 +95,11 @@ def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
 
 @app.command()
 def sample(
-    model: ModelOption = "mnist-dit",
+    model: Annotated[str | None, typer.Option(help="bundled model name or a model folder [default: mnist-dit]")] = None,
     solver: SolverSpecOption = "dpmpp_2m",
     steps: StepsOption = 10,
     n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
-    seed: SeedOption = 0,
+    seed: Annotated[int | None, typer.Option(help="noise seed [default: the recipe's, else 0]")] = None,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
     guidance: Annotated[
@@ -115,6 +115,16 @@ def sample(
     accel: Annotated[
         pathlib.Path | None, typer.Option(help="a cache config (from `hasten accelerate calibrate`) to apply")
     ] = None,
+    recipe: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="a recipe (from `hasten optimize`, `tune`, `quantize`, `accelerate calibrate`): it names "
+            "the model, sampler, cache and quantisation, so no other sampler option is needed"
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="sample a plan, cache or quantised folder made for another setting or other weights")
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     execution: Annotated[
         str,
@@ -133,31 +143,60 @@ def sample(
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Sample a model (or a diffusers pipeline) and write an image grid; prints NFE and sampling seconds
-    (loading and decoding excluded)."""
+    (loading and decoding excluded). Every setting is checked as a recipe before sampling: a cache calibrated
+    for another step count or grid, or a plan for other weights, is refused unless --force."""
     import numpy as np
     import torch
 
     from .._io import atomic_path
-    from ..accel import AccelConfig
     from ..generate import generate
-    from ..models.zoo import load
+    from ..recipe import Recipe, RecipeError, load_recipe
     from ..solvers import parse_solver
-    from ..tune.plan import PlanError, load_plan
+    from ..tune.plan import PlanError
     from ..viz import save_grid
 
+    _check_writable(out, "--out")
+    if save is not None:
+        _check_writable(save, "--save")
+    if recipe is not None:
+        given = [name for name, value, default in (
+            ("--model", model, None), ("--solver", solver, "dpmpp_2m"), ("--steps", steps, 10),
+            ("--schedule", schedule, "auto"), ("--plan", plan, None), ("--accel", accel, None),
+            ("--guidance", guidance, None), ("--execution", execution, "auto"), ("--pipeline", pipeline, None),
+            ("--force-plan", force_plan, False),
+        ) if value != default]  # fmt: skip
+        if given:
+            _fail(f"--recipe names the model and the whole sampler; drop {', '.join(given)} (or edit the recipe)")
     source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
-        solver_name, solver_options = parse_solver(solver)
-        loaded = load(model, device=device) if source is None else source.load(device=device)
-        the_plan = None if plan is None else load_plan(plan)
-        accel_config = None if accel is None else AccelConfig.load(accel)
-        _set_quant_execution(loaded, execution)
-    except (FileNotFoundError, PlanError, ValueError, TypeError, RuntimeError) as err:
+        if recipe is not None:
+            the_recipe = load_recipe(recipe)
+            loaded = the_recipe.load_model(device=device)
+        elif source is not None:
+            loaded = source.load(device=device)
+            the_recipe = None
+            solver_name, solver_options = parse_solver(solver)
+            if plan is not None or accel is not None:
+                _fail("--plan and --accel go with --model; with --pipeline pass --solver/--steps/--schedule")
+        else:
+            from ..models.zoo import load
+
+            solver_name, solver_options = parse_solver(solver)
+            loaded = load(model or "mnist-dit", device=device)
+            _set_quant_execution(loaded, execution)
+            the_recipe = Recipe.from_files(
+                loaded, plan=plan, accel=accel, force=force or force_plan, solver=solver_name, options=solver_options,
+                schedule=schedule, steps=steps, guidance=guidance,
+            )  # fmt: skip
+            the_recipe.check_model(loaded)
+    except (FileNotFoundError, PlanError, RecipeError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err))
     except KeyError as err:
         _fail(str(err.args[0]) if err.args else str(err))
-    if the_plan is not None:
-        solver, steps, schedule = f"plan:{plan.name}", the_plan.num_steps, "plan"
+    if the_recipe is not None:
+        steps, schedule = the_recipe.steps, the_recipe.schedule
+        solver = "plan:" + pathlib.Path(str(plan)).name if plan is not None else the_recipe.describe()
+    description = the_recipe.describe() if the_recipe is not None else f"{solver} ({steps} steps, {schedule})"
     progress = None
     if fmt is OutputFormat.text and sys.stderr.isatty():
         from rich.progress import Progress
@@ -173,14 +212,13 @@ def sample(
             if progress is not None:
                 progress.advance(task)
 
-        sampler = (
-            {"plan": the_plan, "force_plan": force_plan}
-            if the_plan is not None
-            else {"solver": solver_name, "steps": steps, "schedule": schedule, **solver_options}
-        )
-        result = generate(
-            loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, accel=accel_config, **sampler
-        )
+        if the_recipe is not None:
+            result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick)
+        else:
+            result = generate(
+                loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, solver=solver_name, steps=steps,
+                schedule=schedule, **solver_options,
+            )  # fmt: skip
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     finally:
@@ -190,18 +228,20 @@ def sample(
     if save is not None:
         with atomic_path(save) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz"
             np.savez_compressed(fh, samples=result.images01.numpy().astype(np.float32))
+    used_seed = seed if seed is not None else (the_recipe.seed if the_recipe is not None else 0)
+    used_guidance = the_recipe.effective_guidance if the_recipe is not None else guidance
     data = {
         "model": loaded.info.name,
         "solver": solver,
         "schedule": schedule,
         "steps": steps,
         "n": n,
-        "seed": seed,
-        "guidance": guidance
-        if guidance is not None
-        else (the_plan.guidance if the_plan is not None else loaded.default_guidance),
+        "seed": used_seed,
+        "guidance": used_guidance if used_guidance is not None else loaded.default_guidance,
         "label": label,
         "plan": None if plan is None else str(plan),
+        "recipe": None if recipe is None else str(recipe),
+        "recipe_digest": None if the_recipe is None else the_recipe.digest(),
         "nfe": result.nfe,
         "seconds": result.seconds,
         "images_per_second": n / result.seconds,
@@ -215,15 +255,29 @@ def sample(
     if result.accel_stats is not None:
         st = result.accel_stats
         cache = (
-            f", cache {accel.name}: {st['reused']} of {st['calls']} network calls reused, "
+            f", cache: {st['reused']} of {st['calls']} network calls reused, "
             f"{st['saved_fraction']:.0%} of the work skipped"
         )
     _emit(
         fmt,
         data,
-        f"{loaded.info.name}: {n} images with {solver} ({steps} steps, {schedule}), {result.nfe} NFE, "
+        f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
     )
+
+
+def _check_writable(path: pathlib.Path, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work: a folder, or a file in a missing or
+    read-only folder."""
+    import os
+
+    if path.is_dir():
+        _fail(f"{flag} {path} is a folder; give a file path")
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        _fail(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"{flag} {path} is not writable")
 
 
 @app.command()

@@ -11,6 +11,7 @@ AutoDiffusion, ICCV 2023 (searched time steps).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -97,6 +98,11 @@ class Plan:
             f"this plan was made for model {self.model!r} (weights {self.fingerprint[:12]}), not for {name!r} "
             f"(weights {fingerprint[:12]}); plans are model-specific: tune one for this model, or force it"
         )
+
+    def digest(self) -> str:
+        """sha256 of what the plan samples (model, grid, solver decisions, guidance; not its scores or search)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("scores", "search")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def describe(self) -> str:
         """One line: solver, steps, NFE and the per-step decisions in short form."""

@@ -1,0 +1,507 @@
+"""Recipes: one frozen, hashable, JSON description of how to sample a model, every speed-up included.
+
+A :class:`Recipe` names the model (reference + weights fingerprint), the sampler (a registered solver with its
+options on a stock grid, or a tuned :class:`~hasten.tune.Plan`), the guidance scale, an optional feature cache
+(:class:`~hasten.accel.AccelConfig`, with the setting it was calibrated for), optional quantised weights (a
+folder from ``hasten quantize``), the noise seed and the one noise convention. ``hasten.generate(model, n,
+recipe=r)``, ``hasten sample --recipe``, ``hasten bench`` rows and ``hasten optimize`` all speak it, and
+``tune``, ``accelerate calibrate`` and ``quantize`` write one beside their own files.
+
+A recipe checks itself when built: the solver and its options exist, a plan is for the recipe's weights, a
+cache was calibrated for the recipe's solver, grid and step count, and quantised weights came from the recipe's
+weights. A failed check raises :class:`RecipeError` with the reason; ``force=True`` accepts it and records
+which checks were forced (they stay in the JSON, so a forced recipe is never mistaken for a checked one).
+Checks that need the loaded network (a UNet cache on a transformer) run in :meth:`Recipe.check_model`, before
+any sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from ._io import write_text_atomic
+from .accel.hooks import AccelConfig, read_accel_file
+from .tune.plan import Plan, PlanError
+
+__all__ = [
+    "NOISE_CONVENTION",
+    "RECIPE_FORMAT",
+    "RECIPE_SCHEMA_VERSION",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "recipe_path_beside",
+    "save_recipe",
+]
+
+RECIPE_FORMAT = "hasten-recipe"
+RECIPE_SCHEMA_VERSION = 1
+# How ``generate`` turns a seed into noise: the initial state is ``torch.randn([n, *image_shape])`` drawn on the
+# CPU from ``torch.Generator().manual_seed(seed)``, times the schedule's initial noise scale; a stochastic solver
+# draws batch ``i``'s step noise from a generator seeded ``seed + 1 + i`` on the model's device. The same seed
+# gives the same images on any device and batch size (up to the SDE noise of batches after the first).
+NOISE_CONVENTION = "hasten-cpu-randn-v1"
+LIBRARIES = ("hasten", "diffusers", "torchao")
+EXECUTIONS = ("auto", "kernel", "float8", "simulated")
+FORCEABLE = ("model", "plan", "cache", "quant")
+
+
+class RecipeError(ValueError):
+    """A recipe that is corrupt, of another schema, inconsistent, or made for other weights (the message says why)."""
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _check_number(name: str, value: Any, *, low: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecipeError(f"recipe {name} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise RecipeError(f"recipe {name} must be >= {low:g}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """How to sample one model: sampler, grid, guidance, cache, quantisation, seed and noise convention.
+
+    Args:
+        model: A bundled model name or a model folder (the full-precision weights).
+        fingerprint: sha256 of ``model``'s weights (``LoadedModel.fingerprint``); "" accepts any weights.
+        solver, options, schedule, steps: A registered solver (``hasten.available()``), its options, the
+            discretisation and the step count. With ``plan`` they come from the plan.
+        plan: A tuned plan (grid + per-step decisions); made for ``fingerprint``'s weights.
+        guidance: Classifier-free guidance scale; None: the plan's, else the model's default.
+        cache: A feature cache installed for the run; ``cache_setting`` is what it was calibrated for
+            (solver, steps, guidance, and the plan's digest when calibrated on a plan).
+        quant: A folder of quantised weights (``hasten quantize``) made from ``fingerprint``'s weights; the
+            recipe samples that network. ``execution`` picks its kernels.
+        library: ``"hasten"``, or the peer a bench row runs (``"diffusers"`` schedulers, ``"torchao"``).
+        peer: The peer's name for a peer row (a diffusers scheduler, a cache or quantisation peer).
+        seed, noise: The noise seed and the noise convention (:data:`NOISE_CONVENTION`).
+        forced: The checks accepted with ``force=True`` (``"plan"``, ``"cache"``, ``"quant"``, ``"model"``).
+        provenance: How the recipe was made and what it scored (not part of its identity).
+    """
+
+    model: str
+    fingerprint: str = ""
+    solver: str = "dpmpp_2m"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    schedule: str = "auto"
+    steps: int = 10
+    plan: Plan | None = None
+    guidance: float | None = None
+    cache: AccelConfig | None = None
+    cache_setting: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    quant: str | None = None
+    quant_fingerprint: str = ""
+    execution: str = "auto"
+    library: str = "hasten"
+    peer: str | None = None
+    seed: int = 0
+    noise: str = NOISE_CONVENTION
+    forced: tuple[str, ...] = ()
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    force: dataclasses.InitVar[bool] = False
+
+    def __post_init__(self, force: bool) -> None:
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "cache_setting", dict(self.cache_setting))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+        forced = set(self.forced)
+        unknown = sorted(forced - set(FORCEABLE))
+        if unknown:
+            raise RecipeError(f"recipe forced checks {unknown} are unknown; known: {', '.join(FORCEABLE)}")
+        if not isinstance(self.model, str) or not self.model:
+            raise RecipeError(f"recipe model must be a model name or folder, got {self.model!r}")
+        if self.noise != NOISE_CONVENTION:
+            raise RecipeError(
+                f"recipe noise convention {self.noise!r} is unknown; this hasten uses {NOISE_CONVENTION!r}"
+            )
+        if self.library not in LIBRARIES:
+            raise RecipeError(f"recipe library must be one of {', '.join(LIBRARIES)}, got {self.library!r}")
+        if self.execution not in EXECUTIONS:
+            raise RecipeError(f"recipe execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"recipe seed must be an integer >= 0, got {self.seed!r}")
+        if self.guidance is not None:
+            _check_number("guidance", self.guidance, low=0.0)
+            object.__setattr__(self, "guidance", float(self.guidance))
+        if self.plan is not None:
+            self._check_plan(force, forced)
+        else:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise RecipeError(f"recipe steps must be an integer >= 1, got {self.steps!r}")
+            if self.library == "hasten":
+                self._check_solver()
+        if self.cache is not None:
+            self._check_cache(force, forced)
+        elif self.cache_setting:
+            raise RecipeError("recipe has a cache_setting but no cache")
+        if self.quant is not None:
+            self._check_quant(force, forced)
+        elif self.execution != "auto":
+            raise RecipeError(f"recipe execution {self.execution!r} applies to quantised weights only (set quant)")
+        object.__setattr__(self, "forced", tuple(sorted(forced)))
+
+    # -- checks ------------------------------------------------------------------------------------------
+
+    def _check_solver(self) -> None:
+        from .solvers import get_solver
+
+        try:
+            get_solver(self.solver, **self.options)
+        except KeyError as err:
+            raise RecipeError(str(err.args[0]) if err.args else str(err)) from None
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"recipe solver {self.solver!r} with options {dict(self.options)}: {err}") from None
+        from .schedules.grids import DISCRETISATIONS
+
+        if self.schedule != "auto":
+            try:
+                DISCRETISATIONS.get(self.schedule)
+            except KeyError as err:
+                raise RecipeError(f"recipe schedule: {err.args[0]}") from None
+
+    def _check_plan(self, force: bool, forced: set[str]) -> None:
+        if self.library != "hasten":
+            raise RecipeError(f"a plan is a hasten sampler; a {self.library} row cannot carry one")
+        if self.options:
+            raise RecipeError("a plan supplies the solver and its options; do not give options with it")
+        object.__setattr__(self, "solver", "plan")
+        object.__setattr__(self, "schedule", "plan")
+        object.__setattr__(self, "steps", self.plan.num_steps)
+        if self.plan.fingerprint and self.fingerprint and self.plan.fingerprint != self.fingerprint:
+            if not (force or "plan" in forced):
+                raise RecipeError(
+                    f"the plan was made for weights {self.plan.fingerprint[:12]} ({self.plan.model!r}), not for the "
+                    f"recipe's {self.fingerprint[:12]} ({self.model!r}): tune one for these weights, or force it"
+                )
+            forced.add("plan")
+
+    def _check_cache(self, force: bool, forced: set[str]) -> None:
+        if not isinstance(self.cache, AccelConfig):
+            raise RecipeError(f"recipe cache must be an AccelConfig, got {type(self.cache).__name__}")
+        setting = self.cache_setting
+        if not setting:
+            return  # a hand-written cache config: nothing recorded to check against
+        problems = []
+        if "steps" in setting and int(setting["steps"]) != self.steps:
+            problems.append(f"{setting['steps']} steps (this recipe runs {self.steps})")
+        if self.plan is not None:
+            if setting.get("plan") != self.plan.digest():
+                problems.append("another grid (it was not calibrated on this plan)")
+        elif setting.get("plan"):
+            problems.append(f"a tuned plan (this recipe runs {self.solver} on the {self.schedule!r} grid)")
+        else:
+            if "solver" in setting and setting["solver"] != self.solver:
+                problems.append(f"solver {setting['solver']!r} (this recipe runs {self.solver!r})")
+            if setting.get("schedule", "auto") != self.schedule:
+                problems.append(f"the {setting.get('schedule', 'auto')!r} grid (this recipe uses {self.schedule!r})")
+        g_cache, g_here = setting.get("guidance"), self.effective_guidance
+        if g_cache is not None and g_here is not None and float(g_cache) != float(g_here):
+            problems.append(f"guidance {g_cache:g} (this recipe samples at {g_here:g})")
+        fp = setting.get("fingerprint")
+        if fp and self.fingerprint and fp != self.fingerprint:
+            problems.append(f"weights {fp[:12]} (this recipe's are {self.fingerprint[:12]})")
+        if problems:
+            if not (force or "cache" in forced):
+                raise RecipeError(
+                    "the cache was calibrated for " + "; ".join(problems) + ": a cache's reuse schedule is set per "
+                    "step, so calibrate it for this setting (`hasten accelerate calibrate`), or force it"
+                )
+            forced.add("cache")
+
+    def _check_quant(self, force: bool, forced: set[str]) -> None:
+        if self.library != "hasten":
+            return  # a peer's quantisation (torchao) is named by ``peer``
+        folder = pathlib.Path(self.quant)
+        info = folder / "hasten.json"
+        try:
+            record = json.loads(info.read_text()).get("quantization")
+        except FileNotFoundError:
+            raise RecipeError(f"recipe quant {self.quant!r} is not a model folder (no hasten.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecipeError(f"{info} is not valid JSON: {err}") from None
+        if not record or "source" not in record:
+            raise RecipeError(f"recipe quant {self.quant!r} holds a float model, not one from `hasten quantize`")
+        source = record["source"].get("fingerprint", "")
+        if source and self.fingerprint and source != self.fingerprint:
+            if not (force or "quant" in forced):
+                raise RecipeError(
+                    f"{self.quant!r} was quantised from weights {source[:12]} ({record['source'].get('name')!r}), "
+                    f"not from the recipe's {self.fingerprint[:12]} ({self.model!r}): quantise this model, or force it"
+                )
+            forced.add("quant")
+
+    def check_model(self, model: Any) -> None:
+        """Refuse sampling ``model`` with this recipe: other weights, or a cache that cannot hook its network.
+
+        ``model`` is what :meth:`load_model` returns (the quantised network when ``quant`` is set).
+        """
+        expected = self.quant_fingerprint if self.quant is not None else self.fingerprint
+        if expected and model.fingerprint != expected and "model" not in self.forced:
+            what = f"quantised weights {self.quant!r}" if self.quant is not None else f"model {self.model!r}"
+            raise RecipeError(
+                f"this recipe samples {what} (weights {expected[:12]}), not {model.info.name!r} (weights "
+                f"{model.fingerprint[:12]}); load it with Recipe.load_model(), or build the recipe with force=True"
+            )
+        if self.cache is not None:
+            from .accel import accelerate_
+
+            try:
+                accelerate_(model, self.cache).remove()  # installs on this network, or says why it cannot
+            except (TypeError, ValueError) as err:
+                raise RecipeError(f"the recipe's cache cannot apply to {model.info.name!r}: {err}") from None
+
+    # -- identity ----------------------------------------------------------------------------------------
+
+    @property
+    def effective_guidance(self) -> float | None:
+        """The guidance scale the recipe asks for (None: the model's default)."""
+        if self.guidance is not None:
+            return self.guidance
+        return None if self.plan is None else self.plan.guidance
+
+    @property
+    def kind(self) -> str:
+        """What a bench row of this recipe measures: plan, cache, quant, peer (another library) or stock."""
+        if self.library != "hasten":
+            return "peer"
+        if self.cache is not None:
+            return "cache"
+        if self.quant is not None:
+            return "quant"
+        return "plan" if self.plan is not None else "stock"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the samples (and their cost), as plain data: what the hash covers."""
+        data = self.to_dict()
+        for key in ("provenance", "format", "schema_version"):
+            data.pop(key)
+        if data["plan"] is not None:  # a plan's scores and search record do not change what it samples
+            data["plan"] = {k: v for k, v in data["plan"].items() if k not in ("scores", "search")}
+        return data
+
+    def digest(self) -> str:
+        """sha256 of :meth:`identity`: equal for recipes that sample the same way, whatever their provenance."""
+        return hashlib.sha256(_canonical(self.identity()).encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        return self.digest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.digest())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and self.digest() == other.digest()
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` (checked again); ``force`` / ``forced`` carry over unless given."""
+        return dataclasses.replace(self, **changes)
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`hasten.generate` this recipe stands for (seed excluded)."""
+        if self.library != "hasten":
+            raise RecipeError(f"a {self.library} recipe runs through the bench's peer loop, not hasten.generate")
+        kwargs: dict[str, Any] = {"guidance": self.guidance, "accel": self.cache}
+        if self.plan is not None:
+            return kwargs | {"plan": self.plan, "force_plan": True}  # checked against the recipe's weights above
+        return kwargs | {"solver": self.solver, "steps": self.steps, "schedule": self.schedule, **self.options}
+
+    def load_model(self, *, device: str = "cpu") -> Any:
+        """The model this recipe samples (its quantised weights when ``quant`` is set), checked against it."""
+        from .models.zoo import load
+
+        model = load(self.quant if (self.quant is not None and self.library == "hasten") else self.model, device=device)
+        if self.execution != "auto":
+            from .quant import set_execution
+
+            set_execution(model.network, self.execution)
+        self.check_model(model)
+        return model
+
+    def describe(self) -> str:
+        """One line for people: the sampler, then every technique on top of it."""
+        if self.library != "hasten":
+            return f"{self.library}:{self.peer or self.solver} ({self.steps} steps)"
+        if self.plan is not None:
+            name = self.provenance.get("plan_file") or f"plan {self.plan.digest()[:8]}"
+            head = f"plan[{pathlib.Path(name).name}] ({self.steps} steps, NFE {self.plan.nfe})"
+        else:
+            opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+            head = f"{self.solver}{f'[{opts}]' if opts else ''} ({self.schedule}, {self.steps} steps)"
+        parts = [head]
+        if self.cache is not None:
+            parts.append(f"cache {cache_label(self.cache)}")
+        if self.quant is not None:
+            parts.append(f"quant[{pathlib.Path(self.quant).name}]")
+        if self.peer is not None:
+            parts.append(self.peer)
+        if self.effective_guidance not in (None, 1.0):
+            parts.append(f"w={self.effective_guidance:g}")
+        return " + ".join(parts)
+
+    # -- JSON --------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RECIPE_FORMAT,
+            "schema_version": RECIPE_SCHEMA_VERSION,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "library": self.library,
+            "peer": self.peer,
+            "solver": self.solver,
+            "options": dict(self.options),
+            "schedule": self.schedule,
+            "steps": self.steps,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "guidance": self.guidance,
+            "cache": None if self.cache is None else self.cache.to_dict(),
+            "cache_setting": dict(self.cache_setting),
+            "quant": self.quant,
+            "quant_fingerprint": self.quant_fingerprint,
+            "execution": self.execution,
+            "seed": self.seed,
+            "noise": self.noise,
+            "forced": list(self.forced),
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        if not isinstance(data, Mapping) or data.get("format") != RECIPE_FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise RecipeError(f"not a hasten recipe (format {got!r}, expected {RECIPE_FORMAT!r})")
+        version = data.get("schema_version")
+        if version != RECIPE_SCHEMA_VERSION:
+            raise RecipeError(
+                f"recipe schema version {version!r} is not supported; this hasten reads {RECIPE_SCHEMA_VERSION}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields - {"format", "schema_version"})
+        if unknown:
+            raise RecipeError(f"recipe has unknown fields {unknown}; known: {', '.join(sorted(fields))}")
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        if "model" not in kwargs:
+            raise RecipeError("recipe is missing the field 'model'")
+        try:
+            if kwargs.get("plan") is not None:
+                kwargs["plan"] = Plan.from_dict(kwargs["plan"])
+            if kwargs.get("cache") is not None:
+                kwargs["cache"] = AccelConfig.from_dict(kwargs["cache"])
+        except (PlanError, TypeError, ValueError) as err:
+            raise RecipeError(f"recipe's {'plan' if 'plan' in str(err) else 'cache'} is invalid: {err}") from None
+        kwargs["forced"] = tuple(kwargs.get("forced") or ())
+        return cls(**kwargs)
+
+    @classmethod
+    def from_files(
+        cls,
+        model: Any,
+        *,
+        plan: str | os.PathLike | Plan | None = None,
+        accel: str | os.PathLike | AccelConfig | None = None,
+        quant: str | os.PathLike | None = None,
+        force: bool = False,
+        **fields: Any,
+    ) -> Recipe:
+        """A recipe for a loaded ``model`` from the files the other commands write: a plan, a cache config (its
+        calibration record becomes ``cache_setting``) and a quantised folder. How ``hasten sample`` builds one."""
+        provenance = dict(fields.pop("provenance", {}))
+        if plan is not None and not isinstance(plan, Plan):
+            from .tune.plan import load_plan
+
+            provenance["plan_file"] = str(plan)
+            plan = load_plan(plan)
+        cache_setting: dict[str, Any] = {}
+        if accel is not None and not isinstance(accel, AccelConfig):
+            provenance["cache_file"] = str(accel)
+            accel, calibration = read_accel_file(accel)
+            cache_setting = dict(calibration.get("setting") or {})
+            cache_setting.pop("n", None), cache_setting.pop("seeds", None), cache_setting.pop("model", None)
+        quant_fingerprint = ""
+        if getattr(model.info, "quantization", None):  # a quantised model: the recipe names its source
+            record = model.info.quantization
+            quant, quant_fingerprint = str(model.folder), model.fingerprint
+            source_name, fingerprint = record["source"].get("name", ""), record["source"].get("fingerprint", "")
+        elif quant is not None:
+            from .models.zoo import load
+
+            source_name, fingerprint = _model_ref(model), model.fingerprint
+            quant_fingerprint = load(quant).fingerprint
+            quant = str(quant)
+        else:
+            source_name, fingerprint = _model_ref(model), model.fingerprint
+        return cls(
+            model=source_name, fingerprint=fingerprint, plan=plan, cache=accel, cache_setting=cache_setting,
+            quant=None if quant is None else str(quant), quant_fingerprint=quant_fingerprint, provenance=provenance,
+            force=force, **fields,
+        )  # fmt: skip
+
+
+def cache_label(config: AccelConfig) -> str:
+    """``block_cache(interval=2, ...)``: a cache config in one line (its options that differ from the defaults)."""
+    defaults = type(config)().to_dict() if _has_defaults(type(config)) else {}
+    data = config.to_dict()
+    opts = ", ".join(f"{k}={v}" for k, v in data.items() if k != "_type" and defaults.get(k, object()) != v)
+    return f"{data['_type']}({opts})"
+
+
+def _has_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _model_ref(model: Any) -> str:
+    """How a recipe names a loaded model: its bundled name, else its folder."""
+    from .models.zoo import BUNDLED
+
+    folder = pathlib.Path(model.folder)
+    try:
+        if folder.resolve().parent == BUNDLED.resolve():
+            return folder.name
+    except OSError:
+        pass
+    return str(folder)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> pathlib.Path:
+    """Write ``recipe`` as JSON atomically."""
+    return write_text_atomic(path, json.dumps(recipe.to_dict(), indent=2) + "\n")
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and check a recipe file; :class:`RecipeError` names what is wrong."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe file at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe file {path} is not valid JSON: {err}") from None
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def recipe_path_beside(path: str | os.PathLike) -> pathlib.Path:
+    """Where a command writes the recipe for its output: ``X.recipe.json`` beside a file, inside a folder."""
+    path = pathlib.Path(path)
+    if path.is_dir() or not path.suffix:
+        return path / "recipe.json"
+    return path.with_name(path.name.removesuffix(path.suffix) + ".recipe.json")
