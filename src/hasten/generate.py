@@ -139,7 +139,7 @@ def generate(
                 ("plan", plan, None),
                 ("accel", accel, None),
                 ("force_plan", force_plan, False),
-            )  # fmt: skip
+            )
             if value is not default and value != default
         }
         given.update(solver_options)
