@@ -48,7 +48,7 @@ RECIPE_SCHEMA_VERSION = 1
 # draws batch ``i``'s step noise from a generator seeded ``seed + 1 + i`` on the model's device. The same seed
 # gives the same images on any device and batch size (up to the SDE noise of batches after the first).
 NOISE_CONVENTION = "hasten-cpu-randn-v1"
-LIBRARIES = ("hasten", "diffusers", "torchao")
+LIBRARIES = ("hasten", "diffusers")
 EXECUTIONS = ("auto", "kernel", "float8", "simulated")
 FORCEABLE = ("model", "plan", "cache", "quant")
 
@@ -83,8 +83,10 @@ class Recipe:
             (solver, steps, guidance, and the plan's digest when calibrated on a plan).
         quant: A folder of quantised weights (``hasten quantize``) made from ``fingerprint``'s weights; the
             recipe samples that network. ``execution`` picks its kernels.
-        library: ``"hasten"``, or the peer a bench row runs (``"diffusers"`` schedulers, ``"torchao"``).
-        peer: The peer's name for a peer row (a diffusers scheduler, a cache or quantisation peer).
+        library: Whose sampling loop runs: ``"hasten"``, or ``"diffusers"`` (``solver`` then names a diffusers
+            scheduler of the bench, :data:`hasten.bench.peers.PEERS`, run through diffusers' own loop).
+        cache_peer, quant_peer: A peer's cache (DeepCache package, cache-dit, diffusers' first-block cache) or
+            torchao quantisation config in place of hasten's, at the peer's documented defaults (bench rows).
         seed, noise: The noise seed and the noise convention (:data:`NOISE_CONVENTION`).
         forced: The checks accepted with ``force=True`` (``"plan"``, ``"cache"``, ``"quant"``, ``"model"``).
         provenance: How the recipe was made and what it scored (not part of its identity).
@@ -104,7 +106,8 @@ class Recipe:
     quant_fingerprint: str = ""
     execution: str = "auto"
     library: str = "hasten"
-    peer: str | None = None
+    cache_peer: str | None = None
+    quant_peer: str | None = None
     seed: int = 0
     noise: str = NOISE_CONVENTION
     forced: tuple[str, ...] = ()
@@ -141,6 +144,10 @@ class Recipe:
                 raise RecipeError(f"recipe steps must be an integer >= 1, got {self.steps!r}")
             if self.library == "hasten":
                 self._check_solver()
+        if self.cache is not None and self.cache_peer is not None:
+            raise RecipeError(f"a recipe takes hasten's cache or a peer's ({self.cache_peer!r}), not both")
+        if self.quant is not None and self.quant_peer is not None:
+            raise RecipeError(f"a recipe takes hasten's quantised weights or a peer's ({self.quant_peer!r}), not both")
         if self.cache is not None:
             self._check_cache(force, forced)
         elif self.cache_setting:
@@ -220,8 +227,6 @@ class Recipe:
             forced.add("cache")
 
     def _check_quant(self, force: bool, forced: set[str]) -> None:
-        if self.library != "hasten":
-            return  # a peer's quantisation (torchao) is named by ``peer``
         folder = pathlib.Path(self.quant)
         info = folder / "hasten.json"
         try:
@@ -272,12 +277,12 @@ class Recipe:
 
     @property
     def kind(self) -> str:
-        """What a bench row of this recipe measures: plan, cache, quant, peer (another library) or stock."""
+        """What a bench row of this recipe measures: peer (another library's sampler), cache, quant, plan or stock."""
         if self.library != "hasten":
             return "peer"
-        if self.cache is not None:
+        if self.cache is not None or self.cache_peer is not None:
             return "cache"
-        if self.quant is not None:
+        if self.quant is not None or self.quant_peer is not None:
             return "quant"
         return "plan" if self.plan is not None else "stock"
 
@@ -312,8 +317,12 @@ class Recipe:
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`hasten.generate` this recipe stands for (seed excluded)."""
-        if self.library != "hasten":
-            raise RecipeError(f"a {self.library} recipe runs through the bench's peer loop, not hasten.generate")
+        peers = [p for p in (self.cache_peer, self.quant_peer) if p is not None]
+        if self.library != "hasten" or peers:
+            what = f"the {self.library} sampler {self.solver!r}" if self.library != "hasten" else f"peer {peers[0]!r}"
+            raise RecipeError(
+                f"this recipe runs {what}: sample it with hasten.bench.runner.sample_recipe, not hasten.generate"
+            )
         kwargs: dict[str, Any] = {"guidance": self.guidance, "accel": self.cache}
         if self.plan is not None:
             return kwargs | {"plan": self.plan, "force_plan": True}  # checked against the recipe's weights above
@@ -323,7 +332,7 @@ class Recipe:
         """The model this recipe samples (its quantised weights when ``quant`` is set), checked against it."""
         from .models.zoo import load
 
-        model = load(self.quant if (self.quant is not None and self.library == "hasten") else self.model, device=device)
+        model = load(self.quant if self.quant is not None else self.model, device=device)
         if self.execution != "auto":
             from .quant import set_execution
 
@@ -334,8 +343,8 @@ class Recipe:
     def describe(self) -> str:
         """One line for people: the sampler, then every technique on top of it."""
         if self.library != "hasten":
-            return f"{self.library}:{self.peer or self.solver} ({self.steps} steps)"
-        if self.plan is not None:
+            head = f"{self.library}:{self.solver} ({self.steps} steps)"
+        elif self.plan is not None:
             name = self.provenance.get("plan_file") or f"plan {self.plan.digest()[:8]}"
             head = f"plan[{pathlib.Path(name).name}] ({self.steps} steps, NFE {self.plan.nfe})"
         else:
@@ -346,8 +355,7 @@ class Recipe:
             parts.append(f"cache {cache_label(self.cache)}")
         if self.quant is not None:
             parts.append(f"quant[{pathlib.Path(self.quant).name}]")
-        if self.peer is not None:
-            parts.append(self.peer)
+        parts += [peer for peer in (self.cache_peer, self.quant_peer) if peer is not None]
         if self.effective_guidance not in (None, 1.0):
             parts.append(f"w={self.effective_guidance:g}")
         return " + ".join(parts)
@@ -361,7 +369,8 @@ class Recipe:
             "model": self.model,
             "fingerprint": self.fingerprint,
             "library": self.library,
-            "peer": self.peer,
+            "cache_peer": self.cache_peer,
+            "quant_peer": self.quant_peer,
             "solver": self.solver,
             "options": dict(self.options),
             "schedule": self.schedule,
@@ -437,11 +446,10 @@ class Recipe:
             quant, quant_fingerprint = str(model.folder), model.fingerprint
             source_name, fingerprint = record["source"].get("name", ""), record["source"].get("fingerprint", "")
         elif quant is not None:
-            from .models.zoo import load
+            from .models.zoo import folder_fingerprint
 
             source_name, fingerprint = _model_ref(model), model.fingerprint
-            quant_fingerprint = load(quant).fingerprint
-            quant = str(quant)
+            quant_fingerprint = folder_fingerprint(quant)
         else:
             source_name, fingerprint = _model_ref(model), model.fingerprint
         return cls(

@@ -27,13 +27,14 @@ from ..metrics.cost import peak_memory_bytes, reset_peak_memory
 from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
+from ..recipe import Recipe
 from ..train import machine_description
 from ..tune.plan import load_plan
 from ..viz import save_grid
 from .matrix import BenchConfig, Entry, expand
 from .peers import diffusers_generate
 
-__all__ = ["BenchError", "read_results", "run_bench"]
+__all__ = ["BenchError", "read_results", "run_bench", "sample_recipe"]
 
 ROW_KEYS = ("library", "solver", "schedule", "nfe", "seconds", "fd", "rmse_ref")  # present in every row
 QUALITY_KEYS = ("fd", "fd_real_vs_real", "precision", "recall", "confidence", "memorised_share")
@@ -69,54 +70,72 @@ WARMUP_N = 10  # images in the untimed warm-up run of each configuration
 
 
 def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None = None) -> Generation:
-    n = config.n if n is None else n
+    return sample_recipe(model, entry_recipe(model, entry, config), config.n if n is None else n)
+
+
+def entry_recipe(model: LoadedModel, entry: Entry, config: BenchConfig) -> Recipe:
+    """The recipe a bench entry measures."""
+    common = {"model": model.info.name, "fingerprint": model.fingerprint, "guidance": entry.guidance,
+              "seed": config.seed}  # fmt: skip
+    options = dict(entry.options)
+    if entry.library == "diffusers" and not {"cache_peer", "quant_peer"} & set(options):
+        return Recipe(library="diffusers", solver=entry.solver, options=options, steps=entry.steps, **common)
     if entry.solver == "plan":
-        plan = load_plan(entry.options["file"])
-        return generate(model, n, plan=plan, seed=config.seed, guidance=entry.guidance)
-    if "accel" in entry.options or "cache_peer" in entry.options:
-        return _sample_cached(model, entry, config, n)
-    if "quant" in entry.options or "quant_peer" in entry.options:
-        quantized, _ = _quantized_model(model, entry)
-        return generate(quantized, n, solver=entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance)
-    if entry.library == "hasten":
-        return generate(
-            model, n, solver=entry.solver, steps=entry.steps, schedule=entry.schedule or "auto",
-            seed=config.seed, guidance=entry.guidance, **entry.options,
-        )  # fmt: skip
-    return diffusers_generate(model, n, entry.solver, steps=entry.steps, seed=config.seed, guidance=entry.guidance)
+        plan = load_plan(options["file"])
+        return Recipe(plan=plan, provenance={"plan_file": options["file"]}, **common)
+    sampler = {"solver": entry.solver, "steps": entry.steps, "schedule": entry.schedule or "auto"}
+    if "accel" in options:
+        return Recipe.from_files(model, accel=options["accel"], **sampler, guidance=entry.guidance, seed=config.seed)
+    if "cache_peer" in options:
+        return Recipe(cache_peer=options["cache_peer"], **sampler, **common)
+    if "quant" in options:
+        return Recipe.from_files(model, quant=options["quant"], **sampler, guidance=entry.guidance, seed=config.seed)
+    if "quant_peer" in options:
+        return Recipe(quant_peer=options["quant_peer"], **sampler, **common)
+    return Recipe(options=options, **sampler, **common)
 
 
-def _sample_cached(model: LoadedModel, entry: Entry, config: BenchConfig, n: int) -> Generation:
-    from ..accel import AccelConfig
-    from .cache_peers import peer_cache
+def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | None = None) -> Generation:
+    """Sample any recipe on ``model`` (the full-precision model it names): hasten's loop with its plan, cache
+    and quantised weights, or a peer's scheduler, cache or quantisation on the same noise. The one place a
+    bench row (and an ``optimize`` candidate) is run."""
+    seed = recipe.seed if seed is None else seed
+    if recipe.library == "diffusers":
+        guidance = recipe.effective_guidance
+        return diffusers_generate(model, n, recipe.solver, steps=recipe.steps, seed=seed,
+                                  guidance=model.default_guidance if guidance is None else guidance)  # fmt: skip
+    if recipe.quant is not None or recipe.quant_peer is not None:
+        quantized, _ = _quantized_model(model, recipe)
+        if recipe.quant_peer is None:
+            return generate(quantized, n, recipe=recipe, seed=seed)
+        return generate(quantized, n, seed=seed, **recipe.replace(quant_peer=None).generate_kwargs())
+    if recipe.cache_peer is not None:
+        from .cache_peers import peer_cache
 
-    kwargs = {"solver": entry.solver, "steps": entry.steps, "seed": config.seed, "guidance": entry.guidance}
-    if "accel" in entry.options:
-        return generate(model, n, accel=AccelConfig.load(entry.options["accel"]), **kwargs)
-    with peer_cache(entry.options["cache_peer"], model.network, entry.steps):
-        return generate(model, n, **kwargs)
+        with peer_cache(recipe.cache_peer, model.network, recipe.steps):
+            return generate(model, n, seed=seed, **recipe.replace(cache_peer=None).generate_kwargs())
+    return generate(model, n, recipe=recipe, seed=seed)
 
 
 _QUANTIZED: dict[tuple[str, str], tuple[LoadedModel, dict[str, Any]]] = {}  # per bench run: loaded once
 
 
-def _quantized_model(model: LoadedModel, entry: Entry) -> tuple[LoadedModel, dict[str, Any]]:
-    """The quantised model of a quant row (a `hasten quantize` folder or a torchao peer), with its size and
+def _quantized_model(model: LoadedModel, recipe: Recipe) -> tuple[LoadedModel, dict[str, Any]]:
+    """The quantised model of a quant recipe (a `hasten quantize` folder or a torchao peer), with its size and
     how it executes; refuses a folder quantised from another model."""
     from .quant_peers import quant_peer_model
 
-    key = (model.fingerprint, json.dumps(entry.options, sort_keys=True))
+    key = (model.fingerprint, recipe.quant_peer or str(recipe.quant), recipe.execution)
     if key not in _QUANTIZED:
-        if "quant_peer" in entry.options:
-            _QUANTIZED[key] = quant_peer_model(model, entry.options["quant_peer"])
+        if recipe.quant_peer is not None:
+            _QUANTIZED[key] = quant_peer_model(model, recipe.quant_peer)
         else:
-            quantized = load(entry.options["quant"])
-            source = quantized.info.quantization["source"]
-            if source["fingerprint"] != model.fingerprint:
+            if recipe.fingerprint != model.fingerprint:
                 raise BenchError(
-                    f"{entry.options['quant']} was quantised from {source['name']} ({source['fingerprint']}), not "
-                    f"from the benchmarked model {model.info.name} ({model.fingerprint})"
+                    f"the recipe's weights ({recipe.fingerprint[:12]}) are not the benchmarked model's "
+                    f"{model.info.name} ({model.fingerprint[:12]})"
                 )
+            quantized = recipe.load_model()
             execution = _execution_label(quantized.network)
             _QUANTIZED[key] = (quantized, {"bytes_on_disk": quantized.bytes_on_disk(), "execution": execution,
                                            "quantization": quantized.info.quantization})  # fmt: skip
@@ -164,7 +183,7 @@ def _measure(
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_scope": "this configuration" if peak_reset else "process so far",
         "accel_stats": gen.accel_stats,
-        **_model_facts(model, entry),
+        **_model_facts(model, entry, config),
         "rmse_ref": rmse(gen.images01, reference),
         "psnr_ref": psnr(gen.images01, reference),
         "grid": f"grids/{entry.key}.png",
@@ -181,10 +200,10 @@ def _quality(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | No
     return dict.fromkeys((*QUALITY_KEYS, "label_accuracy"))
 
 
-def _model_facts(model: LoadedModel, entry: Entry) -> dict[str, Any]:
+def _model_facts(model: LoadedModel, entry: Entry, config: BenchConfig) -> dict[str, Any]:
     """Size on disk and execution of the network a hasten or torchao row ran (quantisation rows above all)."""
     if "quant" in entry.options or "quant_peer" in entry.options:
-        return dict(_quantized_model(model, entry)[1])
+        return dict(_quantized_model(model, entry_recipe(model, entry, config))[1])
     if entry.library == "hasten":
         dtype = next(model.network.parameters()).dtype
         return {"bytes_on_disk": model.bytes_on_disk(), "execution": str(dtype).removeprefix("torch.")}

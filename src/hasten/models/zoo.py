@@ -138,6 +138,13 @@ def weights_fingerprint(folder: pathlib.Path, weights_file: str = "diffusion_pyt
     return digest.hexdigest()[:16]
 
 
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """The weights fingerprint of a model folder (what ``load(folder).fingerprint`` is), without loading it."""
+    folder = pathlib.Path(folder)
+    info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
+    return weights_fingerprint(folder, info.weights_file)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A ready denoiser with everything needed to sample from it."""
