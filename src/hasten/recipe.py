@@ -210,6 +210,8 @@ class Recipe:
         else:
             if "solver" in setting and setting["solver"] != self.solver:
                 problems.append(f"solver {setting['solver']!r} (this recipe runs {self.solver!r})")
+            elif dict(setting.get("options") or {}) != dict(self.options) and "options" in setting:
+                problems.append(f"solver options {setting['options']} (this recipe uses {dict(self.options)})")
             if setting.get("schedule", "auto") != self.schedule:
                 problems.append(f"the {setting.get('schedule', 'auto')!r} grid (this recipe uses {self.schedule!r})")
         g_cache, g_here = setting.get("guidance"), self.effective_guidance
@@ -438,13 +440,15 @@ class Recipe:
         if accel is not None and not isinstance(accel, AccelConfig):
             provenance["cache_file"] = str(accel)
             accel, calibration = read_accel_file(accel)
-            cache_setting = dict(calibration.get("setting") or {})
-            cache_setting.pop("n", None), cache_setting.pop("seeds", None), cache_setting.pop("model", None)
+            cache_setting = {k: v for k, v in (calibration.get("setting") or {}).items() if k not in ("n", "seeds")}
         quant_fingerprint = ""
         if getattr(model.info, "quantization", None):  # a quantised model: the recipe names its source
             record = model.info.quantization
             quant, quant_fingerprint = str(model.folder), model.fingerprint
-            source_name, fingerprint = record["source"].get("name", ""), record["source"].get("fingerprint", "")
+            source = record["source"]
+            folder = source.get("folder")  # older folders record the source's name only
+            source_name = _folder_ref(folder) if folder else source.get("name", "")
+            fingerprint = source.get("fingerprint", "")
         elif quant is not None:
             from .models.zoo import folder_fingerprint
 
@@ -476,9 +480,15 @@ def _has_defaults(cls: type) -> bool:
 
 def _model_ref(model: Any) -> str:
     """How a recipe names a loaded model: its bundled name, else its folder."""
+    if model.folder is None:  # a diffusers pipeline adapted in memory (hasten.from_pipeline)
+        return model.info.name
+    return _folder_ref(model.folder)
+
+
+def _folder_ref(folder: str | os.PathLike) -> str:
     from .models.zoo import BUNDLED
 
-    folder = pathlib.Path(model.folder)
+    folder = pathlib.Path(folder)
     try:
         if folder.resolve().parent == BUNDLED.resolve():
             return folder.name
@@ -487,9 +497,19 @@ def _model_ref(model: Any) -> str:
     return str(folder)
 
 
+FOLDER_FIELDS = ("model", "quant")  # fields that may name a model folder
+
+
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> pathlib.Path:
-    """Write ``recipe`` as JSON atomically."""
-    return write_text_atomic(path, json.dumps(recipe.to_dict(), indent=2) + "\n")
+    """Write ``recipe`` as JSON atomically. Model folders are written relative to the recipe's own folder, so a
+    recipe and the folders it names can move together (a bundled model stays a name)."""
+    path = pathlib.Path(path)
+    data = recipe.to_dict()
+    for field in FOLDER_FIELDS:
+        value = data[field]
+        if value is not None and (pathlib.Path(value) / "hasten.json").is_file():
+            data[field] = os.path.relpath(pathlib.Path(value).resolve(), path.parent.resolve())
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -501,6 +521,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecipeError(f"recipe file {path} is not valid JSON: {err}") from None
+    if isinstance(data, dict):
+        for field in FOLDER_FIELDS:  # relative folders are relative to the recipe file (see save_recipe)
+            value = data.get(field)
+            if isinstance(value, str) and not pathlib.Path(value).is_absolute():
+                beside = path.parent / value
+                if (beside / "hasten.json").is_file():
+                    data[field] = str(beside)
     try:
         return Recipe.from_dict(data)
     except RecipeError as err:

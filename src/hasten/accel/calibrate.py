@@ -119,6 +119,7 @@ def calibrate(
     solver: str = "dpmpp_2m",
     steps: int = 20,
     guidance: float | None = None,
+    recipe: Any = None,
     max_quality_loss: float = 0.05,
     max_rmse: float | None = None,
     n: int = 200,
@@ -131,7 +132,10 @@ def calibrate(
         model: A loaded hasten model (``hasten.load``).
         technique: ``"deepcache"`` (UNets), ``"block_cache"``, ``"first_block_cache"`` or ``"ras"``
             (transformers).
-        solver, steps, guidance: The sampling setting the cache is calibrated for.
+        solver, steps, guidance: The sampling setting the cache is calibrated for (a solver spec such as
+            ``"unipc:order=3"`` takes options).
+        recipe: Instead of those, any uncached :class:`hasten.Recipe` (e.g. a tuned plan): the cache is
+            calibrated for exactly that sampler and grid, and the record names it (the plan's digest).
         max_quality_loss: Largest allowed relative FD increase over the uncached run (0.05 = 5%).
         max_rmse: Bound on the RMSE (images in [0, 1]) to the uncached images from the same noise; optional
             where hasten has a feature network for the model's data (MNIST), the only budget elsewhere
@@ -156,7 +160,8 @@ def calibrate(
     if n < 10:
         raise ValueError(f"n must be >= 10 images for an FD, got {n}")
     all_ladders = ladders(technique, model.network)  # also checks the technique can hook this network
-    kwargs = {"solver": solver, "steps": steps, "guidance": guidance}
+    recipe = _uncached_recipe(model, recipe, solver, steps, guidance)
+    kwargs = {k: v for k, v in recipe.generate_kwargs().items() if k != "accel"}
 
     def run(seed: int, accel: AccelConfig | None = None):
         return generate(model, n, seed=seed, accel=accel, **kwargs)
@@ -181,7 +186,7 @@ def calibrate(
     result = Calibration(
         technique,
         {"max_quality_loss": max_quality_loss, "max_rmse": max_rmse},
-        {"model": model.info.name, **kwargs, "n": n, "seeds": [CALIBRATION_SEED, HELDOUT_SEED]},
+        {**calibration_setting(model, recipe), "n": n, "seeds": [CALIBRATION_SEED, HELDOUT_SEED]},
         {"fd_calibration": base_fd},
         rows,
     )
@@ -202,6 +207,33 @@ def calibrate(
     if result.config is not None:
         result.speed = paired_speedup(model, result.config, kwargs, n, timing_repeats)
     return result
+
+
+def _uncached_recipe(model: Any, recipe: Any, solver: str, steps: int, guidance: float | None) -> Any:
+    from ..recipe import Recipe
+    from ..solvers import parse_solver
+
+    if recipe is None:
+        name, options = parse_solver(solver)
+        return Recipe.from_files(model, solver=name, options=options, steps=steps, guidance=guidance)
+    if (solver, steps, guidance) != ("dpmpp_2m", 20, None):
+        raise TypeError("give a recipe or solver/steps/guidance, not both")
+    if recipe.cache is not None or recipe.cache_peer is not None:
+        raise ValueError("calibrate a cache for a recipe without one (its cache would be replaced)")
+    return recipe
+
+
+def calibration_setting(model: Any, recipe: Any) -> dict[str, Any]:
+    """What a cache calibrated on ``recipe`` is valid for; :class:`hasten.Recipe` checks a cache against it."""
+    guidance = recipe.effective_guidance
+    setting = {
+        "model": model.info.name, "fingerprint": model.fingerprint, "solver": recipe.solver,
+        "options": dict(recipe.options), "schedule": recipe.schedule, "steps": recipe.steps,
+        "guidance": model.default_guidance if guidance is None else guidance,
+    }  # fmt: skip
+    if recipe.plan is not None:
+        setting["plan"] = recipe.plan.digest()
+    return setting
 
 
 def paired_speedup(model: Any, config: AccelConfig, kwargs: dict[str, Any], n: int, repeats: int) -> dict[str, Any]:

@@ -517,10 +517,15 @@ def tune(
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError) as err:
         _fail(str(err))
+    recipe_file = _write_recipe_beside(
+        out, loaded, plan=plan, provenance={"made_by": "hasten tune", "plan_file": str(out)}
+    )
     held, base = plan.scores["heldout"], plan.scores["baseline"]
-    data = {"out": str(out), "model": loaded.info.name, "nfe": plan.nfe, "plan": plan.describe(), **plan.scores,
-            "evaluations": plan.search["evaluations"],
-            "evaluation_seconds": plan.search["evaluation_seconds"]}  # fmt: skip
+    data = {
+        "out": str(out), "recipe": recipe_file, "model": loaded.info.name, "nfe": plan.nfe, "plan": plan.describe(),
+        **plan.scores, "evaluations": plan.search["evaluations"],
+        "evaluation_seconds": plan.search["evaluation_seconds"],
+    }  # fmt: skip
     fd = f", FD {held['fd']:.1f} vs {base['heldout']['fd']:.1f}" if "fd" in held else ""
     fit = plan.search.get("fit")
     if fit:
@@ -532,7 +537,8 @@ def tune(
         f"{loaded.info.name} at NFE {plan.nfe}: held-out RMSE to reference {held['rmse_ref']:.4f} vs "
         f"{base['heldout']['rmse_ref']:.4f} for {base['label']}, the best stock start on the search noise{fd} "
         f"({plan.search['evaluations']} evaluations; every stock configuration beside it: hasten bench --preset "
-        f"tuning --plan {out}, same model) -> {out}\n{plan.describe()}",
+        f"tuning --plan {out}, same model) -> {out}{f' (recipe: {recipe_file})' if recipe_file else ''}\n"
+        f"{plan.describe()}",
     )
 
 
@@ -568,6 +574,12 @@ def quantize(
                                     guidance=guidance, progress=fmt is OutputFormat.text)  # fmt: skip
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
+    from ..models.zoo import load
+
+    record["recipe"] = _write_recipe_beside(
+        pathlib.Path(record["out"]), load(record["out"]), solver=solver, steps=steps, guidance=guidance,
+        provenance={"made_by": "hasten quantize", "calibration": record["calibration"]},
+    )  # fmt: skip
     kernels = sum(n for path, n in record["execution"].items() if path != "simulated")
     layers = sum(record["execution"].values())
     _emit(
@@ -590,8 +602,12 @@ def accelerate_calibrate(
         str | None,
         typer.Option(help="deepcache (UNets); block_cache, first_block_cache, ras (transformers); default: all"),
     ] = None,
-    solver: SolverOption = "dpmpp_2m",
+    solver: SolverSpecOption = "dpmpp_2m",
     steps: StepsOption = 20,
+    plan: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="calibrate for this tuned plan (from `hasten tune`) instead of --solver/--steps"),
+    ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="classifier-free guidance scale (default: 1 = none, or the pipeline's)")
     ] = None,
@@ -623,16 +639,26 @@ def accelerate_calibrate(
     from .._io import write_text_atomic
     from ..accel.calibrate import calibrate, techniques_for
     from ..models.zoo import load
+    from ..recipe import Recipe, RecipeError
+    from ..solvers import parse_solver
+    from ..tune.plan import PlanError
 
     source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
     try:
+        if plan is not None and (solver, steps) != ("dpmpp_2m", 20):
+            _fail("--plan supplies the solver and the steps; drop --solver/--steps")
+        solver_name, solver_options = parse_solver(solver)
         loaded = load(model) if source is None else source.load()
         guidance = loaded.default_guidance if guidance is None else guidance
+        base = Recipe.from_files(loaded, plan=plan, solver=solver_name, options=solver_options, steps=steps,
+                                 guidance=guidance)  # fmt: skip
         names = [technique] if technique is not None else techniques_for(loaded.network)
         if not names:
             _fail(f"no caching technique can hook {type(loaded.network).__name__}")
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, PlanError, RecipeError, ValueError, TypeError) as err:
         _fail(str(err))
+    except KeyError as err:
+        _fail(str(err.args[0]) if err.args else str(err))
     results, lines = [], []
     for name in names:
         target = out if len(names) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
@@ -649,15 +675,18 @@ def accelerate_calibrate(
 
         try:
             found = calibrate(
-                loaded, name, solver=solver, steps=steps, guidance=guidance, max_quality_loss=max_quality_loss,
-                max_rmse=max_rmse, n=n, on_row=show,
-            )  # fmt: skip
+                loaded, name, recipe=base, max_quality_loss=max_quality_loss, max_rmse=max_rmse, n=n, on_row=show
+            )
         except (ValueError, TypeError) as err:
             _fail(str(err))
         record = found.to_dict()
         write_text_atomic(target.with_name(target.name + ".calibration.json"), json.dumps(record, indent=2) + "\n")
         if found.config is not None:
             found.config.save(target, calibration={k: record[k] for k in ("setting", "target", "heldout", "speed")})
+            record["recipe"] = _write_recipe_beside(
+                target, loaded, plan=base.plan, accel=target, solver=base.solver, options=base.options,
+                steps=base.steps, guidance=guidance, provenance={"made_by": "hasten accelerate calibrate"},
+            )  # fmt: skip
             sp = found.speed
             lines.append(
                 f"{name}: {_accel_label(record['config'])} skips {found.heldout['saved_fraction']:.0%} of the work, "
@@ -669,13 +698,26 @@ def accelerate_calibrate(
             if max_rmse is not None:
                 budget += f"{' and ' if budget else ''}an RMSE of {max_rmse:g}"
             lines.append(
-                f"{name}: no setting meets {budget} at {solver} {steps} steps ({len(found.rows)} tried); nothing "
+                f"{name}: no setting meets {budget} at {base.describe()} ({len(found.rows)} tried); nothing "
                 f"written but {target.name}.calibration.json"
             )
         results.append({"out": str(target) if found.config is not None else None, **record})
     _emit(fmt, {"results": results}, "\n".join(lines))
     if not any(r["met"] for r in results):
         raise typer.Exit(3)
+
+
+def _write_recipe_beside(out: pathlib.Path, loaded: Any, **fields: Any) -> str | None:
+    """Write the recipe that replays what a command just wrote (``X.recipe.json`` beside a file, ``recipe.json``
+    in a folder); None for a diffusers pipeline, which a recipe cannot name as a model yet."""
+    from ..recipe import Recipe, recipe_path_beside, save_recipe
+
+    if loaded.folder is None:
+        return None
+    if fields.get("plan") is not None:  # the plan fixes the sampler
+        for key in ("solver", "options", "steps"):
+            fields.pop(key, None)
+    return str(save_recipe(Recipe.from_files(loaded, **fields), recipe_path_beside(out)))
 
 
 def _fd_change(row: dict[str, Any]) -> str:

@@ -193,7 +193,8 @@ def quantize_to_folder(
         raise ValueError(f"{loaded.folder} is already quantised; quantise the full-precision model it came from")
     calibration = collect_calibration(loaded, n=n, mode=mode, solver=solver, steps=steps, guidance=guidance,
                                       seed=seed, points=points)  # fmt: skip
-    source = {"name": loaded.info.name, "fingerprint": loaded.fingerprint, "bytes": loaded.bytes_on_disk()}
+    source = {"name": loaded.info.name, "fingerprint": loaded.fingerprint, "bytes": loaded.bytes_on_disk(),
+              "folder": str(loaded.folder)}  # fmt: skip
     report = quantize_(loaded, config, calibration=calibration, progress=progress)
     record = {
         "label": config.label, "config": config.to_dict(), "source": source, "calibration": calibration.setting,
