@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import hasten
@@ -131,6 +132,45 @@ def test_cli_calibrate_writes_nothing_harmful_and_sample_applies_a_config(tiny_m
     bad.write_text("[1, 2")
     failed = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "2", "--accel", str(bad)])
     assert failed.exit_code == 2 and "not valid JSON" in failed.output
+    # the recipe written beside the config replays the same run; the config at other steps is refused
+    recipe = tmp_path / "accel.recipe.json"
+    assert json.loads(recipe.read_text())["cache_setting"]["steps"] == 4
+    replay = runner.invoke(app, ["sample", "--recipe", str(recipe), "--n", "4", "--out", str(tmp_path / "r.png"),
+                                 "--format", "json"])  # fmt: skip
+    assert replay.exit_code == 0, replay.output
+    assert json.loads(replay.output)["accel_stats"] == data["accel_stats"]
+    other = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "2", "--solver", "euler", "--steps", "6",
+                                "--accel", str(out), "--out", str(tmp_path / "o.png")])  # fmt: skip
+    assert other.exit_code == 2 and "calibrated for 4 steps (this recipe runs 6)" in other.output
+
+
+def test_cli_calibrate_for_a_plan(tiny_model, tmp_path):
+    """A cache calibrated on a tuned plan is valid for that plan only, and its recipe replays the plan + cache."""
+    import hasten
+    from hasten.recipe import load_recipe
+
+    model = hasten.load(tiny_model)
+    sigmas = hasten.get_sigmas("karras", 5, model.schedule)
+    plan_file = tmp_path / "plan.json"
+    hasten.tune.save_plan(hasten.Plan(tuple(sigmas.tolist()), "dpmpp_2m", nfe=5, fingerprint=model.fingerprint),
+                          plan_file)  # fmt: skip
+    out = tmp_path / "accel.json"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["accelerate", "calibrate", "--model", tiny_model, "--technique", "block_cache", "--plan",
+                             str(plan_file), "--n", "10", "--max-quality-loss", "5", "--out", str(out)])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    recipe = load_recipe(tmp_path / "accel.recipe.json")
+    assert recipe.kind == "cache" and recipe.plan is not None and recipe.steps == 5
+    assert recipe.cache_setting["plan"] == recipe.plan.digest()
+    images = hasten.generate(model, 4, recipe=recipe)
+    assert torch.equal(images.images01, hasten.generate(model, 4, plan=recipe.plan, accel=recipe.cache).images01)
+    # the same cache on the stock grid at the same step count is another grid: refused
+    stock = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "2", "--steps", "5", "--accel", str(out),
+                                "--out", str(tmp_path / "s.png")])  # fmt: skip
+    assert stock.exit_code == 2 and "a tuned plan" in stock.output
+    both = runner.invoke(app, ["accelerate", "calibrate", "--model", tiny_model, "--plan", str(plan_file),
+                               "--steps", "7", "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert both.exit_code == 2 and "--plan supplies the solver and the steps" in both.output
 
 
 def test_generate_reports_stats_of_a_cache_installed_beforehand(tiny_model):

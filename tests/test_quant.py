@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import math
 
 import pytest
@@ -363,6 +364,13 @@ def test_cli_quantize_then_sample_and_bench(tmp_path, tiny_model):
     record = json.loads(result.output.strip().splitlines()[-1])
     assert record["label"] == "W8A8" and record["size_ratio"] < 0.30 and math.isfinite(record["network_sqnr_db"])
     assert hasten.load(out).info.quantization["calibration"]["steps"] == 3
+    from hasten.recipe import load_recipe
+
+    recipe = load_recipe(record["recipe"])  # inside the folder: the quantised weights at the calibration setting
+    assert recipe.kind == "quant" and recipe.steps == 3 and pathlib.Path(recipe.quant).resolve() == out.resolve()
+    assert recipe.fingerprint == hasten.load(tiny_model).fingerprint
+    replay = runner.invoke(app, ["sample", "--recipe", record["recipe"], "--n", "2", "--out", str(tmp_path / "q.png")])
+    assert replay.exit_code == 0, replay.output
     again = runner.invoke(app, ["quantize", "--model", str(out), "--out", str(tmp_path / "x")])
     assert again.exit_code == 2 and "already quantised" in again.output
     result = runner.invoke(app, ["sample", "--model", str(out), "--n", "4", "--steps", "3",

@@ -241,6 +241,11 @@ def test_cli_tune_json(tiny_model, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["nfe"] == 3 and data["evaluations"] > 0 and "rmse_ref" in data["heldout"] and out.exists()
+    from hasten.recipe import load_recipe
+
+    recipe = load_recipe(data["recipe"])  # the recipe beside the plan replays it
+    assert data["recipe"] == str(tmp_path / "cli-plan.recipe.json") and recipe.plan == hasten.load_plan(out)
+    assert recipe.kind == "plan" and recipe.fingerprint == hasten.load(tiny_model).fingerprint
     again = RUNNER.invoke(app, args)
     assert again.exit_code == 2 and "--resume" in again.output
 
