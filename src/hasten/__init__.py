@@ -11,6 +11,8 @@ The public API in one place::
     model = hasten.from_pipeline(pipe, prompt="a red bicycle")   # a diffusers pipeline as a hasten model
 """
 
+# quant and tune also register extension points on import (a folder format, an option resolver), before
+# any hasten.* submodule is used: see docs/architecture.md, "Import structure".
 from . import accel, models, quant, schedules, solvers, tune
 from .accel import AccelConfig, accelerate_
 from .config import Config
