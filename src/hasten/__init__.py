@@ -13,6 +13,8 @@ The public API in one place::
     images = hasten.generate(recipe.load_model(), 16, recipe=recipe).images01
 """
 
+# quant and tune also register extension points on import (a folder format, an option resolver), before
+# any hasten.* submodule is used: see docs/architecture.md, "Import structure".
 from . import accel, models, quant, schedules, solvers, tune
 from .accel import AccelConfig, accelerate_
 from .config import Config

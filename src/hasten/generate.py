@@ -18,8 +18,8 @@ from .accel import accelerate_, accelerator_of
 from .models.guidance import CFGDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
-from .schedules.noise import FlowMatching, NoiseSchedule
-from .solvers import SOLVERS, Solver, sample
+from .schedules.noise import NoiseSchedule
+from .solvers import OPTION_RESOLVERS, SOLVERS, Solver, sample
 
 __all__ = [
     "Generation",
@@ -70,28 +70,26 @@ def default_labels(model: LoadedModel, n: int, label: int | None = None) -> Tens
 
 
 def options_for_schedule(solver: str | Solver, schedule: NoiseSchedule, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Solver options with the integration space matched to the model: ``space="flow"`` for flow matching.
+    """Solver options with the defaults the solver takes from the model's schedule
+    (:meth:`hasten.Solver.options_for_schedule`: ``space="flow"`` for Heun and PLMS on flow matching).
 
-    Only for solvers named by string that take a ``space`` option (Heun, PLMS) and only when the caller set
-    none; an explicit ``space`` or an already-configured solver is left alone.
+    Only for solvers named by string; explicit options and an already-configured solver are left alone.
     """
-    if isinstance(solver, str) and isinstance(schedule, FlowMatching) and "space" not in options:
-        if "space" in SOLVERS.get(solver).cls.option_names():
-            return {**options, "space": "flow"}
+    if isinstance(solver, str):
+        return SOLVERS.get(solver).cls.options_for_schedule(options, schedule)
     return dict(options)
 
 
 def options_for_model(
     solver: str | Solver, options: Mapping[str, Any], model: LoadedModel, guidance: float
 ) -> dict[str, Any]:
-    """Everything a solver option can take from the model: the integration space (see
-    :func:`options_for_schedule`) and, for ``dpm_solver_v3`` with ``ems="auto"``, the path of the model's
-    statistics at this guidance scale (estimated once, then cached)."""
+    """Everything a solver option can take from the model: the schedule's defaults (see
+    :func:`options_for_schedule`), then the option resolver registered for the solver's name in
+    :data:`hasten.solvers.OPTION_RESOLVERS`, if any (DPM-Solver-v3's ``ems="auto"``: the path of the model's
+    statistics at this guidance scale, estimated once, then cached; registered by :mod:`hasten.tune.ems`)."""
     options = options_for_schedule(solver, model.schedule, options)
-    if solver == "dpm_solver_v3" and options.get("ems", "auto") == "auto":
-        from .tune.ems import ems_path_for_model
-
-        options["ems"] = str(ems_path_for_model(model, guidance))
+    if isinstance(solver, str) and solver in OPTION_RESOLVERS:
+        options = OPTION_RESOLVERS.get(solver)(options, model, guidance)
     return options
 
 

@@ -4,6 +4,12 @@ A model folder is a diffusers model folder (``config.json`` + ``diffusion_pytorc
 ``UNet2DModel.from_pretrained(folder)`` loads it too) plus ``hasten.json`` (what the network predicts, its
 schedule, classes, image shape, training record) and ``MODEL_CARD.md``. Bundled models live in
 ``hasten/models/weights/<name>/``.
+
+A folder in another format says so with a record in ``hasten.json`` (``quantization`` for the integer
+folders ``hasten quantize`` writes); the module that writes the format registers how to open it in
+:data:`FOLDER_FORMATS`, so this loader imports none of them. ``hasten/__init__`` imports every built-in
+registrant (:mod:`hasten.quant.storage` among them), and Python runs it before any ``hasten.*`` module, so
+``from hasten.models.zoo import load`` alone opens every built-in format.
 """
 
 from __future__ import annotations
@@ -14,18 +20,49 @@ import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..registry import Registry
 from ..schedules.noise import FlowMatching, NoiseSchedule, VPDiscrete
 from .adapters import EpsDenoiser, FlowDenoiser, NetworkDenoiser, VDenoiser
 
-__all__ = ["BUNDLED", "LoadedModel", "ModelInfo", "build_network", "bundled_models", "load", "save_model"]
+__all__ = [
+    "BUNDLED",
+    "FOLDER_FORMATS",
+    "FolderFormat",
+    "LoadedModel",
+    "ModelInfo",
+    "build_network",
+    "bundled_models",
+    "load",
+    "save_model",
+]
 
 BUNDLED = pathlib.Path(__file__).parent / "weights"
 FORMAT_VERSION = 1
+DIFFUSERS_FORMAT = "diffusers"
+FORMAT_RECORDS = ("quantization",)  # fields of hasten.json whose presence means a folder in another format
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderFormat:
+    """How to open the network of a model folder in one format.
+
+    Args:
+        weights_file: The file holding the weights (what the fingerprint hashes, what ``bytes_on_disk`` counts).
+        load_network: ``(network_class, folder) -> nn.Module``: the network with its weights, on the CPU.
+    """
+
+    weights_file: str
+    load_network: Callable[[Any, pathlib.Path], nn.Module]
+
+
+FOLDER_FORMATS: Registry[FolderFormat] = Registry("model folder format")
+"""Keyed by the ``hasten.json`` record that declares the format; ``"diffusers"`` (no record) is this module's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +81,18 @@ class ModelInfo:
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)  # set by `hasten quantize`
 
     @property
+    def folder_format(self) -> str:
+        """The folder's format, a key of :data:`FOLDER_FORMATS`: the record of :data:`FORMAT_RECORDS` that
+        ``hasten.json`` carries, or ``"diffusers"``."""
+        declared = [name for name in FORMAT_RECORDS if getattr(self, name)]
+        if len(declared) > 1:
+            raise ValueError(f"model {self.name!r} declares more than one folder format: {declared}")
+        return declared[0] if declared else DIFFUSERS_FORMAT
+
+    @property
     def weights_file(self) -> str:
-        """The weights file of the folder: diffusers' for float models, hasten's integer format if quantised."""
-        return "quantized.safetensors" if self.quantization else "diffusion_pytorch_model.safetensors"
+        """The weights file of the folder: diffusers' for float models, the format's own otherwise."""
+        return get_folder_format(self.folder_format).weights_file
 
     @property
     def null_class(self) -> int | None:
@@ -129,6 +175,24 @@ def _network_class(arch: str):
     return {"unet": diffusers.UNet2DModel, "dit": diffusers.DiTTransformer2DModel}[arch]
 
 
+def _load_diffusers_network(network_class: Any, folder: pathlib.Path) -> nn.Module:
+    return network_class.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+
+
+FOLDER_FORMATS.add(DIFFUSERS_FORMAT, FolderFormat("diffusion_pytorch_model.safetensors", _load_diffusers_network))
+
+
+def get_folder_format(name: str, folder: pathlib.Path | None = None) -> FolderFormat:
+    """The registered format ``name``; an unregistered one is refused naming the folder and what is registered."""
+    if name in FOLDER_FORMATS:
+        return FOLDER_FORMATS.get(name)
+    where = f"{folder / 'hasten.json'} declares" if folder is not None else "the model declares"
+    raise ValueError(
+        f"{where} a {name!r} record, but no loader for that folder format is registered (registered: "
+        f"{', '.join(FOLDER_FORMATS.names())}); the module that writes such folders registers it on import"
+    )
+
+
 def weights_fingerprint(folder: pathlib.Path, weights_file: str = "diffusion_pytorch_model.safetensors") -> str:
     """sha256 of the weights file: identifies a model for caches and plans."""
     digest = hashlib.sha256()
@@ -205,12 +269,7 @@ def load(
     info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
     if info.format_version > FORMAT_VERSION:
         raise ValueError(f"{folder} was written by a newer hasten (format {info.format_version})")
-    if info.quantization:
-        from ..quant.storage import load_quantized_network
-
-        network = load_quantized_network(_network_class(info.arch), folder)
-    else:
-        network = _network_class(info.arch).from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    network = get_folder_format(info.folder_format, folder).load_network(_network_class(info.arch), folder)
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
     schedule = info.schedule()

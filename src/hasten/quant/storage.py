@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.zoo import FOLDER_FORMATS, FolderFormat
 from .modules import QuantizedLayer, publish_network_time, set_execution
 from .quantizers import pack_int4, unpack_int4
 
@@ -34,6 +35,7 @@ __all__ = ["QUANT_FORMAT", "WEIGHTS_FILE", "load_quantized_network", "save_quant
 
 QUANT_FORMAT = 1
 WEIGHTS_FILE = "quantized.safetensors"
+RECORD = "quantization"  # the hasten.json record that marks a quantised folder (a key of FOLDER_FORMATS)
 
 
 def _layer_spec(layer: QuantizedLayer) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def save_quantized(model: Any, folder: str | os.PathLike, *, record: dict[str, A
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"hasten_quant": str(QUANT_FORMAT),
                                                              "layers": json.dumps(specs)})  # fmt: skip
         network.save_config(tmp)
-        info = model.info.to_dict() | {"quantization": {"format": QUANT_FORMAT, **record}}
+        info = model.info.to_dict() | {RECORD: {"format": QUANT_FORMAT, **record}}
         (tmp / "hasten.json").write_text(json.dumps(info, indent=2) + "\n")
         if report is not None:
             (tmp / "QUANTIZATION.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -151,6 +153,10 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
         set_execution(network, execution)
     network._hasten_quant_hooks = publish_network_time(network)  # type: ignore[attr-defined]
     return network
+
+
+# hasten.load opens a folder whose hasten.json has a quantization record with this (the loader imports no quant).
+FOLDER_FORMATS.add(RECORD, FolderFormat(WEIGHTS_FILE, load_quantized_network))
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, path: pathlib.Path) -> torch.Tensor:

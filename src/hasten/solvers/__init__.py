@@ -5,9 +5,11 @@
 
 from . import dpm_solver_v3, euler, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
+    OPTION_RESOLVERS,
     SOLVERS,
     Model,
     NonFiniteOutputError,
+    OptionResolver,
     SampleOutput,
     Solver,
     StepHook,
@@ -32,6 +34,7 @@ from .unipc import UniPC, UniPCState
 
 __all__ = [
     "EMS",
+    "OPTION_RESOLVERS",
     "PLMS",
     "SOLVERS",
     "DPMSolverMultistep",
@@ -45,6 +48,7 @@ __all__ = [
     "Model",
     "MultistepState",
     "NonFiniteOutputError",
+    "OptionResolver",
     "PLMSState",
     "PerStepSolver",
     "SampleOutput",

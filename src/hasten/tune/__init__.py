@@ -5,6 +5,7 @@
 ``fit_iterations`` the search's plan gets fitted multistep weights (``hasten.tune.fit``).
 """
 
+from . import ems  # noqa: F401  (registers DPM-Solver-v3's ems="auto" option resolver)
 from .fit import FitConfig, FitResult, dpmpp_2m_weights, fit_weights
 from .plan import PLAN_SCHEMA_VERSION, Plan, PlanError, load_plan, plan_from_stock, save_plan
 from .search import Candidate, SearchResult, candidate_from_plan, search

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from ..progress import BudgetProgress
+from ..solvers import OPTION_RESOLVERS
 from ..solvers.dpm_solver_v3 import EMS, load_ems, save_ems
 
-__all__ = ["EMS_LAMBDAS", "EMS_SAMPLES", "ems_for_model", "ems_path_for_model", "estimate_ems"]
+__all__ = ["EMS_LAMBDAS", "EMS_SAMPLES", "ems_for_model", "ems_path_for_model", "estimate_ems", "resolve_auto_ems"]
 
 EMS_SAMPLES = 256  # images x0 for a model's statistics
 EMS_LAMBDAS = 60  # log-SNR levels
@@ -198,3 +199,13 @@ def ems_path_for_model(
         bar.close()
     ems = EMS(ems.lambdas, ems.l, ems.s, ems.b, {**ems.meta, **spec})
     return save_ems(ems, path)
+
+
+@OPTION_RESOLVERS.register("dpm_solver_v3")
+def resolve_auto_ems(options: Mapping[str, Any], model: Any, guidance: float) -> dict[str, Any]:
+    """DPM-Solver-v3's ``ems="auto"`` (its default) -> the path of the model's statistics at this guidance
+    scale (:func:`ems_path_for_model`: estimated once, then cached). How :func:`hasten.generate`, plans and
+    :meth:`hasten.pipelines.HastenScheduler.from_plan` give v3 its statistics without knowing v3."""
+    if options.get("ems", "auto") != "auto":
+        return dict(options)
+    return {**options, "ems": str(ems_path_for_model(model, guidance))}
