@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import math
+import pathlib
 
 import pytest
 import torch
