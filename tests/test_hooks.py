@@ -274,6 +274,26 @@ def test_cache_and_time_hook_compose_and_come_off_in_either_order(first_off):
     assert torch.equal(run(net), reference)
 
 
+@pytest.mark.parametrize("quant_hook", [False, True])
+def test_the_deepcache_peer_gets_the_step_from_a_hook_and_leaves_no_trace(quant_hook):
+    pytest.importorskip("DeepCache")
+    from hasten.bench.cache_peers import peer_cache
+
+    net = tiny_unet()
+    before = forward_attributes(net)
+    reference = run(net)
+    handle = publish_network_time(net) if quant_hook else None
+    during = forward_attributes(net)
+    with peer_cache("deepcache", net, 9):
+        assert hooks_of(net).names == ((TIME_HOOK,) if quant_hook else ()) + ("hasten.bench.deepcache_step",)
+        cached = run(net)
+    assert not torch.equal(cached, reference)  # reuse needs the loop's step: the package alone would see step 0
+    assert forward_attributes(net) == during
+    if handle is not None:
+        handle.remove()
+    assert forward_attributes(net) == before and torch.equal(run(net), reference)
+
+
 @pytest.fixture(scope="module")
 def mnist_unet_calibration():
     model = hasten.load("mnist-unet")
