@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import hasten
+from hasten.hooks import get_hook, remove_hook
 from hasten.metrics.quality import evaluate_mnist
 from hasten.quant import (
     QuantConfig,
@@ -48,7 +49,13 @@ from hasten.quant import (
     quantize_,
     set_execution,
 )
-from hasten.quant.modules import cuda_int8_available, float8_available, network_time, publish_network_time
+from hasten.quant.modules import (
+    TIME_HOOK,
+    cuda_int8_available,
+    float8_available,
+    network_time,
+    publish_network_time,
+)
 from hasten.quant.quantizers import act_range_search, quantize_weight, sqnr_db
 
 EXECUTIONS = ("simulated", "kernel", "float8")
@@ -106,15 +113,15 @@ def graphed(forward: Callable[[], Any]) -> Callable[[], None]:
 def fixed_time(network: nn.Module, t: float):
     """Declare the network time directly instead of through the pre-hook (which reads the timestep tensor
     on the host, a sync a CUDA graph cannot hold): the graph of one sampling step, as a sampler would keep."""
-    hooks = getattr(network, "_hasten_quant_hooks", None)
-    if hooks is not None:
-        hooks.remove()
+    had_hook = get_hook(network, TIME_HOOK) is not None
+    if had_hook:
+        remove_hook(network, TIME_HOOK)
     try:
         with network_time(t):
             yield
     finally:
-        if hooks is not None:
-            network._hasten_quant_hooks = publish_network_time(network)
+        if had_hook:
+            publish_network_time(network)
 
 
 def quantized_linear(linear: nn.Linear, sample: torch.Tensor) -> QuantizedLayer:

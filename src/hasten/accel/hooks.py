@@ -1,9 +1,10 @@
-"""The accelerator core: removable forward patches, state keyed by sampling run, step and guidance branch.
+"""The accelerator core: removable forward hooks, state keyed by sampling run, step and guidance branch.
 
 ``accelerate_(module, config)`` installs one technique (DeepCache, block caching, RAS) on a network and
-returns an :class:`Accelerator` handle with ``reset()``, ``remove()`` and ``stats``. The design follows
-diffusers' hooks (a patched ``forward`` per module that can be taken off again) with two differences that
-answer the complaints users file against caches:
+returns an :class:`Accelerator` handle with ``reset()``, ``remove()`` and ``stats``. Its patches are hooks
+in :mod:`hasten.hooks` (one registry per module, shared with quantisation and any other hook), named
+``"hasten.accel"`` on the network and ``"hasten.accel/<submodule>"`` on the modules it caches. The design
+follows diffusers' hooks with two differences that answer the complaints users file against caches:
 
 * State is keyed by the sampling run, the guidance branch and the sample shape, and cleared whenever
   :func:`hasten.sample` starts a new run, so nothing leaks from one generation into the next. The step is
@@ -32,9 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._context import current_branch, current_run
 from .._io import write_text_atomic
 from ..config import Config, check_choice
+from ..hooks import HookHandle, add_hook, get_hook, remove_hooks
 from ..registry import Registry
 
 ACCEL_SCHEMA = 1
+ACCEL_HOOK = "hasten.accel"  # the hook on the network itself; its parts are named ACCEL_HOOK + "/<module>"
 SCHEDULES = ("uniform", "nonuniform")
 TECHNIQUES: Registry[type[Accelerator]] = Registry("acceleration technique")
 
@@ -213,9 +216,8 @@ class Accelerator(abc.ABC):
 
     def __init__(self, module: nn.Module, config: AccelConfig) -> None:
         self.module, self.config = module, config
-        self._patched: list[tuple[nn.Module, bool, Any]] = []
+        self._handles: list[HookHandle] = []
         self._slots: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
-        self._run_id: int | None = None
         self._num_steps: int | None = None
         self._call: CallState | None = None
         self._flops: dict[tuple[int, ...], dict[str, float]] = {}  # per sample shape: module name -> FLOP share
@@ -224,11 +226,10 @@ class Accelerator(abc.ABC):
         self._stats = AccelStats()
         try:
             self._install()
+            self._handles.append(add_hook(module, ACCEL_HOOK, _RootHook(self)))
         except BaseException:
-            self._unpatch()  # a failed install leaves the network as it was
+            remove_hooks(self._handles)  # a failed install leaves the network as it was
             raise
-        self._patch(module, "", self._root_forward)
-        module._hasten_accelerator = self  # type: ignore[assignment]
 
     # -- public -----------------------------------------------------------------------------------------
 
@@ -242,25 +243,18 @@ class Accelerator(abc.ABC):
         if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         self._slots.clear()
-        self._run_id, self._num_steps = None, num_steps
+        self._num_steps = num_steps
         self._stats = AccelStats()
 
     def remove(self) -> None:
-        """Take every patch off; the network's ``forward`` is exactly the original again."""
+        """Take every hook of this technique off (other hooks stay); with no other hooks on the network, its
+        ``forward`` attributes are exactly the original again."""
         if self._removed:
             raise RuntimeError(f"this {type(self).__name__} was already removed")
-        self._unpatch()
+        remove_hooks(self._handles)  # all or nothing: refused while another library's patch wraps ours
+        self._handles.clear()
         self._slots.clear()
-        del self.module._hasten_accelerator
         self._removed = True
-
-    def _unpatch(self) -> None:
-        for module, had_own, original in reversed(self._patched):
-            if had_own:
-                module.forward = original
-            else:
-                del module.forward
-        self._patched.clear()
 
     def __enter__(self) -> Accelerator:
         return self
@@ -287,12 +281,10 @@ class Accelerator(abc.ABC):
         return sum(shares.get(name, 0.0) for name in call.skipped)
 
     def _patch(self, module: nn.Module, name: str, new_forward: Callable[..., Any]) -> None:
-        """Replace ``module.forward`` by ``new_forward(original, *args, **kwargs)``; undone by :meth:`remove`."""
-        had_own = "forward" in module.__dict__
-        original = module.forward
-        patched = functools.partial(self._measured, name, new_forward, original)
-        module.forward = functools.update_wrapper(patched, original)
-        self._patched.append((module, had_own, original))
+        """Hook ``module`` with ``new_forward(forward, *args, **kwargs)`` (``forward``: the rest of its chain);
+        undone by :meth:`remove`. ``name`` is the module's path in the network (keys its cache and FLOP share)."""
+        hook = functools.partial(self._measured, name, new_forward)
+        self._handles.append(add_hook(module, f"{ACCEL_HOOK}/{name}", hook))
 
     def _cached_forward(self, name: str) -> Callable[..., Any]:
         """A forward that stores its output on full calls and serves it (or its extrapolation) on reused calls."""
@@ -354,10 +346,7 @@ class Accelerator(abc.ABC):
         if self._call is not None:  # re-entrant call (the network calls itself): no caching inside
             return original(*args, **kwargs)
         x = _first_tensor(args, kwargs)
-        run = current_run()
-        if run is not None and run.run_id != self._run_id:
-            self._slots.clear()  # a new generation: nothing carries over
-            self._run_id = run.run_id
+        run = current_run()  # a new run has already cleared the slots (_RootHook.new_run)
         key = (current_branch(), tuple(x.shape))
         slot = self._slots.setdefault(key, {"_calls": 0})
         if run is not None and run.step is not None:
@@ -404,6 +393,19 @@ class Accelerator(abc.ABC):
         return out
 
 
+class _RootHook:
+    """The accelerator's hook on the network itself: per-call decisions, and a new run clears every cache."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.accelerator._root_forward(forward, *args, **kwargs)
+
+    def new_run(self) -> None:
+        self.accelerator._slots.clear()  # a new generation: nothing carries over
+
+
 def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
     """Install an acceleration technique on a network in place; returns its handle.
 
@@ -427,7 +429,7 @@ def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
         raise TypeError(f"accelerate_ needs a torch.nn.Module or a loaded hasten model, got {type(model).__name__}")
     if not isinstance(config, AccelConfig):
         raise TypeError(f"config must be an AccelConfig (e.g. DeepCacheConfig()), got {type(config).__name__}")
-    existing = getattr(module, "_hasten_accelerator", None)
+    existing = accelerator_of(module)
     if existing is not None:
         raise RuntimeError(
             f"{type(module).__name__} already has {type(existing.config).__name__} installed; "
@@ -441,8 +443,10 @@ def accelerate_(model: Any, config: AccelConfig) -> Accelerator:
 
 
 def accelerator_of(model: Any) -> Accelerator | None:
-    """The accelerator installed on a network (or a loaded model's network), if any."""
-    return getattr(_network_of(model), "_hasten_accelerator", None)
+    """The accelerator installed on a network (or a loaded model's network), if any, among its hooks."""
+    module = _network_of(model)
+    hook = get_hook(module, ACCEL_HOOK) if isinstance(module, nn.Module) else None
+    return hook.accelerator if isinstance(hook, _RootHook) else None
 
 
 def _network_of(model: Any) -> Any:

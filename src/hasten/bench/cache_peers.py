@@ -7,6 +7,11 @@ hasten rows beside them are calibrated. Where a peer needs a pipeline to learn t
 index is passed to it instead (the DeepCache package looks the step up in ``pipe.scheduler.timesteps``
 with ``.item()``, which works for batch 1 only).
 
+The peers patch ``forward`` attributes themselves; hasten's own addition (the DeepCache step) is a hook
+in :mod:`hasten.hooks` (``"hasten.bench.deepcache_step"``), taken off before the peer restores its patches.
+A network that already carries hasten hooks (a quantised network's time hook) keeps them: a peer wraps
+them and puts them back when it is disabled.
+
 Packages: ``pip install "hasten[peers]"`` (DeepCache, cache-dit); diffusers' hooks come with diffusers.
 """
 
@@ -23,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from .._context import current_run
+from ..hooks import add_hook
 
 __all__ = ["CACHE_PEERS", "CachePeer", "cache_peers_for", "peer_cache"]
 
@@ -90,18 +96,25 @@ def _deepcache(network: nn.Module, steps: int, params: dict[str, Any]) -> Iterat
 
     helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=network))
     helper.set_params(**params)
+    own = network.__dict__.get("forward")  # a hasten hook dispatcher, if the network has hooks
     helper.enable()
-    inner = helper.function_dict["unet_forward"]
+    # The package's own network-level wrapper looks the step up in a scheduler; take it off again (its block
+    # patches stay) and tell it the step from hasten's loop through a hook instead.
+    if own is None:
+        del network.forward
+    else:
+        network.forward = own
 
-    def forward(*args: Any, **kwargs: Any) -> Any:  # the step from hasten's loop, not a timestep lookup
+    def step_from_loop(forward: Any, *args: Any, **kwargs: Any) -> Any:
         run = current_run()
         helper.cur_timestep = run.step.index if run is not None and run.step is not None else helper.cur_timestep
-        return inner(*args, **kwargs)
+        return forward(*args, **kwargs)
 
-    network.forward = forward
+    handle = add_hook(network, "hasten.bench.deepcache_step", step_from_loop)
     try:
         yield
     finally:
+        handle.remove()
         helper.disable()
 
 

@@ -13,7 +13,8 @@ What one call does, in order:
    each weight's rounding on the layer's calibration inputs, for the temporal layers against their outputs
    over the calibration time inputs, TFMQ-DM's temporal reconstruction, done layer by layer);
 4. replaces the layers by :class:`~hasten.quant.modules.QuantizedLayer` and hooks the network so the layers
-   know the time input of each call. The first and last layers keep 8-bit weights (``first_last_bits``).
+   know the time input of each call (the ``"hasten.quant.time"`` hook of :mod:`hasten.hooks`). The first and
+   last layers keep 8-bit weights (``first_last_bits``).
 
 Temporal layers keep float activations (their inputs are a few vectors per call, so quantising them saves
 nothing and disturbs every step). Attention's activation-activation products stay in float.
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config, check_choice
+from ..hooks import hooked_modules
 from ..progress import BudgetProgress
 from .calibrate import MIN_SAMPLES, CalibrationSet, NetworkCall
 from .modules import EXECUTIONS, QuantizedLayer, check_execution, network_time, publish_network_time, set_execution
@@ -394,6 +396,13 @@ def quantize_(
     network: nn.Module = getattr(model, "network", model)
     if is_quantized(network):
         raise ValueError("this network is already quantised; load the full-precision model to quantise it again")
+    hooked = hooked_modules(network)
+    if hooked:  # a cache would serve stale features to the calibration passes, and a hooked layer would be lost
+        where = ", ".join(f"{name or type(network).__name__}: {list(names)}" for name, names in hooked.items())
+        raise ValueError(
+            f"the network carries hooks ({where}); remove them (e.g. the accelerator's .remove()) before "
+            "quantize_ and install them again after"
+        )
     fingerprint = getattr(model, "fingerprint", None)
     if calibration.fingerprint and fingerprint and calibration.fingerprint != fingerprint:
         raise ValueError(
@@ -460,7 +469,7 @@ def quantize_(
     for name, layer in layers.items():
         _set_parent(network, name, layer)
     set_execution(network, config.execution)
-    network._hasten_quant_hooks = publish_network_time(network)  # type: ignore[attr-defined]
+    publish_network_time(network)
     network._hasten_quant_config = config  # type: ignore[attr-defined]
     with torch.no_grad():
         quantized_out = _output(probe.run(network))

@@ -4,8 +4,9 @@ A :class:`QuantizedLayer` replaces one ``nn.Linear`` or ``nn.Conv2d``. It holds 
 (4-bit weights are int8 values in [-8, 7]; they are packed two per byte only on disk) with one scale per
 output channel, and, for quantised activations, a bank of uint8 (scale, zero point) pairs: row 0 for any
 time, then one row per calibrated network time input (TFMQ-DM's finite-set calibration). The row is chosen
-per call from the network's time input, which a pre-hook on the quantised network publishes, so the
-right ranges are used whatever loop calls the network.
+per call from the network's time input, which a hook on the quantised network publishes (the
+``"hasten.quant.time"`` hook in :mod:`hasten.hooks`, beside any cache on the same network), so the right
+ranges are used whatever loop calls the network.
 
 A layer may split its input channels into groups with their own activation ranges and weight scales
 (Q-Diffusion's split quantisation of UNet shortcut concatenations, where the deep features and the skip
@@ -45,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hooks import HookHandle, add_hook
 from .quantizers import fake_quant_act
 
 __all__ = [
     "EXECUTIONS",
+    "TIME_HOOK",
     "QuantizedLayer",
     "check_execution",
     "cuda_int8_available",
@@ -169,7 +172,7 @@ def _fused(name: str) -> Any:
 
 @contextlib.contextmanager
 def network_time(t: float | None) -> Iterator[None]:
-    """Declare the time input of the network calls inside (what the pre-hook below does automatically)."""
+    """Declare the time input of the network calls inside (what the hook below does automatically)."""
     token = _TIME.set(t)
     try:
         yield
@@ -192,31 +195,19 @@ def time_argument(network: nn.Module, args: tuple, kwargs: dict) -> float | None
     return None
 
 
-class _TimeHooks:
-    """The pre-hook/post-hook pair of :func:`publish_network_time`; ``remove()`` takes both off."""
-
-    def __init__(self, network: nn.Module) -> None:
-        self._tokens: list[contextvars.Token] = []
-        self._handles = [
-            network.register_forward_pre_hook(self._enter, with_kwargs=True),
-            network.register_forward_hook(self._exit, always_call=True),
-        ]
-
-    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._tokens.append(_TIME.set(time_argument(module, args, kwargs)))
-
-    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._tokens:
-            _TIME.reset(self._tokens.pop())
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+TIME_HOOK = "hasten.quant.time"
 
 
-def publish_network_time(network: nn.Module) -> _TimeHooks:
-    """Hook ``network`` so that its quantised layers see the time input of the call they are part of."""
-    return _TimeHooks(network)
+def _publish_time(network: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """The time hook: the call's time input is the quantised layers' for the duration of the call."""
+    with network_time(time_argument(network, args, kwargs)):
+        return forward(*args, **kwargs)
+
+
+def publish_network_time(network: nn.Module) -> HookHandle:
+    """Hook ``network`` (as :data:`TIME_HOOK`) so that its quantised layers see the time input of the call
+    they are part of; ``remove()`` on the handle takes the hook off again."""
+    return add_hook(network, TIME_HOOK, functools.partial(_publish_time, network))
 
 
 class QuantizedLayer(nn.Module):

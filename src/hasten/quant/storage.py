@@ -151,7 +151,7 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
     network.load_state_dict({k: v if _owned_by(quantized, k) else tensors[k] for k, v in state.items()}, strict=True)
     if quantized:
         set_execution(network, execution)
-    network._hasten_quant_hooks = publish_network_time(network)  # type: ignore[attr-defined]
+    publish_network_time(network)
     return network
 
 
