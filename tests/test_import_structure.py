@@ -116,24 +116,11 @@ def test_models_import_nothing_from_quant():
         assert not {v for v in literals if isinstance(v, str) and v.startswith(("hasten.quant", ".quant"))}, name
 
 
-# Parameter defaults that pick a solver without special-casing it: generate()'s signature is public API.
-DEFAULT_SOLVER_PARAMETERS = {("generate", "solver")}
-
-
 def test_generate_knows_no_solver_and_imports_no_tune():
     assert not {t for t in GRAPH["hasten.generate"] if t == "hasten.tune" or t.startswith("hasten.tune.")}
     tree = ast.parse(MODULES["hasten.generate"][0].read_text())
-    allowed = set()
-    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
-        args = fn.args
-        positional = args.posonlyargs + args.args
-        pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
-        pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-        allowed |= {id(d) for a, d in pairs if (fn.name, a.arg) in DEFAULT_SOLVER_PARAMETERS}
     names = set(hasten.available())
-    named = [
-        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names and id(n) not in allowed
-    ]
+    named = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names]
     assert named == [], f"generate.py names solvers {named}; register an option resolver instead"
 
 

@@ -19,7 +19,7 @@ from .models.guidance import CFGDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
 from .schedules.noise import NoiseSchedule
-from .solvers import OPTION_RESOLVERS, SOLVERS, Solver, sample
+from .solvers import DEFAULT_SOLVER, OPTION_RESOLVERS, SOLVERS, Solver, sample
 
 __all__ = [
     "Generation",
@@ -97,7 +97,7 @@ def generate(
     model: LoadedModel,
     n: int,
     *,
-    solver: str = "dpmpp_2m",
+    solver: str = DEFAULT_SOLVER,
     steps: int = 10,
     schedule: str = "auto",
     seed: int | None = None,
@@ -129,7 +129,7 @@ def generate(
         given = {
             name: value
             for name, value, default in (
-                ("solver", solver, "dpmpp_2m"),
+                ("solver", solver, DEFAULT_SOLVER),
                 ("steps", steps, 10),
                 ("schedule", schedule, "auto"),
                 ("guidance", guidance, None),

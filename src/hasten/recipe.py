@@ -28,6 +28,7 @@ from typing import Any
 
 from ._io import write_text_atomic
 from .accel.hooks import AccelConfig, read_accel_file
+from .solvers import DEFAULT_SOLVER
 from .tune.plan import Plan, PlanError
 
 __all__ = [
@@ -94,7 +95,7 @@ class Recipe:
 
     model: str
     fingerprint: str = ""
-    solver: str = "dpmpp_2m"
+    solver: str = DEFAULT_SOLVER
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schedule: str = "auto"
     steps: int = 10

@@ -5,6 +5,7 @@
 
 from . import dpm_solver_v3, euler, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
+    DEFAULT_SOLVER,
     OPTION_RESOLVERS,
     SOLVERS,
     Model,
@@ -33,6 +34,7 @@ from .singlestep import DPMSolverPPSDE, DPMSolverSinglestep, SinglestepState
 from .unipc import UniPC, UniPCState
 
 __all__ = [
+    "DEFAULT_SOLVER",
     "EMS",
     "OPTION_RESOLVERS",
     "PLMS",

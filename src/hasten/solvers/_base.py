@@ -27,6 +27,7 @@ from ..schedules.grids import from_sigmas
 from ..schedules.noise import FlowMatching
 
 __all__ = [
+    "DEFAULT_SOLVER",
     "OPTION_RESOLVERS",
     "SOLVERS",
     "Model",
@@ -150,6 +151,7 @@ class _SolverSpec:
 
 
 SOLVERS: Registry[_SolverSpec] = Registry("solver")
+DEFAULT_SOLVER = "dpmpp_2m"  # what generate, sample and recipes run when no solver is named
 
 
 class OptionResolver(Protocol):
