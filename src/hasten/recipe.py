@@ -294,6 +294,8 @@ class Recipe:
         data = self.to_dict()
         for key in ("provenance", "format", "schema_version"):
             data.pop(key)
+        if data["quant_fingerprint"]:  # quantised weights are identified by their fingerprint, wherever they lie
+            data["quant"] = None
         if data["plan"] is not None:  # a plan's scores and search record do not change what it samples
             data["plan"] = {k: v for k, v in data["plan"].items() if k not in ("scores", "search")}
         return data

@@ -785,6 +785,125 @@ def train(
     )
 
 
+@app.command()
+def optimize(
+    model: ModelOption = "mnist-dit",
+    max_quality_loss: Annotated[
+        float, typer.Option(help="largest FD increase over the converged sampler (100-step reference), 0.05 = 5%")
+    ] = 0.05,
+    max_rmse: Annotated[
+        float | None, typer.Option(help="also (or, without a feature network: only) bound the RMSE to the reference")
+    ] = None,
+    minutes: Annotated[float, typer.Option(help="wall-clock budget of the whole search")] = 30.0,
+    out: Annotated[pathlib.Path, typer.Option(help="recipe to write (JSON); the work folder is OUT.optimize/")] = (
+        pathlib.Path("recipe.json")
+    ),
+    plan: Annotated[
+        list[pathlib.Path] | None,
+        typer.Option(help="plan files or folders of plans to try (those for this model's weights; repeatable)"),
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (default: the model's, 1 = none)")
+    ] = None,
+    n: Annotated[int, typer.Option(help="images per evaluation (score and confirmation noise)")] = 200,
+    solver: Annotated[
+        list[str] | None, typer.Option(help="stock solver specs to scan (repeatable; default: every multistep one)")
+    ] = None,
+    tune_share: Annotated[
+        float, typer.Option(help="share of the budget for tuning plans below the fastest passing NFE (0: none)")
+    ] = 0.25,
+    caches: Annotated[bool, typer.Option(help="calibrate caches on the fastest passing samplers")] = True,
+    quant: Annotated[
+        list[str] | None, typer.Option(help="quantisation modes to try: w8a8, w4a8 (repeatable; default both)")
+    ] = None,
+    no_quant: Annotated[bool, typer.Option("--no-quant", help="try no quantisation")] = False,
+    peers: Annotated[bool, typer.Option(help="diffusers schedulers, cache hooks and torchao in the stock set")] = True,
+    resume: Annotated[bool, typer.Option(help="continue the search of OUT (its evaluations are reused)")] = False,
+    force: Annotated[bool, typer.Option(help="search again and replace OUT")] = False,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Find the fastest recipe (sampler or tuned plan, cache, quantisation) whose quality loss against the model's
+    converged sampler stays within the budget, on held-out noise, confirmed on a third seed. Writes the recipe
+    (`hasten sample --recipe`, `hasten bench --recipe`) and OUT.optimize/report.html. Exits with status 3 when
+    nothing meets the budget (nothing written but the work folder)."""
+    from ..models.zoo import load
+    from ..optimize import DEFAULT_SOLVERS, OptimizeConfig, OptimizeError, check_output
+    from ..optimize import optimize as run_optimize
+
+    try:
+        check_output(out, resume=resume, force=force)
+        config = OptimizeConfig(
+            max_quality_loss=max_quality_loss, max_rmse=max_rmse, minutes=minutes, guidance=guidance, n=n,
+            solvers=tuple(solver) if solver else DEFAULT_SOLVERS, plans=tuple(str(p) for p in plan or ()),
+            tune_share=tune_share, caches=caches, quant=() if no_quant else tuple(quant or ("w8a8", "w4a8")),
+            peers=peers,
+        )  # fmt: skip
+        for path in config.plans:
+            if not pathlib.Path(path).exists():
+                _fail(f"--plan {path} does not exist")
+        loaded = load(model)
+    except (FileNotFoundError, OptimizeError, ValueError) as err:
+        _fail(str(err))
+    progress = _OptimizeProgress(fmt is OutputFormat.text and sys.stderr.isatty(), minutes)
+    try:
+        result = run_optimize(loaded, config, out, resume=resume, force=force, on_event=progress.event)
+    except OptimizeError as err:
+        _fail(str(err))
+    finally:
+        progress.close()
+    work = out.with_name(out.name.removesuffix(".json") + ".optimize")
+    data = {"out": str(out) if result.recipe is not None else None, "report": str(work / "report.html"),
+            **{k: v for k, v in result.to_dict().items() if k != "evaluations"}}  # fmt: skip
+    b = result.budget
+    spent = f"{b['seconds_used'] / 60:.1f} of {b['minutes']:g} minutes, {len(result.evaluations)} candidates"
+    if result.recipe is None:
+        closest = result.closest
+        near = ""
+        if closest is not None:
+            near = f"; closest: {closest['label']} (quality loss {_pct(closest['quality_loss'])}, RMSE "
+            near += f"{closest['rmse_ref']:.4f})"
+        _emit(fmt, data, f"nothing meets the budget ({spent}){near}; nothing written but {work}")
+        raise typer.Exit(3)
+    c = result.chosen
+    stock = result.best_stock
+    versus = "" if stock is None else (
+        f"; the fastest stock configuration within the budget ({stock['label']}) runs at {stock['speedup']:.2f}x, so "
+        f"{c['speedup'] / stock['speedup']:.2f}x iso-quality"
+    )  # fmt: skip
+    lines = [f"{loaded.info.name}: {c['label']}: {c['speedup']:.2f}x the baseline ({result.baseline['label']})"
+             f"{versus}; quality loss {_pct(c['quality_loss'])}, confirmed {_pct(c['confirmation']['quality_loss'])} "
+             f"on seed {c['confirmation']['seed']} ({spent}) -> {out}"]  # fmt: skip
+    lines += [f"  {row['step']}: {row['label']}: {row['speedup']:.2f}x, quality loss {_pct(row['quality_loss'])}"
+              for row in result.path]  # fmt: skip
+    lines.append(f"  report: {work / 'report.html'}")
+    _emit(fmt, data, "\n".join(lines))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
+class _OptimizeProgress:
+    """The search's progress: a bar over the time budget and the last candidate."""
+
+    def __init__(self, enabled: bool, minutes: float) -> None:
+        import time
+
+        from ..progress import BudgetProgress
+
+        self.start = time.perf_counter()
+        self.bar = BudgetProgress(enabled, "optimize", 60.0 * minutes)
+
+    def event(self, kind: str, row: dict[str, Any]) -> None:
+        import time
+
+        passed = " (passes)" if row.get("passed") else ""
+        self.bar.update(time.perf_counter() - self.start, f"{kind}: {row['label'][:60]}{passed}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def main() -> None:
     app()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pathlib
 
 from torch import Tensor
 
@@ -19,7 +20,7 @@ from .._io import atomic_path
 from ..models.zoo import LoadedModel
 from .quality import cache_dir
 
-__all__ = ["REFERENCE_SOLVER", "psnr", "reference_samples", "rmse"]
+__all__ = ["REFERENCE_SOLVER", "psnr", "reference_path", "reference_samples", "rmse"]
 
 # Many steps of a third-order multistep solver on the EDM grid: converged to well below the errors measured.
 REFERENCE_SOLVER = {"solver": "dpmpp_3m", "steps": 200, "schedule": "karras"}
@@ -34,6 +35,24 @@ def psnr(x: Tensor, reference: Tensor) -> float:
     """Peak signal-to-noise ratio in dB for images in [0, 1] (infinite when identical)."""
     mse = float((x.double() - reference.double()).pow(2).mean())
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def reference_path(
+    model: LoadedModel,
+    n: int,
+    *,
+    seed: int = 0,
+    guidance: float = 1.0,
+    label: int | None = None,
+    steps: int | None = None,
+) -> tuple[pathlib.Path, dict]:
+    """Where :func:`reference_samples` caches these samples (exists once computed), and what keys them."""
+    solver = {**REFERENCE_SOLVER, **({"steps": steps} if steps is not None else {})}
+    spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **solver}
+    if model.condition_key:  # a pipeline's prompts
+        spec["condition"] = model.condition_key
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "references" / f"{key}.safetensors", spec
 
 
 def reference_samples(
@@ -53,12 +72,8 @@ def reference_samples(
 
     from ..generate import generate
 
-    solver = {**REFERENCE_SOLVER, **({"steps": steps} if steps is not None else {})}
-    spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **solver}
-    if model.condition_key:  # a pipeline's prompts
-        spec["condition"] = model.condition_key
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / "references" / f"{key}.safetensors"
+    path, spec = reference_path(model, n, seed=seed, guidance=guidance, label=label, steps=steps)
+    solver = {k: spec[k] for k in REFERENCE_SOLVER}
     if path.exists():
         return load_file(str(path))["images"]
     result = generate(
