@@ -491,13 +491,8 @@ def _model_ref(model: Any) -> str:
 def _folder_ref(folder: str | os.PathLike) -> str:
     from .models.zoo import BUNDLED
 
-    folder = pathlib.Path(folder)
-    try:
-        if folder.resolve().parent == BUNDLED.resolve():
-            return folder.name
-    except OSError:
-        pass
-    return str(folder)
+    folder = pathlib.Path(folder).resolve()
+    return folder.name if folder.parent == BUNDLED.resolve() else str(folder)
 
 
 FOLDER_FIELDS = ("model", "quant")  # fields that may name a model folder
@@ -530,7 +525,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             if isinstance(value, str) and not pathlib.Path(value).is_absolute():
                 beside = path.parent / value
                 if (beside / "hasten.json").is_file():
-                    data[field] = str(beside)
+                    data[field] = str(beside.resolve())
     try:
         return Recipe.from_dict(data)
     except RecipeError as err:

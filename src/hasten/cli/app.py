@@ -831,7 +831,6 @@ def optimize(
     from ..optimize import optimize as run_optimize
 
     try:
-        check_output(out, resume=resume, force=force)
         config = OptimizeConfig(
             max_quality_loss=max_quality_loss, max_rmse=max_rmse, minutes=minutes, guidance=guidance, n=n,
             solvers=tuple(solver) if solver else DEFAULT_SOLVERS, plans=tuple(str(p) for p in plan or ()),
@@ -841,6 +840,7 @@ def optimize(
         for path in config.plans:
             if not pathlib.Path(path).exists():
                 _fail(f"--plan {path} does not exist")
+        check_output(out, resume=resume, force=force)
         loaded = load(model)
     except (FileNotFoundError, OptimizeError, ValueError) as err:
         _fail(str(err))
