@@ -31,7 +31,7 @@ def test_bench_puts_cached_uncached_and_peer_rows_side_by_side(tiny_model, tmp_p
     installed, _ = cache_peers_for(hasten.load(tiny_model).network)
     assert {"reference", "hasten"} <= libraries
     assert len(rows) == 1 + 2 + len(installed)  # reference, uncached, cached, one per installed peer
-    cached = next(r for r in rows if "accel" in r["options"])
+    cached = next(r for r in rows if r["kind"] == "cache" and r["recipe"]["cache"] is not None)
     assert cached["accel_stats"]["reused"] > 0 and cached["accel_stats"]["calls"] == 4
     comparison = cache_comparison(rows)
     assert len(comparison) == 1 + len(installed)

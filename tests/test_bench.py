@@ -1,17 +1,27 @@
-"""hasten bench: matrix expansion, JSONL rows, resume after a kill, refusal of another matrix, the report."""
+"""hasten bench: matrix expansion, JSONL rows, resume after a kill, refusal of another matrix, the report;
+rows are recipes (every kind round-trips through results.jsonl), --recipe rows, old result folders."""
 
 import dataclasses
 import itertools
 import json
+import pathlib
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
+import hasten
+from hasten.accel import BlockCacheConfig
 from hasten.bench.matrix import PRESETS, BenchConfig, expand
-from hasten.bench.report import pareto_front, render
-from hasten.bench.runner import ROW_KEYS, BenchError, read_results, run_bench
+from hasten.bench.report import cache_comparison, pareto_front, quant_comparison, render, row_kind
+from hasten.bench.runner import ROW_KEYS, BenchError, read_results, run_bench, sample_recipe
 from hasten.cli.app import app
+from hasten.metrics.reference import reference_samples, rmse
+from hasten.recipe import Recipe, save_recipe
 from hasten.solvers import parse_solver
+from hasten.tune.plan import save_plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(model, **kw):
@@ -32,6 +42,16 @@ def test_matrix_expansion():
         1.0
     }
     assert set(PRESETS) == {"quick", "tuning", "standard", "full", "caching", "quantization"}
+    assert {r.kind for r in eps} == {"stock", "peer"} and all(isinstance(r, Recipe) for r in eps)
+    assert {r.library for r in eps} == {"hasten", "diffusers"}
+    # a pipeline's own scheduler is a diffusers row at every step count, named by its class
+    own = [r for r in expand(cfg, objective="eps", conditional=False, own_scheduler="DDIMScheduler")
+           if r.solver == "pipeline"]  # fmt: skip
+    assert [(r.library, r.options, r.steps) for r in own] == [
+        ("diffusers", {"scheduler": "DDIMScheduler"}, 5),
+        ("diffusers", {"scheduler": "DDIMScheduler"}, 10),
+    ]
+    assert own[0].describe() == "diffusers:pipeline[scheduler=DDIMScheduler] (5 steps)"
 
 
 def test_parse_solver_validates_early():
@@ -129,3 +149,130 @@ def test_results_of_an_older_matrix_resume_after_new_options_appear():
     assert not _same_matrix(old, changed)
     assert not _same_matrix({**old, "entries": ["b"]}, new)
     assert not _same_matrix(None, new)
+
+
+def _rows_setup(model, tmp_path):
+    """A plan, a calibrated cache, a quantised folder and a recipe file for ``model``, each a bench row."""
+    from hasten.quant import QuantConfig
+    from hasten.quant.storage import quantize_to_folder
+
+    sigmas = hasten.get_sigmas("auto", 2, model.schedule)
+    plan = hasten.Plan(tuple(sigmas.tolist()), "dpmpp_2m", nfe=2, model=model.info.name, fingerprint=model.fingerprint)
+    plan_file = save_plan(plan, tmp_path / "plan.json")
+    accel = BlockCacheConfig(interval=2).save(
+        tmp_path / "accel.json", calibration={"setting": {"solver": "euler", "steps": 4, "guidance": 1.0}}
+    )
+    quant = tmp_path / "w8a8"
+    # from the folder: a LoadedModel would be quantised in place
+    quantize_to_folder(model.folder, QuantConfig(weights=8, activations=8), quant, n=32, solver="euler", steps=2)
+    recipe = Recipe.from_files(model, solver="heun", steps=2, seed=7)  # a stock recipe the matrix lacks
+    recipe_file = save_recipe(recipe, tmp_path / "heun.recipe.json")
+    return [str(plan_file), str(accel), str(quant), str(recipe_file)]
+
+
+def test_every_row_kind_round_trips_through_results(tiny_model, tmp_path):
+    model = hasten.load(tiny_model)
+    plan, accel, quant, recipe_file = _rows_setup(model, tmp_path)
+    cfg = _config(tiny_model, solvers=("euler",), steps=(2,), reference_steps=20, plans=(plan,), accels=(accel,),
+                  quants=(quant,), recipes=(recipe_file,))  # fmt: skip
+    out = tmp_path / "bench"
+    rows = run_bench(cfg, out)
+    assert rows == read_results(out)
+    expected = expand(cfg, objective="flow", conditional=True, network=model.network, model=tiny_model,
+                      fingerprint=model.fingerprint)  # fmt: skip
+    by_key = {r["key"]: r for r in rows}
+    assert len(rows) == len(expected) + 1 and len(by_key) == len(rows)
+    assert {r["kind"] for r in rows} == {"reference", "stock", "plan", "cache", "quant", "peer"}
+    for recipe in expected:
+        row = by_key[recipe.key]
+        again = Recipe.from_dict(row["recipe"])  # from the file's JSON
+        assert again == recipe and again.kind == row["kind"] == row_kind(row) and row["label"] == again.describe()
+        assert again.seed == cfg.seed
+    (reference,) = [r for r in rows if r["kind"] == "reference"]
+    assert reference["label"].startswith("reference: dpmpp_3m (karras, 20 steps)")
+    assert Recipe.from_dict(reference["recipe"]).key in reference["key"]
+    # the --recipe row is the recipe sampled from the bench's noise: same images as sample_recipe on that seed
+    (replayed,) = [r for r in rows if r["recipe"]["provenance"].get("recipe_file") == recipe_file]
+    assert replayed["kind"] == "stock" and replayed["label"] == "heun (auto, 2 steps)"
+    images = sample_recipe(model, Recipe.from_dict(replayed["recipe"]), cfg.n).images01
+    ref = reference_samples(model, cfg.n, seed=cfg.seed, guidance=1.0, steps=cfg.reference_steps)
+    assert rmse(images, ref) == pytest.approx(replayed["rmse_ref"], rel=1e-6, abs=1e-9)
+    # the report's tables find the technique rows by their recorded kind
+    assert len(cache_comparison(rows)) == len([r for r in rows if r["kind"] == "cache"]) >= 1
+    assert len(quant_comparison(rows)) == len([r for r in rows if r["kind"] == "quant"]) >= 1
+    html = render(out).read_text()
+    assert "Caching: against the uncached run" in html and "Quantisation: against the float model" in html
+
+
+def test_a_recipe_for_another_model_is_refused_before_any_row(tiny_model, tmp_path):
+    other = save_recipe(Recipe("mnist-dit", fingerprint="f" * 16, solver="euler", steps=2), tmp_path / "other.json")
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match="is for model 'mnist-dit' \\(weights ffffffffffff\\), not the benchmarked"):
+        run_bench(_config(tiny_model, recipes=(str(other),)), out)
+    assert not (out / "results.jsonl").exists() and not (out / "grids").exists()
+    res = CliRunner().invoke(app, ["bench", "--model", tiny_model, "--recipe", str(other), "--n", "10",
+                                   "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 2 and "bench it with --model mnist-dit" in res.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a hasten recipe"):
+        _config(tiny_model, recipes=(str(bad),))  # checked when the config is built
+
+
+def test_a_recipe_the_model_cannot_run_is_refused_before_any_row(tiny_model, tmp_path):
+    fingerprint = hasten.load(tiny_model).fingerprint
+    cases = {
+        "own-scheduler": (dict(library="diffusers", solver="pipeline", options={"scheduler": "DDIMScheduler"}),
+                          "needs a pipeline"),
+        "eps-peer": (dict(library="diffusers", solver="ddim"), "ddim does not support 'flow' models"),
+        "unet-cache": (dict(cache_peer="deepcache"), "peer cache 'deepcache' does not apply"),
+    }  # fmt: skip
+    for name, (fields, message) in cases.items():
+        path = save_recipe(Recipe(tiny_model, fingerprint=fingerprint, steps=2, **fields), tmp_path / f"{name}.json")
+        out = tmp_path / name
+        with pytest.raises(BenchError, match=message):
+            run_bench(_config(tiny_model, recipes=(str(path),)), out)
+        assert not (out / "results.jsonl").exists()
+
+
+def test_peer_sampler_recipes_are_checked():
+    assert Recipe("m", library="diffusers", solver="unipc").kind == "peer"
+    with pytest.raises(ValueError, match="diffusers sampler 'unipcc' is unknown"):
+        Recipe("m", library="diffusers", solver="unipcc")
+    with pytest.raises(ValueError, match="takes no options"):
+        Recipe("m", library="diffusers", solver="unipc", options={"solver_order": 3})
+    with pytest.raises(ValueError, match="takes the option 'scheduler' only"):
+        Recipe("m", library="diffusers", solver="pipeline", options={"shift": 3})
+    own = Recipe("m", library="diffusers", solver="pipeline", options={"scheduler": "DDIMScheduler"}, steps=2)
+    pipeline_of_another_scheduler = type("FakePipelineModel", (), {"pipeline": type("P", (), {
+        "scheduler": type("EulerDiscreteScheduler", (), {})()})()})()  # fmt: skip
+    with pytest.raises(BenchError, match="own DDIMScheduler; this pipeline's is EulerDiscreteScheduler"):
+        sample_recipe(pipeline_of_another_scheduler, own, 2)
+
+
+def test_a_folder_of_an_older_bench_is_refused_on_resume(tiny_model, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "matrix.json").write_text(json.dumps({"config": {}, "model_fingerprint": "f", "entries": ["a"]}))
+    (out / "results.jsonl").write_text(json.dumps({"key": "a", "label": "x", "library": "hasten"}) + "\n")
+    with pytest.raises(BenchError, match=r"written by an older hasten .* use another --out"):
+        run_bench(_config(tiny_model), out, resume=True)
+    assert len(read_results(out)) == 1
+
+
+@pytest.mark.parametrize("folder", ["caching/bench-dit", "quantization/bench-dit"])
+def test_report_renders_a_committed_folder_of_rows_before_recipes(folder, tmp_path):
+    source = ROOT / "benchmarks" / "results" / folder
+    copy = tmp_path / "old"
+    shutil.copytree(source, copy)
+    rows = read_results(copy)
+    assert rows and not any("kind" in r or "recipe" in r for r in rows)  # the old row format
+    html = render(copy).read_text()
+    kinds = {row_kind(r) for r in rows}
+    assert kinds == {"reference", "stock", "cache" if "caching" in folder else "quant"}
+    if "caching" in folder:
+        assert "Caching: against the uncached run" in html
+        assert len(cache_comparison(rows)) == len([r for r in rows if row_kind(r) == "cache"])
+    else:
+        assert "Quantisation: against the float model" in html
+        assert len(quant_comparison(rows)) == len([r for r in rows if row_kind(r) == "quant"])

@@ -56,7 +56,7 @@ def _fake_model():
 
 
 def _plan(nfe):
-    sigmas = torch.logspace(1, -2, nfe).tolist() + [0.0]
+    sigmas = [*torch.logspace(1, -2, nfe).tolist(), 0.0]
     return hasten.Plan(tuple(sigmas), "dpmpp_2m", nfe=nfe, fingerprint=FINGERPRINT)
 
 

@@ -37,7 +37,9 @@ __all__ = [
     "RECIPE_SCHEMA_VERSION",
     "Recipe",
     "RecipeError",
+    "describe_recipe",
     "load_recipe",
+    "read_cache_file",
     "recipe_path_beside",
     "save_recipe",
 ]
@@ -145,6 +147,8 @@ class Recipe:
                 raise RecipeError(f"recipe steps must be an integer >= 1, got {self.steps!r}")
             if self.library == "hasten":
                 self._check_solver()
+            else:
+                self._check_peer_sampler()
         if self.cache is not None and self.cache_peer is not None:
             raise RecipeError(f"a recipe takes hasten's cache or a peer's ({self.cache_peer!r}), not both")
         if self.quant is not None and self.quant_peer is not None:
@@ -177,6 +181,21 @@ class Recipe:
                 DISCRETISATIONS.get(self.schedule)
             except KeyError as err:
                 raise RecipeError(f"recipe schedule: {err.args[0]}") from None
+
+    def _check_peer_sampler(self) -> None:
+        from .bench.peers import PEERS
+
+        if self.solver == "pipeline":  # a pipeline's own scheduler, named by its class
+            if set(self.options) - {"scheduler"}:
+                raise RecipeError(
+                    f"recipe solver 'pipeline' takes the option 'scheduler' only, got {sorted(self.options)}"
+                )
+        elif self.solver not in PEERS:
+            raise RecipeError(
+                f"recipe {self.library} sampler {self.solver!r} is unknown; known: pipeline, {', '.join(PEERS)}"
+            )
+        elif self.options:
+            raise RecipeError(f"the {self.library} sampler {self.solver!r} takes no options, got {dict(self.options)}")
 
     def _check_plan(self, force: bool, forced: set[str]) -> None:
         if self.library != "hasten":
@@ -345,25 +364,9 @@ class Recipe:
         self.check_model(model)
         return model
 
-    def describe(self) -> str:
-        """One line for people: the sampler, then every technique on top of it."""
-        if self.library != "hasten":
-            head = f"{self.library}:{self.solver} ({self.steps} steps)"
-        elif self.plan is not None:
-            name = self.provenance.get("plan_file") or f"plan {self.plan.digest()[:8]}"
-            head = f"plan[{pathlib.Path(name).name}] ({self.steps} steps, NFE {self.plan.nfe})"
-        else:
-            opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-            head = f"{self.solver}{f'[{opts}]' if opts else ''} ({self.schedule}, {self.steps} steps)"
-        parts = [head]
-        if self.cache is not None:
-            parts.append(f"cache {cache_label(self.cache)}")
-        if self.quant is not None:
-            parts.append(f"quant[{pathlib.Path(self.quant).name}]")
-        parts += [peer for peer in (self.cache_peer, self.quant_peer) if peer is not None]
-        if self.effective_guidance not in (None, 1.0):
-            parts.append(f"w={self.effective_guidance:g}")
-        return " + ".join(parts)
+    def describe(self, *, steps: bool = True) -> str:
+        """One line for people: the sampler, then every technique on top of it (see :func:`describe_recipe`)."""
+        return describe_recipe(self.to_dict(), steps=steps)
 
     # -- JSON --------------------------------------------------------------------------------------------
 
@@ -442,8 +445,7 @@ class Recipe:
         cache_setting: dict[str, Any] = {}
         if accel is not None and not isinstance(accel, AccelConfig):
             provenance["cache_file"] = str(accel)
-            accel, calibration = read_accel_file(accel)
-            cache_setting = {k: v for k, v in (calibration.get("setting") or {}).items() if k not in ("n", "seeds")}
+            accel, cache_setting = read_cache_file(accel)
         quant_fingerprint = ""
         if getattr(model.info, "quantization", None):  # a quantised model: the recipe names its source
             record = model.info.quantization
@@ -464,6 +466,43 @@ class Recipe:
             quant=None if quant is None else str(quant), quant_fingerprint=quant_fingerprint, provenance=provenance,
             force=force, **fields,
         )  # fmt: skip
+
+
+def describe_recipe(data: Mapping[str, Any], *, steps: bool = True) -> str:
+    """One line for people from a recipe's JSON (:meth:`Recipe.to_dict`): the sampler, then every technique on
+    top of it. The one label of a recipe: ``Recipe.describe``, bench row labels and the bench report's series
+    names all come from here. ``steps=False`` leaves the step count out (a line across step counts; a plan is
+    one point and keeps its own). Reads the JSON alone, no files, so a recorded bench row describes itself on
+    any machine."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(data["options"].items()))
+    name = f"{data['solver']}{f'[{opts}]' if opts else ''}"
+    count = f"{data['steps']} steps"
+    plan = None if data["plan"] is None else Plan.from_dict(data["plan"])
+    if data["library"] != "hasten":
+        head = f"{data['library']}:{name}" + (f" ({count})" if steps else "")
+    elif plan is not None:
+        file = data["provenance"].get("plan_file") or f"plan {plan.digest()[:8]}"
+        head = f"plan[{pathlib.Path(file).name}] ({plan.num_steps} steps, NFE {plan.nfe})"
+    else:
+        head = f"{name} ({data['schedule']}{f', {count}' if steps else ''})"
+    parts = [head]
+    if data["cache"] is not None:
+        parts.append(f"cache {cache_label(AccelConfig.from_dict(data['cache']))}")
+    if data["quant"] is not None:
+        parts.append(f"quant[{pathlib.Path(data['quant']).name}]")
+    parts += [peer for peer in (data["cache_peer"], data["quant_peer"]) if peer is not None]
+    guidance = data["guidance"] if data["guidance"] is not None or plan is None else plan.guidance
+    if guidance not in (None, 1.0):
+        parts.append(f"w={guidance:g}")
+    return " + ".join(parts)
+
+
+def read_cache_file(path: str | os.PathLike) -> tuple[AccelConfig, dict[str, Any]]:
+    """The cache config in a file from ``hasten accelerate calibrate`` and the setting it was calibrated for, as
+    a recipe's ``cache_setting`` (solver, steps, guidance...; not the image count, seeds or model name)."""
+    config, calibration = read_accel_file(path)
+    setting = {k: v for k, v in (calibration.get("setting") or {}).items() if k not in ("n", "seeds", "model")}
+    return config, setting
 
 
 def cache_label(config: AccelConfig) -> str:

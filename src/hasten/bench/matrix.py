@@ -1,27 +1,33 @@
-"""The experiment matrix of ``hasten bench``: which configurations run, as plain data.
+"""The experiment matrix of ``hasten bench``: which rows run, as recipes.
 
-A configuration (:class:`Entry`) is one way of sampling the model: the library (hasten or diffusers), the
-solver and its options, the discretisation, the step count and the guidance scale. ``expand`` turns a
-:class:`BenchConfig` into the ordered list of entries; each has a stable ``key`` so an interrupted run
-can skip what it already finished.
+Every row is a :class:`~hasten.recipe.Recipe`: a stock hasten configuration, a tuned plan, a calibrated cache
+(with the uncached row and the peer caches at its setting), a quantised model (with the float row and
+torchao's configs), a diffusers scheduler, a pipeline's own scheduler, or a recipe file (``--recipe``).
+``expand`` turns a :class:`BenchConfig` into the ordered list; a row's key is its recipe's ``key`` (so an
+interrupted run can skip what it already finished), its kind ``recipe.kind`` and its label
+``recipe.describe()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 from typing import Any
 
 from ..config import Config, check_choice
+from ..recipe import Recipe, load_recipe, read_cache_file
 from ..solvers import parse_solver
 from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
 
 DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
 
-__all__ = ["PIPELINE_EMBEDS", "PRESETS", "BenchConfig", "Entry", "PipelineSource", "expand"]
+__all__ = ["MATRIX_VERSION", "PIPELINE_EMBEDS", "PRESETS", "BenchConfig", "PipelineSource", "expand", "row_library"]
+
+# Recorded in matrix.json. 2: rows are recipes keyed by ``Recipe.key``; 1: the older ``Entry`` keys. A folder of
+# another version is refused on --resume (its rows would not be recognised and would run again).
+MATRIX_VERSION = 2
 
 
 PIPELINE_EMBEDS = (
@@ -96,6 +102,7 @@ class BenchConfig(Config):
     cache_peers: bool = True  # with each cache config, the peer caches that apply and are installed
     quants: tuple[str, ...] = ()  # quantised model folders from `hasten quantize`: quantised, float, torchao rows
     quant_peers: bool = True  # with each quantised model, torchao's data-free configs (if torchao is installed)
+    recipes: tuple[str, ...] = ()  # recipe files (`hasten optimize`, ...): one row each, at the bench's seed
     pipeline: PipelineSource | None = None  # benchmark this diffusers pipeline instead of ``model``
 
     def __post_init__(self) -> None:
@@ -118,6 +125,8 @@ class BenchConfig(Config):
             accel_setting(path)
         for path in self.quants:
             quant_setting(path)
+        for path in self.recipes:
+            load_recipe(path)  # a missing, corrupt or inconsistent recipe fails now; its weights are checked by expand
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -168,79 +177,90 @@ PRESETS: dict[str, BenchConfig] = {
 }  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One configuration of the matrix."""
-
-    library: str  # "hasten" | "diffusers"
-    solver: str
-    options: dict[str, Any]
-    schedule: str | None
-    steps: int
-    guidance: float
-
-    @property
-    def key(self) -> str:
-        data = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(data.encode()).hexdigest()[:16]
-
-    @property
-    def label(self) -> str:
-        if self.solver == "plan":
-            file = pathlib.Path(self.options["file"]).name
-            return f"{self.library}:plan[{file}] (tuned, {self.steps} steps, w={self.guidance:g})"
-        if "accel" in self.options or "cache_peer" in self.options:
-            cache = pathlib.Path(self.options["accel"]).name if "accel" in self.options else None
-            name = f"{self.solver}+{f'cache[{cache}]' if cache else self.options['cache_peer']}"
-            return f"{self.library}:{name} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
-        if "quant" in self.options or "quant_peer" in self.options:
-            quant = pathlib.Path(self.options["quant"]).name if "quant" in self.options else None
-            name = f"{self.solver}+{f'quant[{quant}]' if quant else self.options['quant_peer']}"
-            return f"{self.library}:{name} ({self.schedule}, {self.steps} steps, w={self.guidance:g})"
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        name = f"{self.solver}[{opts}]" if opts else self.solver
-        where = f"{self.schedule}, " if self.schedule else ""
-        return f"{self.library}:{name} ({where}{self.steps} steps, w={self.guidance:g})"
-
-
 def expand(
-    config: BenchConfig, *, objective: str, conditional: bool, network: Any = None, own_scheduler: str | None = None
-) -> list[Entry]:
-    """All entries, hasten's first; diffusers peers only where they support the model's objective, and
+    config: BenchConfig,
+    *,
+    objective: str,
+    conditional: bool,
+    network: Any = None,
+    own_scheduler: str | None = None,
+    model: str | None = None,
+    fingerprint: str = "",
+) -> list[Recipe]:
+    """Every row as a recipe, hasten's first; diffusers peers only where they support the model's objective, and
     ``own_scheduler`` (a pipeline's scheduler class) at every step count: what the pipeline runs today.
 
-    For flow-matching models a generic peer name maps to its flow variant ("euler" -> "flow_euler"). Each
-    cache config adds its cached row, the uncached row at the same setting (unless the matrix has it) and,
-    with ``cache_peers`` and a ``network`` to inspect, the installed peer caches that apply to it.
+    ``model`` and ``fingerprint`` name the benchmarked model in the recipes (default: ``config.model`` or the
+    pipeline folder, any weights); a plan, cache, quantised folder or recipe file made for other weights is
+    refused here, before anything runs. For flow-matching models a generic peer name maps to its flow variant
+    ("euler" -> "flow_euler"). Each cache config adds its cached row, the uncached row at the same setting and,
+    with ``cache_peers`` and a ``network`` to inspect, the installed peer caches that apply to it; each quantised
+    folder its row, the float row at its setting and torchao's configs. A recipe that two sources add (the
+    uncached row of a cache that the stock matrix already has) is one row.
     """
+    if model is None:
+        model = config.pipeline.folder if config.pipeline is not None else config.model
+    common: dict[str, Any] = {"model": model, "fingerprint": fingerprint, "seed": config.seed}
+    rows: dict[str, Recipe] = {}
+
+    def add(recipe: Recipe) -> None:
+        rows.setdefault(recipe.key, recipe)
+
     guidance = config.guidance if conditional else (1.0,)
     # diffusers' timestep spacings exist for discrete (DDPM-type) schedules only; flow models skip them
     schedules = [s for s in config.schedules if not (objective == "flow" and s in DISCRETE_SPACINGS)]
-    entries = []
     for g in guidance:
         for spec in config.solvers:
             name, options = parse_solver(spec)
             for schedule in schedules:
                 for steps in config.steps:
-                    entries.append(Entry("hasten", name, options, schedule, steps, g))
+                    add(Recipe(solver=name, options=options, schedule=schedule, steps=steps, guidance=g, **common))
         for path in config.plans:
             plan = load_plan(path)
-            if plan.guidance == g:  # the plan's content hash keys the row: an edited plan is a new row
-                digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
-                entries.append(
-                    Entry("hasten", "plan", {"file": str(path), "sha256": digest}, "plan", plan.num_steps, g)
-                )
-        entries += _cache_entries(config, g, entries, network)
-        entries += _quant_entries(config, g, entries)
+            if plan.guidance == g:  # the plan's content is in the key: an edited plan is a new row
+                add(Recipe(plan=plan, provenance={"plan_file": str(path)}, **common))
+        _cache_rows(config, g, common, network, add)
+        _quant_rows(config, g, common, add)
         supported = set(peers_for(objective))
         peers = [p if p in supported else f"flow_{p}" for p in config.peers]
         for peer in dict.fromkeys(p for p in peers if p in supported):
             for steps in config.steps:
-                entries.append(Entry("diffusers", peer, {}, None, steps, g))
+                add(Recipe(library="diffusers", solver=peer, steps=steps, guidance=g, **common))
         if own_scheduler is not None:
             for steps in config.steps:
-                entries.append(Entry("diffusers", "pipeline", {"scheduler": own_scheduler}, None, steps, g))
-    return entries
+                add(Recipe(library="diffusers", solver="pipeline", options={"scheduler": own_scheduler}, steps=steps,
+                           guidance=g, **common))  # fmt: skip
+    for path in config.recipes:
+        add(_recipe_row(path, config, conditional, model, fingerprint))
+    return list(rows.values())
+
+
+def _recipe_row(path: str, config: BenchConfig, conditional: bool, model: str, fingerprint: str) -> Recipe:
+    """A recipe file as a row: refused when made for other weights; sampled from the bench's noise (seed)."""
+    recipe = load_recipe(path)
+    if recipe.fingerprint and fingerprint and recipe.fingerprint != fingerprint:
+        raise ValueError(
+            f"recipe {path!r} is for model {recipe.model!r} (weights {recipe.fingerprint[:12]}), not the benchmarked "
+            f"{model!r} (weights {fingerprint[:12]}): bench it with --model {recipe.model}"
+        )
+    if not conditional and recipe.effective_guidance not in (None, 1.0):
+        raise ValueError(
+            f"recipe {path!r} samples at guidance {recipe.effective_guidance:g}; {model!r} has no unconditional "
+            "branch (guidance 1 only)"
+        )
+    return recipe.replace(seed=config.seed, provenance={**recipe.provenance, "recipe_file": str(path)})
+
+
+def row_library(recipe: Recipe) -> str:
+    """Whose technique a row measures, for the report's colours and columns: a peer cache's or torchao's library,
+    else the recipe's sampling loop (hasten or diffusers)."""
+    from .cache_peers import CACHE_PEERS
+
+    if recipe.cache_peer is not None:
+        return CACHE_PEERS[recipe.cache_peer].library
+    if recipe.quant_peer is not None:
+        return "torchao"
+    return recipe.library
 
 
 def accel_setting(path: str) -> dict[str, Any]:
@@ -274,52 +294,37 @@ def quant_setting(path: str) -> dict[str, Any]:
     return record
 
 
-def _quant_entries(config: BenchConfig, guidance: float, existing: list[Entry]) -> list[Entry]:
+def _quant_rows(config: BenchConfig, guidance: float, common: dict[str, Any], add) -> None:
     """For each quantised folder: the float row at its calibration setting, the quantised row, torchao's."""
-    from ..models.zoo import weights_fingerprint
+    from ..models.zoo import folder_fingerprint
     from .quant_peers import QUANT_PEERS, quant_peers_available
 
-    entries: list[Entry] = []
-    seen = {e.key for e in existing}
-    peers = quant_peers_available() if config.quant_peers else []
+    peers = [p for p in quant_peers_available() if p in QUANT_PEERS] if config.quant_peers else []
     for path in config.quants:
         setting = quant_setting(path)["calibration"]
         if float(setting.get("guidance") or 1.0) != guidance:
             continue
-        solver, steps = setting["solver"], int(setting["steps"])
-        digest = weights_fingerprint(pathlib.Path(path), "quantized.safetensors")
-        candidates = [
-            Entry("hasten", solver, {}, "auto", steps, guidance),
-            Entry("hasten", solver, {"quant": str(path), "sha256": digest}, "auto", steps, guidance),
-        ]
-        candidates += [Entry("torchao", solver, {"quant_peer": p}, "auto", steps, guidance) for p in peers
-                       if p in QUANT_PEERS]  # fmt: skip
-        for entry in candidates:
-            if entry.key not in seen:
-                seen.add(entry.key)
-                entries.append(entry)
-    return entries
+        sampler = {"solver": setting["solver"], "steps": int(setting["steps"]), "schedule": "auto",
+                   "guidance": guidance, **common}  # fmt: skip
+        add(Recipe(**sampler))
+        add(Recipe(quant=str(path), quant_fingerprint=folder_fingerprint(path), **sampler))
+        for peer in peers:
+            add(Recipe(quant_peer=peer, **sampler))
 
 
-def _cache_entries(config: BenchConfig, guidance: float, existing: list[Entry], network: Any) -> list[Entry]:
-    from .cache_peers import CACHE_PEERS, cache_peers_for
+def _cache_rows(config: BenchConfig, guidance: float, common: dict[str, Any], network: Any, add) -> None:
+    """For each cache config: the uncached row at its calibration setting, the cached row, the peer caches."""
+    from .cache_peers import cache_peers_for
 
-    entries: list[Entry] = []
     peers = cache_peers_for(network)[0] if (config.cache_peers and network is not None) else []
-    seen = {e.key for e in existing}
     for path in config.accels:
-        setting = accel_setting(path)
+        accel_setting(path)  # says what is missing from a file without its calibration setting
+        cache, setting = read_cache_file(path)
         if float(setting.get("guidance") or 1.0) != guidance:
             continue
-        solver, steps = setting["solver"], int(setting["steps"])
-        digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
-        candidates = [
-            Entry("hasten", solver, {}, "auto", steps, guidance),
-            Entry("hasten", solver, {"accel": str(path), "sha256": digest}, "auto", steps, guidance),
-        ]
-        candidates += [Entry(CACHE_PEERS[p].library, solver, {"cache_peer": p}, "auto", steps, guidance) for p in peers]
-        for entry in candidates:
-            if entry.key not in seen:
-                seen.add(entry.key)
-                entries.append(entry)
-    return entries
+        sampler = {"solver": setting["solver"], "steps": int(setting["steps"]),
+                   "schedule": setting.get("schedule", "auto"), "guidance": guidance, **common}  # fmt: skip
+        add(Recipe(**sampler))
+        add(Recipe(cache=cache, cache_setting=setting, provenance={"cache_file": str(path)}, **sampler))
+        for peer in peers:
+            add(Recipe(cache_peer=peer, **sampler))

@@ -1,7 +1,9 @@
 """The bench report: Pareto plots (PNG) and one self-contained HTML page (everything embedded, offline).
 
 ``render(DIR)`` reads ``DIR/results.jsonl`` and writes ``DIR/pareto_nfe.png``, ``DIR/pareto_seconds.png``,
-``DIR/error_nfe.png`` and ``DIR/report.html``; ``hasten report DIR`` calls it.
+``DIR/error_nfe.png`` and ``DIR/report.html``; ``hasten report DIR`` calls it. A row's kind and its series
+name come from what the row recorded (``kind``, ``recipe``); rows written before bench rows were recipes are
+read by :func:`row_kind`'s fallback.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections import defaultdict
 from typing import Any
 
 from .._io import atomic_path, write_text_atomic
+from ..recipe import describe_recipe
 from .runner import read_results
 
-__all__ = ["cache_comparison", "pareto_front", "render"]
+__all__ = ["cache_comparison", "pareto_front", "quant_comparison", "render", "row_kind"]
 
 COLOURS = {
     "hasten": "#d9480f",
@@ -53,17 +57,31 @@ def pareto_front(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, A
     return front
 
 
+def row_kind(row: dict[str, Any]) -> str:
+    """What a row measures: reference, stock, plan, cache, quant or peer (``Recipe.kind``), as the row records it.
+
+    Rows of bench matrix version 1 (before rows were recipes; committed result folders) have no ``kind``: they
+    are read by that format, where the library, the solver "plan" and the option that named the technique
+    ("accel"/"cache_peer", "quant"/"quant_peer") said it."""
+    if "kind" in row:
+        return row["kind"]
+    legacy = set(row.get("options") or {})
+    if row["library"] == "reference":
+        return "reference"
+    if row["solver"] == "plan":
+        return "plan"
+    if legacy & {"accel", "cache_peer"}:
+        return "cache"
+    if legacy & {"quant", "quant_peer"}:
+        return "quant"
+    return "stock" if row["library"] == "hasten" else "peer"
+
+
 def _series_name(row: dict[str, Any]) -> str:
-    if row["solver"] == "plan":  # each tuned plan is its own point, labelled by its file
-        return f"{row['library']}: plan {pathlib.Path(row['options']['file']).name} w={row['guidance']:g}"
-    options = row.get("options", {})
-    if "accel" in options or "cache_peer" in options:
-        cache = pathlib.Path(options["accel"]).name if "accel" in options else options["cache_peer"]
-        return f"{row['library']}: {row['solver']}+{cache} w={row['guidance']:g}"
-    opts = ",".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
-    sched = f" {row['schedule']}" if row["library"] == "hasten" else ""
-    name = f"{row['solver']}[{opts}]" if opts else row["solver"]
-    return f"{row['library']}: {name}{sched} w={row['guidance']:g}"
+    """A line across step counts: the recipe's description without its step count (a plan is its own point)."""
+    if "recipe" in row:
+        return describe_recipe(row["recipe"], steps=False)
+    return re.sub(r"\b\d+ steps, ", "", row["label"])  # a version-1 row: its label without the step count
 
 
 def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel: str, ylabel: str, title: str) -> None:
@@ -75,7 +93,7 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["library"] != "reference" and r.get(x) is not None and r.get(y) is not None:
+        if row_kind(r) != "reference" and r.get(x) is not None and r.get(y) is not None:
             series[_series_name(r)].append(r)
     # With many series a legend hides the data: then only tuned plans and the best series of each library
     # (lowest mean y) are labelled; the rest are drawn faintly under "other configurations".
@@ -83,7 +101,7 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     named: set[str] = set()
     if crowded:
         for lib in {pts[0]["library"] for pts in series.values()}:
-            mine = {n: p for n, p in series.items() if p[0]["library"] == lib and p[0]["solver"] != "plan"}
+            mine = {n: p for n, p in series.items() if p[0]["library"] == lib and row_kind(p[0]) != "plan"}
             if mine:
                 named.add(min(mine, key=lambda n: sum(r[y] for r in mine[n]) / len(mine[n])))
     other_labelled = False
@@ -91,7 +109,7 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
         pts.sort(key=lambda r: r[x])
         lib = pts[0]["library"]
         xs, ys = [p[x] for p in pts], [p[y] for p in pts]
-        if pts[0]["solver"] == "plan":
+        if row_kind(pts[0]) == "plan":
             ax.plot(xs, ys, "*", color="crimson", ms=11, label=name, zorder=5)
         elif not crowded or name in named:
             colour = COLOURS.get(lib, OTHER_COLOUR)
@@ -103,7 +121,7 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
             colour = COLOURS.get(lib, OTHER_COLOUR)
             ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=colour, alpha=0.18, lw=0.8, ms=2.5,
                     label=label)  # fmt: skip
-    front = pareto_front([r for r in rows if r["library"] != "reference"], x, y)
+    front = pareto_front([r for r in rows if row_kind(r) != "reference"], x, y)
     if front:
         ax.step([r[x] for r in front], [r[y] for r in front], where="post", color="black", lw=1.5, label="Pareto front")
     floor = [r.get("fd_real_vs_real") for r in rows if r.get("fd_real_vs_real") is not None]
@@ -122,21 +140,19 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
     plt.close(fig)
 
 
-def _against_plain(rows: list[dict[str, Any]], option_keys: tuple[str, ...]):
-    """Each row whose options name one of ``option_keys`` (a cache, a quantised model...), with the plain
-    float hasten row at its setting (same solver, steps, guidance: same run, same noise)."""
+def _against_plain(rows: list[dict[str, Any]], kind: str):
+    """Each row of ``kind`` (a cache, a quantised model...) with the plain hasten row at its setting (same
+    solver, grid, steps and guidance, no options, no technique: same run, same noise)."""
 
     def setting(r: dict[str, Any]) -> tuple:
-        return (r["solver"], r["steps"], r["guidance"])
+        return (r["solver"], r.get("schedule"), r["steps"], r["guidance"])
 
-    plain = {
-        setting(r): r
-        for r in rows
-        if r["library"] == "hasten" and not r.get("options") and r.get("schedule") == "auto" and r.get("seconds")
-    }
+    def options(r: dict[str, Any]) -> dict[str, Any]:  # as asked (a version-1 row has only those as run)
+        return (r["recipe"] if "recipe" in r else r).get("options") or {}
+
+    plain = {setting(r): r for r in rows if row_kind(r) == "stock" and not options(r) and r.get("seconds")}
     for r in rows:
-        options = r.get("options") or {}
-        if any(k in options for k in option_keys) and setting(r) in plain:
+        if row_kind(r) == kind and setting(r) in plain:
             yield r, plain[setting(r)]
 
 
@@ -148,7 +164,7 @@ def cache_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     solve of both is given instead.
     """
     out = []
-    for r, base in _against_plain(rows, ("accel", "cache_peer")):
+    for r, base in _against_plain(rows, "cache"):
         stats = r.get("accel_stats") or {}
         out.append({
             "label": r["label"], "library": r["library"], "solver": r["solver"], "steps": r["steps"],
@@ -166,7 +182,7 @@ def quant_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each quantised row (hasten folder or torchao peer) against the float row at its setting: speed-up
     (same run, same noise), relative FD change, size on disk as a fraction of the float checkpoint."""
     out = []
-    for r, base in _against_plain(rows, ("quant", "quant_peer")):
+    for r, base in _against_plain(rows, "quant"):
         size, base_size = r.get("bytes_on_disk"), base.get("bytes_on_disk")
         out.append({
             "label": r["label"], "library": r["library"], "solver": r["solver"], "steps": r["steps"],
@@ -279,7 +295,7 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
     cols = [("label", "configuration"), ("nfe", "NFE"), ("seconds", "seconds"), ("images_per_second", "images/s"),
             ("fd", "FD"), ("precision", "precision"), ("recall", "recall"), ("rmse_ref", "RMSE ref"),
             ("psnr_ref", "PSNR ref"), ("label_accuracy", "label acc."), ("memorised_share", "memorised")]  # fmt: skip
-    front = {r["key"] for r in pareto_front([r for r in rows if r["library"] != "reference"], "nfe", quality)}
+    front = {r["key"] for r in pareto_front([r for r in rows if row_kind(r) != "reference"], "nfe", quality)}
     body = []
     for r in sorted(
         rows, key=lambda r: (r["library"] != "reference", r["guidance"], r["library"], r["solver"], r["steps"])

@@ -1,8 +1,10 @@
-"""Run the matrix: every configuration from the same noise, measured the same way, one JSON line each.
+"""Run the matrix: every recipe from the same noise, measured the same way, one JSON line each.
 
-Results go to ``DIR/results.jsonl`` (rewritten atomically after each configuration, so a kill never
-leaves a corrupt file) next to ``DIR/matrix.json`` (the expanded matrix). ``resume=True`` skips finished
-configurations; a folder holding a different matrix is refused.
+Results go to ``DIR/results.jsonl`` (rewritten atomically after each row, so a kill never leaves a corrupt
+file) next to ``DIR/matrix.json`` (the expanded matrix). Each row records its ``recipe`` (JSON), its ``kind``
+(``recipe.kind``, or ``"reference"``), its ``key`` (``recipe.key``) and its ``label`` (``recipe.describe()``).
+``resume=True`` skips finished rows; a folder holding a different matrix, or written by an older hasten
+(another :data:`~hasten.bench.matrix.MATRIX_VERSION`), is refused.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
 from ..recipe import Recipe
 from ..train import machine_description
-from ..tune.plan import load_plan
 from ..viz import save_grid
-from .matrix import BenchConfig, Entry, expand
+from .matrix import MATRIX_VERSION, BenchConfig, expand, row_library
 from .peers import diffusers_generate
 
 __all__ = ["BenchError", "read_results", "run_bench", "sample_recipe"]
@@ -69,30 +70,8 @@ def _environment() -> dict[str, Any]:
 WARMUP_N = 10  # images in the untimed warm-up run of each configuration
 
 
-def _sample(model: LoadedModel, entry: Entry, config: BenchConfig, n: int | None = None) -> Generation:
-    return sample_recipe(model, entry_recipe(model, entry, config), config.n if n is None else n)
-
-
-def entry_recipe(model: LoadedModel, entry: Entry, config: BenchConfig) -> Recipe:
-    """The recipe a bench entry measures."""
-    common = {"model": model.info.name, "fingerprint": model.fingerprint, "guidance": entry.guidance,
-              "seed": config.seed}  # fmt: skip
-    options = dict(entry.options)
-    if entry.library == "diffusers" and not {"cache_peer", "quant_peer"} & set(options):
-        return Recipe(library="diffusers", solver=entry.solver, options=options, steps=entry.steps, **common)
-    if entry.solver == "plan":
-        plan = load_plan(options["file"])
-        return Recipe(plan=plan, provenance={"plan_file": options["file"]}, **common)
-    sampler = {"solver": entry.solver, "steps": entry.steps, "schedule": entry.schedule or "auto"}
-    if "accel" in options:
-        return Recipe.from_files(model, accel=options["accel"], **sampler, guidance=entry.guidance, seed=config.seed)
-    if "cache_peer" in options:
-        return Recipe(cache_peer=options["cache_peer"], **sampler, **common)
-    if "quant" in options:
-        return Recipe.from_files(model, quant=options["quant"], **sampler, guidance=entry.guidance, seed=config.seed)
-    if "quant_peer" in options:
-        return Recipe(quant_peer=options["quant_peer"], **sampler, **common)
-    return Recipe(options=options, **sampler, **common)
+def _sample(model: LoadedModel, recipe: Recipe, config: BenchConfig, n: int | None = None) -> Generation:
+    return sample_recipe(model, recipe, config.n if n is None else n)
 
 
 def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | None = None) -> Generation:
@@ -101,6 +80,10 @@ def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | Non
     bench row (and an ``optimize`` candidate) is run."""
     seed = recipe.seed if seed is None else seed
     if recipe.library == "diffusers":
+        own = getattr(getattr(model, "pipeline", None), "scheduler", None)
+        named = recipe.options.get("scheduler")
+        if recipe.solver == "pipeline" and named is not None and own is not None and type(own).__name__ != named:
+            raise BenchError(f"the recipe runs the pipeline's own {named}; this pipeline's is {type(own).__name__}")
         guidance = recipe.effective_guidance
         return diffusers_generate(model, n, recipe.solver, steps=recipe.steps, seed=seed,
                                   guidance=model.default_guidance if guidance is None else guidance)  # fmt: skip
@@ -154,28 +137,41 @@ def _execution_label(network: torch.nn.Module) -> str:
     return f"hasten kernels: {kernels} of {sum(counts.values())} quantised layers, the rest simulated"
 
 
+def _guidance(model: LoadedModel, recipe: Recipe) -> float:
+    """The guidance scale a row samples at (the model's default where the recipe leaves it open)."""
+    guidance = recipe.effective_guidance
+    return float(model.default_guidance if guidance is None else guidance)
+
+
+def _recipe_fields(recipe: Recipe, kind: str) -> dict[str, Any]:
+    """What every row says about its recipe: key, label, kind and the recipe itself (JSON)."""
+    key = recipe.key if kind != "reference" else f"reference-{recipe.key}"
+    label = recipe.describe() if kind != "reference" else f"reference: {recipe.describe()}"
+    return {"key": key, "label": label, "kind": kind, "recipe": recipe.to_dict()}
+
+
 def _measure(
-    model: LoadedModel, entry: Entry, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
+    model: LoadedModel, recipe: Recipe, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
 ) -> dict:
-    _sample(model, entry, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
+    _sample(model, recipe, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
     peak_reset = reset_peak_memory()
-    runs = [_sample(model, entry, config) for _ in range(config.repeats)]
+    runs = [_sample(model, recipe, config) for _ in range(config.repeats)]
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
     quality = _quality(model, gen.images01, gen.labels)
-    save_grid(gen.images01[:50], grids / f"{entry.key}.png", nrow=10, scale=2)
+    save_grid(gen.images01[:50], grids / f"{recipe.key}.png", nrow=10, scale=2)
+    hasten_loop = recipe.library == "hasten"
     return {
-        "key": entry.key,
-        "label": entry.label,
-        "library": entry.library,
-        "solver": entry.solver,
+        **_recipe_fields(recipe, recipe.kind),
+        "library": row_library(recipe),
+        "solver": recipe.solver,
         # as run: generate() matches the integration space to the model (space="flow" for Heun/PLMS on flow)
-        "options": options_for_schedule(entry.solver, model.schedule, entry.options)
-        if entry.library == "hasten" and entry.solver != "plan"
-        else entry.options,
-        "schedule": entry.schedule,
-        "steps": entry.steps,
-        "guidance": entry.guidance,
+        "options": options_for_schedule(recipe.solver, model.schedule, recipe.options)
+        if hasten_loop and recipe.plan is None
+        else dict(recipe.options),
+        "schedule": recipe.schedule if hasten_loop else None,  # a diffusers scheduler spaces its own steps
+        "steps": recipe.steps,
+        "guidance": _guidance(model, recipe),
         "nfe": gen.nfe,
         "seconds": seconds,
         "seconds_all": [r.seconds for r in runs],
@@ -183,10 +179,10 @@ def _measure(
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_scope": "this configuration" if peak_reset else "process so far",
         "accel_stats": gen.accel_stats,
-        **_model_facts(model, entry, config),
+        **_model_facts(model, recipe),
         "rmse_ref": rmse(gen.images01, reference),
         "psnr_ref": psnr(gen.images01, reference),
-        "grid": f"grids/{entry.key}.png",
+        "grid": f"grids/{recipe.key}.png",
         **{k: quality[k] for k in QUALITY_KEYS},
         "label_accuracy": quality.get("label_accuracy"),
     }
@@ -200,14 +196,40 @@ def _quality(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | No
     return dict.fromkeys((*QUALITY_KEYS, "label_accuracy"))
 
 
-def _model_facts(model: LoadedModel, entry: Entry, config: BenchConfig) -> dict[str, Any]:
-    """Size on disk and execution of the network a hasten or torchao row ran (quantisation rows above all)."""
-    if "quant" in entry.options or "quant_peer" in entry.options:
-        return dict(_quantized_model(model, entry_recipe(model, entry, config))[1])
-    if entry.library == "hasten":
+def _model_facts(model: LoadedModel, recipe: Recipe) -> dict[str, Any]:
+    """Size on disk and execution of the network a hasten-loop row ran (quantisation rows above all)."""
+    if recipe.quant is not None or recipe.quant_peer is not None:
+        return dict(_quantized_model(model, recipe)[1])
+    if recipe.library == "hasten":
         dtype = next(model.network.parameters()).dtype
         return {"bytes_on_disk": model.bytes_on_disk(), "execution": str(dtype).removeprefix("torch.")}
     return {}
+
+
+def _check_runnable(model: LoadedModel, recipes: list[Recipe]) -> None:
+    """Refuse, before anything runs, a recipe this model cannot run: a peer sampler, cache or quantisation that
+    does not apply (or is not installed), a cache its network cannot take, quantised weights from other weights
+    (loaded once here, then reused by their rows)."""
+    from .cache_peers import cache_peers_for
+    from .peers import PEERS
+    from .quant_peers import quant_peers_available
+
+    for recipe in recipes:
+        where = f"row {recipe.describe()!r}"
+        if recipe.library == "diffusers":
+            if recipe.solver == "pipeline" and getattr(model, "pipeline", None) is None:
+                raise BenchError(f"{where}: the pipeline's own scheduler needs a pipeline (--pipeline DIR)")
+            if recipe.solver in PEERS and model.info.objective not in PEERS[recipe.solver].objectives:
+                raise BenchError(f"{where}: {recipe.solver} does not support {model.info.objective!r} models")
+        if recipe.cache_peer is not None and recipe.cache_peer not in cache_peers_for(model.network)[0]:
+            raise BenchError(f"{where}: peer cache {recipe.cache_peer!r} does not apply to this network or is not "
+                             "installed (pip install 'hasten[peers]')")  # fmt: skip
+        if recipe.quant_peer is not None and recipe.quant_peer not in quant_peers_available():
+            raise BenchError(f"{where}: torchao config {recipe.quant_peer!r} is unknown or torchao is not installed")
+        if recipe.quant is not None:
+            _quantized_model(model, recipe)
+        elif recipe.library == "hasten" and recipe.cache is not None:
+            recipe.check_model(model)
 
 
 def _same_matrix(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
@@ -236,6 +258,12 @@ class _Results:
                     f"{folder} already holds bench results; pass --resume to continue them, or use another --out"
                 )
             old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
+            if old is not None and old.get("version", 1) != matrix.get("version", 1):
+                raise BenchError(
+                    f"{folder} was written by an older hasten (bench matrix version {old.get('version', 1)}, rows "
+                    f"keyed another way; this hasten writes version {matrix.get('version', 1)}): its rows would all "
+                    "run again; use another --out (`hasten report` still renders the folder)"
+                )
             if not _same_matrix(old, matrix):
                 raise BenchError(
                     f"{folder} holds results of a different matrix (settings or model changed); use another --out"
@@ -296,34 +324,40 @@ def run_bench(
                 f"bench measures MNIST models and diffusers pipelines (--pipeline); {model.info.name!r} is trained "
                 f"on {model.info.data!r}"
             )
-    entries = expand(config, objective=model.info.objective, conditional=model.unconditional() is not None,
-                     network=model.network, own_scheduler=own_scheduler)  # fmt: skip
-    matrix = {"config": config.to_dict(), "model_fingerprint": model.fingerprint, "entries": [e.key for e in entries]}
+    name = config.pipeline.folder if config.pipeline is not None else config.model  # how the recipes name it
+    recipes = expand(config, objective=model.info.objective, conditional=model.unconditional() is not None,
+                     network=model.network, own_scheduler=own_scheduler, model=name,
+                     fingerprint=model.fingerprint)  # fmt: skip
+    _check_runnable(model, recipes)
+    matrix = {"version": MATRIX_VERSION, "config": config.to_dict(), "model_fingerprint": model.fingerprint,
+              "entries": [r.key for r in recipes]}  # fmt: skip
     if model.condition_key:  # a pipeline's prompts: other prompts are another matrix
         matrix["condition"] = model.condition_key
     results = _Results(folder, matrix, resume)
+    todo = [r for r in recipes if r.key not in results.done]
     env = _environment()
     grids = folder / "grids"
     grids.mkdir(exist_ok=True)
     references = {}
-    for g in sorted({e.guidance for e in entries}):
+    for g in sorted({_guidance(model, r) for r in recipes}):
         steps = config.reference_steps
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
-        ref = Entry("reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], steps, g)
-        if ref.key not in results.done:
+        ref = Recipe(model=name, fingerprint=model.fingerprint, solver=REFERENCE_SOLVER["solver"],
+                     schedule=REFERENCE_SOLVER["schedule"], steps=steps, guidance=g, seed=config.seed)  # fmt: skip
+        fields = _recipe_fields(ref, "reference")
+        if fields["key"] not in results.done:
             quality = _quality(model, references[g], None)
-            save_grid(references[g][:50], grids / f"{ref.key}.png", nrow=10, scale=2)
+            save_grid(references[g][:50], grids / f"{fields['key']}.png", nrow=10, scale=2)
             results.add({
-                "key": ref.key, "label": ref.label, "library": "reference", "solver": ref.solver, "options": {},
-                "schedule": ref.schedule, "steps": ref.steps, "guidance": g, "nfe": ref.steps, "seconds": None,
-                "images_per_second": None, "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{ref.key}.png",
+                **fields, "library": "reference", "solver": ref.solver, "options": {}, "schedule": ref.schedule,
+                "steps": ref.steps, "guidance": g, "nfe": ref.steps, "seconds": None, "images_per_second": None,
+                "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{fields['key']}.png",
                 **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
-    todo = [e for e in entries if e.key not in results.done]
     measured = 0
     try:
-        for i, entry in enumerate(todo):
-            row = _measure(model, entry, config, references[entry.guidance], grids)
+        for i, recipe in enumerate(todo):
+            row = _measure(model, recipe, config, references[_guidance(model, recipe)], grids)
             results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
             measured += 1
             if on_row is not None:
@@ -343,31 +377,36 @@ def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row, st
     from ..schedules import VE, get_sigmas
     from ..solvers import sample
 
+    extras = [flag for flag, given in (("--plan", config.plans), ("--accel", config.accels),
+                                       ("--quant", config.quants), ("--recipe", config.recipes)) if given]  # fmt: skip
+    if extras:
+        raise BenchError(
+            "--model gmm benchmarks hasten's solvers on the analytic mixture, which has no network: "
+            f"{', '.join(extras)} rows need a model (--model NAME)"
+        )
     mixture, schedule = ProductMixture(), VE(0.002, GMM_SIGMA_MAX)
-    # Plans are made for one network's weights; the analytic mixture has none.
-    entries = [
-        e for e in expand(config, objective="gmm", conditional=False) if e.library == "hasten" and e.solver != "plan"
-    ]
-    matrix = {"config": config.to_dict(), "model_fingerprint": "gmm", "entries": [e.key for e in entries]}
+    recipes = [r for r in expand(config, objective="gmm", conditional=False, model="gmm") if r.kind == "stock"]
+    matrix = {"version": MATRIX_VERSION, "config": config.to_dict(), "model_fingerprint": "gmm",
+              "entries": [r.key for r in recipes]}  # fmt: skip
     results = _Results(folder, matrix, resume)
     env = _environment()
     gen = torch.Generator().manual_seed(config.seed)
     x = mixture.sample((config.n, *GMM_SHAPE), sigma=GMM_SIGMA_MAX, generator=gen)  # exact p_sigma_max
     exact = mixture.exact_flow(x, GMM_SIGMA_MAX, 0.0)
     x32 = x.float()
-    todo = [e for e in entries if e.key not in results.done]
-    for i, entry in enumerate(todo):
-        sigmas = get_sigmas(entry.schedule or "auto", entry.steps, schedule)
+    todo = [r for r in recipes if r.key not in results.done]
+    for i, recipe in enumerate(todo):
+        sigmas = get_sigmas(recipe.schedule, recipe.steps, schedule)
         times, out = [], None
         for _ in range(config.repeats):
             start = time.perf_counter()
-            out = sample(mixture, x32, sigmas, entry.solver, generator=torch.Generator().manual_seed(config.seed + 1),
-                         return_info=True, **entry.options)  # fmt: skip
+            out = sample(mixture, x32, sigmas, recipe.solver, generator=torch.Generator().manual_seed(config.seed + 1),
+                         return_info=True, **recipe.options)  # fmt: skip
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         row = {
-            "key": entry.key, "label": entry.label, "library": "hasten", "solver": entry.solver,
-            "options": entry.options, "schedule": entry.schedule, "steps": entry.steps, "guidance": 1.0,
+            **_recipe_fields(recipe, recipe.kind), "library": "hasten", "solver": recipe.solver,
+            "options": dict(recipe.options), "schedule": recipe.schedule, "steps": recipe.steps, "guidance": 1.0,
             "nfe": out.nfe, "seconds": seconds, "seconds_all": times, "images_per_second": config.n / seconds,
             "fd": None, "rmse_ref": rmse(out.x, exact), "exact_error": rmse(out.x, exact), "psnr_ref": None,
         }  # fmt: skip

@@ -346,6 +346,10 @@ def bench(
         list[pathlib.Path] | None,
         typer.Option(help="a quantised model folder from `hasten quantize` (repeatable): quantised, float, torchao"),
     ] = None,
+    recipe: Annotated[
+        list[pathlib.Path] | None,
+        typer.Option(help="a recipe file, e.g. from `hasten optimize` (repeatable): one row, at the bench's seed"),
+    ] = None,
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = None,
@@ -381,6 +385,7 @@ def bench(
             plans=tuple(map(str, plan or ())),
             accels=tuple(map(str, accel or ())),
             quants=tuple(map(str, quant or ())),
+            recipes=tuple(map(str, recipe or ())),
             **extra,
         )
     except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
