@@ -424,8 +424,10 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         self._noise_seed = self.config.seed
 
     def _model_time(self, sigma: Tensor) -> Tensor:
-        if self._times_at and all(level in self._times_at for level in sigma.tolist()):
-            return torch.tensor([self._times_at[level] for level in sigma.tolist()], dtype=torch.float64)
+        if self._times_at:  # levels of a timestep grid: the model sees those timesteps (float32 probe levels)
+            times = [_nearest(self._times_at, level) for level in sigma.tolist()]
+            if all(time is not None for time in times):
+                return torch.tensor(times, dtype=torch.float64)
         t = self.noise_schedule.t_from_ve_sigma(sigma)
         t = t * self.config.num_train_timesteps if self.flow else t
         # integer timesteps come back through float64 round trips a hair off (flow: the start at FLOW_T_MAX
@@ -461,7 +463,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps must lie in [0, {top}] for a flow-matching model, got {ts.tolist()}")
             if self.flow:
                 return from_sigmas(_finish(self._ve_sigma(ts), final, schedule))
-            return _timestep_grid(schedule, ts, final)
+            grid = _timestep_grid(schedule, ts, final)
+            self._times_at = dict(zip(grid[: len(ts)].tolist(), ts.tolist(), strict=True))  # exact model times
+            return grid
         if sigmas is not None:
             s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
             top = float(schedule.sigma_max) * (1 + 1e-6)
@@ -517,6 +521,7 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         if source_cls.__name__ == "PNDMScheduler":  # its timesteps include the PRK warm-up's midpoints
             ts = torch.as_tensor(source._timesteps, dtype=torch.float64).flip(0)
         grid = _timestep_grid(self.noise_schedule, ts, final)
+        self._times_at = dict(zip(grid[: len(ts)].tolist(), ts.tolist(), strict=True))  # the model sees these
         levels = getattr(source, "sigmas", None)
         if levels is None:
             return grid
@@ -579,6 +584,14 @@ def _timestep_grid(schedule: Any, timesteps: Tensor, final: str) -> Tensor:
     if torch.any(ts < schedule.t_min - 1e-9) or torch.any(ts > schedule.t_max + 1e-9):
         raise ValueError(f"timesteps must lie in [{schedule.t_min}, {schedule.t_max}] for {schedule!r}")
     return from_sigmas(_finish(schedule.ve_sigma(ts), final, schedule))
+
+
+def _nearest(times_at: dict[float, float], level: float) -> float | None:
+    """The timestep recorded for ``level`` (to float32 precision), or None."""
+    for key, time in times_at.items():
+        if abs(key - level) <= 1e-6 * key:
+            return time
+    return None
 
 
 _EULER_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}

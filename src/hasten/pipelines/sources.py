@@ -73,6 +73,10 @@ def _ddpm(cls: str, c: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _pndm(cls: str, c: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if c.get("prediction_type", "epsilon") != "epsilon":
+        # diffusers' PNDM combines the raw outputs of several steps, then converts the mix to noise at the
+        # current step: PLMS only for noise prediction. hasten's plms converts each output first.
+        raise _refuse(cls, "prediction_type", c["prediction_type"], "'epsilon' for PNDM's combination of outputs")
     return "plms", {"warmup": "heun" if c.get("skip_prk_steps", False) else "prk"}
 
 
