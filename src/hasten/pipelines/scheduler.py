@@ -65,7 +65,8 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             ``flow_prediction`` (velocity of a flow-matching model, SD3/Flux orientation).
         timestep_spacing, steps_offset: diffusers' spacing rules, used by ``schedule="native"`` when the
             source scheduler is unknown.
-        solver: Any hasten solver name (``hasten.available()``); ``solver_options`` its options.
+        solver: Any hasten solver name (``hasten.available()``); ``solver_options`` its options. ``from_config`` and
+            ``from_scheduler`` default it to the solver that mirrors the source's algorithm (``sources.SOURCES``).
         schedule: ``"native"`` (the timesteps of the scheduler this one replaces, from ``source``) or a hasten
             discretisation (``auto``, ``karras``, ``logsnr``, ``time_uniform``, ``trailing``, ...).
         final_sigma: ``"zero"`` (the last step lands on clean data) or ``"sigma_min"`` (stops at the
@@ -73,7 +74,8 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len:
             Flow matching's resolution shift (SD3: fixed ``shift``; Flux: ``mu`` passed to ``set_timesteps``).
         source, source_config: The scheduler this one was made from and its full config (``from_config``
-            records both; ``schedule="native"`` rebuilds its timesteps from them).
+            records both; ``schedule="native"`` rebuilds its timesteps from them, and its ``clip_sample``,
+            ``thresholding`` and ``variance_type`` are applied to every model output).
         seed: Seed of the noise stochastic solvers draw (when ``step`` gets no generator).
         use_flow_sigmas: Tells Flux-type pipelines not to pass sigmas of their own; set automatically for a flow
             model on a hasten grid. Sigmas a pipeline does pass are shifted on arrival, as diffusers' flow
@@ -325,7 +327,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("variance_noise is not supported: HastenScheduler draws the noise of stochastic "
                              "solvers itself; pass generator= instead")  # fmt: skip
         if self._grid is None:
-            raise RuntimeError("call set_timesteps(...) before step()")
+            if self.config.source != "DDPMScheduler":
+                raise RuntimeError("call set_timesteps(...) before step()")
+            self.set_timesteps(self.config.num_train_timesteps)  # DDPM runs every training timestep by default
         t = float(torch.as_tensor(timestep).flatten()[0])
         if not self._outputs:
             self._start(t, sample, eta, use_clipped_model_output, generator)
@@ -342,11 +346,26 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         if self._returned is not None and sample is not self._returned and not torch.equal(sample, self._returned):
             self._record_edit(sample, call)
         self._outputs.append(self._processing.model_output(model_output, sample).detach())
+        if self._step_noise:
+            self._draw_step_noise(call, model_output, generator)
         x, sigma = self._replay()
         alpha = self.noise_schedule.alpha_from_ve_sigma(sigma) if sigma > 0 else 1.0
         prev = (x * float(alpha)).to(sample.dtype)
         self._returned = prev
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _draw_step_noise(self, call: int, model_output: Tensor, generator: torch.Generator | None) -> None:
+        """Draw this step's noise from the pipeline's generator (``randn`` of the model output's shape and dtype,
+        diffusers' draw) where the ancestral step adds any."""
+        if generator is None:
+            raise ValueError("this run draws its noise from the generator step() got first; pass it to every step()")
+        step = self._call_steps[call]
+        _, sigma_up = ancestral_levels(float(self._grid[step]), float(self._grid[step + 1]), self._run_solver.eta)
+        if sigma_up > 0:
+            z = torch.randn(model_output.shape, generator=generator, device=generator.device, dtype=model_output.dtype)
+            self._noises[step - self._start_step] = z.to(model_output.device, torch.float64) * (
+                self._noise_scale * sigma_up
+            )
 
     def _start(self, t: float, sample: Tensor, eta: float | None, use_clipped: bool, generator: Any) -> None:
         """First ``step`` of a run: where it enters, the starting state, the solver's eta and the noise seed."""
@@ -380,7 +399,16 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         # DDIM clips x0 but keeps the model's noise (unless use_clipped_model_output): see _replay
         self._keep_noise = (self._processing.changes_x0 and not use_clipped and self.config.source == "DDIMScheduler"
                             and isinstance(self._run_solver, (Euler, EulerAncestral)))  # fmt: skip
-        if generator is not None:
+        # Ancestral solvers (DDPM, DDIM with eta, Euler ancestral) take one noise draw per step from the
+        # pipeline's generator, drawn as diffusers draws it; other stochastic solvers draw from a replay
+        # generator seeded from it.
+        self._step_noise = (
+            generator is not None and isinstance(self._run_solver, EulerAncestral) and self._run_solver.eta > 0
+        )
+        if self._step_noise:
+            self._noise_scale = self._run_solver.s_noise
+            self._run_solver = dataclasses.replace(self._run_solver, s_noise=0.0)  # the replay adds the stored draws
+        elif generator is not None:
             self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
     def _record_edit(self, sample: Tensor, call: int) -> None:
@@ -421,6 +449,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         self._eta: float | None = None
         self._run_solver = getattr(self, "_solver", None)
         self._keep_noise = False
+        self._step_noise = False
+        self._noises: dict[int, Tensor] = {}  # replay loop step -> noise the pipeline's generator gave it
+        self._noise_scale = 1.0
         self._noise_seed = self.config.seed
 
     def _model_time(self, sigma: Tensor) -> Tensor:
@@ -558,7 +589,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             return (clipped - r * denoised) / (1 - r)
 
         def edits(i: int, sigma: float, x: Tensor) -> Tensor | None:
-            return self._edits.get(i)
+            if i in self._edits:
+                return self._edits[i]
+            return x + self._noises[i].to(x.device) if i in self._noises else None
 
         generator = torch.Generator(device=self._x_start.device).manual_seed(self._noise_seed)
         try:
