@@ -313,7 +313,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
           schedulers ignore it) and refuse any other value.
         * ``use_clipped_model_output``: with ``clip_sample``/``thresholding`` under the ``ddim`` solver, take
           the noise implied by the clipped ``x0`` (otherwise DDIM keeps the model's noise, as diffusers does).
-        * ``generator``: seeds the noise of stochastic solvers (read on the first call).
+        * ``generator``: ancestral solvers (``ddpm``, ``ddim`` with eta, ``euler_ancestral``) draw each step's
+          noise from it as diffusers draws it (pass it to every step); other stochastic solvers seed their
+          replay generator from it on the first call.
         * ``variance_noise``: refused (the replay draws its own noise).
         * Euler's ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``: taken at their defaults only.
 
