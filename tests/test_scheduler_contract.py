@@ -458,3 +458,32 @@ def test_step_shape_and_output_equivalence():
         ours.set_timesteps(10)
         (tuple_out,) = ours.step(0.1 * sample, t0, sample, return_dict=False)
         torch.testing.assert_close(tuple_out, out0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "config"),
+    [
+        ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),  # SD 1.x's DDIM
+        ("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}),  # SD 1.x's PLMS
+        ("EulerAncestralDiscreteScheduler", {}),
+        ("UniPCMultistepScheduler", {"solver_order": 3}),
+    ],
+    ids=lambda v: str(v)[:12],
+)
+def test_mirror_in_a_stable_diffusion_pipeline(cls, config):
+    """from_scheduler(pipe.scheduler) with no solver in a real StableDiffusionPipeline (tiny parts, guidance 3):
+    the pipeline passes eta and its generator to step(); the latents are diffusers'."""
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+
+    pipe, prompts = tiny_pipelines.stable_diffusion()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = _make(cls, **tiny_pipelines.SCALED_LINEAR, **config)
+
+    def run():
+        return pipe(**prompts, num_inference_steps=8, guidance_scale=3.0, height=16, width=16,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+
+    theirs = run()
+    pipe.scheduler = HastenScheduler.from_scheduler(pipe.scheduler)
+    torch.testing.assert_close(run(), theirs, rtol=1e-4, atol=1e-4)
