@@ -32,7 +32,8 @@ def ddpm():
                                  down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
                                  norm_num_groups=4).eval()  # fmt: skip
-    return diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()), {}
+    # clip_sample off: HastenScheduler honours DDPM's default clipping of x0, the adapter comparison has none
+    return diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(clip_sample=False)), {}
 
 
 def stable_diffusion():
@@ -79,7 +80,9 @@ def dit():
         sample_size=4, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
         out_channels=8, num_embeds_ada_norm=1000,  # the pipeline's null class is 1000
     ).eval()  # fmt: skip
-    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=diffusers.DDIMScheduler())
+    # clip_sample off: HastenScheduler honours DDIM's default clipping of x0, the adapter comparison has none
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=scheduler)
     return pipe, {"class_labels": [1, 7]}
 
 

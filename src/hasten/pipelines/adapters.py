@@ -252,7 +252,8 @@ def from_pipeline(
             f"hasten.from_pipeline: {type(pipe).__name__}'s denoiser is {family if net is not None else 'missing'} "
             f"(no .unet or .transformer of a known class); supported: {supported}"
         )
-    scheduler = HastenScheduler.from_config(pipe.scheduler.config)  # the training schedule and prediction type
+    # the training schedule and prediction type (no step is taken with it: any solver, so any source class, will do)
+    scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
     objective = _OBJECTIVES[scheduler.config.prediction_type]
     if guidance is None:
         guidance = _default_of(pipe, "guidance_scale", 1.0)

@@ -35,8 +35,10 @@ from torch import Tensor, nn
 from .._context import current_run
 from ..models.adapters import EpsDenoiser, FlowDenoiser, VDenoiser, X0Denoiser
 from ..schedules import FlowMatching, VPDiscrete, get_sigmas
-from ..schedules.grids import from_sigmas, from_timesteps
+from ..schedules.grids import from_sigmas
 from ..solvers import get_solver, sample
+from ..solvers.euler import Euler, EulerAncestral, ancestral_levels
+from .sources import audit, final_of, processing_of
 
 __all__ = ["HastenScheduler"]
 
@@ -63,7 +65,8 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
             ``flow_prediction`` (velocity of a flow-matching model, SD3/Flux orientation).
         timestep_spacing, steps_offset: diffusers' spacing rules, used by ``schedule="native"`` when the
             source scheduler is unknown.
-        solver: Any hasten solver name (``hasten.available()``); ``solver_options`` its options.
+        solver: Any hasten solver name (``hasten.available()``); ``solver_options`` its options. ``from_config`` and
+            ``from_scheduler`` default it to the solver that mirrors the source's algorithm (``sources.SOURCES``).
         schedule: ``"native"`` (the timesteps of the scheduler this one replaces, from ``source``) or a hasten
             discretisation (``auto``, ``karras``, ``logsnr``, ``time_uniform``, ``trailing``, ...).
         final_sigma: ``"zero"`` (the last step lands on clean data) or ``"sigma_min"`` (stops at the
@@ -71,7 +74,8 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len:
             Flow matching's resolution shift (SD3: fixed ``shift``; Flux: ``mu`` passed to ``set_timesteps``).
         source, source_config: The scheduler this one was made from and its full config (``from_config``
-            records both; ``schedule="native"`` rebuilds its timesteps from them).
+            records both; ``schedule="native"`` rebuilds its timesteps from them, and its ``clip_sample``,
+            ``thresholding`` and ``variance_type`` are applied to every model output).
         seed: Seed of the noise stochastic solvers draw (when ``step`` gets no generator).
         use_flow_sigmas: Tells Flux-type pipelines not to pass sigmas of their own; set automatically for a flow
             model on a hasten grid. Sigmas a pipeline does pass are shifted on arrival, as diffusers' flow
@@ -130,34 +134,66 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 beta_schedule, num_train_timesteps, beta_start, beta_end, zero_terminal_snr=rescale_betas_zero_snr
             )
         self._adapter = _adapter(prediction_type, self.noise_schedule, num_train_timesteps)
-        self.init_noise_sigma = 1.0
-        self.timesteps: Tensor | None = None
+        self._processing = processing_of(source_config or {})
+        # the attributes pipelines and users read, as diffusers' DDPM-type schedulers have them before set_timesteps
+        if isinstance(self.noise_schedule, VPDiscrete):
+            self.alphas_cumprod = self.noise_schedule.alphas_cumprod.to(torch.float32)
+            self.alphas = self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+            self.betas = 1.0 - self.alphas
+        else:  # flow matching has no betas
+            self.alphas_cumprod = self.alphas = self.betas = None
+        first = num_train_timesteps if self.flow else num_train_timesteps - 1  # flow: t = 1 is pure noise
+        self.timesteps = torch.arange(first, first - num_train_timesteps, -1, dtype=torch.float32)
+        self.sigmas = self._public_sigmas(self._ve_sigma(self.timesteps.double()))
+        self.init_noise_sigma = torch.tensor(1.0)
         self.num_inference_steps: int | None = None
         self._plan = None
+        self._grid: Tensor | None = None
+        self._times_at: dict[float, float] = {}
+        self._begin_index: int | None = None
         self._reset()
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """From another scheduler's config (``pipe.scheduler.config``): keeps the training schedule and the
-        prediction type, records the source scheduler (for ``schedule="native"``), and takes hasten's options
-        (``solver=``, ``schedule=``, ``solver_options=``) as keyword arguments.
+        prediction type, records the source scheduler (for ``schedule="native"``), mirrors its algorithm with
+        the hasten solver ``sources.SOURCES`` maps it to, and takes hasten's options (``solver=``, ``schedule=``,
+        ``solver_options=``, ``final_sigma=``) as keyword arguments; ``solver=`` replaces the mirrored algorithm.
 
-        Every value of the source config carries over, its defaults included (diffusers would otherwise
-        swap in this class's defaults for them, e.g. another ``timestep_spacing``)."""
+        Every field of the source config is honoured or refused with an error naming it (``sources.audit``):
+        its values carry over, defaults included (diffusers would otherwise swap in this class's defaults for
+        them, e.g. another ``timestep_spacing``)."""
         config = dict(config or {})
         config.pop("_use_default_values", None)
         name = config.pop("_class_name", None)
+        version = config.pop("_diffusers_version", None)
         candidates = [name] if name else _infer_source(config)
         if candidates and cls.__name__ not in candidates:
             source_config = {k: v for k, v in config.items() if not k.startswith("_")}
-            kwargs.setdefault("source", _pick_source(candidates, source_config))
+            source = kwargs.setdefault("source", _pick_source(candidates, source_config))
             kwargs.setdefault("source_config", source_config)
             if all("Flow" in c for c in candidates) or config.get("use_flow_sigmas"):
                 kwargs.setdefault("prediction_type", "flow_prediction")
                 kwargs.setdefault("shift", config.get("shift", config.get("flow_shift", 1.0)))
+            if source is None:
+                if "solver" not in kwargs:
+                    found = ", ".join(candidates)
+                    raise ValueError(f"this config fits several diffusers schedulers ({found}) that differ; use "
+                                     "HastenScheduler.from_scheduler(scheduler) or pass solver=")  # fmt: skip
+            else:
+                mirror = audit(source, {**source_config, **kwargs}, solver_given="solver" in kwargs)
+                if mirror is not None:
+                    kwargs["solver"], options = mirror
+                    kwargs["solver_options"] = {**options, **(kwargs.get("solver_options") or {})}
+            kwargs.setdefault("final_sigma", final_of(source_config))
+        elif name is not None:
+            config["_class_name"] = name  # our own saved config: diffusers checks the name on loading
         own = set(inspect.signature(cls.__init__).parameters)
-        config = {k: v for k, v in config.items() if k in own}  # the source's other options live in source_config
+        # the source's other options live in source_config
+        config = {k: v for k, v in config.items() if k in own or k == "_class_name"}
+        if version is not None:
+            config["_diffusers_version"] = version
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -195,7 +231,6 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         """Build the grid (from a step count, explicit ``timesteps`` or ``sigmas``, or the plan) and list
         one timestep per model call the solver will make."""
-        self.init_noise_sigma = 1.0  # pipelines start from unit noise x_T (a native grid may refine this)
         self._grid = self._make_grid(num_inference_steps, timesteps, sigmas, mu)
         options = self.config.solver_options or {}
         self._solver = self._plan.build_solver(**options) if self._plan is not None else get_solver(
@@ -206,9 +241,39 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(self._grid) - 1
         per_step = len(calls) / self.num_inference_steps
         self.order = int(per_step) if per_step == int(per_step) else 1
-        self.timesteps = self._model_time(torch.tensor(self._call_sigmas, dtype=torch.float64)).to(
-            device=device, dtype=torch.float32)  # fmt: skip
+        call_sigmas = torch.tensor(self._call_sigmas, dtype=torch.float64)
+        self.timesteps = self._model_time(call_sigmas).to(device=device, dtype=torch.float32)
+        self.sigmas = self._public_sigmas(torch.cat([call_sigmas, self._grid[-1:]])).to(device)
+        self.init_noise_sigma = torch.tensor(self._start_scale(float(self._grid[0])))
+        self._begin_index = None  # as diffusers: img2img pipelines set it after set_timesteps
         self._reset()
+
+    def _public_sigmas(self, ve_sigmas: Tensor) -> Tensor:
+        """``sigmas`` as diffusers' schedulers expose them: VE sigmas (DDPM-type), flow times ``t`` (flow)."""
+        return (ve_sigmas / (1 + ve_sigmas) if self.flow else ve_sigmas).to(torch.float32)
+
+    def _start_scale(self, sigma: float) -> float:
+        """The scale of unit noise that makes the first model input (``x_T``): 1, except where the replaced
+        scheduler keeps sigma-scaled latents (Euler, Heun, ...) and starts them at ``sigma_max``: its model
+        then sees ``sigma_max / sqrt(sigma_max^2 + 1)`` times the noise (float32, as diffusers computes it).
+        The same rule on every grid, so explicit timesteps give what the native grid gives."""
+        if self.flow or not self._sigma_scaled_source():
+            return 1.0
+        spacing = (self.config.source_config or {}).get("timestep_spacing", "linspace")
+        if spacing not in ("linspace", "trailing"):
+            return 1.0  # diffusers starts those at sqrt(sigma_max^2 + 1) * noise and scales it back to 1
+        s = torch.tensor(sigma, dtype=torch.float32)
+        return float(s / (s**2 + 1) ** 0.5)
+
+    def _sigma_scaled_source(self) -> bool:
+        """Whether the replaced scheduler's ``scale_model_input`` divides (its latents are ``x / alpha``)."""
+        source_cls = self._source_class()
+        if source_cls is None:
+            return False
+        source = source_cls.from_config(_source_config(self.config))
+        source.set_timesteps(10)
+        ones = torch.ones(1)
+        return not torch.equal(source.scale_model_input(ones, source.timesteps[0]), ones)
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """Pipelines feed ``x_t`` itself to the model: nothing to scale."""
@@ -224,41 +289,129 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def step_index(self) -> int | None:
-        return None if not self._outputs else len(self._outputs)
+        return None if not self._outputs else self._entry + len(self._outputs)
 
     def step(
         self,
         model_output: Tensor,
         timestep: Any,
         sample: Tensor,
+        eta: float | None = None,
+        use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
+        variance_noise: Tensor | None = None,
         return_dict: bool = True,
-        **unused: Any,
+        **euler_options: Any,
     ) -> SchedulerOutput | tuple[Tensor]:
-        """Take the model output for the current call and return the sample for the next one."""
-        if self.timesteps is None:
-            raise RuntimeError("call set_timesteps(...) before step()")
-        begin = self._begin_index or 0
+        """Take the model output for the call at ``timestep`` and return the sample for the next call.
+
+        The arguments are those of diffusers' ``DDIMScheduler.step`` (``eta`` 4th), so DDIM loops and pipelines
+        that pass them run unchanged:
+
+        * ``eta``: DDIM's noise fraction, for the ``ddim`` solver (it replaces the solver's ``eta`` for the
+          run). Other solvers take ``eta=0`` (the value pipelines pass to every scheduler; diffusers' other
+          schedulers ignore it) and refuse any other value.
+        * ``use_clipped_model_output``: with ``clip_sample``/``thresholding`` under the ``ddim`` solver, take
+          the noise implied by the clipped ``x0`` (otherwise DDIM keeps the model's noise, as diffusers does).
+        * ``generator``: ancestral solvers (``ddpm``, ``ddim`` with eta, ``euler_ancestral``) draw each step's
+          noise from it as diffusers draws it (pass it to every step); other stochastic solvers seed their
+          replay generator from it on the first call.
+        * ``variance_noise``: refused (the replay draws its own noise).
+        * Euler's ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``: taken at their defaults only.
+
+        A loop that enters mid-schedule without ``set_begin_index`` is located from ``timestep``, as diffusers
+        locates it; every later ``timestep`` must be the next one of ``timesteps``.
+        """
+        if isinstance(eta, torch.Generator):  # a DDPM-style call passing the generator 4th
+            eta, generator = None, eta
+        _check_euler_options(euler_options)
+        if variance_noise is not None:
+            raise ValueError("variance_noise is not supported: HastenScheduler draws the noise of stochastic "
+                             "solvers itself; pass generator= instead")  # fmt: skip
+        if self._grid is None:
+            if self.config.source != "DDPMScheduler":
+                raise RuntimeError("call set_timesteps(...) before step()")
+            self.set_timesteps(self.config.num_train_timesteps)  # DDPM runs every training timestep by default
+        t = float(torch.as_tensor(timestep).flatten()[0])
         if not self._outputs:
-            sigma0 = self._call_sigmas[begin]
-            # The replay integrates in float64: a few latent-sized tensors, and it lets flow grids start a
-            # hair below t = 1 (VE sigma 1e6) without cancellation.
-            self._x_start = sample.to(torch.float64) / float(self.noise_schedule.alpha_from_ve_sigma(sigma0))
-            self._start_step = self._call_steps[begin]
-            if begin and self._call_steps[begin - 1] == self._start_step:
-                raise ValueError(f"begin index {begin} is not the first model call of a grid step")
-            if generator is not None:
-                self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        if begin + len(self._outputs) >= len(self._call_sigmas):
+            self._start(t, sample, eta, use_clipped_model_output, generator)
+        begin = self._entry
+        call = begin + len(self._outputs)
+        if call >= len(self._call_sigmas):
             raise RuntimeError(f"step() called more often than the {len(self._call_sigmas)} model calls of the grid")
+        expected = float(self.timesteps[call])
+        if not math.isclose(t, expected, rel_tol=1e-5, abs_tol=1e-3):
+            raise ValueError(f"step() got timestep {t:g}, but the next model call of this schedule is at "
+                             f"{expected:g} (call {call} of {len(self._call_sigmas)})")  # fmt: skip
+        if eta is not None and self._eta is not None and eta != self._eta:
+            raise ValueError(f"eta changed from {self._eta} to {eta} within a run")
         if self._returned is not None and sample is not self._returned and not torch.equal(sample, self._returned):
-            self._record_edit(sample, begin + len(self._outputs))
-        self._outputs.append(model_output.detach())
+            self._record_edit(sample, call)
+        self._outputs.append(self._processing.model_output(model_output, sample).detach())
+        if self._step_noise:
+            self._draw_step_noise(call, model_output, generator)
         x, sigma = self._replay()
         alpha = self.noise_schedule.alpha_from_ve_sigma(sigma) if sigma > 0 else 1.0
         prev = (x * float(alpha)).to(sample.dtype)
         self._returned = prev
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _draw_step_noise(self, call: int, model_output: Tensor, generator: torch.Generator | None) -> None:
+        """Draw this step's noise from the pipeline's generator (``randn`` of the model output's shape and dtype,
+        diffusers' draw) where the ancestral step adds any."""
+        if generator is None:
+            raise ValueError("this run draws its noise from the generator step() got first; pass it to every step()")
+        step = self._call_steps[call]
+        _, sigma_up = ancestral_levels(float(self._grid[step]), float(self._grid[step + 1]), self._run_solver.eta)
+        if sigma_up > 0:
+            z = torch.randn(model_output.shape, generator=generator, device=generator.device, dtype=model_output.dtype)
+            self._noises[step - self._start_step] = z.to(model_output.device, torch.float64) * (
+                self._noise_scale * sigma_up
+            )
+
+    def _start(self, t: float, sample: Tensor, eta: float | None, use_clipped: bool, generator: Any) -> None:
+        """First ``step`` of a run: where it enters, the starting state, the solver's eta and the noise seed."""
+        begin = self._begin_index
+        if begin is None:  # locate the entry from the timestep (a loop that starts mid-schedule)
+            matches = [i for i, ts in enumerate(self.timesteps.tolist()) if math.isclose(ts, t, rel_tol=1e-5,
+                                                                                         abs_tol=1e-3)]  # fmt: skip
+            if not matches:
+                raise ValueError(f"timestep {t:g} is not one of this schedule's timesteps "
+                                 f"{[round(v, 3) for v in self.timesteps.tolist()]}")  # fmt: skip
+            begin = matches[0]
+        if begin and self._call_steps[begin - 1] == self._call_steps[begin]:
+            raise ValueError(f"begin index {begin} is not the first model call of a grid step")
+        self._entry = begin
+        sigma0 = self._call_sigmas[begin]
+        # The replay integrates in float64: a few latent-sized tensors, and it lets flow grids start a
+        # hair below t = 1 (VE sigma 1e6) without cancellation.
+        self._x_start = sample.to(torch.float64) / float(self.noise_schedule.alpha_from_ve_sigma(sigma0))
+        self._start_step = self._call_steps[begin]
+        self._eta = eta
+        self._run_solver = self._solver
+        if eta is not None and eta != getattr(self._solver, "eta", None):
+            if self.config.solver != "ddim" or not isinstance(self._solver, EulerAncestral):
+                if eta != 0:
+                    raise ValueError(
+                        f"eta={eta} applies to the 'ddim' solver only (diffusers' DDIMScheduler); "
+                        f"this scheduler runs {self.config.solver!r}: set its noise in solver_options"
+                    )
+            else:
+                self._run_solver = dataclasses.replace(self._solver, eta=float(eta))
+        # DDIM clips x0 but keeps the model's noise (unless use_clipped_model_output): see _replay
+        self._keep_noise = (self._processing.changes_x0 and not use_clipped and self.config.source == "DDIMScheduler"
+                            and isinstance(self._run_solver, (Euler, EulerAncestral)))  # fmt: skip
+        # Ancestral solvers (DDPM, DDIM with eta, Euler ancestral) take one noise draw per step from the
+        # pipeline's generator, drawn as diffusers draws it; other stochastic solvers draw from a replay
+        # generator seeded from it.
+        self._step_noise = (
+            generator is not None and isinstance(self._run_solver, EulerAncestral) and self._run_solver.eta > 0
+        )
+        if self._step_noise:
+            self._noise_scale = self._run_solver.s_noise
+            self._run_solver = dataclasses.replace(self._run_solver, s_noise=0.0)  # the replay adds the stored draws
+        elif generator is not None:
+            self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
     def _record_edit(self, sample: Tensor, call: int) -> None:
         """The pipeline changed the latents since the last ``step`` (inpainting blends in the known region):
@@ -294,10 +447,20 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         self._edits: dict[int, Tensor] = {}  # replay loop step -> VE state the pipeline set after it
         self._returned: Tensor | None = None
         self._x_start: Tensor | None = None
-        self._begin_index: int | None = getattr(self, "_begin_index", None)
+        self._entry = 0  # the model call this run entered at (set_begin_index, or located from the timestep)
+        self._eta: float | None = None
+        self._run_solver = getattr(self, "_solver", None)
+        self._keep_noise = False
+        self._step_noise = False
+        self._noises: dict[int, Tensor] = {}  # replay loop step -> noise the pipeline's generator gave it
+        self._noise_scale = 1.0
         self._noise_seed = self.config.seed
 
     def _model_time(self, sigma: Tensor) -> Tensor:
+        if self._times_at:  # levels of a timestep grid: the model sees those timesteps (float32 probe levels)
+            times = [_nearest(self._times_at, level) for level in sigma.tolist()]
+            if all(time is not None for time in times):
+                return torch.tensor(times, dtype=torch.float64)
         t = self.noise_schedule.t_from_ve_sigma(sigma)
         t = t * self.config.num_train_timesteps if self.flow else t
         # integer timesteps come back through float64 round trips a hair off (flow: the start at FLOW_T_MAX
@@ -312,6 +475,7 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         return self.noise_schedule.ve_sigma(t)
 
     def _make_grid(self, n: int | None, timesteps: Any, sigmas: Any, mu: float | None) -> Tensor:
+        self._times_at: dict[float, float] = {}  # model times of grid levels where they are not the schedule's
         if self._plan is not None:
             if n is not None and n != self._plan.num_steps:
                 raise ValueError(f"this scheduler runs a {self._plan.num_steps}-step plan; got num_inference_steps={n}")
@@ -332,7 +496,9 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps must lie in [0, {top}] for a flow-matching model, got {ts.tolist()}")
             if self.flow:
                 return from_sigmas(_finish(self._ve_sigma(ts), final, schedule))
-            return from_timesteps(schedule, ts, final=final)
+            grid = _timestep_grid(schedule, ts, final)
+            self._times_at = dict(zip(grid[: len(ts)].tolist(), ts.tolist(), strict=True))  # exact model times
+            return grid
         if sigmas is not None:
             s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
             top = float(schedule.sigma_max) * (1 + 1e-6)
@@ -371,7 +537,7 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 return get_sigmas("auto", n, self.noise_schedule)
             ts = discrete_timesteps(n, self.config.num_train_timesteps, self.config.timestep_spacing,
                                     steps_offset=self.config.steps_offset)  # fmt: skip
-            return from_timesteps(self.noise_schedule, ts, final=final)
+            return _timestep_grid(self.noise_schedule, ts, final)
         source = source_cls.from_config(_source_config(self.config))
         kwargs = {"mu": mu} if mu is not None else {}
         if sigmas is not None:
@@ -379,36 +545,59 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"{source_cls.__name__} takes no explicit sigmas; pass num_inference_steps")
             kwargs["sigmas"] = sigmas.float().numpy()
         source.set_timesteps(n, **kwargs)
-        # The first model input the source gives a pipeline's unit noise: Euler/Heun-type schedulers start
-        # at sigma_max * noise (not sqrt(sigma_max^2 + 1) * noise) and scale it down; mirror that exactly.
-        start = torch.ones(1) * getattr(source, "init_noise_sigma", 1.0)
-        scaled = getattr(source, "scale_model_input", lambda x, t: x)(start, source.timesteps[0])
-        self.init_noise_sigma = float(scaled)
         if self.flow:
             t = source.sigmas.double().unique_consecutive()
             t = t[t > 0]
             return from_sigmas(_finish(self.noise_schedule.ve_sigma(t.clamp(max=self.noise_schedule.t_max)), final,
                                        self.noise_schedule))  # fmt: skip
         ts = source.timesteps.double().unique_consecutive()
-        return from_timesteps(self.noise_schedule, ts, final=final)
+        if source_cls.__name__ == "PNDMScheduler":  # its timesteps include the PRK warm-up's midpoints
+            ts = torch.as_tensor(source._timesteps, dtype=torch.float64).flip(0)
+        grid = _timestep_grid(self.noise_schedule, ts, final)
+        self._times_at = dict(zip(grid[: len(ts)].tolist(), ts.tolist(), strict=True))  # the model sees these
+        levels = getattr(source, "sigmas", None)
+        if levels is None:
+            return grid
+        # Karras, exponential, beta and Lu grids put the source's sigmas between its (rounded) timesteps: then
+        # its sigmas are the grid and its timesteps what the model sees at them.
+        levels = levels.double()[:-1].unique_consecutive()  # without the source's final level: ``final`` sets it
+        if len(levels) != len(ts) or torch.allclose(levels, grid[: len(ts)], rtol=1e-5, atol=0):
+            return grid
+        self._times_at = dict(zip(levels.tolist(), ts.tolist(), strict=True))
+        return from_sigmas(_finish(levels, final, self.noise_schedule))
 
     def _replay(self) -> tuple[Tensor, float]:
         """Rerun the solver on the outputs given so far; the state where it asks for the next one."""
         outputs, adapter, count = self._outputs, self._adapter, [0]
+        processing, first = self._processing, self._entry
 
         def denoiser(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
             j = count[0]
             if j >= len(outputs):
                 raise _NextCall(x, sigma)
             count[0] += 1
-            return adapter.denoised_from_output(outputs[j].to(x.device, x.dtype), x, sigma)
+            denoised = adapter.denoised_from_output(outputs[j].to(x.device, x.dtype), x, sigma)
+            if not processing.changes_x0:
+                return denoised
+            clipped = processing.x0(denoised)
+            if not self._keep_noise:
+                return clipped
+            # DDIM's update is x' = x0_clipped + sigma_down * eps with the model's own eps = (x - x0) / sigma;
+            # the Euler step D + (sigma_down / sigma)(x - D) gives exactly that for this D.
+            level = float(sigma.flatten()[0])
+            level_next = float(self._grid[self._call_steps[first + j] + 1])
+            sigma_down, _ = ancestral_levels(level, level_next, getattr(self._run_solver, "eta", 0.0))
+            r = sigma_down / level
+            return (clipped - r * denoised) / (1 - r)
 
         def edits(i: int, sigma: float, x: Tensor) -> Tensor | None:
-            return self._edits.get(i)
+            if i in self._edits:
+                return self._edits[i]
+            return x + self._noises[i].to(x.device) if i in self._noises else None
 
         generator = torch.Generator(device=self._x_start.device).manual_seed(self._noise_seed)
         try:
-            x = sample(denoiser, self._x_start, self._grid[self._start_step :], self._solver, generator=generator,
+            x = sample(denoiser, self._x_start, self._grid[self._start_step :], self._run_solver, generator=generator,
                        callback=edits)  # fmt: skip
         except _NextCall as call:
             return call.x, float(call.sigma.flatten()[0])
@@ -423,12 +612,39 @@ def _finish(levels: Tensor, final: str, schedule: Any) -> Tensor:
     return levels if float(levels[-1]) <= end else torch.cat([levels, levels.new_tensor([end])])
 
 
+def _timestep_grid(schedule: Any, timesteps: Tensor, final: str) -> Tensor:
+    """VE levels at the model times ``timesteps``, then the final level: every timestep keeps its model call,
+    and ``final="sigma_min"`` adds a step onto the smallest trained level (unless the last one is already it)."""
+    ts = timesteps.double().flatten()
+    if torch.any(ts < schedule.t_min - 1e-9) or torch.any(ts > schedule.t_max + 1e-9):
+        raise ValueError(f"timesteps must lie in [{schedule.t_min}, {schedule.t_max}] for {schedule!r}")
+    return from_sigmas(_finish(schedule.ve_sigma(ts), final, schedule))
+
+
+def _nearest(times_at: dict[float, float], level: float) -> float | None:
+    """The timestep recorded for ``level`` (to float32 precision), or None."""
+    for key, time in times_at.items():
+        if abs(key - level) <= 1e-6 * key:
+            return time
+    return None
+
+
+_EULER_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+
+def _check_euler_options(options: dict[str, Any]) -> None:
+    """``step`` takes the extra arguments of diffusers' Euler scheduler at their defaults only (no churn)."""
+    for name, value in options.items():
+        if name not in _EULER_DEFAULTS:
+            raise TypeError(f"step() got an unexpected argument {name!r}")
+        if float(value) != _EULER_DEFAULTS[name]:
+            raise ValueError(f"step(): {name}={value} is not supported (only {_EULER_DEFAULTS[name]}); use a "
+                             f"stochastic solver such as solver='euler_ancestral' for noise")  # fmt: skip
+
+
 def _source_config(config: Any) -> dict[str, Any]:
     """The replaced scheduler's own config (recorded by ``from_config``), else the shared fields of ours."""
-    data = dict(config.source_config or {k: v for k, v in dict(config).items() if not k.startswith("_")})
-    if config.final_sigma == "sigma_min":
-        data["final_sigmas_type"] = "sigma_min"
-    return data
+    return dict(config.source_config or {k: v for k, v in dict(config).items() if not k.startswith("_")})
 
 
 def _pick_source(candidates: list[str], config: dict[str, Any]) -> str | None:
