@@ -209,7 +209,8 @@ class Recipe:
             if not (force or "plan" in forced):
                 raise RecipeError(
                     f"the plan was made for weights {self.plan.fingerprint[:12]} ({self.plan.model!r}), not for the "
-                    f"recipe's {self.fingerprint[:12]} ({self.model!r}): tune one for these weights, or force it"
+                    f"recipe's {self.fingerprint[:12]} ({self.model!r}); plans are model-specific: tune one for "
+                    "these weights, or force it"
                 )
             forced.add("plan")
 
