@@ -140,11 +140,18 @@ def _cache_dit(network: nn.Module, steps: int, params: dict[str, Any]) -> Iterat
     import cache_dit
     from cache_dit.caching.cache_adapters.cache_adapter import CachedAdapter
 
-    # cache-dit logs every install at INFO on its own handlers; keep the bench output readable
-    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("cache_dit")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
+    # cache-dit logs every install on its own handlers (some created during the install itself), and warns that
+    # there is no pipeline, which is how the bench installs it by design; keep the output readable (errors show)
+    levels: dict[logging.Logger, int] = {}
+
+    def quiet() -> None:
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("cache_dit"):
+                logger = logging.getLogger(name)
+                levels.setdefault(logger, logger.level)
+                logger.setLevel(logging.ERROR)
+
+    quiet()
 
     # diffusers' DiT reads transformer_blocks[0].norm1 after its block loop; cache-dit swaps the list for one
     # wrapper module during the forward, so the wrapper gets the first block's norm1 (the same module).
@@ -169,8 +176,10 @@ def _cache_dit(network: nn.Module, steps: int, params: dict[str, Any]) -> Iterat
     finally:
         CachedAdapter.collect_unified_blocks = collect
     try:
+        quiet()
         yield
     finally:
+        quiet()
         cache_dit.disable_cache(network)
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for logger, level in levels.items():
+            logger.setLevel(level)

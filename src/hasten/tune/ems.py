@@ -155,9 +155,15 @@ def ems_for_model(
 
 
 def ems_path_for_model(
-    model: Any, guidance: float = 1.0, *, samples: int | None = None, num_lambdas: int | None = None
+    model: Any,
+    guidance: float = 1.0,
+    *,
+    samples: int | None = None,
+    num_lambdas: int | None = None,
+    compute: bool = True,
 ):
-    """The cached EMS file of the model at a guidance scale, estimated once when missing.
+    """The cached EMS file of the model at a guidance scale, estimated once when missing (``compute=False``:
+    the path only, which may not exist yet).
 
     ``x0``: the model's bundled training data when it has one (MNIST), else its own reference samples.
     The cache key is the weights fingerprint, the guidance scale and the estimation settings
@@ -175,7 +181,7 @@ def ems_path_for_model(
         spec["condition"] = model.condition_key
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "ems" / f"{key}.safetensors"
-    if path.exists():
+    if path.exists() or not compute:
         return path
     labels = default_labels(model, samples)
     if model.info.data == "mnist":
