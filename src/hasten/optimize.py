@@ -512,7 +512,7 @@ class Optimizer:
         from .quant import QuantConfig, quantize_to_folder
         from .recipe import _model_ref
 
-        folder = self.cache_path.parent / "quant" / f"{self.model.fingerprint[:16]}-{mode}"
+        folder = self.cache_path.parent / "quant" / f"{self.model.info.name}-{self.model.fingerprint[:12]}-{mode}"
         if not (folder / "hasten.json").exists():
             weights, activations = QUANT_MODES[mode]
             tmp = folder.with_name(folder.name + ".partial")
