@@ -59,6 +59,8 @@ def files(tiny_model, tmp_path_factory):
     (paths["bench"] / "results.jsonl").write_text('{"key": "a"}\n\n{"key": "b"\n')
     paths["accel"] = root / "accel.json"  # a cache config with a typo in its type
     BlockCacheConfig(interval=2).save(paths["accel"])
+    paths["accel50"] = root / "accel50.json"  # a cache calibrated for 50 steps
+    BlockCacheConfig(interval=2).save(paths["accel50"], calibration={"setting": {"solver": "dpmpp_2m", "steps": 50}})
     data = json.loads(paths["accel"].read_text())
     data["config"]["_type"] = "BlockCacheConfg"
     paths["accel"].write_text(json.dumps(data))
@@ -126,6 +128,8 @@ CASES = [
     ("tune-infinite-minutes", [*T, "--minutes", "inf", "--out", "{root}/p.json"], 2, ["minutes must be a finite"], []),
     ("tune-negative-fd-candidates", [*T, "--fd-candidates", "-2", "--out", "{root}/p.json"], 2,
      ["fd_candidates must be >= 0"], []),
+    ("cache-for-50-steps-at-4", [*S, "--steps", "4", "--accel", "{accel50}", "--out", "{root}/g.png"], 2,
+     ["calibrated for 50 steps (this recipe runs 4)"], ["{accel50}"]),
     ("sample-negative-guidance", [*S, "--guidance", "-3", "--out", "{root}/g.png"], 2, ["--guidance must be"], []),
     ("quantize-negative-guidance", [*Q, "--guidance", "-1", "--out", "{root}/q"], 2, ["--guidance must be"], []),
     # messages that say what is wrong
