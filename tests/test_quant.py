@@ -258,7 +258,7 @@ def test_refuses_bad_input(w8a8, unet_calibration, tiny_model):
     other = hasten.load(tiny_model)
     with pytest.raises(ValueError, match="another model"):
         quantize_(other, calibration=unet_calibration)
-    small = CalibrationSet(unet_calibration.calls[:1], unet_calibration.setting, None)
+    small = CalibrationSet(unet_calibration.calls[:1], unet_calibration.setting, unet_calibration.fingerprint)
     small.calls = [small.calls[0].select(torch.arange(4))]
     with pytest.raises(ValueError, match=f"at least {MIN_SAMPLES}"):
         quantize_(hasten.load("mnist-unet"), calibration=small)

@@ -57,7 +57,13 @@ class Config:
         target: type[Config] = cls
         if tag is not None:
             if tag not in _CONFIG_TYPES:
-                raise ValueError(f"unknown config type {tag!r}; known: {', '.join(sorted(_CONFIG_TYPES))}")
+                import difflib
+
+                known = sorted(t for t, k in _CONFIG_TYPES.items() if issubclass(k, cls) and k is not cls)
+                known = [t for t in known if "." not in t] or known  # registered names, not internal parts
+                close = difflib.get_close_matches(str(tag), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown {cls.__name__} type {tag!r}{hint} (known: {', '.join(known)})")
             target = _CONFIG_TYPES[tag]
             if not issubclass(target, cls):
                 raise TypeError(f"config type {tag!r} is not a {cls.__name__}")

@@ -34,7 +34,7 @@ from .models.zoo import ModelInfo, build_network, save_model
 from .progress import BudgetProgress
 from .schedules.noise import VPDiscrete
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "find_checkpoint", "train"]
 
 OBJECTIVES = ("eps", "v", "flow")
 
@@ -146,11 +146,42 @@ def _save_checkpoint(folder: pathlib.Path, net, ema, opt, gen, counters: dict[st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _find_checkpoint(folder: pathlib.Path) -> pathlib.Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a kill between the two renames
-        if (folder / name / "state.json").exists() and (folder / name / "state.safetensors").exists():
-            return folder / name
-    return None
+def find_checkpoint(folder: pathlib.Path) -> pathlib.Path | None:
+    """The checkpoint a rerun continues from, if any (``checkpoint/``, else ``checkpoint.old/``)."""
+    found = _checkpoints(folder)
+    return found[0] if found else None
+
+
+def _checkpoints(folder: pathlib.Path) -> list[pathlib.Path]:
+    return [folder / name for name in ("checkpoint", "checkpoint.old")  # .old survives a kill between renames
+            if (folder / name / "state.json").exists() and (folder / name / "state.safetensors").exists()]  # fmt: skip
+
+
+def _read_checkpoint(folder: pathlib.Path, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The counters and tensors of the newest readable checkpoint; a damaged one is skipped for the previous
+    (with a warning naming it), and when none is readable the error names every file tried."""
+    import warnings
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    problems = []
+    for checkpoint in _checkpoints(folder):
+        path = checkpoint / "state.json"
+        try:
+            saved = json.loads(path.read_text())
+            path = checkpoint / "state.safetensors"
+            tensors = load_file(str(path), device=str(device))
+        except (OSError, ValueError, SafetensorError) as err:
+            problems.append(f"{path}: {str(err).splitlines()[0]}")
+            continue
+        if problems:
+            warnings.warn(f"skipped a damaged checkpoint ({problems[0]}); resuming from {checkpoint}", stacklevel=3)
+        return saved, tensors
+    raise ValueError(
+        f"cannot resume: the training checkpoint is damaged ({'; '.join(problems)}); delete {folder / 'checkpoint'} "
+        "to train from the start, or use another --out"
+    )
 
 
 def machine_description(device: torch.device) -> str:
@@ -181,8 +212,8 @@ def train(
     Raises:
         ValueError: ``out`` holds a checkpoint of a run with different settings.
     """
-    from safetensors.torch import load_file
-
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (or None: the time budget alone), got {max_steps}")
     device = torch.device(device)
     folder = pathlib.Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,15 +231,16 @@ def train(
     ab = VPDiscrete.from_betas("linear", 1000).alphas_cumprod.to(device=device, dtype=torch.float32)
 
     counters: dict[str, Any] = {"config": config.to_dict(), "step": 0, "images": 0, "seconds": 0.0, "loss_ema": None}
-    checkpoint = _find_checkpoint(folder)
-    if checkpoint is not None:
-        saved = json.loads((checkpoint / "state.json").read_text())
-        if TrainConfig.from_dict(saved["config"]).resume_key() != config.resume_key():
+    if find_checkpoint(folder) is not None:
+        saved, tensors = _read_checkpoint(folder, device)
+        old_key, new_key = TrainConfig.from_dict(saved["config"]).resume_key(), config.resume_key()
+        if old_key != new_key:
+            changed = ", ".join(f"{k} {old_key.get(k)!r} -> {new_key.get(k)!r}" for k in new_key
+                                if old_key.get(k) != new_key.get(k))  # fmt: skip
             raise ValueError(
-                f"{folder} holds a checkpoint of a run with other settings ({saved['config']}); "
-                "use another --out folder or the same settings"
+                f"{folder} holds a checkpoint of a run with other settings ({changed}); use another --out folder "
+                "or the same settings"
             )
-        tensors = load_file(str(checkpoint / "state.safetensors"), device=str(device))
         net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         _restore_optimizer(opt, tensors)

@@ -79,7 +79,11 @@ def read_accel_file(path: str | Path) -> tuple[AccelConfig, dict[str, Any]]:
         raise ValueError(
             f"{str(path)!r} has acceleration schema {data.get('hasten_accel')!r}; this hasten reads {ACCEL_SCHEMA}"
         )
-    return AccelConfig.from_dict(data["config"]), dict(data.get("calibration") or {})
+    try:
+        config = AccelConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"acceleration config {str(path)!r}: {err}") from None
+    return config, dict(data.get("calibration") or {})
 
 
 def check_window(start: float, stop: float) -> None:

@@ -55,6 +55,7 @@ class PipelineSource(Config):
     height: int | None = None
     width: int | None = None
     guidance: float | None = None
+    allow_pickle: bool = False  # also load pickled (.bin) weights where a part has no safetensors
 
     def __post_init__(self) -> None:
         if not (pathlib.Path(self.folder) / "model_index.json").exists():
@@ -79,7 +80,7 @@ class PipelineSource(Config):
         return from_pipeline(
             self.folder, prompt=list(self.prompts) or None, negative_prompt=self.negative_prompt,
             class_labels=list(self.class_labels) or None, guidance=self.guidance, height=self.height,
-            width=self.width, device=device, **tensors,
+            width=self.width, device=device, allow_pickle=self.allow_pickle, **tensors,
         )  # fmt: skip
 
 

@@ -49,7 +49,18 @@ def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     path = pathlib.Path(folder) / "results.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}, is not valid JSON ({err.msg} at column {err.colno}); fix or remove that "
+                "line (a bench rerun with --resume measures its row again)"
+            ) from None
+    return rows
 
 
 def _environment() -> dict[str, Any]:
@@ -244,6 +255,35 @@ def _same_matrix(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     return {**old, "config": old_config} == {**new, "config": new_config}
 
 
+def _matrix_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """What differs between a folder's matrix and this run's, in words (``n 10 -> 20, the model's weights``)."""
+    if old is None:
+        return "the folder has no matrix.json"
+    old_config, new_config = old.get("config", {}), new["config"]
+    changed = [f"{k} {old_config.get(k)!r} -> {new_config.get(k)!r}" for k in sorted({*old_config, *new_config})
+               if old_config.get(k) != new_config.get(k)]  # fmt: skip
+    if old.get("model_fingerprint") != new.get("model_fingerprint"):
+        changed.append("the model's weights")
+    if old.get("condition") != new.get("condition"):
+        changed.append("the prompts")
+    if not changed and old.get("entries") != new.get("entries"):
+        changed.append("the rows (another hasten version or installed peers)")
+    return ", ".join(changed) or "settings changed"
+
+
+def _check_rows(model: LoadedModel, entries: list[Entry], config: BenchConfig) -> None:
+    """Check every row's recipe against the model before the first row runs (a plan for other weights, a cache
+    for another setting or network, a folder quantised from another model): a bad input stops the bench before
+    it writes anything, not halfway through."""
+    for entry in entries:
+        try:
+            recipe = entry_recipe(model, entry, config)
+            if recipe.cache is not None:  # (a quantised folder's source is checked as the recipe is built)
+                recipe.check_model(model)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
+            raise BenchError(f"row {entry.label}: {err.args[0] if err.args else err}") from None
+
+
 class _Results:
     """The folder's ``results.jsonl`` and ``matrix.json``: refuses a foreign matrix, rewrites atomically."""
 
@@ -266,7 +306,8 @@ class _Results:
                 )
             if not _same_matrix(old, matrix):
                 raise BenchError(
-                    f"{folder} holds results of a different matrix (settings or model changed); use another --out"
+                    f"{folder} holds results of a different matrix ({_matrix_differences(old, matrix)}); run with "
+                    "those settings to continue it, or use another --out"
                 )
         write_text_atomic(matrix_path, json.dumps(matrix, indent=2) + "\n")
         self.done = {row["key"] for row in self.rows}
@@ -333,6 +374,7 @@ def run_bench(
               "entries": [r.key for r in recipes]}  # fmt: skip
     if model.condition_key:  # a pipeline's prompts: other prompts are another matrix
         matrix["condition"] = model.condition_key
+    _check_rows(model, entries, config)
     results = _Results(folder, matrix, resume)
     todo = [r for r in recipes if r.key not in results.done]
     env = _environment()

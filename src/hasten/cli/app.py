@@ -10,6 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
+from .._quiet import silence_peer_import_noise
+
+silence_peer_import_noise()  # before any command imports a diffusers model class (and with it torchao)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make diffusion models sample fast, and prove it.")
 
 
@@ -47,6 +51,13 @@ PromptEmbedsOption = Annotated[
 ClassLabelOption = Annotated[list[int] | None, typer.Option(help="--pipeline (DiT): a class (repeatable)")]
 HeightOption = Annotated[int | None, typer.Option(help="--pipeline: image height in pixels")]
 WidthOption = Annotated[int | None, typer.Option(help="--pipeline: image width in pixels")]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option(
+        help="--pipeline: also load pickled (.bin) weights where a part has no safetensors (unpickling runs code "
+        "the file carries: only for folders you trust)"
+    ),
+]
 
 
 def _set_quant_execution(loaded: Any, execution: str) -> None:
@@ -62,7 +73,9 @@ def _set_quant_execution(loaded: Any, execution: str) -> None:
         raise ValueError(f"--execution {execution} applies to quantised models (from `hasten quantize`) only")
 
 
-def _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance=None):
+def _pipeline_source(
+    pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance=None, allow_pickle=False
+):
     """The --pipeline options as a :class:`hasten.bench.matrix.PipelineSource` (None without --pipeline)."""
     from ..bench.matrix import PipelineSource
 
@@ -70,12 +83,14 @@ def _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_lab
         if any(v is not None for v in (prompt, negative_prompt, prompt_embeds, class_label, height, width)):
             _fail("--prompt, --negative-prompt, --prompt-embeds, --class-label, --height and --width go with "
                   "--pipeline DIR")  # fmt: skip
+        if allow_pickle:
+            _fail("--allow-pickle goes with --pipeline DIR")
         return None
     try:
         return PipelineSource(
             str(pipeline), prompts=tuple(prompt or ()), negative_prompt=negative_prompt,
             embeds=str(prompt_embeds or ""), class_labels=tuple(class_label or ()), height=height, width=width,
-            guidance=guidance,
+            guidance=guidance, allow_pickle=allow_pickle,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
@@ -83,7 +98,9 @@ def _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_lab
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    # SystemExit, not typer.Exit: click's Exit is a RuntimeError, which a command's `except RuntimeError` around
+    # the call would catch and report again as "error: 2"
+    raise SystemExit(2)
 
 
 def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
@@ -140,6 +157,7 @@ def sample(
     class_label: ClassLabelOption = None,
     height: HeightOption = None,
     width: WidthOption = None,
+    allow_pickle: AllowPickleOption = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Sample a model (or a diffusers pipeline) and write an image grid; prints NFE and sampling seconds
@@ -158,6 +176,8 @@ def sample(
     _check_writable(out, "--out")
     if save is not None:
         _check_writable(save, "--save")
+    _check_device(device)
+    _check_guidance(guidance)
     if recipe is not None:
         given = [name for name, value, default in (
             ("--model", model, None), ("--solver", solver, "dpmpp_2m"), ("--steps", steps, 10),
@@ -167,7 +187,9 @@ def sample(
         ) if value != default]  # fmt: skip
         if given:
             _fail(f"--recipe names the model and the whole sampler; drop {', '.join(given)} (or edit the recipe)")
-    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
+    source = _pipeline_source(
+        pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, allow_pickle=allow_pickle
+    )
     try:
         if recipe is not None:
             the_recipe = load_recipe(recipe)
@@ -219,6 +241,9 @@ def sample(
                 loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, solver=solver_name, steps=steps,
                 schedule=schedule, **solver_options,
             )  # fmt: skip
+    except FloatingPointError as err:
+        scale = the_recipe.effective_guidance if the_recipe is not None else guidance
+        _fail(_non_finite(err, loaded.default_guidance if scale is None else scale))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     finally:
@@ -280,6 +305,54 @@ def _check_writable(path: pathlib.Path, flag: str) -> None:
         _fail(f"{flag} {path} is not writable")
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device this torch cannot use, before any work (``torch.device`` alone accepts "cuda" anywhere)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        _fail(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for another GPU)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+
+
+def _check_output_folder(out: pathlib.Path, flag: str, *, force: bool, sources: tuple[Any, ...] = ()) -> None:
+    """Refuse a folder output that would overwrite something, before any work: a file, a folder the command reads
+    from, or a folder that already holds files (unless --force); the parent must be writable."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        _fail(f"{flag} {out} is a file; give a folder path")
+    for source in sources:
+        if source is not None and pathlib.Path(source).exists() and pathlib.Path(source).resolve() == out.resolve():
+            _fail(f"{flag} {out} is the model folder being read; write to another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        _fail(f"{flag} {out} already holds files; pass --force to replace what this command writes there, or use "
+              "another folder")  # fmt: skip
+    existing = out if out.is_dir() else next((p for p in out.parents if p.exists()), pathlib.Path("."))
+    if not existing.is_dir():
+        _fail(f"{flag} {out} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        _fail(f"{flag} {out} is not writable ({existing} is read-only)")
+
+
+def _check_guidance(guidance: float | None) -> None:
+    """Refuse a guidance scale that cannot mean anything: NaN, infinite or negative (0 is unconditional)."""
+    import math
+
+    if guidance is not None and not 0 <= guidance < math.inf:
+        _fail(f"--guidance must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance:g}")
+
+
+def _non_finite(err: Exception, guidance: float | None) -> str:
+    """The message for a sampler that produced NaN/inf, with the likely cause."""
+    if guidance is not None and abs(guidance) > 20:
+        return (f"{err}; the guidance scale {guidance:g} is the likely cause (it multiplies the difference between "
+                "the conditional and unconditional predictions): try a scale below 20")  # fmt: skip
+    return f"{err}; the model diverged on this sampler: try more steps, another solver or a smaller guidance scale"
+
+
 @app.command()
 def evaluate(
     model: ModelOption = "mnist-dit",
@@ -299,6 +372,9 @@ def evaluate(
     from ..solvers import parse_solver
     from ..viz import save_grid
 
+    if out is not None:
+        _check_writable(out, "--out")
+    _check_guidance(guidance)
     try:
         solver_name, solver_options = parse_solver(solver)
         loaded = load(model)
@@ -315,6 +391,8 @@ def evaluate(
         )
     except FileNotFoundError as err:
         _fail(str(err))
+    except FloatingPointError as err:
+        _fail(_non_finite(err, guidance))
     except (KeyError, TypeError, ValueError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
     images = result.pop("images01")
@@ -357,6 +435,7 @@ def bench(
     class_label: ClassLabelOption = None,
     height: HeightOption = None,
     width: WidthOption = None,
+    allow_pickle: AllowPickleOption = False,
     guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -370,12 +449,16 @@ def bench(
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    _check_output_folder(out, "--out", force=True)  # a folder of results is bench's own to refuse or resume
     from ..tune.plan import PlanError
 
     extra: dict[str, Any] = {"n": n} if n is not None else {}
     if pipeline is None and guidance is not None:
         _fail("--guidance goes with --pipeline DIR (bundled models take the preset's guidance scales)")
-    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance)
+    _check_guidance(guidance)
+    source = _pipeline_source(
+        pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, guidance, allow_pickle
+    )
     if source is not None:
         extra["pipeline"] = source
     try:
@@ -424,9 +507,9 @@ def report(
 
     try:
         path = render(folder)
-    except FileNotFoundError as err:
+        rows = read_results(folder)
+    except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    rows = read_results(folder)
     if fmt is OutputFormat.json:
         typer.echo(json.dumps({"report": str(path), "rows": len(rows)}))
         return
@@ -503,6 +586,7 @@ def tune(
     class_label: ClassLabelOption = None,
     height: HeightOption = None,
     width: WidthOption = None,
+    allow_pickle: AllowPickleOption = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Search a sampling plan (grid + per-step solver decisions) for a model at an exact NFE."""
@@ -510,7 +594,11 @@ def tune(
     from ..tune import TuneConfig, TuneError
     from ..tune import tune as run_tune
 
-    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
+    _check_writable(out, "--out")
+    _check_guidance(guidance)
+    source = _pipeline_source(
+        pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, allow_pickle=allow_pickle
+    )
     try:
         loaded = load(model) if source is None else source.load()
         config = TuneConfig(
@@ -520,7 +608,7 @@ def tune(
             fit_lr_schedule=fit_lr_schedule, n_fit=n_fit,
         )  # fmt: skip
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
-    except (FileNotFoundError, TuneError) as err:
+    except (FileNotFoundError, TuneError, ValueError) as err:
         _fail(str(err))
     recipe_file = _write_recipe_beside(
         out, loaded, plan=plan, provenance={"made_by": "hasten tune", "plan_file": str(out)}
@@ -559,31 +647,48 @@ def quantize(
         str, typer.Option(help="trajectory (every step, Q-Diffusion), normal (PTQ4DM), single (middle step only)")
     ] = "trajectory",
     n: Annotated[int, typer.Option(help="calibration images (trajectories)")] = 128,
-    solver: SolverOption = "dpmpp_2m",
+    solver: SolverSpecOption = "dpmpp_2m",
     steps: Annotated[int, typer.Option(min=1, help="solver steps of the calibration trajectories")] = 20,
     guidance: GuidanceOption = 1.0,
+    force: Annotated[bool, typer.Option(help="replace the files of an --out folder that already holds some")] = False,
     per_step: Annotated[bool, typer.Option(help="activation ranges per time step (TFMQ-DM finite-set)")] = True,
     split: Annotated[bool, typer.Option(help="split quantisation of UNet shortcut concatenations")] = True,
     reconstruct: Annotated[str, typer.Option(help="none, or adaround (learned rounding: slower, better)")] = "none",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Time-step-aware post-training quantisation: integer weights on disk, int8 kernels where the CPU has them."""
+    from ..models.zoo import load
     from ..quant import QuantConfig, quantize_to_folder
+    from ..solvers import get_solver, parse_solver
 
+    if activations not in (8, 16):
+        _fail(f"--activations must be 8 (uint8) or 16 (float activations, weight-only), got {activations}")
+    if weights not in (4, 8):
+        _fail(f"--weights must be 8 or 4, got {weights}")
+    _check_guidance(guidance)
+    _check_output_folder(out, "--out", force=force, sources=(model,))
     try:
+        solver_name, solver_options = parse_solver(solver)
+        get_solver(solver_name, **solver_options)  # an unknown solver or option fails now, not after loading
         config = QuantConfig(
             weights=weights, activations=None if activations == 16 else activations, per_step=per_step,
             split_shortcut=split, reconstruct=reconstruct,
         )  # fmt: skip
-        record = quantize_to_folder(model, config, out, n=n, mode=calibration, solver=solver, steps=steps,
-                                    guidance=guidance, progress=fmt is OutputFormat.text)  # fmt: skip
+        loaded = load(model)
+        in_place = loaded.folder is not None and loaded.folder.resolve() == out.resolve()
+        if in_place:  # a bundled model named by name (a folder given as --model was refused above)
+            raise ValueError(f"--out {out} is the model folder being read; write to another folder")
+        record = quantize_to_folder(loaded, config, out, n=n, mode=calibration, solver=solver_name, steps=steps,
+                                    guidance=guidance, progress=fmt is OutputFormat.text,
+                                    solver_options=solver_options)  # fmt: skip
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
-    from ..models.zoo import load
+    except KeyError as err:
+        _fail(str(err.args[0]) if err.args else str(err))
 
     record["recipe"] = _write_recipe_beside(
-        pathlib.Path(record["out"]), load(record["out"]), solver=solver, steps=steps, guidance=guidance,
-        provenance={"made_by": "hasten quantize", "calibration": record["calibration"]},
+        pathlib.Path(record["out"]), load(record["out"]), solver=solver_name, options=solver_options, steps=steps,
+        guidance=guidance, provenance={"made_by": "hasten quantize", "calibration": record["calibration"]},
     )  # fmt: skip
     kernels = sum(n for path, n in record["execution"].items() if path != "simulated")
     layers = sum(record["execution"].values())
@@ -633,6 +738,7 @@ def accelerate_calibrate(
     class_label: ClassLabelOption = None,
     height: HeightOption = None,
     width: WidthOption = None,
+    allow_pickle: AllowPickleOption = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Find the fastest cache setting whose FD loss against the uncached run stays within the target.
@@ -648,7 +754,11 @@ def accelerate_calibrate(
     from ..solvers import parse_solver
     from ..tune.plan import PlanError
 
-    source = _pipeline_source(pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width)
+    _check_writable(out, "--out")
+    _check_guidance(guidance)
+    source = _pipeline_source(
+        pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, allow_pickle=allow_pickle
+    )
     try:
         if plan is not None and (solver, steps) != ("dpmpp_2m", 20):
             _fail("--plan supplies the solver and the steps; drop --solver/--steps")
@@ -682,8 +792,12 @@ def accelerate_calibrate(
             found = calibrate(
                 loaded, name, recipe=base, max_quality_loss=max_quality_loss, max_rmse=max_rmse, n=n, on_row=show
             )
+        except FloatingPointError as err:
+            _fail(_non_finite(err, guidance))
         except (ValueError, TypeError) as err:
             _fail(str(err))
+        except KeyError as err:
+            _fail(str(err.args[0]) if err.args else str(err))
         record = found.to_dict()
         write_text_atomic(target.with_name(target.name + ".calibration.json"), json.dumps(record, indent=2) + "\n")
         if found.config is not None:
@@ -752,13 +866,24 @@ def train(
     checkpoint_minutes: Annotated[float, typer.Option(help="checkpoint interval")] = 5.0,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps (smoke tests)")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many steps (smoke tests)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="train into an --out folder that holds files but no checkpoint of a training run")
+    ] = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Train a model; rerun the same command to resume from its checkpoint."""
-    from ..train import TrainConfig
+    from ..train import TrainConfig, find_checkpoint
     from ..train import train as run_training
 
+    _check_device(device)
+    if out.is_dir() and find_checkpoint(out) is not None:
+        _check_output_folder(out, "--out", force=True)  # a run to resume: only a read-only folder is refused
+    else:
+        if (out / "hasten.json").exists() and not force:
+            _fail(f"--out {out} holds a model but no training checkpoint (a model of another run, or a copy); "
+                  "training would replace it: use another folder, or --force")  # fmt: skip
+        _check_output_folder(out, "--out", force=force)
     try:
         config = TrainConfig(
             arch=arch.value,

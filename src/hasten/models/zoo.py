@@ -266,10 +266,24 @@ def load(
             f"no hasten model {str(name_or_path)!r}; bundled models: {', '.join(bundled_models()) or '(none)'}, "
             "or pass a folder containing hasten.json"
         )
-    info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
+    try:
+        info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / 'hasten.json'} is not valid JSON ({err}); the model folder is damaged") from None
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{folder / 'hasten.json'} is not a hasten model description: {err}") from None
     if info.format_version > FORMAT_VERSION:
         raise ValueError(f"{folder} was written by a newer hasten (format {info.format_version})")
-    network = get_folder_format(info.folder_format, folder).load_network(_network_class(info.arch), folder)
+    from safetensors import SafetensorError
+
+    folder_format = get_folder_format(info.folder_format, folder)
+    try:
+        network = folder_format.load_network(_network_class(info.arch), folder)
+    except (OSError, RuntimeError, SafetensorError) as err:  # a missing, truncated or damaged weights file
+        raise ValueError(
+            f"cannot read the weights in {folder / folder_format.weights_file}: {str(err).splitlines()[0]} (a "
+            "damaged or partly copied file?)"
+        ) from None
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
     schedule = info.schedule()

@@ -210,6 +210,7 @@ def from_pipeline(
     width: int | None = None,
     name: str | None = None,
     device: str | torch.device | None = None,
+    allow_pickle: bool = False,
 ) -> PipelineModel:
     """A hasten model from a diffusers pipeline (an object, or a folder ``DiffusionPipeline.from_pretrained``
     loads).
@@ -226,10 +227,13 @@ def from_pipeline(
         height, width: Image size in pixels (default: the pipeline's default size).
         name: A name for reports (default: the folder name or the pipeline class).
         device: Move the pipeline there first (default: leave it where it is).
+        allow_pickle: A folder: also load pickled weights (``.bin``) where a part has no safetensors. Off by
+            default: unpickling can run code the file carries.
 
     Raises:
         ValueError: for a denoiser or prediction type hasten does not know (naming what it found and what is
-            supported), or conditioning the pipeline cannot take.
+            supported), conditioning the pipeline cannot take, or a folder whose weights are pickled only
+            (without ``allow_pickle``).
     """
     args = {"prompt": prompt, "negative_prompt": negative_prompt, "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
@@ -241,7 +245,7 @@ def from_pipeline(
         if not (folder / "model_index.json").exists():
             raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
         name = name or folder.name
-        pipe = _load_pipeline(folder, text=prompt is not None or negative_prompt is not None)
+        pipe = _load_pipeline(folder, text=prompt is not None or negative_prompt is not None, allow_pickle=allow_pickle)
     if device is not None:
         pipe = pipe.to(device)
     net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
@@ -438,10 +442,14 @@ def _flux(pipe, net, args, guidance, height, width) -> dict[str, Any]:
 _TEXT_PARTS = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor", "image_encoder")
 
 
-def _load_pipeline(folder: pathlib.Path, *, text: bool) -> Any:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _load_pipeline(folder: pathlib.Path, *, text: bool, allow_pickle: bool = False) -> Any:
     """``DiffusionPipeline.from_pretrained(folder)``, with the parts it was saved without passed as None and,
     when prompts come as embeddings (``text=False``), the text encoders left unloaded (SD3's and Flux's T5 is
-    most of the pipeline's memory)."""
+    most of the pipeline's memory). Weights load from safetensors only: a pickled checkpoint can run code when
+    it is read, so one is refused unless ``allow_pickle`` (then safetensors are still preferred)."""
     import json
 
     from diffusers import DiffusionPipeline
@@ -454,7 +462,17 @@ def _load_pipeline(folder: pathlib.Path, *, text: bool) -> Any:
         saved = isinstance(entry, list) and entry and entry[0] is not None and (folder / part).exists()
         if not saved or (not text and part.startswith(_TEXT_PARTS)):
             absent[part] = None
-    return DiffusionPipeline.from_pretrained(folder, **absent)
+    try:
+        return DiffusionPipeline.from_pretrained(folder, use_safetensors=None if allow_pickle else True, **absent)
+    except OSError as err:
+        pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        if allow_pickle or not pickled or "safetensors" not in str(err):
+            raise
+        raise ValueError(
+            f"{folder} has pickled weights ({', '.join(pickled[:3])}) where safetensors are missing; loading a "
+            "pickle can run code it carries. Convert the folder (pipe.save_pretrained(dir, safe_serialization="
+            "True)), or, if you trust it, pass allow_pickle=True (--allow-pickle on the command line)"
+        ) from None
 
 
 def _one_negative(uncond: dict[str, Tensor]) -> dict[str, Tensor]:

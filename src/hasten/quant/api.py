@@ -404,6 +404,12 @@ def quantize_(
             "quantize_ and install them again after"
         )
     fingerprint = getattr(model, "fingerprint", None)
+    if fingerprint and not calibration.fingerprint:
+        raise ValueError(
+            "the calibration set does not say which model it was collected on (no fingerprint); collect one on this "
+            "model with hasten.quant.collect_calibration, or, if it was, set calibration.fingerprint = "
+            "model.fingerprint"
+        )
     if calibration.fingerprint and fingerprint and calibration.fingerprint != fingerprint:
         raise ValueError(
             f"the calibration set was collected on another model (fingerprint {calibration.fingerprint}, this "

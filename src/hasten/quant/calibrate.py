@@ -15,7 +15,7 @@ it keeps
 
 Any layer's inputs are then one forward pass away, so the set stays small (network inputs only) and is
 reusable for any subset of layers. It records the model's fingerprint; :func:`hasten.quant.quantize_`
-refuses a set made for another model.
+refuses a set made for another model, or one that does not say which model it was made on.
 
 Reference: Li et al., "Q-Diffusion", ICCV 2023, sec. 4.2; Shang et al., "Post-training Quantization on
 Diffusion Models" (PTQ4DM), CVPR 2023, sec. 4.

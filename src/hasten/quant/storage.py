@@ -183,6 +183,7 @@ def quantize_to_folder(
     seed: int = 1000,
     points: int | None = None,
     progress: bool = False,
+    solver_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate on ``model``'s own trajectories, quantise a copy, write it to ``out``; returns the record.
 
@@ -198,7 +199,7 @@ def quantize_to_folder(
     if loaded.info.quantization:
         raise ValueError(f"{loaded.folder} is already quantised; quantise the full-precision model it came from")
     calibration = collect_calibration(loaded, n=n, mode=mode, solver=solver, steps=steps, guidance=guidance,
-                                      seed=seed, points=points)  # fmt: skip
+                                      seed=seed, points=points, **(solver_options or {}))  # fmt: skip
     source = {"name": loaded.info.name, "fingerprint": loaded.fingerprint, "bytes": loaded.bytes_on_disk(),
               "folder": str(loaded.folder)}  # fmt: skip
     report = quantize_(loaded, config, calibration=calibration, progress=progress)

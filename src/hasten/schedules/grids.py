@@ -175,7 +175,10 @@ def from_timesteps(schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor,
 
 def from_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
     """Validate an explicit list of VE sigmas: 1-D, finite, non-negative, strictly descending, n >= 1."""
-    s = _f64(torch.as_tensor(sigmas)).flatten()
+    s = _f64(torch.as_tensor(sigmas))
+    if s.ndim > 1:  # e.g. a [B, N] batch of grids: every sample of one call shares one grid
+        raise ValueError(f"sigmas must be 1-D (one grid for the whole batch), got shape {tuple(s.shape)}")
+    s = s.flatten()
     if s.numel() < 2:
         raise ValueError(f"sigmas needs at least 2 entries (one step), got {s.numel()}")
     if not torch.all(torch.isfinite(s)):

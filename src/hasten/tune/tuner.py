@@ -120,8 +120,17 @@ class TuneConfig(Config):
     def __post_init__(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
             raise TuneError(f"nfe must be an integer >= 2 (plans end with a step onto sigma = 0), got {self.nfe!r}")
-        if not self.minutes > 0:
-            raise TuneError(f"minutes must be > 0, got {self.minutes}")
+        if not 0 < self.minutes < math.inf:
+            raise TuneError(f"minutes must be a finite number > 0, got {self.minutes}")
+        if not 0 <= self.guidance < math.inf:
+            raise TuneError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.fd_candidates < 0 or self.n_fd < 10 or self.reference_steps < 1:
+            raise TuneError(
+                f"fd_candidates must be >= 0 (0: proxy only), n_fd >= 10 and reference_steps >= 1; got "
+                f"{self.fd_candidates}, {self.n_fd} and {self.reference_steps}"
+            )
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise TuneError(f"max_evaluations must be >= 1 (or None), got {self.max_evaluations}")
         if self.n_search < 2 or self.n_heldout < 10:
             raise TuneError(f"n_search must be >= 2 and n_heldout >= 10, got {self.n_search} and {self.n_heldout}")
         if self.fit_iterations < 0 or self.fit_every < 1 or not self.fit_lr > 0 or self.n_fit < 2:
@@ -153,6 +162,16 @@ def stock_plans(model: LoadedModel, nfe: int, *, use_v3: bool = False) -> list[t
             opts = ",".join(f"{k}={v}" for k, v in options.items())
             out.setdefault(key, (f"{name}{f'[{opts}]' if opts else ''} ({grid})", plan))
     return list(out.values())
+
+
+def _differences(saved: dict[str, Any], identity: dict[str, Any]) -> str:
+    """``"n_search 4 -> 5, model 'a' -> 'b'"``: what differs between a saved search and this one."""
+    old_config, new_config = saved.get("config") or {}, identity["config"]
+    changed = [f"{k} {old_config.get(k)!r} -> {new_config.get(k)!r}" for k in sorted({*old_config, *new_config})
+               if old_config.get(k) != new_config.get(k)]  # fmt: skip
+    changed += [f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in ("model", "fingerprint")
+                if saved.get(k) != identity[k]]  # fmt: skip
+    return ", ".join(changed)
 
 
 def _state_path(out: pathlib.Path) -> pathlib.Path:
@@ -188,7 +207,8 @@ def tune(
             saved = json.loads(state_path.read_text())
             if {k: saved.get(k) for k in identity} != identity:
                 raise TuneError(
-                    f"{state_path} belongs to a search with other settings or another model; use another --out"
+                    f"{state_path} belongs to a search with other settings or another model "
+                    f"({_differences(saved, identity)}); resume with those, or use another --out"
                 )
             cache, fd_cache = saved["cache"], saved.get("fd", {})
             fd_cache.update(cache.pop("_fd", {}))  # where states of earlier versions kept their FDs
