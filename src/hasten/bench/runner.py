@@ -271,19 +271,6 @@ def _matrix_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return ", ".join(changed) or "settings changed"
 
 
-def _check_rows(model: LoadedModel, entries: list[Entry], config: BenchConfig) -> None:
-    """Check every row's recipe against the model before the first row runs (a plan for other weights, a cache
-    for another setting or network, a folder quantised from another model): a bad input stops the bench before
-    it writes anything, not halfway through."""
-    for entry in entries:
-        try:
-            recipe = entry_recipe(model, entry, config)
-            if recipe.cache is not None:  # (a quantised folder's source is checked as the recipe is built)
-                recipe.check_model(model)
-        except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
-            raise BenchError(f"row {entry.label}: {err.args[0] if err.args else err}") from None
-
-
 class _Results:
     """The folder's ``results.jsonl`` and ``matrix.json``: refuses a foreign matrix, rewrites atomically."""
 
@@ -374,7 +361,6 @@ def run_bench(
               "entries": [r.key for r in recipes]}  # fmt: skip
     if model.condition_key:  # a pipeline's prompts: other prompts are another matrix
         matrix["condition"] = model.condition_key
-    _check_rows(model, entries, config)
     results = _Results(folder, matrix, resume)
     todo = [r for r in recipes if r.key not in results.done]
     env = _environment()
