@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 import hasten
+from hasten.bench.matrix import MATRIX_VERSION
 from hasten.cli.app import app
 
 RUNNER = CliRunner()
@@ -74,7 +75,7 @@ def files(tiny_model, tmp_path_factory):
                                                              "fingerprint": loaded.fingerprint}))  # fmt: skip
     paths["resumed"] = root / "resumed"  # a bench folder of a matrix at another n
     paths["resumed"].mkdir()
-    (paths["resumed"] / "matrix.json").write_text(json.dumps({"config": {"n": 20}}))
+    (paths["resumed"] / "matrix.json").write_text(json.dumps({"version": MATRIX_VERSION, "config": {"n": 20}}))
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import tiny_pipelines
 
@@ -140,7 +141,7 @@ CASES = [
     ("accel-type-typo", [*S, "--accel", "{accel}", "--out", "{root}/g.png"], 2,
      ["did you mean 'block_cache'", "unknown AccelConfig type"], ["{accel}"]),
     ("bench-foreign-plan-before-any-row", [*B, "--plan", "{plan}", "--out", "{root}/b1"], 2,
-     ["row hasten:plan[foreign-plan.json]", "tune one for these weights"], ["{plan}"]),
+     ["--plan foreign-plan.json", "tune one for these weights"], ["{plan}"]),
     ("bench-out-is-a-file", [*B, "--out", "{afile}"], 2, ["is a file"], ["{afile}"]),
     ("bench-resume-names-the-setting", [*B, "--resume", "--out", "{resumed}"], 2, ["n 20 -> 10"], ["{resumed}"]),
     ("tune-resume-names-the-setting", [*T, "--resume", "--out", "{tuned}"], 2, ["n_search 999 -> 4"], []),

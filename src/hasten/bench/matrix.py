@@ -10,13 +10,15 @@ interrupted run can skip what it already finished), its kind ``recipe.kind`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from ..config import Config, check_choice
-from ..recipe import Recipe, load_recipe, read_cache_file
+from ..recipe import Recipe, RecipeError, load_recipe, read_cache_file
 from ..solvers import parse_solver
 from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
@@ -219,7 +221,8 @@ def expand(
         for path in config.plans:
             plan = load_plan(path)
             if plan.guidance == g:  # the plan's content is in the key: an edited plan is a new row
-                add(Recipe(plan=plan, provenance={"plan_file": str(path)}, **common))
+                with _naming("--plan", path):
+                    add(Recipe(plan=plan, provenance={"plan_file": str(path)}, **common))
         _cache_rows(config, g, common, network, add)
         _quant_rows(config, g, common, add)
         supported = set(peers_for(objective))
@@ -234,6 +237,15 @@ def expand(
     for path in config.recipes:
         add(_recipe_row(path, config, conditional, model, fingerprint))
     return list(rows.values())
+
+
+@contextlib.contextmanager
+def _naming(flag: str, path: str) -> Iterator[None]:
+    """Name the file a refused row came from (a plan for other weights says so, but not which file it was)."""
+    try:
+        yield
+    except RecipeError as err:
+        raise RecipeError(f"{flag} {pathlib.Path(path).name}: {err}") from None
 
 
 def _recipe_row(path: str, config: BenchConfig, conditional: bool, model: str, fingerprint: str) -> Recipe:
@@ -308,7 +320,8 @@ def _quant_rows(config: BenchConfig, guidance: float, common: dict[str, Any], ad
         sampler = {"solver": setting["solver"], "steps": int(setting["steps"]), "schedule": "auto",
                    "guidance": guidance, **common}  # fmt: skip
         add(Recipe(**sampler))
-        add(Recipe(quant=str(path), quant_fingerprint=folder_fingerprint(path), **sampler))
+        with _naming("--quant", path):
+            add(Recipe(quant=str(path), quant_fingerprint=folder_fingerprint(path), **sampler))
         for peer in peers:
             add(Recipe(quant_peer=peer, **sampler))
 
@@ -323,9 +336,18 @@ def _cache_rows(config: BenchConfig, guidance: float, common: dict[str, Any], ne
         cache, setting = read_cache_file(path)
         if float(setting.get("guidance") or 1.0) != guidance:
             continue
-        sampler = {"solver": setting["solver"], "steps": int(setting["steps"]),
-                   "schedule": setting.get("schedule", "auto"), "guidance": guidance, **common}  # fmt: skip
+        if setting.get("plan"):  # calibrated for a tuned plan: its rows run that plan, given with --plan
+            plans = {plan.digest(): plan for plan in map(load_plan, config.plans)}
+            if setting["plan"] not in plans:
+                raise ValueError(f"--accel {path} was calibrated for a tuned plan (digest {setting['plan'][:12]}); "
+                                 "pass that plan with --plan as well")  # fmt: skip
+            sampler = {"plan": plans[setting["plan"]], "guidance": guidance, **common}
+        else:
+            sampler = {"solver": setting["solver"], "options": setting.get("options") or {},
+                       "steps": int(setting["steps"]), "schedule": setting.get("schedule", "auto"),
+                       "guidance": guidance, **common}  # fmt: skip
         add(Recipe(**sampler))
-        add(Recipe(cache=cache, cache_setting=setting, provenance={"cache_file": str(path)}, **sampler))
+        with _naming("--accel", path):
+            add(Recipe(cache=cache, cache_setting=setting, provenance={"cache_file": str(path)}, **sampler))
         for peer in peers:
             add(Recipe(cache_peer=peer, **sampler))

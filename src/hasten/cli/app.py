@@ -194,18 +194,14 @@ def sample(
         if recipe is not None:
             the_recipe = load_recipe(recipe)
             loaded = the_recipe.load_model(device=device)
-        elif source is not None:
-            loaded = source.load(device=device)
-            the_recipe = None
-            solver_name, solver_options = parse_solver(solver)
-            if plan is not None or accel is not None:
-                _fail("--plan and --accel go with --model; with --pipeline pass --solver/--steps/--schedule")
         else:
             from ..models.zoo import load
 
             solver_name, solver_options = parse_solver(solver)
-            loaded = load(model or "mnist-dit", device=device)
+            loaded = load(model or "mnist-dit", device=device) if source is None else source.load(device=device)
             _set_quant_execution(loaded, execution)
+            # a pipeline's recipe names it by its folder name only (it cannot carry the prompts): sampled here,
+            # never written
             the_recipe = Recipe.from_files(
                 loaded, plan=plan, accel=accel, force=force or force_plan, solver=solver_name, options=solver_options,
                 schedule=schedule, steps=steps, guidance=guidance,
@@ -215,10 +211,8 @@ def sample(
         _fail(str(err))
     except KeyError as err:
         _fail(str(err.args[0]) if err.args else str(err))
-    if the_recipe is not None:
-        steps, schedule = the_recipe.steps, the_recipe.schedule
-        solver = "plan:" + pathlib.Path(str(plan)).name if plan is not None else the_recipe.describe()
-    description = the_recipe.describe() if the_recipe is not None else f"{solver} ({steps} steps, {schedule})"
+    steps, schedule, description = the_recipe.steps, the_recipe.schedule, the_recipe.describe()
+    solver = "plan:" + pathlib.Path(str(plan)).name if plan is not None else description
     progress = None
     if fmt is OutputFormat.text and sys.stderr.isatty():
         from rich.progress import Progress
@@ -234,15 +228,9 @@ def sample(
             if progress is not None:
                 progress.advance(task)
 
-        if the_recipe is not None:
-            result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick)
-        else:
-            result = generate(
-                loaded, n, seed=seed, guidance=guidance, label=label, callback=tick, solver=solver_name, steps=steps,
-                schedule=schedule, **solver_options,
-            )  # fmt: skip
+        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick)
     except FloatingPointError as err:
-        scale = the_recipe.effective_guidance if the_recipe is not None else guidance
+        scale = the_recipe.effective_guidance
         _fail(_non_finite(err, loaded.default_guidance if scale is None else scale))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
@@ -253,8 +241,8 @@ def sample(
     if save is not None:
         with atomic_path(save) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz"
             np.savez_compressed(fh, samples=result.images01.numpy().astype(np.float32))
-    used_seed = seed if seed is not None else (the_recipe.seed if the_recipe is not None else 0)
-    used_guidance = the_recipe.effective_guidance if the_recipe is not None else guidance
+    used_seed = the_recipe.seed if seed is None else seed
+    used_guidance = the_recipe.effective_guidance
     data = {
         "model": loaded.info.name,
         "solver": solver,
@@ -266,7 +254,7 @@ def sample(
         "label": label,
         "plan": None if plan is None else str(plan),
         "recipe": None if recipe is None else str(recipe),
-        "recipe_digest": None if the_recipe is None else the_recipe.digest(),
+        "recipe_digest": the_recipe.digest(),
         "nfe": result.nfe,
         "seconds": result.seconds,
         "images_per_second": n / result.seconds,
