@@ -197,6 +197,29 @@ def test_solver_configs_round_trip_json():
         assert hasten.Solver.from_dict(data) == solver
 
 
+def test_every_registered_name_names_its_solver():
+    """Each name builds a solver that reports that name (an alias reports the name it aliases), and a class
+    behind several names reports the preset its options match, on instances and on the class."""
+    from hasten.solvers import SOLVERS
+
+    for name in ALL:
+        spec = SOLVERS.get(name)
+        solver = get_solver(name, **BARE.get(name, {}))
+        assert type(solver) is spec.cls
+        assert solver.name == (spec.alias_of or name), f"get_solver({name!r}).name == {solver.name!r}"
+        assert get_solver(solver.name, **BARE.get(name, {})) == solver  # the reported name rebuilds it
+        assert spec.cls.name in ALL and SOLVERS.get(spec.cls.name).cls is spec.cls
+    assert hasten.solvers.DPMSolverMultistep.name == "dpmpp_2m"
+    assert hasten.solvers.EulerAncestral.name == "euler_ancestral"
+    assert hasten.solvers.DPMSolverMultistep(order=2, eta=1.0).name == "dpmpp_2m_sde"
+    assert hasten.solvers.EulerAncestral(eta=0.0).name == "ddim"
+    assert get_solver("dpmpp_3m", third_order_term="reference").name == "dpmpp_3m"  # other options keep the name
+    assert get_solver("ddpm") == get_solver("euler_ancestral")
+    with pytest.raises(ValueError, match="equals 'dpmpp_2m'; register it with alias_of"):
+        hasten.solvers.register_solver("dpmpp_2m_again", order=2)(hasten.solvers.DPMSolverMultistep)
+    assert "dpmpp_2m_again" not in hasten.available()
+
+
 # -- stochastic samplers ---------------------------------------------------------------------------------
 
 

@@ -41,8 +41,8 @@ def ancestral_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
+@register_solver("ddpm", alias_of="euler_ancestral")
 @register_solver("euler_ancestral", eta=1.0)
-@register_solver("ddpm", eta=1.0)
 @register_solver("ddim", eta=0.0)
 @dataclasses.dataclass(frozen=True)
 class EulerAncestral(Solver):
