@@ -290,13 +290,17 @@ def run_bench(
     for g in sorted({e.guidance for e in entries}):
         steps = config.reference_steps
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
-        ref = Entry("reference", REFERENCE_SOLVER["solver"], {}, REFERENCE_SOLVER["schedule"], steps, g)
+        ref = Entry(
+            "reference", REFERENCE_SOLVER["solver"], REFERENCE_SOLVER["options"], REFERENCE_SOLVER["schedule"], steps, g
+        )
         if ref.key not in results.done:
             quality = _quality(model, references[g], None)
             save_grid(references[g][:50], grids / f"{ref.key}.png", nrow=10, scale=2)
             results.add({
-                "key": ref.key, "label": ref.label, "library": "reference", "solver": ref.solver, "options": {},
-                "schedule": ref.schedule, "steps": ref.steps, "guidance": g, "nfe": ref.steps, "seconds": None,
+                "key": ref.key, "label": ref.label, "library": "reference", "solver": ref.solver,
+                "options": ref.options, "schedule": ref.schedule, "steps": ref.steps, "guidance": g,
+                "nfe": ref.steps + 1,  # the Taylor 3M's singlestep start makes one extra call
+                "seconds": None,
                 "images_per_second": None, "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{ref.key}.png",
                 **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
