@@ -24,6 +24,7 @@ from .._context import sampling_run
 from ..config import Config
 from ..registry import Registry
 from ..schedules.grids import from_sigmas
+from .brownian import BrownianNoise, IndependentNoise
 
 __all__ = [
     "SOLVERS",
@@ -41,7 +42,7 @@ __all__ = [
     "sample",
 ]
 
-NoiseFn = Callable[[], Tensor]
+NoiseFn = Callable[[float, float], Tensor]  # noise(sigma, sigma_next): standard normal noise of that move
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -104,6 +105,11 @@ class Solver(Config):
 
     @property
     def stochastic(self) -> bool:
+        return False
+
+    @property
+    def brownian_noise(self) -> bool:
+        """Whether its noise comes from one Brownian path (:mod:`~hasten.solvers.brownian`), not fresh draws."""
         return False
 
     def min_steps(self) -> int:
@@ -324,7 +330,9 @@ def sample(
         plan: A :class:`hasten.tune.Plan` (from ``hasten tune``): supplies the grid and every step's solver,
             so ``sigmas``, ``solver`` and solver options must not be given with it.
         cond: Conditioning passed to every denoiser call (``{"class_labels": y}``).
-        generator: Random source for stochastic solvers.
+        generator: Random source for stochastic solvers: it seeds the Brownian path of solvers with
+            ``brownian=True`` (their default; the same generator seed then gives one path at any step
+            count) or draws independent noise per call (``brownian=False``).
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
         callback: Called as ``callback(i, sigma_next, x)`` after every step. A tensor it returns replaces ``x``
             (as diffusers' ``callback_on_step_end`` replaces latents: inpainting's blending of the known
@@ -368,8 +376,13 @@ def sample(
         raise ValueError("the starting point x contains NaN or infinity")
     model = _CountedModel(denoiser, cond or {}, xw, check_finite)
 
-    def noise() -> Tensor:
-        return torch.randn(xw.shape, generator=generator, dtype=work, device=xw.device)
+    noise: NoiseFn
+    if solver.stochastic and solver.brownian_noise:
+        where = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where))
+        noise = BrownianNoise(seed, xw.shape, work, xw.device)
+    else:
+        noise = IndependentNoise(xw.shape, work, xw.device, generator)
 
     with sampling_run() as run:  # network-level accelerators key their state on this run and step
         for i in range(len(grid) - 1):

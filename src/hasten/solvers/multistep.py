@@ -77,6 +77,9 @@ class DPMSolverMultistep(Solver):
             ``O(h^3)`` error keeps order 3. ``"auto"`` (default): ``"singlestep"`` for the Taylor 3M (the
             one method whose order the start limits), ``"lower_order"`` otherwise.
         eta: SDE noise (data prediction, order <= 2): 0 is the ODE solver, 1 the DPM-Solver++ SDE.
+        brownian: SDE noise from one Brownian path fixed by the generator (default, as k-diffusion's
+            Brownian tree: the same seed follows one path at any step count; with eta = 1 each step adds
+            the SDE's exact noise); ``False`` draws fresh noise per step, as diffusers does.
 
     Reference: Lu et al., "DPM-Solver++", 2022, Alg. 2 (2M) and App. B (3M); Lu et al., "DPM-Solver",
     NeurIPS 2022, Sec. 3.3; SDE: Lu et al. 2022 Sec. 5 / diffusers ``sde-dpmsolver++`` and k-diffusion
@@ -91,6 +94,7 @@ class DPMSolverMultistep(Solver):
     eta: float = 0.0
     third_order_term: Literal["reference", "taylor"] = "reference"
     warmup: Literal["auto", "lower_order", "singlestep"] = "auto"
+    brownian: bool = True
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2, 3))
@@ -110,6 +114,10 @@ class DPMSolverMultistep(Solver):
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
+
+    @property
+    def brownian_noise(self) -> bool:
+        return self.brownian
 
     @property
     def singlestep_warmup(self) -> bool:
@@ -225,4 +233,4 @@ class DPMSolverMultistep(Solver):
         cs = [g1 * w for w in d1]
         cs[0] += coeff
         x_next = self._combine(x, (sigma_next / sigmas[0]) * math.exp(-self.eta * h), ms[:k], cs)
-        return x_next.add_(noise(), alpha=sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
+        return x_next.add_(noise(sigmas[0], sigma_next), alpha=sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
