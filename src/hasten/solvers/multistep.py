@@ -67,9 +67,9 @@ class DPMSolverMultistep(Solver):
             k-diffusion, which apply the coefficient derived for ``h^2 m''`` to the second difference
             ``D2 ~ h^2 m''/2`` and so carry half the second-derivative term: their 3M is second order.
             ``"taylor"`` weights ``D2`` as the Taylor expansion requires: third order. The default is the
-            one that measured more accurate at the step counts people use (5-30 steps on the bundled
-            MNIST models and on two analytic mixtures); ``"taylor"`` overtakes it from about 30-100 steps
-            and is the choice for reference solves (docs/guide/solvers.md has the numbers).
+            one that measured more accurate at the step counts people use (5-20 steps on the bundled
+            mnist-unet, 10-30 on two analytic mixtures); ``"taylor"`` overtakes it from about 30-100
+            steps and is the choice for reference solves (docs/guide/solvers.md has the numbers).
         warmup: How the first step, which has no history, is taken. ``"lower_order"`` (the references:
             first order, then second) leaves an ``O(h^2)`` error that caps the Taylor 3M at global order
             2 from noise. ``"singlestep"`` takes the first step with the second-order singlestep
@@ -161,7 +161,8 @@ class DPMSolverMultistep(Solver):
         output_mid = denoised_mid if self.prediction == "data" else (x_mid - denoised_mid) / sigma_mid
         pairs = [(sigma, output), (sigma_mid, output_mid)]
         x_next = singlestep_update(x, sigma, sigma_next, pairs, self.prediction, "midpoint")
-        return x_next, MultistepState((output,), (sigma,))
+        # Only the first output is kept: the second step is then a 2M step, whose O(h^3) error keeps order 3.
+        return x_next, MultistepState((output,)[:keep], (sigma,)[:keep])
 
     # -- the update rules ---------------------------------------------------------------------------
     # Each rule is x' = c_x x + sum_j c_j m_j (+ noise); the divided differences D1 ~ h m' and D2 are
