@@ -90,7 +90,8 @@ def main() -> None:
         print(what, {k: round(v, 5) for k, v in row.items() if k.startswith("rmse")}, flush=True)
     result = {
         "model": args.model, "fingerprint": model.fingerprint, "n": args.n, "seed": 0, "steps": list(STEPS),
-        "reference": "dpmpp_3m third_order_term=taylor, karras, 200 steps (same noise)", "machine": machine_description(torch.device("cpu")),
+        "reference": "dpmpp_3m third_order_term=taylor, karras, 200 steps (same noise)",
+        "machine": machine_description(torch.device("cpu")),
         "torch": torch.__version__, "seconds": time.perf_counter() - started, "rows": rows,
     }  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
