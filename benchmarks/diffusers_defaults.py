@@ -41,10 +41,9 @@ DIFFERENCES = [
      {"solver": "unipc", "schedule": "auto", "solver_options": DIFFUSERS_UNIPC}),
     ("UniPC's final orders: lowered at any length (diffusers) vs below 15 steps (hasten), UniPC (bh2)",
      "UniPCMultistepScheduler", {}, {"solver": "unipc", "solver_options": DIFFUSERS_UNIPC}, {"solver": "unipc"}),
-    ("not a default: dpmpp_3m is diffusers' 3M; the hasten column is the Taylor 3M with its singlestep start",
+    ("3M: diffusers' vs hasten's (Taylor term, singlestep first step), DPMSolverMultistep's grid",
      "DPMSolverMultistepScheduler", {"solver_order": 3},
-     {"solver": "dpmpp_3m", "solver_options": {"third_order_term": "reference"}},
-     {"solver": "dpmpp_3m", "solver_options": {"third_order_term": "taylor"}}),
+     {"solver": "dpmpp_3m", "solver_options": {"third_order_term": "reference"}}, {"solver": "dpmpp_3m"}),
     ("DPM-Solver++(2S) inner point: the previous grid point (diffusers) vs the lambda midpoint (hasten), "
      "DPMSolverSinglestep's grid", "DPMSolverSinglestepScheduler", {},
      {"solver": "dpmpp_2s", "solver_options": {"intermediate": "grid"}}, {"solver": "dpmpp_2s"}),

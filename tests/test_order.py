@@ -93,10 +93,10 @@ CASES = [
     ("dpmpp_2m", NO_LOF, "lambda"),
     ("dpmpp_2m", {**NO_LOF, "solver_type": "heun"}, "lambda"),
     ("dpmpp_3m", NO_LOF, "lambda"),
-    ("dpmpp_3m", {**NO_LOF, "third_order_term": "taylor"}, "lambda"),
+    ("dpmpp_3m", {**NO_LOF, "third_order_term": "reference"}, "lambda"),
     ("dpm_solver_2m", NO_LOF, "lambda"),
     ("dpm_solver_3m", NO_LOF, "lambda"),
-    ("dpm_solver_3m", {**NO_LOF, "third_order_term": "taylor"}, "lambda"),
+    ("dpm_solver_3m", {**NO_LOF, "third_order_term": "reference"}, "lambda"),
     ("unipc", {**NO_LOF, "order": 1}, "lambda"),
     ("unipc", {**NO_LOF, "order": 2}, "lambda"),
     ("unipc", {**NO_LOF, "order": 3}, "lambda"),
@@ -192,10 +192,10 @@ def _slope(nfes, errs) -> float:
 # the slope over the last two grids (40 -> 160 steps) is within 0.35 of the order.
 FROM_NOISE = [
     ("dpmpp_2m", {}, 2),
-    ("dpmpp_3m", {}, 2),  # diffusers' 3M (third_order_term="reference"): second order however it starts
-    ("dpmpp_3m", {"third_order_term": "taylor"}, 3),  # with its singlestep start
+    ("dpmpp_3m", {}, 3),  # the Taylor 3M with its singlestep start
+    ("dpmpp_3m", {"third_order_term": "reference"}, 2),  # diffusers' 3M: second order however it starts
     ("dpmpp_3m", {"third_order_term": "taylor", "warmup": "lower_order"}, 2),  # the first-order start caps it
-    ("dpm_solver_3m", {"third_order_term": "taylor"}, 3),
+    ("dpm_solver_3m", {}, 3),
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
 ]

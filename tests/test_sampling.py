@@ -32,6 +32,8 @@ def expected_nfe(name: str, n: int) -> int:
         "dpm_solver_3": 3 * n - 2,
         "dpmpp_3s": 3 * n - 2,
         "plms": n + 3 * min(3, n - 1),  # F-PNDM: pseudo-RK4 warm-up on the first three steps (not onto 0)
+        "dpmpp_3m": n + (n >= 2),  # the Taylor 3M's singlestep first step (none when it lands on 0)
+        "dpm_solver_3m": n + (n >= 2),
     }
     return table.get(name, n)
 

@@ -22,7 +22,7 @@ from .quality import cache_dir
 __all__ = ["REFERENCE_SOLVER", "psnr", "reference_samples", "rmse"]
 
 # Many steps of a third-order multistep solver on the EDM grid: converged to well below the errors measured.
-# The Taylor 3M (third order from noise with its singlestep start); the default 3M is diffusers' second-order one.
+# The Taylor 3M (third order from noise with its singlestep start; the default, named so the key says so).
 REFERENCE_SOLVER = {"solver": "dpmpp_3m", "steps": 200, "schedule": "karras", "options": {"third_order_term": "taylor"}}
 
 
