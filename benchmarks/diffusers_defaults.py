@@ -27,6 +27,8 @@ from hasten.train import machine_description
 STEPS = (5, 10, 20)
 DDPM = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
+DIFFUSERS_UNIPC = {"lower_order_final_below": 2**31}  # diffusers' UniPC lowers its final orders at any length
+
 # (what differs, source scheduler and its config, diffusers-mirroring HastenScheduler kwargs, hasten's default)
 DIFFERENCES = [
     ("grid: DPMSolverMultistep's default spacing (linspace) vs hasten's auto grid, DPM-Solver++(2M)",
@@ -35,8 +37,11 @@ DIFFERENCES = [
      "DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1}, {"solver": "dpmpp_2m"},
      {"solver": "dpmpp_2m", "schedule": "auto"}),
     ("grid: UniPCMultistep's default spacing (linspace) vs hasten's auto grid, UniPC (bh2)",
-     "UniPCMultistepScheduler", {}, {"solver": "unipc"}, {"solver": "unipc", "schedule": "auto"}),
-    ("third-order term of 3M: diffusers' vs hasten's Taylor term, DPMSolverMultistep's grid",
+     "UniPCMultistepScheduler", {}, {"solver": "unipc", "solver_options": DIFFUSERS_UNIPC},
+     {"solver": "unipc", "schedule": "auto", "solver_options": DIFFUSERS_UNIPC}),
+    ("UniPC's final orders: lowered at any length (diffusers) vs below 15 steps (hasten), UniPC (bh2)",
+     "UniPCMultistepScheduler", {}, {"solver": "unipc", "solver_options": DIFFUSERS_UNIPC}, {"solver": "unipc"}),
+    ("3M: diffusers' vs hasten's (Taylor term, singlestep first step), DPMSolverMultistep's grid",
      "DPMSolverMultistepScheduler", {"solver_order": 3},
      {"solver": "dpmpp_3m", "solver_options": {"third_order_term": "reference"}}, {"solver": "dpmpp_3m"}),
     ("DPM-Solver++(2S) inner point: the previous grid point (diffusers) vs the lambda midpoint (hasten), "
@@ -84,7 +89,8 @@ def main() -> None:
         print(what, {k: round(v, 5) for k, v in row.items() if k.startswith("rmse")}, flush=True)
     result = {
         "model": args.model, "fingerprint": model.fingerprint, "n": args.n, "seed": 0, "steps": list(STEPS),
-        "reference": "dpmpp_3m, karras, 200 steps (same noise)", "machine": machine_description(torch.device("cpu")),
+        "reference": "dpmpp_3m third_order_term=taylor, karras, 200 steps (same noise)",
+        "machine": machine_description(torch.device("cpu")),
         "torch": torch.__version__, "seconds": time.perf_counter() - started, "rows": rows,
     }  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")

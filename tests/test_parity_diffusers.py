@@ -14,16 +14,19 @@ the number of network calls diffusers made.
 * ``DPMSolverMultistepScheduler`` -> ``dpmpp_2m`` / ``dpmpp_3m`` / ``dpm_solver_2m`` / ``dpm_solver_3m``
   (hasten's ``lower_order_final_below=15`` default is diffusers' "< 15 steps" rule).
 * ``DPMSolverSinglestepScheduler`` -> ``dpmpp_2s`` / ``dpmpp_3s`` with ``intermediate="grid"``.
-* ``UniPCMultistepScheduler`` -> ``unipc`` with ``variant`` = diffusers' ``solver_type``;
-  ``disable_corrector=list(range(n))`` is ``corrector=False``.
+* ``UniPCMultistepScheduler`` -> ``unipc`` with ``variant`` = diffusers' ``solver_type`` and
+  ``lower_order_final_below=2**31``; ``disable_corrector=list(range(n))`` is ``corrector=False``.
 * ``PNDMScheduler(skip_prk_steps=True)`` -> ``plms`` with ``warmup="heun"``.
 * ``EulerDiscreteScheduler`` -> ``euler``; ``HeunDiscreteScheduler`` -> ``heun``.
 
 Where hasten differs on purpose, the option that reproduces diffusers:
 
-* ``dpmpp_3m`` / ``dpm_solver_3m``: ``third_order_term="reference"``. hasten's default "taylor" weights the
-  second difference as the Taylor expansion requires (a true third-order method), so it differs from
+* ``dpmpp_3m`` / ``dpm_solver_3m``: ``third_order_term="reference"`` (with ``warmup="lower_order"``, what
+  ``"auto"`` resolves to for it). hasten's default Taylor 3M weights the second difference as the Taylor
+  expansion requires and starts with a singlestep step (third order from noise), so it differs from
   diffusers by far more than rounding (see ``test_dpmpp_3m_default_is_not_diffusers``).
+* UniPC: ``lower_order_final_below=2**31``: diffusers lowers the order at the end of runs of any length,
+  hasten below 15 steps (as diffusers' DPM-Solver does).
 * Singlestep DPM-Solver: ``intermediate="grid"`` (hasten's default places k evaluations inside each step).
 * PLMS: ``warmup="heun"`` (hasten's default "prk" is F-PNDM, 4 NFE per warm-up step).
 * UniPC: both default to ``variant="bh2"``; the tests pass the variant explicitly.
@@ -126,8 +129,8 @@ def _dpm(solver: str, solver_type: str, final: str = "zero") -> Case:
         "lower_order_final": True,
     }
     options: dict[str, Any] = {"solver_type": solver_type}
-    if order == 3:
-        options["third_order_term"] = "reference"
+    if order == 3:  # diffusers' 3M (hasten's default is the Taylor 3M)
+        options.update(third_order_term="reference", warmup="lower_order")
     name = f"{solver}-{solver_type}" + ("" if final == "zero" else f"-{final}")
     # float64=False: diffusers' step casts the sample to float32.
     return Case(name, "DPMSolverMultistepScheduler", config, solver, options, float64=False)
@@ -143,7 +146,8 @@ def _unipc(order: int, variant: str, corrector: bool) -> Case:
     # diffusers' bh1 returns NaN on a last step onto sigma = 0, so bh1 ends at sigma(t=0).
     final = "zero" if variant == "bh2" else "sigma_min"
     config = {"solver_order": order, "solver_type": variant, "final_sigmas_type": final}
-    options = {"order": order, "variant": variant, "corrector": corrector}
+    # diffusers lowers UniPC's order at the end of runs of any length; hasten below 15 steps.
+    options = {"order": order, "variant": variant, "corrector": corrector, "lower_order_final_below": 2**31}
     name = f"unipc-{variant}-order{order}-{'pc' if corrector else 'p'}"
     return Case(name, "UniPCMultistepScheduler", config, "unipc", options, disable_correctors=not corrector)
 
@@ -209,7 +213,7 @@ FLOAT64_ONLY = [
             "UniPCMultistepScheduler",
             {"solver_order": order, "solver_type": variant, "predict_x0": False, "final_sigmas_type": "sigma_min"},
             "unipc",
-            {"order": order, "variant": variant, "prediction": "noise"},
+            {"order": order, "variant": variant, "prediction": "noise", "lower_order_final_below": 2**31},
         )
         for variant in ("bh1", "bh2")
         for order in (1, 2, 3)
@@ -319,13 +323,16 @@ def test_matches_diffusers_in_float64(case: Case, steps: int) -> None:
 
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpmpp_3m_default_is_not_diffusers(steps: int) -> None:
-    """hasten's default 3M ("taylor") is a different method; "reference" reproduces diffusers' order 3."""
+    """hasten's default 3M (Taylor term, singlestep start) is a different method; "reference" is diffusers'."""
     case = _dpm("dpmpp_3m", "midpoint")
     x_diffusers, x_reference, _, _ = _run_both(case, steps)
-    taylor = dataclasses.replace(case, options={**case.options, "third_order_term": "taylor"})
+    default = dataclasses.replace(case, options={"solver_type": "midpoint"})
+    _, x_default, _, _ = _run_both(default, steps)
+    taylor = dataclasses.replace(case, options={"solver_type": "midpoint", "third_order_term": "taylor"})
     _, x_taylor, _, _ = _run_both(taylor, steps)
     torch.testing.assert_close(x_reference, x_diffusers, rtol=RTOL, atol=ATOL)
-    # Measured 1.0e-2 (10 steps) and 2.2e-2 (20 steps), against 1e-6 for "reference".
+    torch.testing.assert_close(x_default, x_taylor, rtol=0, atol=0)
+    # Far above rounding (the reference term agrees with diffusers to 1e-6).
     assert (x_taylor - x_diffusers).abs().max() > 1e-3
 
 

@@ -32,6 +32,8 @@ def expected_nfe(name: str, n: int) -> int:
         "dpm_solver_3": 3 * n - 2,
         "dpmpp_3s": 3 * n - 2,
         "plms": n + 3 * min(3, n - 1),  # F-PNDM: pseudo-RK4 warm-up on the first three steps (not onto 0)
+        "dpmpp_3m": n + (n >= 2),  # the Taylor 3M's singlestep first step (none when it lands on 0)
+        "dpm_solver_3m": n + (n >= 2),
     }
     return table.get(name, n)
 
@@ -197,6 +199,29 @@ def test_solver_configs_round_trip_json():
         assert hasten.Solver.from_dict(data) == solver
 
 
+def test_every_registered_name_names_its_solver():
+    """Each name builds a solver that reports that name (an alias reports the name it aliases), and a class
+    behind several names reports the preset its options match, on instances and on the class."""
+    from hasten.solvers import SOLVERS
+
+    for name in ALL:
+        spec = SOLVERS.get(name)
+        solver = get_solver(name, **BARE.get(name, {}))
+        assert type(solver) is spec.cls
+        assert solver.name == (spec.alias_of or name), f"get_solver({name!r}).name == {solver.name!r}"
+        assert get_solver(solver.name, **BARE.get(name, {})) == solver  # the reported name rebuilds it
+        assert spec.cls.name in ALL and SOLVERS.get(spec.cls.name).cls is spec.cls
+    assert hasten.solvers.DPMSolverMultistep.name == "dpmpp_2m"
+    assert hasten.solvers.EulerAncestral.name == "euler_ancestral"
+    assert hasten.solvers.DPMSolverMultistep(order=2, eta=1.0).name == "dpmpp_2m_sde"
+    assert hasten.solvers.EulerAncestral(eta=0.0).name == "ddim"
+    assert get_solver("dpmpp_3m", third_order_term="reference").name == "dpmpp_3m"  # other options keep the name
+    assert get_solver("ddpm") == get_solver("euler_ancestral")
+    with pytest.raises(ValueError, match="equals 'dpmpp_2m'; register it with alias_of"):
+        hasten.solvers.register_solver("dpmpp_2m_again", order=2)(hasten.solvers.DPMSolverMultistep)
+    assert "dpmpp_2m_again" not in hasten.available()
+
+
 # -- stochastic samplers ---------------------------------------------------------------------------------
 
 
@@ -277,3 +302,54 @@ def test_learned_multistep_holds_ddim_and_dpmpp_2m():
         get_solver("learned_multistep", coefficients=rows, x_weights=[1.0])
     with pytest.raises(ValueError, match="x_weights has a non-finite"):
         get_solver("learned_multistep", coefficients=rows[:1], x_weights=[math.nan])
+
+
+# -- Brownian-path noise ----------------------------------------------------------------------------------
+
+
+def test_brownian_noise_is_one_path_whatever_queries_it():
+    """Increments over a coarse interval are the sums of the fine ones, in any query order; a seed fixes the
+    path; the normalised increments are standard normal and independent across disjoint steps."""
+    from hasten.solvers.brownian import SIGMA_RANGE, BrownianNoise
+
+    levels = torch.exp(torch.linspace(math.log(80.0), math.log(0.002), 41, dtype=torch.float64)).tolist()
+    levels.insert(7, 0.5 * (levels[6] + levels[7]))  # a level off the log grid
+
+    def increment(path, a, b):  # B(1/b^2) - B(1/a^2)
+        return path(a, b) * math.sqrt(abs(1 / b**2 - 1 / a**2))
+
+    forward = BrownianNoise(3, (6,), torch.float64, torch.device("cpu"))
+    backward = BrownianNoise(3, (6,), torch.float64, torch.device("cpu"))
+    fine = [increment(forward, a, b) for a, b in itertools.pairwise(levels)]
+    coarse = [increment(backward, levels[i], levels[i + 2]) for i in reversed(range(0, len(levels) - 2, 2))][::-1]
+    for i, c in enumerate(coarse):
+        torch.testing.assert_close(c, fine[2 * i] + fine[2 * i + 1], rtol=1e-9, atol=1e-9)
+    other = BrownianNoise(4, (6,), torch.float64, torch.device("cpu"))
+    assert not torch.allclose(other(levels[3], levels[4]), forward(levels[3], levels[4]))
+    big = BrownianNoise(0, (40_000,), torch.float32, torch.device("cpu"))
+    z1, z2 = big(levels[10], levels[11]), big(levels[11], levels[12])
+    for z in (z1, z2):
+        assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    assert abs(float((z1 * z2).mean())) < 0.02
+    with pytest.raises(ValueError, match="Brownian noise covers sigma in"):
+        big(SIGMA_RANGE[1] * 2, 1.0)
+
+
+STRONG = [("ddpm", {}), ("dpmpp_2m_sde", {}), ("dpmpp_sde", {}), ("ddim", {"eta": 0.5})]
+
+
+@pytest.mark.parametrize(("name", "options"), STRONG, ids=lambda v: str(v))
+def test_stochastic_samplers_converge_strongly(name, options):
+    """Same generator seed, finer grids: the sample approaches the fine-step solution on the same Brownian
+    path (strong convergence); with fresh noise per step (brownian=False) it does not approach anything."""
+    x = MIX.sample((512,), sigma=10.0, generator=torch.Generator().manual_seed(0))
+
+    def run(n, **extra):
+        grid = torch.exp(torch.linspace(math.log(10.0), math.log(0.05), n + 1, dtype=torch.float64))
+        return hasten.sample(MIX, x, grid, name, generator=torch.Generator().manual_seed(5), **options, **extra)
+
+    fine = run(1280)
+    errs = [float(((run(n) - fine) ** 2).mean().sqrt()) for n in (10, 40, 160)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < errs[0] / 4, errs  # measured 5.7-12
+    fresh = [float(((run(n, brownian=False) - run(1280, brownian=False)) ** 2).mean().sqrt()) for n in (10, 160)]
+    assert fresh[1] > 0.8 * fresh[0] and fresh[1] > 10 * errs[2], fresh

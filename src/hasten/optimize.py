@@ -141,8 +141,10 @@ class OptimizeConfig(Config):
 
     def protocol(self, fingerprint: str, guidance: float) -> dict[str, Any]:
         """What makes two evaluations of one recipe comparable: cached evaluations are keyed by it."""
+        from .metrics.reference import REFERENCE_SOLVER
+
         return {"version": OPTIMIZE_VERSION, "fingerprint": fingerprint, "guidance": guidance, "n": self.n,
-                "seed": SCORE_SEED, "reference_steps": self.reference_steps}  # fmt: skip
+                "seed": SCORE_SEED, "reference": {**REFERENCE_SOLVER, "steps": self.reference_steps}}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -656,7 +658,9 @@ class Optimizer:
                   "seconds_by_stage": {k: v for k, v in self.spent.items() if v},
                   "evaluations_by_stage": {k: v for k, v in self.counts.items() if v},
                   "cached_evaluations": sum(1 for r in rows if r["cached"]), "notes": self.notes}  # fmt: skip
-        reference = {"solver": "dpmpp_3m", "steps": self.config.reference_steps, "fd": self.reference_fd,
+        from .metrics.reference import REFERENCE_SOLVER
+
+        reference = {**REFERENCE_SOLVER, "steps": self.config.reference_steps, "fd": self.reference_fd,
                      "n": self.config.n, "seeds": {"score": SCORE_SEED, "confirm": CONFIRM_SEED}}  # fmt: skip
         closest = None
         if chosen is None and rows:

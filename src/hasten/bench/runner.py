@@ -371,15 +371,18 @@ def run_bench(
         steps = config.reference_steps
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
         ref = Recipe(model=name, fingerprint=model.fingerprint, solver=REFERENCE_SOLVER["solver"],
-                     schedule=REFERENCE_SOLVER["schedule"], steps=steps, guidance=g, seed=config.seed)  # fmt: skip
+                     options=REFERENCE_SOLVER["options"], schedule=REFERENCE_SOLVER["schedule"], steps=steps,
+                     guidance=g, seed=config.seed)  # fmt: skip
         fields = _recipe_fields(ref, "reference")
         if fields["key"] not in results.done:
             quality = _quality(model, references[g], None)
             save_grid(references[g][:50], grids / f"{fields['key']}.png", nrow=10, scale=2)
             results.add({
-                **fields, "library": "reference", "solver": ref.solver, "options": {}, "schedule": ref.schedule,
-                "steps": ref.steps, "guidance": g, "nfe": ref.steps, "seconds": None, "images_per_second": None,
-                "rmse_ref": 0.0, "psnr_ref": None, "grid": f"grids/{fields['key']}.png",
+                **fields, "library": "reference", "solver": ref.solver, "options": dict(ref.options),
+                "schedule": ref.schedule, "steps": ref.steps, "guidance": g,
+                "nfe": ref.steps + 1,  # the Taylor 3M's singlestep start makes one extra call
+                "seconds": None, "images_per_second": None, "rmse_ref": 0.0, "psnr_ref": None,
+                "grid": f"grids/{fields['key']}.png",
                 **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
     measured = 0

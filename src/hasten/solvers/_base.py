@@ -25,6 +25,7 @@ from ..config import Config
 from ..registry import Registry
 from ..schedules.grids import from_sigmas
 from ..schedules.noise import FlowMatching
+from .brownian import BrownianNoise, IndependentNoise
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -45,7 +46,7 @@ __all__ = [
     "sample",
 ]
 
-NoiseFn = Callable[[], Tensor]
+NoiseFn = Callable[[float, float], Tensor]  # noise(sigma, sigma_next): standard normal noise of that move
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -93,12 +94,12 @@ class StepHook(Protocol):
 class Solver(Config):
     """Base of every solver. Subclasses are frozen dataclasses whose fields are the solver's options.
 
-    Class attributes: ``name`` (registry key, k-diffusion vocabulary) and ``order`` (the global
-    convergence order, unless the subclass has an ``order`` option). ``step`` must be pure apart from
-    calling ``model`` and ``noise``.
+    ``name`` is the registry key (k-diffusion vocabulary) of the preset a solver's options match (see
+    :class:`_PresetName`); ``order`` (class attribute) the global convergence order, unless the subclass
+    has an ``order`` option. ``step`` must be pure apart from calling ``model`` and ``noise``.
     """
 
-    name: ClassVar[str] = ""
+    name: ClassVar[_PresetName]  # set below, once the registry exists
     order: ClassVar[int] = 1
 
     @property
@@ -108,6 +109,11 @@ class Solver(Config):
 
     @property
     def stochastic(self) -> bool:
+        return False
+
+    @property
+    def brownian_noise(self) -> bool:
+        """Whether its noise comes from one Brownian path (:mod:`~hasten.solvers.brownian`), not fresh draws."""
         return False
 
     def min_steps(self) -> int:
@@ -146,8 +152,11 @@ def ddim_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> T
 
 @dataclasses.dataclass(frozen=True)
 class _SolverSpec:
+    """A registry entry: the class, the option preset the name stands for, and the name it is an alias of."""
+
     cls: type[Solver]
     defaults: Mapping[str, Any]
+    alias_of: str | None = None
 
 
 SOLVERS: Registry[_SolverSpec] = Registry("solver")
@@ -169,19 +178,73 @@ class OptionResolver(Protocol):
 OPTION_RESOLVERS: Registry[OptionResolver] = Registry("option resolver")
 
 
-def register_solver(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver]]:
-    """Class decorator: register ``cls`` under ``name`` with option presets (stackable)."""
+def register_solver(
+    name: str, *, alias_of: str | None = None, **defaults: Any
+) -> Callable[[type[Solver]], type[Solver]]:
+    """Class decorator: register ``cls`` under ``name`` with an option preset (stackable).
+
+    One class may stand behind several names (``dpmpp_2m`` and ``dpmpp_3m`` are one class with
+    ``order=2`` and ``order=3``); each name is a distinct preset, and a configured solver's ``name`` is the
+    preset its options match. ``alias_of`` registers a second name for an already registered, identical
+    preset (``ddpm`` is ``euler_ancestral``): the solver then reports the original name.
+    """
 
     def decorator(cls: type[Solver]) -> type[Solver]:
+        if alias_of is not None:
+            if defaults:
+                raise TypeError(f"alias {name!r} takes its preset from {alias_of!r}; give no options")
+            target = SOLVERS.get(alias_of)
+            if target.cls is not cls or target.alias_of is not None:
+                raise TypeError(f"alias {name!r}: {alias_of!r} is not a preset of {cls.__name__}")
+            SOLVERS.add(name, _SolverSpec(cls, target.defaults, alias_of))
+            return cls
         unknown = set(defaults) - set(cls.option_names())
         if unknown:
             raise TypeError(f"preset {name!r}: {cls.__name__} has no option(s) {sorted(unknown)}")
+        resolved = {**_field_defaults(cls), **defaults}
+        for other in SOLVERS.names():
+            spec = SOLVERS.get(other)
+            if spec.cls is cls and spec.alias_of is None and {**_field_defaults(cls), **spec.defaults} == resolved:
+                raise ValueError(f"preset {name!r} equals {other!r}; register it with alias_of={other!r}")
         SOLVERS.add(name, _SolverSpec(cls, dict(defaults)))
-        if not cls.__dict__.get("name"):
-            cls.name = name
         return cls
 
     return decorator
+
+
+def _field_defaults(cls: type[Solver]) -> dict[str, Any]:
+    """The options of ``cls`` that have a default, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+class _PresetName:
+    """``Solver.name``: the registered name of the preset a solver's options match.
+
+    On an instance: the most specific preset of its class whose options all equal the instance's (so
+    ``get_solver("dpmpp_3m").name == "dpmpp_3m"`` and ``DPMSolverMultistep(order=2, eta=1.0).name ==
+    "dpmpp_2m_sde"``); an instance matching no preset (``DPMSolverMultistep(order=1)``) carries its class's
+    name. On a class: the preset its default options match (``DPMSolverMultistep.name == "dpmpp_2m"``),
+    else its only preset. A subclass may set ``name`` to a plain string instead (unregistered solvers).
+    """
+
+    def __get__(self, obj: Solver | None, cls: type[Solver]) -> str:
+        presets = [(n, s) for n in SOLVERS.names() if (s := SOLVERS.get(n)).cls is cls and s.alias_of is None]
+        candidates = [_field_defaults(cls)]
+        if obj is not None:
+            candidates.insert(0, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        for values in candidates:
+            # the most specific matching preset (most options pinned); names break ties
+            matches = sorted(
+                (-len(s.defaults), n)
+                for n, s in presets
+                if all(k in values and values[k] == v for k, v in s.defaults.items())
+            )
+            if matches:
+                return matches[0][1]
+        return presets[0][0] if presets else ""
+
+
+Solver.name = _PresetName()  # type: ignore[assignment]
 
 
 def available() -> list[str]:
@@ -300,7 +363,9 @@ def sample(
         plan: A :class:`hasten.tune.Plan` (from ``hasten tune``): supplies the grid and every step's solver,
             so ``sigmas``, ``solver`` and solver options must not be given with it.
         cond: Conditioning passed to every denoiser call (``{"class_labels": y}``).
-        generator: Random source for stochastic solvers.
+        generator: Random source for stochastic solvers: it seeds the Brownian path of solvers with
+            ``brownian=True`` (their default; the same generator seed then gives one path at any step
+            count) or draws independent noise per call (``brownian=False``).
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
         callback: Called as ``callback(i, sigma_next, x)`` after every step. A tensor it returns replaces ``x``
             (as diffusers' ``callback_on_step_end`` replaces latents: inpainting's blending of the known
@@ -344,8 +409,13 @@ def sample(
         raise ValueError("the starting point x contains NaN or infinity")
     model = _CountedModel(denoiser, cond or {}, xw, check_finite)
 
-    def noise() -> Tensor:
-        return torch.randn(xw.shape, generator=generator, dtype=work, device=xw.device)
+    noise: NoiseFn
+    if solver.stochastic and solver.brownian_noise:
+        where = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where))
+        noise = BrownianNoise(seed, xw.shape, work, xw.device)
+    else:
+        noise = IndependentNoise(xw.shape, work, xw.device, generator)
 
     with sampling_run() as run:  # network-level accelerators key their state on this run and step
         for i in range(len(grid) - 1):

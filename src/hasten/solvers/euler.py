@@ -41,8 +41,8 @@ def ancestral_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
+@register_solver("ddpm", alias_of="euler_ancestral")
 @register_solver("euler_ancestral", eta=1.0)
-@register_solver("ddpm", eta=1.0)
 @register_solver("ddim", eta=0.0)
 @dataclasses.dataclass(frozen=True)
 class EulerAncestral(Solver):
@@ -54,6 +54,9 @@ class EulerAncestral(Solver):
     Args:
         eta: Noise fraction in [0, 1] (above 1 is allowed as in the references, capped at sigma_next).
         s_noise: Scale of the added noise (EDM's S_noise); 1 is exact.
+        brownian: Draw the noise from one Brownian path fixed by the generator (default: the same seed
+            follows one path at any step count, and with eta = 1 each step adds the SDE's exact noise);
+            ``False`` draws fresh noise per step, as diffusers' and k-diffusion's samplers do.
 
     Reference: Song et al., DDIM, ICLR 2021, Eq. 12 and 16; Ho et al., DDPM, Eq. 6-7.
     """
@@ -61,6 +64,7 @@ class EulerAncestral(Solver):
     order = 1
     eta: float = 1.0
     s_noise: float = 1.0
+    brownian: bool = True
 
     def __post_init__(self) -> None:
         if not self.eta >= 0:
@@ -70,12 +74,16 @@ class EulerAncestral(Solver):
     def stochastic(self) -> bool:
         return self.eta > 0
 
+    @property
+    def brownian_noise(self) -> bool:
+        return self.brownian
+
     def step(self, model: Model, x: Tensor, info: StepInfo, state: Any, noise: NoiseFn) -> tuple[Tensor, Any]:
         denoised = model(x, info.sigma)
         sigma_down, sigma_up = ancestral_levels(info.sigma, info.sigma_next, self.eta)
         x = ddim_step(x, denoised, info.sigma, sigma_down)
         if sigma_up > 0:
-            x = x + noise() * (self.s_noise * sigma_up)
+            x = x + noise(info.sigma, info.sigma_next) * (self.s_noise * sigma_up)
         return x, None
 
 

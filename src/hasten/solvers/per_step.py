@@ -46,6 +46,10 @@ class PerStepSolver(Solver):
     def stochastic(self) -> bool:
         return any(s.stochastic for s in self.solvers)
 
+    @property
+    def brownian_noise(self) -> bool:
+        return any(s.brownian_noise for s in self.solvers if s.stochastic)
+
     def min_steps(self) -> int:
         return len(self.solvers)
 

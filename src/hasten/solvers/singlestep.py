@@ -204,14 +204,17 @@ class DPMSolverPPSDE(Solver):
     """DPM-Solver++ SDE: a stochastic singlestep second-order solver (2 NFE per step).
 
     An ancestral first-order step to the lambda-midpoint gives a second data prediction; the full step
-    then uses their mix ``(1 - 1/(2r)) D_s + 1/(2r) D_mid`` and adds fresh noise. k-diffusion draws
-    both noises from one Brownian tree; hasten draws them independently (same marginals, different
-    coupling), so results are not bitwise comparable with k-diffusion.
+    then uses their mix ``(1 - 1/(2r)) D_s + 1/(2r) D_mid`` and adds noise. As in k-diffusion both noises
+    are increments of one Brownian path (``sigma -> sigma_mid`` and ``sigma -> sigma_next``, so they are
+    correlated); hasten's path is its own (:mod:`~hasten.solvers.brownian`), so samples are not bitwise
+    k-diffusion's.
 
     Args:
         eta: Ancestral noise fraction (0: deterministic DPM-Solver++(2S) with r).
         s_noise: Scale of the added noise.
         r: Intermediate point as a fraction of the step in lambda.
+        brownian: Both noises from one Brownian path fixed by the generator (default); ``False`` draws
+            them independently (same marginals, different coupling).
 
     Reference: k-diffusion ``sample_dpmpp_sde`` (Crowson, 2022), after Lu et al., DPM-Solver++, Alg. 1.
     """
@@ -220,6 +223,7 @@ class DPMSolverPPSDE(Solver):
     eta: float = 1.0
     s_noise: float = 1.0
     r: float = 0.5
+    brownian: bool = True
 
     def __post_init__(self) -> None:
         if self.eta < 0 or not 0 < self.r < 1:
@@ -228,6 +232,10 @@ class DPMSolverPPSDE(Solver):
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
+
+    @property
+    def brownian_noise(self) -> bool:
+        return self.brownian
 
     @property
     def convergence_order(self) -> int:
@@ -244,12 +252,12 @@ class DPMSolverPPSDE(Solver):
         down, up = ancestral_levels(sigma, sigma_s, self.eta)
         x_2 = ddim_step(x, denoised, sigma, down)
         if up > 0:
-            x_2 = x_2 + noise() * (self.s_noise * up)
+            x_2 = x_2 + noise(sigma, sigma_s) * (self.s_noise * up)
         denoised_2 = model(x_2, sigma_s)
         # Stage 2: full ancestral step with the mixed data prediction.
         fac = 1.0 / (2.0 * self.r)
         down, up = ancestral_levels(sigma, sigma_next, self.eta)
         x = ddim_step(x, (1.0 - fac) * denoised + fac * denoised_2, sigma, down)
         if up > 0:
-            x = x + noise() * (self.s_noise * up)
+            x = x + noise(sigma, sigma_next) * (self.s_noise * up)
         return x, None

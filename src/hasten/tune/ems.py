@@ -191,7 +191,11 @@ def ems_path_for_model(
         if labels is not None and data.labels is not None:
             labels = data.labels[pick].long()
     else:  # the model's own high-accuracy samples (latents for a latent pipeline)
-        x0 = generate(model, samples, seed=7, guidance=guidance, **REFERENCE_SOLVER).samples
+        ref = REFERENCE_SOLVER
+        x0 = generate(
+            model, samples, seed=7, guidance=guidance, solver=ref["solver"], steps=ref["steps"],
+            schedule=ref["schedule"], **ref["options"],
+        ).samples  # fmt: skip
     denoiser = guided_denoiser(model, guidance)
     cond = model.conditioning(labels, range(samples))
     schedule = model.schedule
