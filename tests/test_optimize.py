@@ -20,7 +20,13 @@ from hasten.recipe import load_recipe
 FINGERPRINT = "a" * 64
 REFERENCE_FD = 100.0
 # FD loss at s steps = error / s: dpmpp_2m on karras is the best stock family (0.29 / 6 < 5% at 6 steps)
-ERROR = {("euler", "auto"): 0.6, ("euler", "karras"): 0.5, ("dpmpp_2m", "auto"): 0.4, ("dpmpp_2m", "karras"): 0.29}
+ERROR = {
+    ("euler", "auto"): 0.6,
+    ("euler", "karras"): 0.5,
+    ("dpmpp_2m", "auto"): 0.4,
+    ("dpmpp_2m", "karras"): 0.29,
+    ("unipc", "auto"): -0.45,
+}  # an FD *below* the reference's: unipc's error lowers FD, as UniPC-bh1 can
 
 
 class World(Optimizer):
@@ -97,6 +103,13 @@ def test_a_candidate_failing_confirmation_is_not_chosen(tmp_path):
     assert result.recipe.kind == "stock" and result.chosen["label"].startswith("dpmpp_2m (karras, 6 steps)")
     failed = [r for r in result.evaluations if r.get("confirmation") and not r["confirmation"]["passed"]]
     assert [r["label"].split(" ")[0] for r in failed] == ["plan[nfe4.json]"]
+
+
+def test_an_fd_below_the_reference_is_a_loss_too(tmp_path):
+    config = _config(tmp_path, solvers=("unipc",), schedules=("auto",), plans=())
+    result = World(_fake_model(), config, tmp_path).run()
+    assert result.baseline["label"].startswith("unipc (auto, 10 steps)")  # -4.5%; at 8 steps -5.6% fails
+    assert result.baseline["quality_loss"] == pytest.approx(-0.045)
 
 
 def test_nothing_meets_the_budget(tmp_path):

@@ -907,7 +907,7 @@ def train(
 def optimize(
     model: ModelOption = "mnist-dit",
     max_quality_loss: Annotated[
-        float, typer.Option(help="largest FD increase over the converged sampler (100-step reference), 0.05 = 5%")
+        float, typer.Option(help="largest FD change from the converged sampler's (100-step reference), either way")
     ] = 0.05,
     max_rmse: Annotated[
         float | None, typer.Option(help="also (or, without a feature network: only) bound the RMSE to the reference")
