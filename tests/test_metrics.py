@@ -122,3 +122,21 @@ def test_cost_helpers():
     assert peak_memory_bytes() > 10 * 2**20
     with pytest.raises(ValueError, match="repeats"):
         time_call(lambda: None, repeats=0)
+
+
+def test_reference_solve_accumulates_in_float64(tiny_model):
+    """The reference every error is measured against keeps its state in float64 (the network in its own dtype);
+    it matches a float32 solve to float32 rounding, and the cache key says which it is."""
+    import hasten
+    from hasten.metrics.reference import REFERENCE_SOLVER, reference_path, reference_samples
+
+    model = hasten.load(tiny_model)
+    ref = reference_samples(model, 4, steps=6)
+    assert ref.dtype == torch.float32  # stored as images, like every sampler's
+    solver = {"solver": REFERENCE_SOLVER["solver"], "steps": 6, "schedule": REFERENCE_SOLVER["schedule"]}
+    f64 = hasten.generate(model, 4, state_dtype=torch.float64, **solver, **REFERENCE_SOLVER["options"])
+    f32 = hasten.generate(model, 4, **solver, **REFERENCE_SOLVER["options"])
+    assert f64.samples.dtype == torch.float64 and f32.samples.dtype == torch.float32
+    assert torch.equal(ref, f64.images01.float())
+    assert (f64.images01 - f32.images01.double()).abs().max() < 1e-3
+    assert reference_path(model, 4, steps=6)[1]["state"] == "float64"

@@ -110,6 +110,7 @@ def generate(
     force_plan: bool = False,
     accel: Any = None,
     recipe: Any = None,
+    state_dtype: torch.dtype = torch.float32,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -124,6 +125,9 @@ def generate(
     ``recipe`` (a :class:`hasten.Recipe`) supplies all of that (sampler or plan, grid, guidance, cache) and the
     seed; it is checked against ``model`` first (see :meth:`hasten.Recipe.check_model`). ``seed`` overrides the
     recipe's; any other sampler argument given with a recipe is refused. Without a recipe, ``seed`` defaults to 0.
+
+    ``state_dtype`` is the dtype of the sampler's state and arithmetic (``torch.float64`` for a reference solve:
+    the network still runs in its own dtype, the denoiser's output and every update are accumulated in float64).
     """
     if recipe is not None:
         given = {
@@ -146,7 +150,7 @@ def generate(
         recipe.check_model(model)
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
-            callback=callback, **recipe.generate_kwargs(),
+            callback=callback, state_dtype=state_dtype, **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
     if accel is not None:
@@ -154,7 +158,7 @@ def generate(
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
-                **solver_options,
+                state_dtype=state_dtype, **solver_options,
             )  # fmt: skip
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -185,7 +189,7 @@ def generate(
         cond = {key: v.to(device) for key, v in model.conditioning(batch_labels, rows).items()}
         result = sample(
             denoiser,
-            (noise[i : i + batch_size] * scale).to(device),
+            (noise[i : i + batch_size].to(state_dtype) * scale).to(device),
             sigmas,
             solver,
             cond=cond,

@@ -145,7 +145,8 @@ class OptimizeConfig(Config):
         from .metrics.reference import REFERENCE_SOLVER
 
         return {"version": OPTIMIZE_VERSION, "fingerprint": fingerprint, "guidance": guidance, "n": self.n,
-                "seed": SCORE_SEED, "reference": {**REFERENCE_SOLVER, "steps": self.reference_steps}}  # fmt: skip
+                "seed": SCORE_SEED, "reference": {**REFERENCE_SOLVER, "steps": self.reference_steps},
+                "reference_state": "float64"}  # fmt: skip
 
 
 @dataclasses.dataclass
