@@ -189,7 +189,7 @@ def test_every_row_kind_round_trips_through_results(tiny_model, tmp_path):
         assert again == recipe and again.kind == row["kind"] == row_kind(row) and row["label"] == again.describe()
         assert again.seed == cfg.seed
     (reference,) = [r for r in rows if r["kind"] == "reference"]
-    assert reference["label"].startswith("reference: dpmpp_3m (karras, 20 steps)")
+    assert reference["label"].startswith("reference: dpmpp_3m[third_order_term=taylor] (karras, 20 steps)")
     assert Recipe.from_dict(reference["recipe"]).key in reference["key"]
     # the --recipe row is the recipe sampled from the bench's noise: same images as sample_recipe on that seed
     (replayed,) = [r for r in rows if r["recipe"]["provenance"].get("recipe_file") == recipe_file]
