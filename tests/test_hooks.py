@@ -16,6 +16,7 @@ from hasten.accel import DeepCacheConfig, accelerate_, accelerator_of
 from hasten.hooks import add_hook, get_hook, hooked_modules, hooks_of, remove_hook, remove_hooks
 from hasten.quant import MIN_SAMPLES, QuantConfig, QuantizedLayer, collect_calibration, modules, quantize_
 from hasten.quant.modules import TIME_HOOK, network_time, publish_network_time
+from test_accel import tiny_unet  # the same tiny diffusers UNet as the cache tests
 
 
 class AddOne(nn.Module):
@@ -217,24 +218,6 @@ def test_a_deep_copy_gets_its_own_hooks():
 
 
 # -- a cache and quantisation on one network --------------------------------------------------------
-
-
-def tiny_unet() -> nn.Module:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4,
-        num_class_embeds=3,
-    ).eval()
 
 
 def run(net, steps=9):
