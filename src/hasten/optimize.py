@@ -653,8 +653,9 @@ class Optimizer:
     def _result(self, chosen, timed: list[dict[str, Any]], baseline, rows: list[dict[str, Any]]) -> OptimizeResult:
         from .bench.report import pareto_front
 
-        quality = "quality_loss" if self.has_fd else "rmse_ref"
-        front = pareto_front(timed, "seconds_per_image", quality)
+        for row in rows:  # the budget is two-sided: the front is on the distance from the reference's FD
+            row["quality_distance"] = abs(row["quality_loss"]) if row["quality_loss"] is not None else row["rmse_ref"]
+        front = pareto_front(timed, "seconds_per_image", "quality_distance" if self.has_fd else "rmse_ref")
         stock_rows = [r for r in timed if r["stage"] in ("stock", "peers")]
         best_stock = max(stock_rows, key=lambda r: r["speedup"]) if stock_rows else None
         path = self._path(timed)
@@ -684,7 +685,8 @@ class Optimizer:
             recipe=recipe, chosen=None if chosen is None else _public(chosen),
             baseline=None if baseline is None else _public(baseline),
             best_stock=None if best_stock is None else _public(best_stock), front=[_public(r) for r in front],
-            evaluations=[_public(r) for r in rows], path=path, budget=budget, reference=reference, closest=closest,
+            evaluations=[_public(r, recipe="speedup" in r) for r in rows], path=path, budget=budget,
+            reference=reference, closest=closest,
         )  # fmt: skip
 
     def _path(self, timed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -704,9 +706,10 @@ class Optimizer:
         return path
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as plain data (the recipe as its JSON)."""
-    return {k: (v.to_dict() if isinstance(v, Recipe) else v) for k, v in row.items()}
+def _public(row: dict[str, Any], *, recipe: bool = True) -> dict[str, Any]:
+    """A row as plain data: the recipe as its JSON (``recipe=False``: its digest and label only, for the many
+    untimed evaluations, which the evaluation cache keeps in full)."""
+    return {k: (v.to_dict() if isinstance(v, Recipe) else v) for k, v in row.items() if recipe or k != "recipe"}
 
 
 def check_output(out: pathlib.Path, *, resume: bool, force: bool) -> pathlib.Path:
