@@ -169,6 +169,8 @@ def test_optimize_end_to_end_composes_and_replays(tiny_model, tmp_path):
     assert composed, "a cache and quantised weights on one network"
     recipe = load_recipe(out)
     assert recipe.digest() == result.chosen["digest"]
+    if recipe.quant is not None:  # the quantised weights lie beside the recipe, not in the search's cache
+        assert pathlib.Path(recipe.quant).resolve().parent == tmp_path.resolve()
     replay = hasten.generate(recipe.load_model(), 4, recipe=recipe)
     assert replay.images01.shape[0] == 4
     work = tmp_path / "recipe.optimize"

@@ -759,5 +759,25 @@ def optimize(
 
     render_optimize(result, work / "report.html", model_name=model.info.name, config=config)
     if result.recipe is not None:
+        result.recipe = _with_own_folders(result.recipe, out)
         save_recipe(result.recipe, out)
     return result
+
+
+def _with_own_folders(recipe: Recipe, out: pathlib.Path) -> Recipe:
+    """The recipe with its quantised weights copied beside ``out`` (``OUT.w8a8/``) when they lie in the search's
+    cache: a written recipe and the folders it names move together, and a cache clean-up cannot break it."""
+    if recipe.quant is None:
+        return recipe
+    source = pathlib.Path(recipe.quant)
+    from .metrics.quality import cache_dir
+
+    if cache_dir().resolve() not in source.resolve().parents:
+        return recipe
+    target = out.with_name(out.name.removesuffix(".json") + "." + source.name.rsplit("-", 1)[-1])
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return recipe.replace(quant=str(target))
