@@ -40,6 +40,28 @@ def _pipeline_run(pipe, kwargs, family, latents, steps):
                 output_type="latent").images  # fmt: skip
 
 
+def test_a_pipelines_clipping_is_honoured():
+    """DDPM's default clip_sample=True is part of the model: hasten's samplers clip x0 as the pipeline does."""
+    pipe, _ = tiny_pipelines.ddpm()
+    pipe.scheduler = diffusers.DDPMScheduler()  # the defaults: clip_sample=True, range 1
+    pipe.set_progress_bar_config(disable=True)
+    model = hasten.from_pipeline(pipe)
+    assert model.x0_processing is not None
+    latents = torch.randn((2, *model.info.image_shape), generator=torch.Generator().manual_seed(0))
+    pipe.scheduler = HastenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    theirs = _pipeline_run(pipe, {}, "ddpm", latents, steps=5)
+    grid = pipe.scheduler._grid
+    x = (
+        latents.double()
+        * pipe.scheduler.init_noise_sigma
+        / float(pipe.scheduler.noise_schedule.alpha_from_ve_sigma(grid[0]))
+    )
+    ours = model.to_images(hasten.sample(guided_denoiser(model, 1.0), x, grid, "dpmpp_2m").float())
+    unclipped = model.to_images(hasten.sample(model.denoiser, x, grid, "dpmpp_2m").float())
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=5e-5)
+    assert (unclipped - theirs.float()).abs().max() > 1e-3  # the clipping matters on this network
+
+
 @pytest.mark.parametrize("family", list(tiny_pipelines.BUILDERS))
 def test_each_family_agrees_with_its_own_pipeline(family):
     pipe, kwargs = tiny_pipelines.BUILDERS[family]()

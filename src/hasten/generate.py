@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .accel import accelerate_, accelerator_of
-from .models.guidance import CFGDenoiser
+from .models.guidance import CFGDenoiser, ThresholdedDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
 from .schedules.noise import NoiseSchedule
@@ -43,7 +43,13 @@ class Generation:
 
 
 def guided_denoiser(model: LoadedModel, guidance: float):
-    """The model's denoiser, wrapped in classifier-free guidance unless ``guidance == 1``."""
+    """The model's denoiser, wrapped in classifier-free guidance unless ``guidance == 1``, then in the model's
+    own processing of the x0 estimate (a pipeline scheduler's ``clip_sample``/``thresholding``) if it has one."""
+    denoiser = _guided(model, guidance)
+    return denoiser if model.x0_processing is None else ThresholdedDenoiser(denoiser, model.x0_processing)
+
+
+def _guided(model: LoadedModel, guidance: float):
     if guidance == 1.0:
         return model.denoiser
     uncond = model.unconditional()

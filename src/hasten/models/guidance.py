@@ -56,9 +56,10 @@ class DynamicThreshold(Config):
 
 
 class ThresholdedDenoiser(Denoiser):
-    """Apply a :class:`DynamicThreshold` to any denoiser's output."""
+    """Apply a :class:`DynamicThreshold` (or any ``x0 -> x0`` map, e.g. a scheduler's clipping) to any
+    denoiser's output."""
 
-    def __init__(self, denoiser: Callable[..., Tensor], threshold: DynamicThreshold) -> None:
+    def __init__(self, denoiser: Callable[..., Tensor], threshold: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.denoiser, self.threshold = denoiser, threshold
         self.sigma_min = getattr(denoiser, "sigma_min", 0.0)

@@ -228,6 +228,9 @@ class LoadedModel:
 
     # What sampling needs from a model beyond its denoiser; pipeline models (hasten.from_pipeline) override.
     default_guidance = 1.0  # the guidance scale when the caller gives none
+    # what the model's sampler does to the (guided) x0 estimate before each update, or None: a diffusers
+    # pipeline's scheduler clipping or thresholding (``clip_sample``, ``thresholding``) is part of its model
+    x0_processing = None
     condition_key = ""  # identifies conditioning fixed at load time (prompts), for caches of samples
 
     def conditioning(self, labels: torch.Tensor | None, rows: range) -> dict[str, torch.Tensor]:

@@ -154,6 +154,15 @@ class PipelineModel(LoadedModel):
                 digest.update(_tensor_bytes(part[name]))
         return digest.hexdigest()[:16]
 
+    @functools.cached_property
+    def x0_processing(self):  # type: ignore[override]
+        """The pipeline scheduler's clipping or dynamic thresholding of x0 (DDPM's and DDIM's ``clip_sample``
+        defaults to True), applied by hasten's samplers as by the pipeline's own; None when it has none."""
+        from .sources import processing_of
+
+        processing = processing_of(self.scheduler_config)
+        return processing.x0 if processing.changes_x0 else None
+
     def bytes_on_disk(self) -> int:
         """The denoiser's weights in memory (a pipeline's files also hold its text encoders and VAE)."""
         return sum(p.numel() * p.element_size() for p in self.network.parameters())
