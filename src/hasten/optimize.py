@@ -394,8 +394,6 @@ class Optimizer:
                 row = run(i, steps)
                 if row is None:
                     return self.stock_best()
-                if row["nfe"] >= best and not row["passed"]:
-                    break
                 if not row["passed"]:
                     break  # fails just below the best: fewer steps only lose more
                 steps = below(i)

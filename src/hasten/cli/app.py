@@ -835,8 +835,11 @@ def _fd_change(row: dict[str, Any]) -> str:
 
 
 def _accel_label(config: dict[str, Any]) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in config.items() if k != "_type")
-    return f"{config['_type']}({opts})"
+    """A cache config's JSON in one line, as recipes label it."""
+    from ..accel import AccelConfig
+    from ..recipe import cache_label
+
+    return cache_label(AccelConfig.from_dict(config))
 
 
 @app.command()
