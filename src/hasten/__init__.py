@@ -11,11 +11,12 @@ The public API in one place::
     model = hasten.from_pipeline(pipe, prompt="a red bicycle")   # a diffusers pipeline as a hasten model
     recipe = hasten.load_recipe("recipe.json")   # from `hasten optimize`: sampler + cache + quantisation
     images = hasten.generate(recipe.load_model(), 16, recipe=recipe).images01
+    hasten.distill(teacher="mnist-dit", method="progressive", nfe=2, minutes=30, out="student")   # a student
 """
 
 # quant and tune also register extension points on import (a folder format, an option resolver), before
 # any hasten.* submodule is used: see docs/architecture.md, "Import structure".
-from . import accel, models, quant, schedules, solvers, tune
+from . import accel, distill, models, quant, schedules, solvers, tune  # noqa: F401  (hasten.distill is also the verb)
 from .accel import AccelConfig, accelerate_
 from .config import Config
 from .generate import Generation, generate

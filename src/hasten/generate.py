@@ -28,6 +28,7 @@ __all__ = [
     "guided_denoiser",
     "options_for_model",
     "options_for_schedule",
+    "resolve_sampler",
 ]
 
 
@@ -99,13 +100,37 @@ def options_for_model(
     return options
 
 
+def resolve_sampler(
+    model: LoadedModel,
+    solver: str | None,
+    steps: int | None,
+    schedule: str | None,
+    options: Mapping[str, Any],
+    guidance: float | None,
+    *,
+    use_own: bool = True,
+) -> tuple[str, int, str, dict[str, Any], float | None]:
+    """The sampler to run when a caller names ``solver``/``steps``/``schedule``/``options`` or not: the model's
+    own (:attr:`LoadedModel.default_sampler`, a student's) when none is named, else the library's defaults for
+    what is missing. Returns ``(solver, steps, schedule, options, guidance)``; the one place this is decided
+    (``generate``, ``hasten sample``, recipes)."""
+    own = model.default_sampler if use_own else {}
+    if own and solver is None and steps is None and schedule is None and not options:
+        guidance = own.get("guidance") if guidance is None else guidance
+        return own["solver"], int(own["steps"]), own.get("schedule", "auto"), dict(own.get("options", {})), guidance
+    return (
+        DEFAULT_SOLVER if solver is None else solver, 10 if steps is None else steps,
+        "auto" if schedule is None else schedule, dict(options), guidance,
+    )  # fmt: skip
+
+
 def generate(
     model: LoadedModel,
     n: int,
     *,
-    solver: str = DEFAULT_SOLVER,
-    steps: int = 10,
-    schedule: str = "auto",
+    solver: str | None = None,
+    steps: int | None = None,
+    schedule: str | None = None,
     seed: int | None = None,
     guidance: float | None = None,
     label: int | None = None,
@@ -128,6 +153,10 @@ def generate(
     installs that cache on the network for this call only; its stats land in ``accel_stats`` (as they do for
     a cache installed beforehand with :func:`hasten.accelerate_`).
 
+    With no ``solver``, ``steps``, ``schedule`` or solver option, a model that declares its own sampler (a
+    distilled student: :attr:`LoadedModel.default_sampler`) samples with it; otherwise the library's defaults
+    (``dpmpp_2m``, 10 steps, the ``auto`` grid) fill what is not given.
+
     ``recipe`` (a :class:`hasten.Recipe`) supplies all of that (sampler or plan, grid, guidance, cache) and the
     seed; it is checked against ``model`` first (see :meth:`hasten.Recipe.check_model`). ``seed`` overrides the
     recipe's; any other sampler argument given with a recipe is refused. Without a recipe, ``seed`` defaults to 0.
@@ -139,9 +168,9 @@ def generate(
         given = {
             name: value
             for name, value, default in (
-                ("solver", solver, DEFAULT_SOLVER),
-                ("steps", steps, 10),
-                ("schedule", schedule, "auto"),
+                ("solver", solver, None),
+                ("steps", steps, None),
+                ("schedule", schedule, None),
                 ("guidance", guidance, None),
                 ("sigmas", sigmas, None),
                 ("plan", plan, None),
@@ -159,6 +188,13 @@ def generate(
             callback=callback, state_dtype=state_dtype, **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
+    if plan is None and sigmas is None:
+        solver, steps, schedule, solver_options, guidance = resolve_sampler(
+            model, solver, steps, schedule, solver_options, guidance
+        )
+    else:
+        solver = DEFAULT_SOLVER if solver is None else solver
+        steps, schedule = 10 if steps is None else steps, "auto" if schedule is None else schedule
     if accel is not None:
         with accelerate_(model, accel):
             return generate(

@@ -23,6 +23,7 @@ import pathlib
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from .models.zoo import ModelInfo, build_network, save_model
 from .progress import BudgetProgress
 from .schedules.noise import VPDiscrete
 
-__all__ = ["TrainConfig", "TrainResult", "find_checkpoint", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingLoop", "ema_update", "find_checkpoint", "train"]
 
 OBJECTIVES = ("eps", "v", "flow")
 
@@ -107,31 +108,40 @@ def _loss(
     return torch.mean((out.float() - target) ** 2)
 
 
-def _flat_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _flat_optimizer_state(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     flat = {}
     for i, st in opt.state_dict()["state"].items():
         for key, value in st.items():
-            flat[f"opt.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            flat[f"{prefix}.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return flat
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     state_dict = opt.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, i, key = name.split(".", 2)
+        head, _, rest = name.partition(".")
+        if head == prefix:
+            i, key = rest.split(".", 1)
             state.setdefault(int(i), {})[key] = value
     state_dict["state"] = state
     opt.load_state_dict(state_dict)
 
 
-def _save_checkpoint(folder: pathlib.Path, net, ema, opt, gen, counters: dict[str, Any]) -> None:
+def _save_checkpoint(
+    folder: pathlib.Path,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    gen: torch.Generator,
+    counters: dict[str, Any],
+) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
-    tensors |= {k: v.contiguous().cpu() for k, v in _flat_optimizer_state(opt).items()}
+    tensors = {}
+    for name, module in modules.items():
+        tensors |= {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    for name, opt in optimizers.items():
+        tensors |= {k: v.contiguous().cpu() for k, v in _flat_optimizer_state(name, opt).items()}
     tensors["rng.generator"] = gen.get_state().cpu()
     tmp = folder / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -184,6 +194,110 @@ def _read_checkpoint(folder: pathlib.Path, device: torch.device) -> tuple[dict[s
     )
 
 
+def ema_update(ema: nn.Module, net: nn.Module, step: int, decay: float) -> None:
+    """One EMA step with a warm-up, so early averages are not dominated by the random initialisation."""
+    rate = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - rate)
+
+
+class TrainingLoop:
+    """The one training loop of hasten (``hasten train``, every ``hasten distill`` method).
+
+    It owns what every run needs and nothing method-specific: a time budget across resumes, a rich progress
+    bar, atomic safetensors checkpoints of every module, optimizer and the random generator (so a rerun after
+    ``kill -9`` continues bit-identically from the last checkpoint), and the check that a resumed run has the
+    same settings. The caller's ``step(index) -> loss`` does one update (forward, backward, optimizer, EMA).
+
+    Args:
+        folder: The run's folder (``checkpoint/`` is written there).
+        config: The run's settings; ``config.resume_key()`` must match a checkpoint's to resume it.
+        modules: Everything with state to checkpoint (networks, EMA copies), by name.
+        optimizers: Optimizers by name (their state is checkpointed too).
+        gen: The run's one random generator.
+        budget_seconds: Training time in all, across resumes.
+    """
+
+    def __init__(
+        self,
+        folder: pathlib.Path,
+        config: Config,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        gen: torch.Generator,
+        *,
+        budget_seconds: float,
+        checkpoint_minutes: float,
+        label: str = "training",
+        progress: bool = True,
+    ) -> None:
+        names = [*modules, *optimizers]
+        if len(set(names)) != len(names) or "rng" in names:
+            raise ValueError(f"module and optimizer names must differ and not be 'rng': {names}")
+        self.folder, self.config, self.modules, self.optimizers, self.gen = folder, config, modules, optimizers, gen
+        self.budget, self.checkpoint_minutes = budget_seconds, checkpoint_minutes
+        self.label, self.progress = label, progress
+        self.counters: dict[str, Any] = {
+            "config": config.to_dict(), "step": 0, "images": 0, "seconds": 0.0, "loss_ema": None,
+        }  # fmt: skip
+        self.resumed_from = 0
+
+    def resume(self, device: torch.device) -> int:
+        """Load the folder's checkpoint if there is one (refused if its settings differ); the step reached."""
+        if find_checkpoint(self.folder) is None:
+            return 0
+        saved, tensors = _read_checkpoint(self.folder, device)
+        old_key = type(self.config).from_dict(saved["config"]).resume_key()
+        new_key = self.config.resume_key()
+        if old_key != new_key:
+            changed = ", ".join(f"{k} {old_key.get(k)!r} -> {new_key.get(k)!r}" for k in new_key
+                                if old_key.get(k) != new_key.get(k))  # fmt: skip
+            raise ValueError(
+                f"{self.folder} holds a checkpoint of a run with other settings ({changed}); use another --out "
+                "folder or the same settings"
+            )
+        for name, module in self.modules.items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for name, opt in self.optimizers.items():
+            _restore_optimizer(name, opt, tensors)
+        state = tensors["rng.generator"]
+        self.gen.set_state(state.cpu() if self.gen.device.type == "cpu" else state)
+        self.counters.update({k: saved[k] for k in ("step", "images", "seconds", "loss_ema")})
+        self.counters.update({k: v for k, v in saved.items() if k.startswith("method.")})
+        self.resumed_from = self.counters["step"]
+        return self.resumed_from
+
+    def run(self, step: Callable[[int], float], *, batch_size: int, max_steps: int | None = None) -> dict[str, Any]:
+        """Call ``step`` until the budget (or ``max_steps``) is spent, checkpointing as it goes; the counters."""
+        counters = self.counters
+        bar = BudgetProgress(self.progress, self.label, self.budget, counters["seconds"])
+        last_checkpoint = time.perf_counter()
+        start_wall, start_seconds, start_images = time.perf_counter(), counters["seconds"], counters["images"]
+        try:
+            while counters["seconds"] < self.budget and (max_steps is None or counters["step"] < max_steps):
+                value = float(step(counters["step"]))
+                ema = counters["loss_ema"]
+                counters["loss_ema"] = value if ema is None else 0.98 * ema + 0.02 * value
+                counters["step"] += 1
+                counters["images"] += batch_size
+                counters["seconds"] = start_seconds + (time.perf_counter() - start_wall)
+                rate = (counters["images"] - start_images) / max(time.perf_counter() - start_wall, 1e-9)
+                bar.update(
+                    counters["seconds"], f"step {counters['step']}  loss {counters['loss_ema']:.4f}  {rate:.0f} img/s"
+                )
+                if time.perf_counter() - last_checkpoint > self.checkpoint_minutes * 60.0:
+                    self.checkpoint()
+                    last_checkpoint = time.perf_counter()
+        finally:
+            bar.close()
+        self.checkpoint()
+        return counters
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.folder, self.modules, self.optimizers, self.gen, self.counters)
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -230,66 +344,32 @@ def train(
     # The DDPM table the eps / v objectives train on is the schedule the model folder declares (one place).
     ab = VPDiscrete.from_betas("linear", 1000).alphas_cumprod.to(device=device, dtype=torch.float32)
 
-    counters: dict[str, Any] = {"config": config.to_dict(), "step": 0, "images": 0, "seconds": 0.0, "loss_ema": None}
-    if find_checkpoint(folder) is not None:
-        saved, tensors = _read_checkpoint(folder, device)
-        old_key, new_key = TrainConfig.from_dict(saved["config"]).resume_key(), config.resume_key()
-        if old_key != new_key:
-            changed = ", ".join(f"{k} {old_key.get(k)!r} -> {new_key.get(k)!r}" for k in new_key
-                                if old_key.get(k) != new_key.get(k))  # fmt: skip
-            raise ValueError(
-                f"{folder} holds a checkpoint of a run with other settings ({changed}); use another --out folder "
-                "or the same settings"
-            )
-        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        _restore_optimizer(opt, tensors)
-        gen.set_state(tensors["rng.generator"].cpu() if device.type == "cpu" else tensors["rng.generator"])
-        counters.update({k: saved[k] for k in ("step", "images", "seconds", "loss_ema")})
-    resumed_from = counters["step"]
-    budget = config.minutes * 60.0
-    ema_params = list(ema.parameters())
+    loop = TrainingLoop(
+        folder, config, {"model": net, "ema": ema}, {"opt": opt}, gen, budget_seconds=config.minutes * 60.0,
+        checkpoint_minutes=config.checkpoint_minutes, progress=progress,
+    )  # fmt: skip
+    resumed_from = loop.resume(device)
     net_params = list(net.parameters())
 
-    bar = BudgetProgress(progress, "training", budget, counters["seconds"])
-    last_checkpoint = time.perf_counter()
-    start_wall, start_seconds, start_images = time.perf_counter(), counters["seconds"], counters["images"]
-    try:
-        while counters["seconds"] < budget and (max_steps is None or counters["step"] < max_steps):
-            idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=gen, device=device)
-            x0 = images[idx]
-            y = None
-            if labels is not None:
-                y = labels[idx].clone()
-                drop = torch.rand(config.batch_size, generator=gen, device=device) < config.cfg_dropout
-                y[drop] = num_classes  # the null class
-            step = counters["step"]
-            for group in opt.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-            loss = _loss(net, x0, y, config.objective, ab, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net_params, config.grad_clip)
-            opt.step()
-            # EMA with a warm-up so early averages are not dominated by the random initialisation.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
-            value = loss.item()
-            counters["loss_ema"] = value if counters["loss_ema"] is None else 0.98 * counters["loss_ema"] + 0.02 * value
-            counters["step"] += 1
-            counters["images"] += config.batch_size
-            counters["seconds"] = start_seconds + (time.perf_counter() - start_wall)
-            rate = (counters["images"] - start_images) / max(time.perf_counter() - start_wall, 1e-9)
-            bar.update(
-                counters["seconds"], f"step {counters['step']}  loss {counters['loss_ema']:.4f}  {rate:.0f} img/s"
-            )
-            if time.perf_counter() - last_checkpoint > config.checkpoint_minutes * 60.0:
-                _save_checkpoint(folder, net, ema, opt, gen, counters)
-                last_checkpoint = time.perf_counter()
-    finally:
-        bar.close()
-    _save_checkpoint(folder, net, ema, opt, gen, counters)
+    def step(index: int) -> float:
+        idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=gen, device=device)
+        x0 = images[idx]
+        y = None
+        if labels is not None:
+            y = labels[idx].clone()
+            drop = torch.rand(config.batch_size, generator=gen, device=device) < config.cfg_dropout
+            y[drop] = num_classes  # the null class
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
+        loss = _loss(net, x0, y, config.objective, ab, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net_params, config.grad_clip)
+        opt.step()
+        ema_update(ema, net, index, config.ema_decay)
+        return loss.item()
+
+    counters = loop.run(step, batch_size=config.batch_size, max_steps=max_steps)
 
     info = ModelInfo(
         name=name or folder.name,

@@ -1,4 +1,5 @@
-"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train (--format json)."""
+"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train, distill, optimize
+(--format json)."""
 
 from __future__ import annotations
 
@@ -113,8 +114,16 @@ def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
 @app.command()
 def sample(
     model: Annotated[str | None, typer.Option(help="bundled model name or a model folder [default: mnist-dit]")] = None,
-    solver: SolverSpecOption = "dpmpp_2m",
-    steps: StepsOption = 10,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="solver name, options after a colon (unipc:order=3,variant=bh2) [default: the model's own sampler "
+            "(a distilled student's), else dpmpp_2m]"
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="solver steps [default: the model's own sampler's, else 10]")
+    ] = None,
     n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
     seed: Annotated[int | None, typer.Option(help="noise seed [default: the recipe's, else 0]")] = None,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
@@ -124,7 +133,13 @@ def sample(
         typer.Option(help="classifier-free guidance scale (default: 1 = none, the plan's, or the pipeline's)"),
     ] = None,
     label: Annotated[int | None, typer.Option(help="class to sample (default: spread over the classes)")] = None,
-    schedule: ScheduleOption = "auto",
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="discretisation: auto (trailing for DDPM-type, uniform time for flow, else karras), karras, ... "
+            "[default: the model's own sampler's, else auto]"
+        ),
+    ] = None,
     plan: Annotated[
         pathlib.Path | None, typer.Option(help="a plan from `hasten tune` (replaces --solver, --steps, --schedule)")
     ] = None,
@@ -167,7 +182,7 @@ def sample(
     import torch
 
     from .._io import atomic_path
-    from ..generate import generate
+    from ..generate import generate, resolve_sampler
     from ..recipe import Recipe, RecipeError, load_recipe
     from ..solvers import parse_solver
     from ..tune.plan import PlanError
@@ -180,8 +195,8 @@ def sample(
     _check_guidance(guidance)
     if recipe is not None:
         given = [name for name, value, default in (
-            ("--model", model, None), ("--solver", solver, "dpmpp_2m"), ("--steps", steps, 10),
-            ("--schedule", schedule, "auto"), ("--plan", plan, None), ("--accel", accel, None),
+            ("--model", model, None), ("--solver", solver, None), ("--steps", steps, None),
+            ("--schedule", schedule, None), ("--plan", plan, None), ("--accel", accel, None),
             ("--guidance", guidance, None), ("--execution", execution, "auto"), ("--pipeline", pipeline, None),
             ("--force-plan", force_plan, False),
         ) if value != default]  # fmt: skip
@@ -197,9 +212,14 @@ def sample(
         else:
             from ..models.zoo import load
 
-            solver_name, solver_options = parse_solver(solver)
+            solver_name, solver_options = (None, {}) if solver is None else parse_solver(solver)
             loaded = load(model or "mnist-dit", device=device) if source is None else source.load(device=device)
             _set_quant_execution(loaded, execution)
+            # the model's own sampler when no sampler flag is given (a distilled student's); with --plan the
+            # library's defaults fill the fields the plan replaces, as before
+            solver_name, steps, schedule, solver_options, guidance = resolve_sampler(
+                loaded, solver_name, steps, schedule, solver_options, guidance, use_own=plan is None
+            )
             # a pipeline's recipe names it by its folder name only (it cannot carry the prompts): sampled here,
             # never written
             the_recipe = Recipe.from_files(
@@ -903,6 +923,84 @@ def train(
         data_out,
         f"trained {result.steps} steps ({result.images} images, {result.seconds / 60:.1f} min), "
         f"loss {result.final_loss:.4f} -> {result.folder}",
+    )
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Option(help="bundled model name or a model folder to distil")],
+    method: Annotated[str, typer.Option(help="progressive, consistency, ctm, reflow, mmd, dmd, guidance, ...")],
+    nfe: Annotated[int, typer.Option(help="network calls per image of the student's sampler")],
+    out: Annotated[pathlib.Path, typer.Option(help="the student's model folder (must be new unless --resume)")],
+    minutes: Annotated[float, typer.Option(help="training time in all, across resumes")] = 30.0,
+    batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the exported weights")] = 0.999,
+    guidance: Annotated[float, typer.Option(help="the teacher's guidance scale the student learns (1 = none)")] = 1.0,
+    cfg_dropout: Annotated[float, typer.Option(help="share of labels replaced by the null class")] = 0.1,
+    option: Annotated[
+        list[str] | None, typer.Option(help="a method option, key=value (repeatable); see docs/guide/distillation.md")
+    ] = None,
+    checkpoint_minutes: Annotated[float, typer.Option(help="checkpoint interval")] = 5.0,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out (same settings)")] = False,
+    name: Annotated[str | None, typer.Option(help="the student's name [default: the folder's]")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many updates (smoke tests)")] = None,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Train a few-step student of a model; it samples at --nfe network calls with no sampler flags
+    (`hasten sample --model OUT`). Rerun with --resume to continue after an interruption."""
+    from ..distill import METHODS, DistillConfig
+    from ..distill import distill as run_distill
+    from ..train import find_checkpoint
+
+    _check_device(device)
+    if method not in METHODS:
+        _fail(f"--method {method!r} is not a distillation method; available: {', '.join(METHODS.names())}")
+    options: dict[str, Any] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option {item!r} must look like key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if resume:
+        if out.is_dir() and any(out.iterdir()) and find_checkpoint(out) is None:
+            _fail(f"--out {out} holds files but no distillation checkpoint to resume; use another folder")
+        _check_output_folder(out, "--out", force=True)
+    else:
+        if out.is_dir() and find_checkpoint(out) is not None:
+            _fail(f"--out {out} holds a distillation run; pass --resume to continue it, or use another folder")
+        _check_output_folder(out, "--out", force=False)
+    try:
+        config = DistillConfig.create(
+            teacher=teacher, method=method, nfe=nfe, minutes=minutes, batch_size=batch_size, lr=lr,
+            ema_decay=ema_decay, guidance=guidance, cfg_dropout=cfg_dropout, checkpoint_minutes=checkpoint_minutes,
+            seed=seed, options=options,
+        )  # fmt: skip
+        result = run_distill(
+            config, out, resume=resume, device=device, max_steps=max_steps, progress=fmt is OutputFormat.text,
+            name=name,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, KeyError, TypeError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    data_out = {
+        "out": str(result.folder),
+        "method": method,
+        "nfe": nfe,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    _emit(
+        fmt,
+        data_out,
+        f"distilled a {nfe}-NFE {method} student of {teacher}: {result.steps} updates, {result.seconds / 60:.1f} min, "
+        f"loss {result.final_loss:.4g} -> {result.folder} (hasten sample --model {result.folder})",
     )
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..registry import Registry
 from ..schedules.noise import FlowMatching, NoiseSchedule, VPDiscrete
-from .adapters import EpsDenoiser, FlowDenoiser, NetworkDenoiser, VDenoiser
+from .adapters import EpsDenoiser, FlowDenoiser, NetworkDenoiser, VDenoiser, X0Denoiser
 
 __all__ = [
     "BUNDLED",
@@ -39,6 +39,7 @@ __all__ = [
     "build_network",
     "bundled_models",
     "load",
+    "make_denoiser",
     "save_model",
 ]
 
@@ -71,7 +72,7 @@ class ModelInfo:
 
     name: str
     arch: str  # "unet" | "dit"
-    objective: str  # "eps" | "v" | "flow"
+    objective: str  # "eps" | "v" | "x0" | "flow"
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # 0: unconditional; else labels 0..num_classes-1 and null_class = num_classes
     data: str
@@ -79,6 +80,10 @@ class ModelInfo:
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)  # set by `hasten quantize`
+    # The model's own sampler (a few-step student's: solver, options, schedule, steps, guidance), used when a
+    # caller names no sampler setting; empty: the library's defaults. Set by `hasten distill`.
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    distillation: dict[str, Any] = dataclasses.field(default_factory=dict)  # method, teacher, cost (distill)
 
     @property
     def folder_format(self) -> str:
@@ -228,6 +233,12 @@ class LoadedModel:
 
     # What sampling needs from a model beyond its denoiser; pipeline models (hasten.from_pipeline) override.
     default_guidance = 1.0  # the guidance scale when the caller gives none
+
+    @property
+    def default_sampler(self) -> dict[str, Any]:
+        """The sampler the model declares for callers that name none (a distilled student's), or ``{}``."""
+        return dict(self.info.sampler)
+
     # what the model's sampler does to the (guided) x0 estimate before each update, or None: a diffusers
     # pipeline's scheduler clipping or thresholding (``clip_sample``, ``thresholding``) is part of its model
     x0_processing = None
@@ -289,16 +300,28 @@ def load(
         ) from None
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
+    try:
+        denoiser = make_denoiser(network, info)
+    except ValueError as err:
+        raise ValueError(f"{err} (in {folder / 'hasten.json'})") from None
+    return LoadedModel(denoiser, network, info, folder, weights_fingerprint(folder, info.weights_file))
+
+
+OBJECTIVES = ("eps", "v", "x0", "flow")
+
+
+def make_denoiser(network: nn.Module, info: ModelInfo) -> NetworkDenoiser:
+    """The VE denoiser of ``network`` for what ``info`` says it predicts (its objective and schedule)."""
     schedule = info.schedule()
     if info.objective == "eps":
-        denoiser: NetworkDenoiser = EpsDenoiser(network, schedule)
-    elif info.objective == "v":
-        denoiser = VDenoiser(network, schedule)
-    elif info.objective == "flow":
-        denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
-    else:
-        raise ValueError(f"unknown objective {info.objective!r} in {folder / 'hasten.json'}")
-    return LoadedModel(denoiser, network, info, folder, weights_fingerprint(folder, info.weights_file))
+        return EpsDenoiser(network, schedule)
+    if info.objective == "v":
+        return VDenoiser(network, schedule)
+    if info.objective == "x0":
+        return X0Denoiser(network, schedule)
+    if info.objective == "flow":
+        return FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
+    raise ValueError(f"unknown objective {info.objective!r}; known: {', '.join(OBJECTIVES)}")
 
 
 def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -> pathlib.Path:
