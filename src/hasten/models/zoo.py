@@ -154,7 +154,6 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
         )
     if arch == "dit":
         from diffusers import DiTTransformer2DModel
-        from diffusers.models.embeddings import LabelEmbedding
 
         if not num_classes:
             raise ValueError("the DiT preset is class-conditional; num_classes must be > 0")
@@ -165,13 +164,21 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
             num_embeds_ada_norm=num_classes,
             **_PRESETS["dit"],
         )
-        # diffusers' DiT drops labels inside every block independently; hasten drops them once per image
-        # (the null class is index num_classes, which DiT's table already has).
-        for module in net.modules():
-            if isinstance(module, LabelEmbedding):
-                module.dropout_prob = 0.0
-        return net
+        return without_label_dropout(net)
     raise ValueError(f"unknown architecture {arch!r}; allowed: 'unet', 'dit'")
+
+
+def without_label_dropout(net: nn.Module) -> nn.Module:
+    """Turn off diffusers' own label dropout (DiT's ``LabelEmbedding`` drops labels inside every block, with
+    torch's global generator, whenever the network is in training mode). hasten drops labels once per image
+    with its run's generator (the null class is index ``num_classes``, which DiT's table already has); a loaded
+    network has it off too, so a copy trained further (``hasten distill``) is not noised behind its back."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return net
 
 
 def _network_class(arch: str):
@@ -300,6 +307,7 @@ def load(
         ) from None
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
+    without_label_dropout(network)
     try:
         denoiser = make_denoiser(network, info)
     except ValueError as err:
