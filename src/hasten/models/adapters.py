@@ -27,6 +27,7 @@ __all__ = [
     "VDenoiser",
     "X0Denoiser",
     "as_sigma",
+    "consistency_boundary",
 ]
 
 TimeLabel = Literal["t", "round", "sigma"]
@@ -67,6 +68,26 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def consistency_boundary(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_min: float) -> Tensor:
+    """A consistency model's output from its network's data prediction: ``f = D + (sigma_min / sigma) (x - D)``.
+
+    That is the DDIM step from ``sigma`` down to the boundary level ``sigma_min`` with the network's own ``D``,
+    and ``f(x, sigma) = x`` for ``sigma <= sigma_min`` (exactly, not to rounding), the boundary condition a
+    consistency function must meet. It is CM's parameterisation ``f = c_skip x + c_out F`` with the same factor
+    ``(sigma - sigma_min) / sigma`` on an EDM-preconditioned denoiser (``c_out / c_out_EDM``) and ``sigma_min /
+    sigma`` in place of CM's ``c_skip`` correction: both reach every function with ``f(x, sigma_min) = x``, this
+    one needs no ``sigma_data``, gives the plain denoiser back at ``sigma_min = 0``, and makes a student that
+    starts as a copy of its teacher the teacher's one-step DDIM map to ``sigma_min`` (first order in the jump),
+    so the network keeps its own objective. Mixing ``c_skip x + (1 - c_skip) D`` instead would scale the
+    network's part by ``(sigma - sigma_min)^2`` near the boundary, forcing ``D`` far from a denoiser there.
+
+    Reference: Song et al., "Consistency Models", ICML 2023, Sec. 3 and App. C (``c_skip``, ``c_out``).
+    """
+    above = sigma > sigma_min
+    ratio = sigma_min / torch.where(above, sigma, torch.ones_like(sigma))  # rows at or below: replaced by x
+    return torch.where(_bcast(above, x), torch.lerp(denoised, x, _bcast(ratio, x).to(x.dtype)), x)
+
+
 class NetworkDenoiser(Denoiser, ABC):
     """Common machinery: time label, input scaling, dtype handling; subclasses convert the output.
 
@@ -77,7 +98,13 @@ class NetworkDenoiser(Denoiser, ABC):
             (a fractional index for :class:`VPDiscrete`), ``"round"`` that time rounded to the nearest
             integer (networks that only saw integer timesteps), ``"sigma"`` the VE sigma itself.
         time_scale: Multiplies the time label (e.g. 1000 for SD3-style flow models fed ``t * 1000``).
+
+    ``consistency_sigma_min`` (set by :func:`hasten.models.zoo.make_denoiser` from a student's ``consistency``
+    record): when not None the output is the consistency function :func:`consistency_boundary` of the data
+    prediction, exactly ``x`` at that level.
     """
+
+    consistency_sigma_min: float | None = None
 
     def __init__(
         self,
@@ -121,7 +148,11 @@ class NetworkDenoiser(Denoiser, ABC):
         out = _unwrap(self.model(x_t.to(net_dtype), self.model_time(sigma).to(net_dtype), **cond)).to(work)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
-        return self.to_denoised(out, x.to(work), x_t, _bcast(alpha, x).to(work), _bcast(sigma, x).to(work))
+        x_w = x.to(work)
+        denoised = self.to_denoised(out, x_w, x_t, _bcast(alpha, x).to(work), _bcast(sigma, x).to(work))
+        if self.consistency_sigma_min is not None:
+            return consistency_boundary(x_w, denoised, sigma, self.consistency_sigma_min)
+        return denoised
 
     @abstractmethod
     def to_denoised(self, out: Tensor, x: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

@@ -84,6 +84,10 @@ class ModelInfo:
     # caller names no sampler setting; empty: the library's defaults. Set by `hasten distill`.
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
     distillation: dict[str, Any] = dataclasses.field(default_factory=dict)  # method, teacher, cost (distill)
+    # A consistency model's boundary, {"sigma_min": s}: the denoiser returns the consistency function of the
+    # network's data prediction, exactly x at level s (adapters.consistency_boundary). Set by
+    # `hasten distill --method consistency`; empty: a plain denoiser.
+    consistency: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder_format(self) -> str:
@@ -321,15 +325,30 @@ OBJECTIVES = ("eps", "v", "x0", "flow")
 def make_denoiser(network: nn.Module, info: ModelInfo) -> NetworkDenoiser:
     """The VE denoiser of ``network`` for what ``info`` says it predicts (its objective and schedule)."""
     schedule = info.schedule()
+    denoiser: NetworkDenoiser
     if info.objective == "eps":
-        return EpsDenoiser(network, schedule)
-    if info.objective == "v":
-        return VDenoiser(network, schedule)
-    if info.objective == "x0":
-        return X0Denoiser(network, schedule)
-    if info.objective == "flow":
-        return FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
-    raise ValueError(f"unknown objective {info.objective!r}; known: {', '.join(OBJECTIVES)}")
+        denoiser = EpsDenoiser(network, schedule)
+    elif info.objective == "v":
+        denoiser = VDenoiser(network, schedule)
+    elif info.objective == "x0":
+        denoiser = X0Denoiser(network, schedule)
+    elif info.objective == "flow":
+        denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown objective {info.objective!r}; known: {', '.join(OBJECTIVES)}")
+    if info.consistency:
+        denoiser.consistency_sigma_min = _consistency_sigma_min(info.consistency)
+    return denoiser
+
+
+def _consistency_sigma_min(record: dict[str, Any]) -> float:
+    """The boundary level of a ``consistency`` record, checked (a finite number >= 0, no other keys)."""
+    if set(record) != {"sigma_min"}:
+        raise ValueError(f"the consistency record must hold exactly 'sigma_min', got keys {sorted(record)}")
+    value = record["sigma_min"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ValueError(f"consistency sigma_min must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -> pathlib.Path:

@@ -3,7 +3,7 @@
 ``available()`` lists the registered names; ``get_solver(name, **options)`` builds one.
 """
 
-from . import dpm_solver_v3, euler, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
+from . import consistency, dpm_solver_v3, euler, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
     DEFAULT_SOLVER,
     OPTION_RESOLVERS,
@@ -24,6 +24,7 @@ from ._base import (
     sigma_of,
     space_coordinates,
 )
+from .consistency import ConsistencySampler
 from .dpm_solver_v3 import EMS, DPMSolverV3, V3State, load_ems, save_ems
 from .euler import Euler, EulerAncestral, Heun
 from .learned import LearnedMultistep
@@ -39,6 +40,7 @@ __all__ = [
     "OPTION_RESOLVERS",
     "PLMS",
     "SOLVERS",
+    "ConsistencySampler",
     "DPMSolverMultistep",
     "DPMSolverPPSDE",
     "DPMSolverSinglestep",
