@@ -250,6 +250,11 @@ def test_refusals_name_the_reason(nfe, options, match):
         prepare(DistillConfig(teacher="mnist-dit", method="reflow", nfe=nfe, batch_size=4, options=options))
 
 
+def test_slimflow_distils_a_one_step_student_only_when_it_can():
+    assert prepare(DistillConfig(teacher="mnist-dit", method="slimflow", nfe=1, batch_size=4)).distill_share == 0.2
+    assert prepare(DistillConfig(teacher="mnist-dit", method="slimflow", nfe=2, batch_size=4)).distill_share == 0.0
+
+
 def test_reflow_of_the_bundled_dit_loads_and_samples_with_no_flags(tmp_path):
     result = hasten.distill(teacher="mnist-dit", method="reflow", nfe=2, out=tmp_path / "s", batch_size=4,
                             max_steps=2, progress=False, options=TINY)  # fmt: skip

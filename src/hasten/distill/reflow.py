@@ -91,7 +91,8 @@ class ReflowOptions(Config):
         anneal_share: Share of the reflow stage over which ``beta`` goes from 1 to 0 (annealing reflow); None:
             0 for a student that starts from the teacher, 0.3 for one that starts from scratch.
         beta_schedule: ``linear`` or ``cosine`` (``(1 + cos(pi u)) / 2``).
-        distill_share: Share of the training spent on flow-guided one-step distillation at the end (``nfe`` 1).
+        distill_share: Share of the training spent on flow-guided one-step distillation at the end (``nfe`` 1);
+            None: 0.2 for a one-step student, else 0.
         distill_loss: ``l2`` or ``pseudo_huber`` (the distance of the distillation stage).
         guide_weight: Weight of the guide's 2-step target beside the pair's ``x`` in that stage.
         total_steps: If > 0, the shares count updates of this many; 0: they count training seconds of the budget.
@@ -108,7 +109,7 @@ class ReflowOptions(Config):
     init: str = "auto"
     anneal_share: float | None = None
     beta_schedule: str = "linear"
-    distill_share: float = 0.0
+    distill_share: float | None = 0.0
     distill_loss: str = "l2"
     guide_weight: float = 1.0
     total_steps: int = 0
@@ -117,10 +118,10 @@ class ReflowOptions(Config):
 @dataclasses.dataclass(frozen=True)
 class SlimFlowOptions(ReflowOptions):
     """``--method slimflow``: reflow's options with SlimFlow's defaults (a half-width student from scratch with
-    annealing reflow, and the last 20% of training on flow-guided distillation for a one-step student)."""
+    annealing reflow, and, for a one-step student, the last 20% of training on flow-guided distillation)."""
 
     width: float = 0.5
-    distill_share: float = 0.2
+    distill_share: float | None = None
 
 
 # -- the maths, as plain functions ------------------------------------------------------------------------------
@@ -214,6 +215,13 @@ class CouplingStore:
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
+def distill_share(options: ReflowOptions, nfe: int) -> float:
+    """The share of training on flow-guided distillation: the option, or (None) 0.2 for one-step students."""
+    if options.distill_share is None:
+        return 0.2 if nfe == 1 else 0.0
+    return float(options.distill_share)
+
+
 def student_network(teacher_network: nn.Module, arch: str, width: float, layers: int) -> tuple[nn.Module, bool]:
     """A fresh network of the teacher's family, ``width`` times as wide and ``layers`` deep (0: the teacher's
     depth); also whether it is the teacher's own size. Built from the teacher's diffusers config, so the student
@@ -290,11 +298,12 @@ class Reflow(DistillMethod):
                              f"{options.layers} make another network (use init 'scratch' or 'auto')")  # fmt: skip
         if options.anneal_share is not None and not 0 <= options.anneal_share <= 1:
             raise ValueError(f"anneal_share must be in [0, 1], got {options.anneal_share}")
-        if not 0 <= options.distill_share < 1:
-            raise ValueError(f"distill_share must be in [0, 1), got {options.distill_share}")
-        if options.distill_share and config.nfe != 1:
+        share = distill_share(options, config.nfe)
+        if not 0 <= share < 1:
+            raise ValueError(f"distill_share must be in [0, 1), got {share}")
+        if share and config.nfe != 1:
             raise ValueError(
-                f"flow-guided distillation (distill_share {options.distill_share:g}) makes a one-step student; "
+                f"flow-guided distillation (distill_share {share:g}) makes a one-step student; "
                 f"nfe must be 1, got {config.nfe} (or set distill_share=0)"
             )
         if not options.guide_weight >= 0:
@@ -329,6 +338,10 @@ class Reflow(DistillMethod):
     def anneal_share(self) -> float:
         share = self.options.anneal_share
         return (0.0 if self.from_teacher else 0.3) if share is None else share
+
+    @property
+    def distill_share(self) -> float:
+        return distill_share(self.options, self.config.nfe)
 
     # -- couplings ------------------------------------------------------------------------------------------------
     def coupling_spec(self) -> dict[str, Any]:
@@ -397,7 +410,7 @@ class Reflow(DistillMethod):
         self.ema = self.copy_network(self.student, trainable=False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=self.config.lr, weight_decay=0.0)
         modules: dict[str, nn.Module] = {"student": self.student, "ema": self.ema}
-        if self.options.distill_share:
+        if self.distill_share:
             self.guide = self.copy_network(self.student, trainable=False)  # the reflowed student, frozen at the switch
             modules["guide"] = self.guide
         self.state.setdefault("stage", "reflow")
@@ -426,7 +439,7 @@ class Reflow(DistillMethod):
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
         start = time.perf_counter()
         progress = self.progress(index)
-        share = self.options.distill_share
+        share = self.distill_share
         if share and self.state["stage"] == "reflow" and progress >= 1 - share:
             # SlimFlow's second stage starts from the reflowed (EMA) student, which also becomes the frozen guide
             self.guide.load_state_dict(self.ema.state_dict())
@@ -439,7 +452,7 @@ class Reflow(DistillMethod):
         if self.state["stage"] == "distill":
             loss = self.distill_loss(z, x, cond)
         else:
-            reflow_part = 1.0 - self.options.distill_share
+            reflow_part = 1.0 - self.distill_share
             share = self.anneal_share * reflow_part
             beta = anneal_beta(progress / share, self.options.beta_schedule) if share > 0 else 0.0
             if beta > 0:
