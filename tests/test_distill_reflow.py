@@ -250,6 +250,16 @@ def test_refusals_name_the_reason(nfe, options, match):
         prepare(DistillConfig(teacher="mnist-dit", method="reflow", nfe=nfe, batch_size=4, options=options))
 
 
+def test_students_drop_labels_once_per_image_not_inside_every_dit_block(tmp_path):
+    from diffusers.models.embeddings import LabelEmbedding
+
+    method = prepare(DistillConfig(teacher="mnist-dit", method="reflow", nfe=1, batch_size=4, options=TINY))
+    method.folder = tmp_path
+    modules, _ = method.build()
+    drops = [m.dropout_prob for m in modules["student"].modules() if isinstance(m, LabelEmbedding)]
+    assert drops and set(drops) == {0.0}  # from_pretrained restores diffusers' 0.1 in every block
+
+
 def test_slimflow_distils_a_one_step_student_only_when_it_can():
     assert prepare(DistillConfig(teacher="mnist-dit", method="slimflow", nfe=1, batch_size=4)).distill_share == 0.2
     assert prepare(DistillConfig(teacher="mnist-dit", method="slimflow", nfe=2, batch_size=4)).distill_share == 0.0

@@ -95,7 +95,10 @@ class ReflowOptions(Config):
             None: 0.2 for a one-step student, else 0.
         distill_loss: ``l2`` or ``pseudo_huber`` (the distance of the distillation stage).
         guide_weight: Weight of the guide's 2-step target beside the pair's ``x`` in that stage.
-        total_steps: If > 0, the shares count updates of this many; 0: they count training seconds of the budget.
+        total_steps: If > 0, the shares count updates of this many; 0: they count training seconds of the budget
+            (measured time: a resumed run then crosses a share's end at a slightly different update than an
+            uninterrupted one would, as progressive's time-split rounds do; with no annealing and no distillation
+            stage, reflow's default, nothing depends on time).
     """
 
     couplings: int = 4096
