@@ -243,6 +243,8 @@ def test_slimflow_training_resumes_bit_identically_across_its_stages(tmp_path):
         (1, {"distill_loss": "lpips"}, "distill_loss must be one of"),
         (1, {"couplings": 2}, r"couplings \(2\) must be at least batch_size"),
         (1, {"widht": 0.5}, "does not take option"),
+        (1, {"teacher_options": "order=3"}, "teacher_options must be a mapping"),
+        (1, {"teacher_solver": "heun", "teacher_options": {"ordr": 2}}, "ordr"),
     ],
 )
 def test_refusals_name_the_reason(nfe, options, match):

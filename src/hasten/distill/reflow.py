@@ -276,6 +276,8 @@ class Reflow(DistillMethod):
         if options.teacher_solver not in SOLVERS:
             raise ValueError(f"teacher_solver {options.teacher_solver!r} is not a solver; known: "
                              f"{', '.join(SOLVERS.names())}")  # fmt: skip
+        if not isinstance(options.teacher_options, dict):
+            raise TypeError(f"teacher_options must be a mapping of solver options, got {options.teacher_options!r}")
         solver = get_solver(options.teacher_solver, **options.teacher_options)
         if solver.stochastic:
             raise ValueError(f"teacher_solver {options.teacher_solver!r} is stochastic; reflow needs the teacher's "
