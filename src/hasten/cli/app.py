@@ -953,7 +953,7 @@ def distill(
     (`hasten sample --model OUT`). Rerun with --resume to continue after an interruption."""
     from ..distill import METHODS, DistillConfig
     from ..distill import distill as run_distill
-    from ..train import find_checkpoint
+    from ..distill._base import has_run
 
     _check_device(device)
     if method not in METHODS:
@@ -968,11 +968,11 @@ def distill(
         except json.JSONDecodeError:
             options[key] = value
     if resume:
-        if out.is_dir() and any(out.iterdir()) and find_checkpoint(out) is None:
+        if out.is_dir() and any(out.iterdir()) and not has_run(out):
             _fail(f"--out {out} holds files but no distillation checkpoint to resume; use another folder")
         _check_output_folder(out, "--out", force=True)
     else:
-        if out.is_dir() and find_checkpoint(out) is not None:
+        if out.is_dir() and has_run(out):
             _fail(f"--out {out} holds a distillation run; pass --resume to continue it, or use another folder")
         _check_output_folder(out, "--out", force=False)
     try:

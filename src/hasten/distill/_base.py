@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..models.zoo import LoadedModel, ModelInfo, load, make_denoiser, save_model
+from ..models.zoo import LoadedModel, ModelInfo, load, make_denoiser, save_model, without_label_dropout
 from ..registry import Registry
 from ..schedules.grids import get_sigmas
 
@@ -110,6 +110,9 @@ class DistillMethod:
         self.teacher, self.config, self.options, self.device = teacher, config, options, device
         self.gen = torch.Generator(device=device).manual_seed(config.seed)
         self.state: dict[str, Any] = {}  # JSON-able method state, checkpointed as counters "method.*"
+        # the run folder (set by the driver before build); a method keeps work it must not redo after a kill
+        # before its first checkpoint (teacher samples) in ``folder / METHOD_WORK``
+        self.folder: pathlib.Path | None = None
 
     # -- what a method says about itself -------------------------------------------------------------------
     @classmethod
@@ -144,6 +147,7 @@ class DistillMethod:
     # -- tools every method uses -----------------------------------------------------------------------------
     def copy_network(self, network: nn.Module, *, trainable: bool) -> nn.Module:
         net = copy.deepcopy(network).to(self.device).float()
+        without_label_dropout(net)  # a network built from a config (a smaller student) has it on
         net.train(trainable).requires_grad_(trainable)
         return net
 
@@ -227,6 +231,16 @@ class DistillMethod:
         return value
 
 
+METHOD_WORK = "method"  # the run-folder entry where a method keeps resumable work made before its first checkpoint
+
+
+def has_run(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds a distillation run to resume: a checkpoint, or a method's work from before one."""
+    from ..train import find_checkpoint
+
+    return find_checkpoint(folder) is not None or (folder / METHOD_WORK).is_dir()
+
+
 METHODS: Registry[type[DistillMethod]] = Registry("distillation method")
 
 
@@ -292,7 +306,7 @@ def distill(
         ValueError / KeyError: a setting the method cannot use (named), or a checkpoint of another run.
     """
     from ..data import load_dataset, to_model_space
-    from ..train import TrainingLoop, find_checkpoint, machine_description
+    from ..train import TrainingLoop, machine_description
 
     if config is None:
         config = DistillConfig.create(**settings)
@@ -305,7 +319,7 @@ def distill(
         raise FileExistsError(f"{folder} is a file; give a folder for the student")
     if folder.is_dir() and any(folder.iterdir()) and not resume:
         raise FileExistsError(f"{folder} already holds files; resume its run (--resume) or choose another folder")
-    if resume and folder.is_dir() and any(folder.iterdir()) and find_checkpoint(folder) is None:
+    if resume and folder.is_dir() and any(folder.iterdir()) and not has_run(folder):
         raise FileExistsError(f"{folder} holds files but no distillation checkpoint to resume; choose another folder")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (or None: the time budget alone), got {max_steps}")
@@ -320,8 +334,9 @@ def distill(
         images = to_model_space(dataset.images).to(device)
         labels = dataset.labels.to(device) if dataset.labels is not None else None
     torch.manual_seed(config.seed)
-    modules, optimizers = method.build()
     folder.mkdir(parents=True, exist_ok=True)
+    method.folder = folder
+    modules, optimizers = method.build()
     loop = TrainingLoop(
         folder, config, modules, optimizers, method.gen, budget_seconds=config.minutes * 60.0,
         checkpoint_minutes=config.checkpoint_minutes, label=f"distilling ({config.method})", progress=progress,
