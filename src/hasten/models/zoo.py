@@ -154,7 +154,6 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
         )
     if arch == "dit":
         from diffusers import DiTTransformer2DModel
-        from diffusers.models.embeddings import LabelEmbedding
 
         if not num_classes:
             raise ValueError("the DiT preset is class-conditional; num_classes must be > 0")
@@ -165,13 +164,21 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
             num_embeds_ada_norm=num_classes,
             **_PRESETS["dit"],
         )
-        # diffusers' DiT drops labels inside every block independently; hasten drops them once per image
-        # (the null class is index num_classes, which DiT's table already has).
-        for module in net.modules():
-            if isinstance(module, LabelEmbedding):
-                module.dropout_prob = 0.0
-        return net
+        return _drop_labels_once(net)
     raise ValueError(f"unknown architecture {arch!r}; allowed: 'unet', 'dit'")
+
+
+def _drop_labels_once(net: nn.Module) -> nn.Module:
+    """diffusers' DiT drops labels inside every block independently (``class_dropout_prob``, not saved in its
+    config, so a loaded DiT has it again); hasten drops them once per image (the null class is index
+    ``num_classes``, which DiT's table already has). Only training mode is affected: a fine-tuned copy of a loaded
+    DiT would otherwise drop labels at random per block, from the global random stream."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return net
 
 
 def _network_class(arch: str):
@@ -181,7 +188,7 @@ def _network_class(arch: str):
 
 
 def _load_diffusers_network(network_class: Any, folder: pathlib.Path) -> nn.Module:
-    return network_class.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    return _drop_labels_once(network_class.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False))
 
 
 FOLDER_FORMATS.add(DIFFUSERS_FORMAT, FolderFormat("diffusion_pytorch_model.safetensors", _load_diffusers_network))
