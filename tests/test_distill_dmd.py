@@ -20,21 +20,26 @@ from hasten.models.zoo import LoadedModel, ModelInfo, make_denoiser
 
 
 class Scale(nn.Module):
-    """A toy x0-predicting network: ``x0 = p * x_t`` (one parameter)."""
+    """A toy x0-predicting network: ``x0 = p * x_t`` (+ a per-class offset when it has classes; the last is null)."""
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, offsets: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.p = nn.Parameter(torch.tensor(p))
+        self.offsets = nn.Parameter(torch.tensor(offsets))
 
-    def forward(self, x_t, t, **cond):
-        return self.p * x_t
+    def forward(self, x_t, t, class_labels=None):
+        out = self.p * x_t
+        return out if class_labels is None else out + self.offsets[class_labels].view(-1, 1, 1, 1)
 
 
-def toy_method(nfe: int = 1, p: float = 0.7, **options) -> DMD:
-    net = Scale(p)
-    info = ModelInfo(name="toy", arch="dit", objective="x0", image_shape=(1, 2, 2), num_classes=0, data="")
+def toy_method(nfe: int = 1, p: float = 0.7, offsets=(), guidance: float = 1.0, **options) -> DMD:
+    net = Scale(p, offsets)
+    classes = max(len(offsets) - 1, 0)
+    info = ModelInfo(name="toy", arch="dit", objective="x0", image_shape=(1, 2, 2), num_classes=classes, data="")
     teacher = LoadedModel(make_denoiser(net, info), net, info, pathlib.Path("."), "toy")
-    config = DistillConfig(teacher="toy", method="dmd", nfe=nfe, batch_size=4, cfg_dropout=0.0, lr=1e-2)
+    config = DistillConfig(
+        teacher="toy", method="dmd", nfe=nfe, batch_size=4, cfg_dropout=0.0, lr=1e-2, guidance=guidance
+    )
     method = DMD(teacher, config, DMDOptions.create(**options), torch.device("cpu"))
     method.build()
     return method
@@ -92,6 +97,22 @@ def test_method_gradient_uses_teacher_as_real_and_fake_net_as_fake():
     real, fake = 0.7 * alpha * x_t, 0.4 * alpha * x_t  # the network sees alpha * x_t and predicts x0
     expected = (fake - real) / (x - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
     torch.testing.assert_close(method.dm_gradient(x, x_t, sigma, None), expected)
+
+
+def test_guidance_applies_to_the_real_score_only():
+    method = toy_method(p=0.7, offsets=(1.0, -1.0, 0.5), guidance=3.0)  # classes 0, 1 and the null class 2
+    labels = torch.tensor([0, 1, 2, 1])
+    x = torch.randn(4, 1, 2, 2)
+    x_t = x + 0.8 * torch.randn_like(x)
+    sigma = torch.full((4,), 0.8, dtype=torch.float64)
+    alpha = float(method.teacher.schedule.alpha_from_ve_sigma(torch.tensor(0.8)))
+    offsets = torch.tensor([1.0, -1.0, 0.5])
+    # guided: null + 3 (class - null) for labelled rows; the null row stays unguided; the fake is never guided
+    guided = torch.where(labels == 2, offsets[2], offsets[2] + 3.0 * (offsets[labels] - offsets[2]))
+    real = 0.7 * alpha * x_t + guided.view(-1, 1, 1, 1)
+    fake = 0.7 * alpha * x_t + offsets[labels].view(-1, 1, 1, 1)
+    expected = (fake - real) / (x - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(method.dm_gradient(x, x_t, sigma, labels), expected)
 
 
 def test_equal_scores_give_zero_generator_gradient():
