@@ -388,7 +388,10 @@ def distill(
     info = dataclasses.replace(method.student_info, name=name or folder.name, sampler=sampler, distillation=record)
     save_model(method.export(), info, folder)
     _write_card(folder, info)
-    return DistillResult(folder, counters["step"], counters["seconds"], counters["loss_ema"] or math.nan, resumed_from)
+    loss = counters["loss_ema"]  # a running average of exactly 0 is a loss, not a missing one
+    return DistillResult(
+        folder, counters["step"], counters["seconds"], math.nan if loss is None else loss, resumed_from
+    )
 
 
 def _write_card(folder: pathlib.Path, info: ModelInfo) -> None:

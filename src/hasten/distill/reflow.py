@@ -53,10 +53,10 @@ from torch import Tensor, nn
 
 from ..config import Config, check_choice
 from ..models.adapters import _unwrap, as_sigma
-from ..models.zoo import ModelInfo
+from ..models.zoo import ModelInfo, without_label_dropout
 from ..schedules.grids import DISCRETISATIONS, get_sigmas
 from ..schedules.noise import FlowMatching
-from ._base import METHOD_WORK, DistillConfig, DistillMethod, no_label_dropout, register_method
+from ._base import METHOD_WORK, DistillConfig, DistillMethod, register_method
 
 __all__ = [
     "CouplingStore",
@@ -244,7 +244,7 @@ def student_network(teacher_network: nn.Module, arch: str, width: float, layers:
         raise ValueError(f"reflow students are hasten's {' or '.join(ARCHITECTURES)} networks; the teacher is {arch!r}")
     same = all(_plain(config.get(k)) == _plain(v) for k, v in changes.items())
     net = type(teacher_network).from_config({k: v for k, v in config.items() if not k.startswith("_")} | changes)
-    return no_label_dropout(net), same
+    return without_label_dropout(net), same
 
 
 def _plain(value: Any) -> Any:
