@@ -46,7 +46,7 @@ __all__ = [
 BUNDLED = pathlib.Path(__file__).parent / "weights"
 FORMAT_VERSION = 1
 DIFFUSERS_FORMAT = "diffusers"
-FORMAT_RECORDS = ("quantization",)  # fields of hasten.json whose presence means a folder in another format
+FORMAT_RECORDS = ("quantization", "target_level")  # fields of hasten.json whose presence means another format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,8 @@ class ModelInfo:
     # caller names no sampler setting; empty: the library's defaults. Set by `hasten distill`.
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
     distillation: dict[str, Any] = dataclasses.field(default_factory=dict)  # method, teacher, cost (distill)
+    # A two-time network's target-level embedding (a CTM student, hasten.distill.ctm): its folder format
+    target_level: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder_format(self) -> str:
