@@ -209,3 +209,6 @@ def test_smoke_on_mnist_dit_then_load_and_sample_with_no_flags(tmp_path):
     assert weight.abs().sum() > 0
     out = hasten.generate(student, 2, seed=0)
     assert out.images01.shape == (2, 1, 28, 28) and torch.isfinite(out.images01).all() and out.nfe == 2
+    # guidance on top: target_sigma goes to both branches of classifier-free guidance
+    guided = hasten.generate(student, 2, seed=0, guidance=2.0)
+    assert torch.isfinite(guided.images01).all() and not torch.equal(guided.images01, out.images01)

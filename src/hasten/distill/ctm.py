@@ -15,7 +15,9 @@ denoiser ``E[x0 | x_t]`` (the ODE's slope at ``t``). One update, on a training g
   G_ema(y, s, 0)`` maps to the data end through the stop-gradient target network (the run's EMA; the paper keeps
   a separate target EMA) -- gradients flow through ``Z`` into the estimate, not into the EMA's weights;
 * **DSM**: ``max(1, 1 / t^2) || g_theta(x_t, t, t) - x0 ||^2`` keeps ``g(x, t, t)`` the denoiser, weighted
-  by ``dsm_weight`` (the paper balances it adaptively by gradient norms; here it is fixed).
+  by ``dsm_weight`` (the paper balances it adaptively by gradient norms; here it is fixed). With guidance
+  (``--guidance w``, beyond the paper) the regression target is the guided teacher's estimate instead of
+  ``x0``, so both terms describe the same guided ODE.
 
 Distances are squared errors in model space: the paper's LPIPS and its feature distances need a pretrained
 image network that hasten's metrics already use (training against it would game the quality numbers).
@@ -253,9 +255,11 @@ class CTM(DistillMethod):
         estimate = self.G(self.ema, self.G(self.student, x_t, t, s, labels), s, zero, labels)
         loss = (estimate - target).pow(2).flatten(1).mean(1)
         if self.options.dsm_weight:
+            # the data, or under guidance the guided teacher's estimate (the data cannot say what guidance does)
+            clean = x0 if self.config.guidance == 1.0 else self.teacher_denoise(x_t, t, labels)
             denoised = self.g(self.student, x_t, t, t, labels)
             weight = t.to(x0.dtype).pow(-2).clamp_min(1.0)
-            loss = loss + self.options.dsm_weight * weight * (denoised - x0).pow(2).flatten(1).mean(1)
+            loss = loss + self.options.dsm_weight * weight * (denoised - clean).pow(2).flatten(1).mean(1)
         return loss.mean()
 
     def draw(self, b: int) -> tuple[Tensor, Tensor, Tensor]:
