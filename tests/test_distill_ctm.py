@@ -65,6 +65,11 @@ def test_registered_and_bad_options_refused():
             toy_method(**bad)
     with pytest.raises(ValueError, match="gamma"):
         GammaSampling(gamma=-0.1)
+    plain = nn.Linear(2, 2)  # no timestep embedding to add the target level to
+    info = ModelInfo(name="plain", arch="unet", objective="x0", image_shape=(1, 2, 2), num_classes=0, data="")
+    teacher = LoadedModel(make_denoiser(plain, info), plain, info, pathlib.Path("."), "plain")
+    with pytest.raises(ValueError, match="TimestepEmbedding"):
+        CTM.check(teacher, DistillConfig(method="ctm"), CTMOptions())
 
 
 def test_student_starts_as_the_teacher_and_the_boundary_is_exact():
@@ -116,7 +121,7 @@ def test_loss_against_a_hand_computation():
             x = d + (grid[a + 1] / grid[a]) * (x - d)
         consistency = (Z(G(method.student, x_t, t, s), s) - Z(G(method.ema, x, u, s), s)).pow(2).mean()
         dsm = max(1.0, 1.0 / t**2) * (g(method.student, x_t, t, t) - x0[r : r + 1]).pow(2).mean()
-        total += float(consistency) + 0.5 * float(dsm)
+        total += float(consistency.detach()) + 0.5 * float(dsm.detach())
     assert got == pytest.approx(total / 4, rel=1e-5)
 
 

@@ -106,9 +106,8 @@ class TargetLevelEmbedding(nn.Module):
         return out if self._current is None else out + self._current.to(out.dtype)
 
 
-def attach_target_embedding(network: nn.Module, channels: int = 64) -> TargetLevelEmbedding:
-    """Make ``network`` a two-time network: add a :class:`TargetLevelEmbedding` (as the submodule
-    ``target_level_embedding``, so its weights save with the network's) and its hooks."""
+def timestep_embeddings(network: nn.Module) -> tuple[list[nn.Module], int]:
+    """The network's diffusers ``TimestepEmbedding`` modules and their common width (refused if none or mixed)."""
     from diffusers.models.embeddings import TimestepEmbedding
 
     stamps = [m for m in network.modules() if isinstance(m, TimestepEmbedding)]
@@ -117,8 +116,15 @@ def attach_target_embedding(network: nn.Module, channels: int = 64) -> TargetLev
     widths = {m.linear_2.out_features for m in stamps}
     if len(widths) != 1:
         raise ValueError(f"{type(network).__name__}'s timestep embeddings differ in width ({sorted(widths)})")
+    return stamps, widths.pop()
+
+
+def attach_target_embedding(network: nn.Module, channels: int = 64) -> TargetLevelEmbedding:
+    """Make ``network`` a two-time network: add a :class:`TargetLevelEmbedding` (as the submodule
+    ``target_level_embedding``, so its weights save with the network's) and its hooks."""
+    stamps, width = timestep_embeddings(network)
     param = next(network.parameters())
-    embedding = TargetLevelEmbedding(widths.pop(), channels).to(device=param.device, dtype=param.dtype)
+    embedding = TargetLevelEmbedding(width, channels).to(device=param.device, dtype=param.dtype)
     network.add_module(EMBEDDING_NAME, embedding)
     add_hook(network, HOOK_NAME, embedding.network_hook)
     for module in stamps:
@@ -191,8 +197,9 @@ class CTM(DistillMethod):
             raise ValueError(f"dsm_weight must be a finite number >= 0, got {options.dsm_weight}")
         if options.embedding_channels < 2 or options.embedding_channels % 2:
             raise ValueError(f"embedding_channels must be an even number >= 2, got {options.embedding_channels}")
-        if teacher.info.quantization:
-            raise ValueError("ctm trains from a float teacher, not a quantised folder")
+        if teacher.info.quantization or teacher.info.target_level:
+            raise ValueError("ctm trains from a float one-time teacher, not a quantised folder or another CTM student")
+        timestep_embeddings(teacher.network)  # where the target level goes; refused by name if there is none
 
     @property
     def student_info(self):
