@@ -11,7 +11,7 @@ from torch import nn
 
 import hasten
 from hasten.distill import METHODS, DistillConfig
-from hasten.distill.ctm import CTM, CTMOptions, jump
+from hasten.distill.ctm import CTM, CTMOptions, jump, output_layer
 from hasten.hooks import hooked_modules
 from hasten.models import ProductMixture
 from hasten.models.zoo import LoadedModel, ModelInfo, make_denoiser
@@ -92,7 +92,7 @@ def test_student_starts_as_the_teacher_and_the_boundary_is_exact():
 
 
 def test_loss_against_a_hand_computation():
-    method = toy_method(nfe=2, grid_steps=4, dsm_weight=0.5)
+    method = toy_method(nfe=2, grid_steps=4, dsm_weight=0.5, adaptive_dsm=False)
     perturb(method.student, 1)
     perturb(method.ema, 2)
     grid = [float(v) for v in method.grid]
@@ -123,6 +123,22 @@ def test_loss_against_a_hand_computation():
         dsm = max(1.0, 1.0 / t**2) * (g(method.student, x_t, t, t) - x0[r : r + 1]).pow(2).mean()
         total += float(consistency.detach()) + 0.5 * float(dsm.detach())
     assert got == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_adaptive_dsm_weight_balances_the_gradient_norms_at_the_output_layer():
+    method = toy_method(nfe=2, grid_steps=4, dsm_weight=0.5)
+    perturb(method.student, 1)
+    x0, noise = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    i, j, m = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3, 3, 4]), torch.tensor([2, 3, 4, 4])
+    consistency, dsm = method.loss_terms(x0, noise, i, j, m, None)
+    layer = method.student.time_embedding.linear_2.weight  # the toy's last weight matrix
+    assert output_layer(method.student) is layer
+    (g_c,) = torch.autograd.grad(consistency, layer, retain_graph=True)
+    (g_d,) = torch.autograd.grad(dsm, layer, retain_graph=True)
+    balance = float(g_c.norm()) / (float(g_d.norm()) + 1e-4)
+    assert 0 < balance < 1e4 and balance != pytest.approx(1.0)
+    got = float(method.loss(x0, noise, i, j, m, None).detach())
+    assert got == pytest.approx(float(consistency.detach()) + 0.5 * balance * float(dsm.detach()), rel=1e-6)
 
 
 def test_draw_keeps_t_above_u_above_or_at_s():
