@@ -153,9 +153,11 @@ class DistillMethod:
 
     @property
     def student_info(self) -> ModelInfo:
+        # a consistency boundary is a wrapper, not part of the copied network: a method that wants one sets it;
+        # a two-time network's target-level record stays (the copied network carries the embedding)
         info = self.teacher.info
         return dataclasses.replace(info, objective=self.student_objective(), quantization={}, sampler={},
-                                   distillation={}, training={})  # fmt: skip
+                                   distillation={}, training={}, consistency={})  # fmt: skip
 
     def student_denoiser(self, network: nn.Module):
         """The VE denoiser ``D(x, sigma, **cond)`` of a student-objective network (gradients flow)."""

@@ -5,6 +5,10 @@ The contract (k-diffusion / EDM): ``x`` is in VE form ``x = x0 + sigma * n`` and
 scales the input by ``alpha``, calls the network and turns its output (noise, velocity, data or
 flow velocity) into the data prediction. Solvers never see any of this.
 
+A two-time network (a CTM student, :mod:`hasten.distill.ctm`) also takes the level it jumps to: the
+conditioning input ``target_sigma`` (VE, like ``sigma``; clamped at the schedule's ``sigma_min``) reaches the
+network as ``target_time``, converted to its time label as ``sigma`` is.
+
 Reference: Karras et al., EDM, Sec. 5 and Table 1 (preconditioning as a wrapper around the network);
 Lu et al., DPM-Solver, App. (``model_wrapper``: noise / x_start / v / score outputs, discrete time labels).
 """
@@ -145,6 +149,9 @@ class NetworkDenoiser(Denoiser, ABC):
         work = torch.promote_types(x.dtype, torch.float32)
         x_t = x.to(work) * _bcast(alpha, x).to(work)
         net_dtype = self._network_dtype(work)
+        if "target_sigma" in cond:  # a two-time network (a CTM student): the level it jumps to, as a time label
+            target = as_sigma(cond.pop("target_sigma"), x).clamp_min(self.schedule.sigma_min)
+            cond["target_time"] = self.model_time(target).to(net_dtype)
         out = _unwrap(self.model(x_t.to(net_dtype), self.model_time(sigma).to(net_dtype), **cond)).to(work)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")

@@ -85,6 +85,10 @@ class CFGDenoiser(Denoiser):
     Reference: Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, Eq. 6.
     """
 
+    # Inputs that say where a call goes, not what it is conditioned on: both branches get the same value
+    # (``target_sigma``, the level a two-time network jumps to, set per call by ``ctm_gamma``).
+    SHARED_INPUTS = ("target_sigma",)
+
     def __init__(
         self,
         denoiser: Callable[..., Tensor],
@@ -108,14 +112,14 @@ class CFGDenoiser(Denoiser):
     def both_branches(self, cond: Mapping[str, Any], batch: int) -> dict[str, Any]:
         """The inputs of one batched call of both branches: each conditional input with its unconditional one
         appended (rows ``batch..2 batch``); also what a loop outside hasten (the diffusers peers) feeds."""
-        if set(cond) != set(self.uncond):
+        if set(cond) - set(self.SHARED_INPUTS) != set(self.uncond):
             raise ValueError(
                 f"conditioning keys {sorted(cond)} do not match the unconditional inputs {sorted(self.uncond)}"
             )
         merged = {}
         for key, c in cond.items():
             c = torch.as_tensor(c)
-            u = torch.as_tensor(self.uncond[key], device=c.device)
+            u = torch.as_tensor(self.uncond.get(key, c), device=c.device)
             if c.ndim == 0:
                 c = c.expand(batch)
             if u.ndim == 0:

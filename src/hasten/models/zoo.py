@@ -46,7 +46,7 @@ __all__ = [
 BUNDLED = pathlib.Path(__file__).parent / "weights"
 FORMAT_VERSION = 1
 DIFFUSERS_FORMAT = "diffusers"
-FORMAT_RECORDS = ("quantization",)  # fields of hasten.json whose presence means a folder in another format
+FORMAT_RECORDS = ("quantization", "target_level")  # fields of hasten.json whose presence means another format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,8 @@ class ModelInfo:
     # network's data prediction, exactly x at level s (adapters.consistency_boundary). Set by
     # `hasten distill --method consistency`; empty: a plain denoiser.
     consistency: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A two-time network's target-level embedding (a CTM student, hasten.distill.ctm): its folder format
+    target_level: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder_format(self) -> str:

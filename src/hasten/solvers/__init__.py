@@ -3,7 +3,7 @@
 ``available()`` lists the registered names; ``get_solver(name, **options)`` builds one.
 """
 
-from . import consistency, dpm_solver_v3, euler, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
+from . import consistency, dpm_solver_v3, euler, gamma, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
 from ._base import (
     DEFAULT_SOLVER,
     OPTION_RESOLVERS,
@@ -27,6 +27,7 @@ from ._base import (
 from .consistency import ConsistencySampler
 from .dpm_solver_v3 import EMS, DPMSolverV3, V3State, load_ems, save_ems
 from .euler import Euler, EulerAncestral, Heun
+from .gamma import GammaSampling
 from .learned import LearnedMultistep
 from .multistep import DPMSolverMultistep, MultistepState
 from .per_step import PerStepSolver
@@ -47,6 +48,7 @@ __all__ = [
     "DPMSolverV3",
     "Euler",
     "EulerAncestral",
+    "GammaSampling",
     "Heun",
     "LearnedMultistep",
     "Model",

@@ -79,9 +79,14 @@ class StepInfo:
 
 
 class Model(Protocol):
-    """What a solver calls: the bound, counted denoiser ``model(x, sigma) -> x0_hat``."""
+    """What a solver calls: the bound, counted denoiser ``model(x, sigma) -> x0_hat``.
 
-    def __call__(self, x: Tensor, sigma: float) -> Tensor: ...
+    Keyword arguments are conditioning for this call only, added to the run's ``cond`` (a float is
+    broadcast to a ``[B]`` tensor as ``sigma`` is): how a solver for two-time networks passes the level it
+    jumps to (``target_sigma``, :mod:`hasten.solvers.gamma`).
+    """
+
+    def __call__(self, x: Tensor, sigma: float, **cond: Any) -> Tensor: ...
 
 
 class StepHook(Protocol):
@@ -300,9 +305,14 @@ class _CountedModel:
         self.nfe = 0
         self.step_index = 0
 
-    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+    def __call__(self, x: Tensor, sigma: float, **cond: Any) -> Tensor:
         sigma_b = torch.full((x.shape[0],), sigma, dtype=self.dtype, device=self.device)
-        out = self.denoiser(x, sigma_b, **self.cond)
+        for key, value in cond.items():  # this call's own conditioning (see Model)
+            if key in self.cond:
+                raise TypeError(f"conditioning {key!r} is bound for the whole run; a solver cannot set it per call")
+            if isinstance(value, float | int):
+                cond[key] = torch.full((x.shape[0],), float(value), dtype=self.dtype, device=self.device)
+        out = self.denoiser(x, sigma_b, **self.cond, **cond)
         self.nfe += 1
         if not isinstance(out, Tensor):
             raise TypeError(f"the denoiser must return a Tensor, got {type(out).__name__}")
