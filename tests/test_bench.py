@@ -8,6 +8,7 @@ import pathlib
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import hasten
@@ -276,3 +277,61 @@ def test_report_renders_a_committed_folder_of_rows_before_recipes(folder, tmp_pa
     else:
         assert "Quantisation: against the float model" in html
         assert len(quant_comparison(rows)) == len([r for r in rows if row_kind(r) == "quant"])
+
+
+def test_a_student_row_sits_beside_the_teachers_rows(tiny_model, tiny_student, tmp_path):
+    teacher = hasten.load(tiny_model)
+    cfg = _config(tiny_model, solvers=("euler",), steps=(2,), peers=(), reference_steps=8, students=(tiny_student,))
+    out = tmp_path / "bench"
+    rows = run_bench(cfg, out)
+    assert {r["kind"] for r in rows} == {"reference", "stock", "student"}
+    (row,) = [r for r in rows if r["kind"] == "student"]
+    record = json.loads((pathlib.Path(tiny_student) / "hasten.json").read_text())["distillation"]
+    assert (
+        row["label"]
+        == "student[student, progressive] euler (auto, 2 steps)"
+        == Recipe.from_dict(row["recipe"]).describe()
+    )
+    assert row["nfe"] == 2 and row["fd"] is not None and row["seconds"] > 0
+    training = row["training"]
+    assert {k: training[k] for k in ("method", "seconds", "extra_seconds", "device", "teacher_fingerprint")} == {
+        k: record[k] for k in ("method", "seconds", "extra_seconds", "device", "teacher_fingerprint")
+    }
+    assert training["training_seconds"] == pytest.approx(record["seconds"] + record["extra_seconds"])
+    # the student's own network at its own sampler (what `hasten sample --model STUDENT` runs), from the bench's
+    # noise, against the teacher's reference solve of that noise
+    images = hasten.generate(hasten.load(tiny_student), cfg.n, seed=cfg.seed).images01
+    assert torch.equal(images, sample_recipe(teacher, Recipe.from_dict(row["recipe"]), cfg.n).images01)
+    ref = reference_samples(teacher, cfg.n, seed=cfg.seed, guidance=1.0, steps=cfg.reference_steps)
+    assert rmse(images, ref) == pytest.approx(row["rmse_ref"], rel=1e-6, abs=1e-9)
+    html = render(out).read_text()
+    assert "<th>training</th>" in html and f"<td>progressive, {record['seconds']:.0f} s on cpu</td>" in html
+
+
+def test_a_student_of_other_weights_is_refused_naming_both(tiny_model, tiny_student, tmp_path):
+    other = tmp_path / "other-student"
+    shutil.copytree(tiny_student, other)
+    info = json.loads((other / "hasten.json").read_text())
+    info["distillation"]["teacher_fingerprint"] = "f" * 16
+    (other / "hasten.json").write_text(json.dumps(info))
+    fingerprint = hasten.load(tiny_model).fingerprint
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match=f"weights ffffffffffff\\), not from .* \\(weights {fingerprint[:12]}\\)"):
+        run_bench(_config(tiny_model, students=(str(other),)), out)
+    assert not (out / "results.jsonl").exists()
+    forced = expand(_config(tiny_model, students=(str(other),), force_students=True), objective="flow",
+                    conditional=True, model=tiny_model, fingerprint=fingerprint)  # fmt: skip
+    assert [r.forced for r in forced if r.kind == "student"] == [("teacher",)]
+    res = CliRunner().invoke(app, ["bench", "--model", tiny_model, "--student", tiny_model, "--out", str(out)])
+    assert res.exit_code == 2 and "is not a distilled student" in res.output
+    # a recipe file naming a student (what `hasten optimize` may write) is checked against its teacher too
+    from hasten.recipe import student_recipe
+
+    mine = save_recipe(student_recipe(tiny_student), tmp_path / "student.recipe.json")
+    (row,) = [r for r in expand(_config(tiny_model, recipes=(str(mine),)), objective="flow", conditional=True,
+                                model=tiny_model, fingerprint=fingerprint) if r.kind == "student"]  # fmt: skip
+    assert row.student["teacher_fingerprint"] == fingerprint
+    theirs = save_recipe(student_recipe(other), tmp_path / "other.recipe.json")
+    cfg = _config(tiny_model, recipes=(str(theirs),))
+    with pytest.raises(ValueError, match=r"samples a student of .* \(weights ffffffffffff\), not of the benchmarked"):
+        expand(cfg, objective="flow", conditional=True, model=tiny_model, fingerprint=fingerprint)

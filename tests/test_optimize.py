@@ -230,6 +230,7 @@ def test_cli_optimize(tiny_model, tmp_path):
         (["--plan", str(tmp_path / "missing.json")], "does not exist"),
         ([], "pass --resume"),
         (["--out", str(tmp_path)], "is a folder"),
+        (["--student", tiny_model], "is not a distilled student"),
     ):
         bad = runner.invoke(app, [*base, *args])  # a later --out wins over the base's
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
@@ -240,3 +241,92 @@ def test_optimize_paths_are_plain_data(tmp_path):
     world = World(_fake_model(), _config(tmp_path), tmp_path, plan_loss={3: 0.09, 4: 0.04})
     json.dumps(world.run().to_dict(), default=str)
     assert pathlib.Path(tmp_path).exists()
+
+
+# -- distilled students as candidates ----------------------------------------------------------------------------
+
+
+def _student_of(source, folder, teacher_fingerprint):
+    """A copy of the student folder ``source`` recorded as distilled from ``teacher_fingerprint``."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    info = json.loads((folder / "hasten.json").read_text())
+    info["distillation"]["teacher_fingerprint"] = teacher_fingerprint
+    (folder / "hasten.json").write_text(json.dumps(info))
+    return folder
+
+
+class StudentWorld(World):
+    """The synthetic world with one more candidate: a student, 2 NFE at a 2% FD loss."""
+
+    def measure(self, recipe, seed):
+        if recipe.student is None:
+            return super().measure(recipe, seed)
+        self.measured.append((recipe.digest(), seed))
+        return {"fd": REFERENCE_FD * 1.02, "rmse_ref": 0.002, "nfe": recipe.steps, "seconds": float(recipe.steps),
+                "nfe_equivalent": float(recipe.steps)}  # fmt: skip
+
+
+def test_a_student_is_a_candidate_and_the_speedup_stays_against_the_teachers_stock(tiny_student, tmp_path):
+    student = _student_of(tiny_student, tmp_path / "student", FINGERPRINT)
+    world = StudentWorld(_fake_model(), _config(tmp_path, students=(str(student),)), tmp_path,
+                         plan_loss={3: 0.09, 4: 0.04})  # fmt: skip
+    assert [r.student["teacher_fingerprint"] for r in world.student_recipes()] == [FINGERPRINT]
+    result = world.run()
+    # the baseline and the best stock configuration are still the teacher's own sampler
+    assert result.baseline["label"].startswith("dpmpp_2m (karras, 6 steps)") and result.best_stock["kind"] == "stock"
+    (row,) = [r for r in result.evaluations if r["stage"] == "students"]
+    assert row["kind"] == "student" and row["label"] == "student[student, progressive] euler (auto, 2 steps)"
+    # the student wins: 2 NFE against the 6-NFE baseline, and the recipe written names the student's folder
+    assert result.recipe.kind == "student" and result.recipe.model == str(student.resolve())
+    assert result.chosen["speedup"] == pytest.approx(3.0)
+    assert [step["step"] for step in result.path] == ["stock sampler", "+ distilled students"]
+
+
+def test_students_of_other_weights_are_refused_or_skipped(tiny_student, tmp_path, monkeypatch):
+    other = _student_of(tiny_student, tmp_path / "other", "f" * 16)
+    world = StudentWorld(_fake_model(), _config(tmp_path, students=(str(other),)), tmp_path)
+    with pytest.raises(OptimizeError, match=f"weights ffffffffffff\\), not from 'synthetic' \\(weights {'a' * 12}\\)"):
+        world.student_recipes()
+    with pytest.raises(OptimizeError, match=r"--student .*nope.* is not a bundled model or a model folder"):
+        OptimizeConfig(students=(str(tmp_path / "nope"),))
+    # the bundled <model>-fast: taken when it is a student of these weights, skipped (with a note) when not
+    import hasten.models.zoo as zoo
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    monkeypatch.setattr(zoo, "BUNDLED", bundled)
+    fast = _student_of(tiny_student, bundled / "synthetic-fast", FINGERPRINT)
+    world = StudentWorld(_fake_model(), _config(tmp_path), tmp_path)
+    assert [r.model for r in world.student_recipes()] == ["synthetic-fast"]
+    assert world.student_recipes()[0].fingerprint == zoo.folder_fingerprint(fast)
+    no_default = StudentWorld(_fake_model(), _config(tmp_path, bundled_students=False), tmp_path)
+    assert no_default.student_recipes() == []
+    info = json.loads((fast / "hasten.json").read_text())
+    info["distillation"]["teacher_fingerprint"] = "f" * 16
+    (fast / "hasten.json").write_text(json.dumps(info))
+    world = StudentWorld(_fake_model(), _config(tmp_path), tmp_path)
+    assert world.student_recipes() == [] and "skipped the bundled synthetic-fast" in world.notes[0]
+
+
+def test_a_student_is_scored_against_the_teachers_reference_and_quantised(tiny_model, tiny_student, tmp_path):
+    from hasten.metrics.reference import reference_samples, rmse
+
+    teacher, student = hasten.load(tiny_model), hasten.load(tiny_student)
+    config = _tiny_config(students=(tiny_student,), caches=False, bundled_students=False)
+    optimizer = Optimizer(teacher, config, tmp_path)
+    optimizer.stage_students()
+    (row,) = optimizer.evaluations.values()
+    assert row["kind"] == "student" and row["stage"] == "students" and row["nfe"] == 2
+    # the student's own sampler on the held-out noise, against the teacher's converged sampler on that noise
+    images = hasten.generate(student, config.n, seed=0).images01
+    reference = reference_samples(teacher, config.n, seed=0, guidance=1.0, steps=config.reference_steps)
+    assert row["rmse_ref"] == pytest.approx(rmse(images, reference), rel=1e-6, abs=1e-9)
+    assert row["quality_loss"] == pytest.approx(row["fd"] / optimizer.reference_fd[0] - 1.0)
+    # quantisation builds on a passing student: the student's own weights, quantised
+    optimizer.stage_quant()
+    (quant,) = [r for r in optimizer.evaluations.values() if r["stage"] == "quant"]
+    assert quant["recipe"].student is not None and quant["recipe"].fingerprint == student.fingerprint
+    source = json.loads((pathlib.Path(quant["recipe"].quant) / "hasten.json").read_text())["quantization"]["source"]
+    assert source["fingerprint"] == student.fingerprint

@@ -8,6 +8,10 @@ earlier ones found (every candidate is a :class:`~hasten.recipe.Recipe`):
    higher NFE. The fastest passing stock recipe is the baseline every speed-up is paired against.
 2. **peers on stock**: diffusers' cache hook / the DeepCache package and torchao's configs on that baseline
    (what a user gets from the peers without hasten).
+   **students**: distilled students of the model (``students``, and the bundled ``<model>-fast`` when it was
+   distilled from these weights), each its own network at its own sampler, scored like a stock recipe against
+   the model's converged sampler; never the baseline. The later stages may put caches and quantisation on a
+   passing student (plans are tuned for the model's own network only).
 3. **plans**: saved plans for the model's weights (``--plan``), then, with a share of the budget, plans tuned
    by ``hasten tune``'s search at NFE budgets below the fastest passing one (resumable, kept in the work folder).
 4. **caches**: each caching technique that hooks the network, calibrated for the ``top_k`` fastest passing
@@ -61,7 +65,7 @@ DEFAULT_SOLVERS = (
 )  # fmt: skip
 DEFAULT_SCHEDULES = ("auto", "karras", "logsnr", "time_uniform", "time_quadratic", "trailing")
 QUANT_MODES = {"w8a8": (8, 8), "w4a8": (4, 8)}
-STAGES = ("stock", "peers", "plans", "tune", "caches", "quant", "timing", "confirm")
+STAGES = ("stock", "peers", "students", "plans", "tune", "caches", "quant", "timing", "confirm")
 
 
 class OptimizeError(ValueError):
@@ -85,6 +89,9 @@ class OptimizeConfig(Config):
         tune_share: Fraction of the budget for tuning plans below the fastest passing NFE (0: none).
         caches: Calibrate caches on the fastest passing samplers.
         quant: Quantisation modes tried (``"w8a8"``, ``"w4a8"``).
+        students: Distilled students of the model (folders from ``hasten distill`` or bundled names), each a
+            candidate at its own sampler; one distilled from other weights, or at another guidance scale, is refused.
+        bundled_students: Also the bundled ``<model>-fast`` when it was distilled from the model's weights.
         top_k: How many of the fastest passing recipes get caches and quantisation on top.
         timed: How many passing candidates are timed against the baseline.
         n_time: Images per timed run; ``timing_repeats`` paired runs each.
@@ -103,6 +110,8 @@ class OptimizeConfig(Config):
     tune_share: float = 0.25
     caches: bool = True
     quant: tuple[str, ...] = ("w8a8", "w4a8")
+    students: tuple[str, ...] = ()
+    bundled_students: bool = True
     top_k: int = 3
     timed: int = 8
     n_time: int = 100
@@ -139,6 +148,13 @@ class OptimizeConfig(Config):
                 get_solver(name, **options)
             except (KeyError, TypeError, ValueError) as err:
                 raise OptimizeError(f"solver spec {spec!r}: {err.args[0] if err.args else err}") from None
+        from .recipe import RecipeError, student_recipe
+
+        for student in self.students:
+            try:
+                student_recipe(student)  # not a student (or no such folder) fails now; its teacher in the search
+            except RecipeError as err:
+                raise OptimizeError(f"--student {student}: {err}") from None
 
     def protocol(self, fingerprint: str, guidance: float) -> dict[str, Any]:
         """What makes two evaluations of one recipe comparable: cached evaluations are keyed by it."""
@@ -399,6 +415,54 @@ class Optimizer:
                 steps = below(i)
         return self.stock_best()
 
+    def student_recipes(self) -> list[Recipe]:
+        """The students to try: those named (refused when distilled from other weights or at another guidance
+        scale than this search's), then the bundled ``<model>-fast`` when it is a student of these weights."""
+        from .models.zoo import bundled_models
+        from .recipe import RecipeError, student_recipe
+
+        recipes = []
+        for name in self.config.students:
+            try:
+                recipe = student_recipe(name, teacher_fingerprint=self.model.fingerprint, teacher=self.model.info.name,
+                                        seed=SCORE_SEED)  # fmt: skip
+            except RecipeError as err:
+                raise OptimizeError(f"--student {name}: {err}") from None
+            learned = recipe.student["teacher_guidance"]
+            if learned != self.guidance:
+                raise OptimizeError(
+                    f"--student {name} learned the teacher's samples at guidance {learned:g}; this search is at "
+                    f"guidance {self.guidance:g} (--guidance)"
+                )
+            recipes.append(recipe)
+        fast = f"{self.model.info.name}-fast"
+        if self.config.bundled_students and fast in bundled_models():
+            try:
+                recipe = student_recipe(fast, teacher_fingerprint=self.model.fingerprint, seed=SCORE_SEED)
+            except RecipeError as err:
+                self.notes.append(f"skipped the bundled {fast}: {err}")
+            else:
+                if recipe.student["teacher_guidance"] != self.guidance:
+                    self.notes.append(f"skipped the bundled {fast}: distilled at guidance "
+                                      f"{recipe.student['teacher_guidance']:g}, not {self.guidance:g}")  # fmt: skip
+                elif recipe not in recipes:
+                    recipes.append(recipe)
+        return recipes
+
+    def stage_students(self) -> None:
+        """Each student at its own sampler, scored like a stock recipe against this model's converged sampler."""
+        for recipe in self.student_recipes():
+            if not self.affordable(reserve=self.final_reserve()):
+                self.notes.append(f"student {recipe.describe()} skipped: budget")
+                continue
+            self.evaluate(recipe, "students")
+
+    def model_for(self, recipe: Recipe) -> Any:
+        """The full-precision network ``recipe`` samples: this model, or the student it names."""
+        from .bench.runner import recipe_model
+
+        return recipe_model(self.model, recipe)
+
     def stock_best(self) -> dict[str, Any] | None:
         rows = self.passing(stages=("stock",))
         return rows[0] if rows else None
@@ -492,8 +556,8 @@ class Optimizer:
                 return
 
     def bases(self) -> list[Recipe]:
-        """The ``top_k`` fastest passing hasten samplers (no cache, no quantisation, no peer)."""
-        rows = [r for r in self.passing(kinds=("stock", "plan")) if r["recipe"].library == "hasten"]
+        """The ``top_k`` fastest passing hasten samplers (no cache, no quantisation, no peer), students included."""
+        rows = [r for r in self.passing(kinds=("stock", "plan", "student")) if r["recipe"].library == "hasten"]
         return [r["recipe"] for r in rows[: self.config.top_k]]
 
     def stage_caches(self) -> None:
@@ -502,9 +566,10 @@ class Optimizer:
         from .accel.calibrate import calibration_setting, ladders, techniques_for
 
         for base in self.bases():
-            setting = calibration_setting(self.model, base)
-            for technique in techniques_for(self.model.network):
-                for ladder in ladders(technique, self.model.network):
+            model = self.model_for(base)  # a student's cache is calibrated on the student's network
+            setting = calibration_setting(model, base)
+            for technique in techniques_for(model.network):
+                for ladder in ladders(technique, model.network):
                     for config in ladder:
                         if not self.affordable(reserve=self.final_reserve()):
                             self.notes.append("cache ladders stopped: budget")
@@ -512,18 +577,22 @@ class Optimizer:
                         if not self.evaluate(base.replace(cache=config, cache_setting=setting), "caches")["passed"]:
                             break  # more reuse along this ladder only loses more
 
-    def quantized_folder(self, mode: str) -> pathlib.Path:
-        """Quantised weights for ``mode``, made once per model (cached beside the evaluations)."""
+    def quantized_folder(self, mode: str, model: Any = None) -> pathlib.Path:
+        """Quantised weights of ``model`` (default: this one; a student's) for ``mode``, made once per network
+        (cached beside the evaluations). A student is calibrated on its own sampler's trajectories."""
         from .quant import QuantConfig, quantize_to_folder
         from .recipe import _model_ref
 
-        folder = self.cache_path.parent / "quant" / f"{self.model.info.name}-{self.model.fingerprint[:12]}-{mode}"
+        model = self.model if model is None else model
+        folder = self.cache_path.parent / "quant" / f"{model.info.name}-{model.fingerprint[:12]}-{mode}"
         if not (folder / "hasten.json").exists():
             weights, activations = QUANT_MODES[mode]
             tmp = folder.with_name(folder.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            quantize_to_folder(_model_ref(self.model), QuantConfig(weights=weights, activations=activations), tmp,
-                               n=64, steps=10, guidance=self.guidance)  # fmt: skip
+            own = model.default_sampler  # a student's: calibrate where it samples
+            sampler = {"solver": own["solver"], "steps": int(own["steps"])} if own else {"steps": 10}
+            quantize_to_folder(_model_ref(model), QuantConfig(weights=weights, activations=activations), tmp,
+                               n=64, guidance=self.guidance, **sampler)  # fmt: skip
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         return folder
@@ -544,12 +613,12 @@ class Optimizer:
             if not self.affordable(reserve=self.final_reserve() + 4 * self.typical_evaluation()):
                 self.notes.append(f"quantisation {mode} skipped: budget")
                 return
-            t0 = time.perf_counter()
-            folder = self.quantized_folder(mode)
-            self.spent["quant"] += time.perf_counter() - t0
-            fingerprint = folder_fingerprint(folder)
             for recipe in under:
                 if self.affordable(reserve=self.final_reserve()):
+                    t0 = time.perf_counter()
+                    folder = self.quantized_folder(mode, self.model_for(recipe))
+                    self.spent["quant"] += time.perf_counter() - t0
+                    fingerprint = folder_fingerprint(folder)
                     self.evaluate(recipe.replace(quant=str(folder), quant_fingerprint=fingerprint), "quant")
 
     def final_reserve(self) -> float:
@@ -629,6 +698,7 @@ class Optimizer:
         baseline = self.stage_stock()
         if baseline is not None:
             self.stage_peers(baseline)
+        self.stage_students()
         self.stage_plans()
         self.stage_tune()
         self.stage_caches()
@@ -689,9 +759,10 @@ class Optimizer:
 
     def _path(self, timed: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The fastest timed passing recipe as each technique is added: what each contributed."""
-        steps = [("stock sampler", ("stock",)), ("+ peers' cache / torchao", ("stock", "peers")),
-                 ("+ tuned plans", ("stock", "peers", "plans")), ("+ caches", ("stock", "peers", "plans", "caches")),
-                 ("+ quantisation", ("stock", "peers", "plans", "caches", "quant"))]  # fmt: skip
+        stages = ("stock", "peers", "students", "plans", "caches", "quant")
+        names = ("stock sampler", "+ peers' cache / torchao", "+ distilled students", "+ tuned plans", "+ caches",
+                 "+ quantisation")  # fmt: skip
+        steps = [(name, stages[: i + 1]) for i, name in enumerate(names)]
         path, last = [], None
         for name, stages in steps:
             rows = [r for r in timed if r["stage"] in stages and r.get("confirmation", {}).get("passed", True)]

@@ -12,7 +12,8 @@ from ._io import write_text_atomic
 
 __all__ = ["render_optimize"]
 
-STAGE_COLOURS = {"stock": "#888888", "peers": "#9467bd", "plans": "#1f77b4", "caches": "#2ca02c", "quant": "#d62728"}
+STAGE_COLOURS = {"stock": "#888888", "peers": "#9467bd", "students": "#ae3ec9", "plans": "#1f77b4", "caches": "#2ca02c",
+                 "quant": "#d62728"}  # fmt: skip
 
 
 def _plot(result: Any, quality: str, budget: float | None) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "read_cache_file",
     "recipe_path_beside",
     "save_recipe",
+    "student_recipe",
+    "training_cost",
 ]
 
 RECIPE_FORMAT = "hasten-recipe"
@@ -53,7 +55,7 @@ RECIPE_SCHEMA_VERSION = 1
 NOISE_CONVENTION = "hasten-cpu-randn-v1"
 LIBRARIES = ("hasten", "diffusers")
 EXECUTIONS = ("auto", "kernel", "float8", "simulated")
-FORCEABLE = ("model", "plan", "cache", "quant")
+FORCEABLE = ("model", "plan", "cache", "quant", "teacher")
 
 
 class RecipeError(ValueError):
@@ -91,8 +93,10 @@ class Recipe:
         cache_peer, quant_peer: A peer's cache (DeepCache package, cache-dit, diffusers' first-block cache) or
             torchao quantisation config in place of hasten's, at the peer's documented defaults (bench rows).
         seed, noise: The noise seed and the noise convention (:data:`NOISE_CONVENTION`).
-        forced: The checks accepted with ``force=True`` (``"plan"``, ``"cache"``, ``"quant"``, ``"model"``).
-        provenance: How the recipe was made and what it scored (not part of its identity).
+        forced: The checks accepted with ``force=True`` (``"plan"``, ``"cache"``, ``"quant"``, ``"model"``;
+            ``"teacher"``: a student judged against a teacher it was not distilled from, see :func:`student_recipe`).
+        provenance: How the recipe was made and what it scored (not part of its identity). ``provenance["student"]``
+            marks a distilled student at its own sampler (:func:`student_recipe`): its teacher and training cost.
     """
 
     model: str
@@ -300,14 +304,22 @@ class Recipe:
 
     @property
     def kind(self) -> str:
-        """What a bench row of this recipe measures: peer (another library's sampler), cache, quant, plan or stock."""
+        """What a bench row of this recipe measures: peer (another library's sampler), cache, quant, plan, student
+        (a distilled student at its own sampler, :func:`student_recipe`) or stock."""
         if self.library != "hasten":
             return "peer"
         if self.cache is not None or self.cache_peer is not None:
             return "cache"
         if self.quant is not None or self.quant_peer is not None:
             return "quant"
-        return "plan" if self.plan is not None else "stock"
+        if self.plan is not None:
+            return "plan"
+        return "student" if self.student is not None else "stock"
+
+    @property
+    def student(self) -> dict[str, Any] | None:
+        """The student record of a distilled student's recipe (teacher, method, training cost), else None."""
+        return self.provenance.get("student")
 
     def identity(self) -> dict[str, Any]:
         """Everything that decides the samples (and their cost), as plain data: what the hash covers."""
@@ -486,6 +498,9 @@ def describe_recipe(data: Mapping[str, Any], *, steps: bool = True) -> str:
         head = f"plan[{pathlib.Path(file).name}] ({plan.num_steps} steps, NFE {plan.nfe})"
     else:
         head = f"{name} ({data['schedule']}{f', {count}' if steps else ''})"
+    student = data["provenance"].get("student")
+    if student is not None:  # the network is not the benchmarked model's: say whose it is first
+        head = f"student[{pathlib.Path(data['model']).name}, {student['method']}] {head}"
     parts = [head]
     if data["cache"] is not None:
         parts.append(f"cache {cache_label(AccelConfig.from_dict(data['cache']))}")
@@ -496,6 +511,69 @@ def describe_recipe(data: Mapping[str, Any], *, steps: bool = True) -> str:
     if guidance not in (None, 1.0):
         parts.append(f"w={guidance:g}")
     return " + ".join(parts)
+
+
+STUDENT_RECORD = ("method", "teacher", "teacher_fingerprint", "nfe", "seconds", "extra_seconds", "device", "machine")
+
+
+def student_recipe(
+    student: str | os.PathLike,
+    *,
+    teacher_fingerprint: str = "",
+    teacher: str = "",
+    seed: int = 0,
+    force: bool = False,
+) -> Recipe:
+    """A distilled student (a bundled name or a model folder from ``hasten distill``, whose ``hasten.json`` holds
+    ``sampler`` and ``distillation``) as a recipe: its weights at its own default sampler. Its distillation record
+    (teacher, method, training seconds and device) goes to ``provenance["student"]`` with ``teacher_guidance``,
+    the guidance scale of the teacher samples it learned: the converged sampler it is judged against.
+
+    A student distilled from other weights than ``teacher_fingerprint`` (``teacher`` names them) is refused,
+    naming both, unless ``force`` (recorded in ``forced`` as ``"teacher"``)."""
+    from .models.zoo import BUNDLED, ModelInfo, folder_fingerprint
+
+    folder = pathlib.Path(student)
+    if not (folder / "hasten.json").is_file():
+        folder = BUNDLED / str(student)
+    if not (folder / "hasten.json").is_file():
+        raise RecipeError(f"student {str(student)!r} is not a bundled model or a model folder (no hasten.json)")
+    try:
+        info = ModelInfo.from_dict(json.loads((folder / "hasten.json").read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{folder / 'hasten.json'} is not a hasten model description: {err}") from None
+    record, sampler = info.distillation, info.sampler
+    missing = [k for k in STUDENT_RECORD if k not in record]
+    if not record or not sampler or missing:
+        raise RecipeError(
+            f"{str(student)!r} is not a distilled student: its hasten.json has no "
+            + ("'distillation' and 'sampler' records" if not (record and sampler) else f"distillation {missing}")
+            + " (a folder written by `hasten distill`)"
+        )
+    forced: tuple[str, ...] = ()
+    if teacher_fingerprint and record["teacher_fingerprint"] != teacher_fingerprint:
+        if not force:
+            raise RecipeError(
+                f"student {str(student)!r} was distilled from {record['teacher']!r} (weights "
+                f"{record['teacher_fingerprint'][:12]}), not from {teacher or 'this teacher'!r} (weights "
+                f"{teacher_fingerprint[:12]}): judge it against its own teacher ({record['teacher']!r}), or force it"
+            )
+        forced = ("teacher",)
+    card = {k: record[k] for k in STUDENT_RECORD}
+    card["training_seconds"] = round(float(record["seconds"]) + float(record["extra_seconds"]), 1)
+    card["teacher_guidance"] = float((record.get("config") or {}).get("guidance", 1.0))
+    return Recipe(
+        model=_folder_ref(folder), fingerprint=folder_fingerprint(folder), solver=sampler["solver"],
+        options=sampler.get("options") or {}, schedule=sampler.get("schedule", "auto"), steps=int(sampler["steps"]),
+        guidance=sampler.get("guidance"), seed=seed, forced=forced, provenance={"student": card},
+    )  # fmt: skip
+
+
+def training_cost(student: Mapping[str, Any]) -> str:
+    """A student's training cost in one phrase for tables: ``progressive, 12.5 min on cpu``."""
+    seconds = float(student["training_seconds"])
+    spent = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    return f"{student['method']}, {spent} on {student['device']}"
 
 
 def read_cache_file(path: str | os.PathLike) -> tuple[AccelConfig, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Every row is a :class:`~hasten.recipe.Recipe`: a stock hasten configuration, a tuned plan, a calibrated cache
 (with the uncached row and the peer caches at its setting), a quantised model (with the float row and
-torchao's configs), a diffusers scheduler, a pipeline's own scheduler, or a recipe file (``--recipe``).
+torchao's configs), a diffusers scheduler, a pipeline's own scheduler, a recipe file (``--recipe``), or a
+distilled student of the model at its own sampler (``--student``).
 ``expand`` turns a :class:`BenchConfig` into the ordered list; a row's key is its recipe's ``key`` (so an
 interrupted run can skip what it already finished), its kind ``recipe.kind`` and its label
 ``recipe.describe()``.
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..config import Config, check_choice
-from ..recipe import Recipe, RecipeError, load_recipe, read_cache_file
+from ..recipe import Recipe, RecipeError, load_recipe, read_cache_file, student_recipe
 from ..solvers import parse_solver
 from ..tune.plan import load_plan
 from .peers import PEERS, peers_for
@@ -106,6 +107,10 @@ class BenchConfig(Config):
     quants: tuple[str, ...] = ()  # quantised model folders from `hasten quantize`: quantised, float, torchao rows
     quant_peers: bool = True  # with each quantised model, torchao's data-free configs (if torchao is installed)
     recipes: tuple[str, ...] = ()  # recipe files (`hasten optimize`, ...): one row each, at the bench's seed
+    # distilled students of the model (folders from `hasten distill` or bundled names): one row each at the student's
+    # own sampler, judged against the model's converged sampler; a student of other weights is refused unless forced
+    students: tuple[str, ...] = ()
+    force_students: bool = False
     pipeline: PipelineSource | None = None  # benchmark this diffusers pipeline instead of ``model``
 
     def __post_init__(self) -> None:
@@ -130,6 +135,10 @@ class BenchConfig(Config):
             quant_setting(path)
         for path in self.recipes:
             load_recipe(path)  # a missing, corrupt or inconsistent recipe fails now; its weights are checked by expand
+        if self.students and self.pipeline is not None:
+            raise ValueError("--student takes students `hasten distill` made of a hasten model, not of a pipeline")
+        for student in self.students:
+            student_recipe(student)  # not a student (or no such folder) fails now; its teacher is checked by expand
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -198,7 +207,9 @@ def expand(
     refused here, before anything runs. For flow-matching models a generic peer name maps to its flow variant
     ("euler" -> "flow_euler"). Each cache config adds its cached row, the uncached row at the same setting and,
     with ``cache_peers`` and a ``network`` to inspect, the installed peer caches that apply to it; each quantised
-    folder its row, the float row at its setting and torchao's configs. A recipe that two sources add (the
+    folder its row, the float row at its setting and torchao's configs; each student (``config.students``) one
+    row at its own sampler, refused when it was distilled from other weights than ``fingerprint`` unless
+    ``force_students``. A recipe that two sources add (the
     uncached row of a cache that the stock matrix already has) is one row.
     """
     if model is None:
@@ -236,6 +247,10 @@ def expand(
                            guidance=g, **common))  # fmt: skip
     for path in config.recipes:
         add(_recipe_row(path, config, conditional, model, fingerprint))
+    for student in config.students:
+        with _naming("--student", student):
+            add(student_recipe(student, teacher_fingerprint=fingerprint, teacher=model, seed=config.seed,
+                               force=config.force_students))  # fmt: skip
     return list(rows.values())
 
 
@@ -251,7 +266,15 @@ def _naming(flag: str, path: str) -> Iterator[None]:
 def _recipe_row(path: str, config: BenchConfig, conditional: bool, model: str, fingerprint: str) -> Recipe:
     """A recipe file as a row: refused when made for other weights; sampled from the bench's noise (seed)."""
     recipe = load_recipe(path)
-    if recipe.fingerprint and fingerprint and recipe.fingerprint != fingerprint:
+    student = recipe.student  # a student's recipe (`hasten optimize` may pick one) is judged against its teacher
+    if student is not None and fingerprint and "teacher" not in recipe.forced:
+        if student["teacher_fingerprint"] != fingerprint:
+            raise ValueError(
+                f"recipe {path!r} samples a student of {student['teacher']!r} (weights "
+                f"{student['teacher_fingerprint'][:12]}), not of the benchmarked {model!r} (weights "
+                f"{fingerprint[:12]}): bench it with --model {student['teacher']}"
+            )
+    elif recipe.fingerprint and fingerprint and recipe.fingerprint != fingerprint:
         raise ValueError(
             f"recipe {path!r} is for model {recipe.model!r} (weights {recipe.fingerprint[:12]}), not the benchmarked "
             f"{model!r} (weights {fingerprint[:12]}): bench it with --model {recipe.model}"

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from .._io import atomic_path, write_text_atomic
-from ..recipe import describe_recipe
+from ..recipe import describe_recipe, training_cost
 from .runner import read_results
 
 __all__ = ["cache_comparison", "pareto_front", "quant_comparison", "render", "row_kind"]
@@ -32,6 +32,7 @@ COLOURS = {
     "cache-dit": "#0ca678",
 }
 OTHER_COLOUR = "#868e96"
+STUDENT_COLOUR = "#ae3ec9"  # distilled students: their own marker, a point each
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; font-size: 13px; }
@@ -111,6 +112,8 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
         xs, ys = [p[x] for p in pts], [p[y] for p in pts]
         if row_kind(pts[0]) == "plan":
             ax.plot(xs, ys, "*", color="crimson", ms=11, label=name, zorder=5)
+        elif row_kind(pts[0]) == "student":
+            ax.plot(xs, ys, "D", color=STUDENT_COLOUR, ms=7, label=name, zorder=5)
         elif not crowded or name in named:
             colour = COLOURS.get(lib, OTHER_COLOUR)
             ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=colour, alpha=0.8 if crowded else 0.55,
@@ -269,6 +272,16 @@ def _quality_note(first: dict[str, Any], has_fd: bool) -> str:
             "solve (decoded images).")  # fmt: skip
 
 
+def _student_note(students: list[dict[str, Any]]) -> str:
+    if not students:
+        return ""
+    return (
+        f" {len(students)} distilled student row(s) (<code>student[...]</code>): the student's own network at its "
+        "own sampler, from the same noise, scored against this model's reference solve; the training column is "
+        "its distillation time (teacher samples included) and device, not part of its sampling seconds."
+    )
+
+
 def render(folder: str | os.PathLike) -> pathlib.Path:
     """Render plots and ``report.html`` from ``folder/results.jsonl``; returns the HTML path."""
     folder = pathlib.Path(folder)
@@ -295,13 +308,17 @@ def render(folder: str | os.PathLike) -> pathlib.Path:
     cols = [("label", "configuration"), ("nfe", "NFE"), ("seconds", "seconds"), ("images_per_second", "images/s"),
             ("fd", "FD"), ("precision", "precision"), ("recall", "recall"), ("rmse_ref", "RMSE ref"),
             ("psnr_ref", "PSNR ref"), ("label_accuracy", "label acc."), ("memorised_share", "memorised")]  # fmt: skip
+    students = [r for r in rows if r.get("training")]
+    if students:  # a student's NFE and seconds leave out what it cost to train: say it beside them
+        cols.insert(1, ("training", "training"))
     front = {r["key"] for r in pareto_front([r for r in rows if row_kind(r) != "reference"], "nfe", quality)}
     body = []
     for r in sorted(
         rows, key=lambda r: (r["library"] != "reference", r["guidance"], r["library"], r["solver"], r["steps"])
     ):
         cls = f' class="{r["library"]}{" front" if r["key"] in front else ""}"'
-        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>")
+        cells = [training_cost(r[k]) if k == "training" and r.get(k) else r.get(k) for k, _ in cols]
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells) + "</tr>")
     grids = []
     for r in rows:
         path = folder / r.get("grid", "")
@@ -327,7 +344,7 @@ Machine: {html.escape(str(env.get("machine", "?")))}; torch {html.escape(str(env
 diffusers {html.escape(str(env.get("diffusers", "?")))}, hasten {html.escape(str(env.get("hasten", "?")))}.{wall}
 {_quality_note(first, has_fd)} RMSE/PSNR: against the reference row (a many-step third-order solve from
 the same noise; pixels in [0, 1]), or the exact solution for the analytic mixture. Bold rows are on the
-{"FD" if has_fd else "RMSE"}-NFE Pareto front.</p>
+{"FD" if has_fd else "RMSE"}-NFE Pareto front.{_student_note(students)}</p>
 <div class="plots">{"".join(f'<img src="{_img(folder / name)}" alt="{name}">' for name in plots)}</div>
 {_cache_section(rows)}
 {_quant_section(rows)}

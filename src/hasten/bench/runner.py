@@ -5,6 +5,10 @@ file) next to ``DIR/matrix.json`` (the expanded matrix). Each row records its ``
 (``recipe.kind``, or ``"reference"``), its ``key`` (``recipe.key``) and its ``label`` (``recipe.describe()``).
 ``resume=True`` skips finished rows; a folder holding a different matrix, or written by an older hasten
 (another :data:`~hasten.bench.matrix.MATRIX_VERSION`), is refused.
+
+A student row (``--student``) samples the student's network at its own sampler from the same noise and is
+scored against the benchmarked (teacher) model's reference solve at the guidance the student learned; its row
+adds ``training`` (method, teacher, training seconds and device, from the student's distillation record).
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from ..metrics.cost import peak_memory_bytes, reset_peak_memory
 from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
-from ..recipe import Recipe
+from ..recipe import STUDENT_RECORD, Recipe
 from ..train import machine_description
 from ..viz import save_grid
 from .matrix import MATRIX_VERSION, BenchConfig, expand, row_library
 from .peers import diffusers_generate
 
-__all__ = ["BenchError", "read_results", "run_bench", "sample_recipe"]
+__all__ = ["BenchError", "read_results", "recipe_model", "run_bench", "sample_recipe"]
 
 ROW_KEYS = ("library", "solver", "schedule", "nfe", "seconds", "fd", "rmse_ref")  # present in every row
 QUALITY_KEYS = ("fd", "fd_real_vs_real", "precision", "recall", "confidence", "memorised_share")
@@ -88,8 +92,10 @@ def _sample(model: LoadedModel, recipe: Recipe, config: BenchConfig, n: int | No
 def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | None = None) -> Generation:
     """Sample any recipe on ``model`` (the full-precision model it names): hasten's loop with its plan, cache
     and quantised weights, or a peer's scheduler, cache or quantisation on the same noise. The one place a
-    bench row (and an ``optimize`` candidate) is run."""
+    bench row (and an ``optimize`` candidate) is run. A student's recipe runs on the student it names (loaded
+    once; ``model`` is its teacher)."""
     seed = recipe.seed if seed is None else seed
+    model = recipe_model(model, recipe)
     if recipe.library == "diffusers":
         own = getattr(getattr(model, "pipeline", None), "scheduler", None)
         named = recipe.options.get("scheduler")
@@ -112,6 +118,21 @@ def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | Non
 
 
 _QUANTIZED: dict[tuple[str, str], tuple[LoadedModel, dict[str, Any]]] = {}  # per bench run: loaded once
+_STUDENTS: dict[str, LoadedModel] = {}  # by weights fingerprint: loaded once
+
+
+def recipe_model(model: LoadedModel, recipe: Recipe) -> LoadedModel:
+    """The full-precision model ``recipe`` samples: ``model``, or for a distilled student's recipe (judged
+    against ``model``, its teacher) the student it names, loaded once and checked against the recipe."""
+    if recipe.student is None or recipe.fingerprint == model.fingerprint:
+        return model
+    if recipe.fingerprint not in _STUDENTS:
+        student = load(recipe.model, device=next(model.network.parameters()).device)
+        if student.fingerprint != recipe.fingerprint:  # the folder holds other weights now than when it was named
+            raise BenchError(f"student {recipe.model!r} holds weights {student.fingerprint[:12]}, not the recipe's "
+                             f"{recipe.fingerprint[:12]}")  # fmt: skip
+        _STUDENTS[recipe.fingerprint] = student
+    return _STUDENTS[recipe.fingerprint]
 
 
 def _quantized_model(model: LoadedModel, recipe: Recipe) -> tuple[LoadedModel, dict[str, Any]]:
@@ -154,6 +175,13 @@ def _guidance(model: LoadedModel, recipe: Recipe) -> float:
     return float(model.default_guidance if guidance is None else guidance)
 
 
+def reference_guidance(model: LoadedModel, recipe: Recipe) -> float:
+    """The guidance scale of the reference solve a row is judged against: the one it samples at, or for a
+    student the teacher guidance whose samples it learned (a guidance-distilled student samples at 1)."""
+    student = recipe.student
+    return float(student.get("teacher_guidance", 1.0)) if student is not None else _guidance(model, recipe)
+
+
 def _recipe_fields(recipe: Recipe, kind: str) -> dict[str, Any]:
     """What every row says about its recipe: key, label, kind and the recipe itself (JSON)."""
     key = recipe.key if kind != "reference" else f"reference-{recipe.key}"
@@ -162,8 +190,9 @@ def _recipe_fields(recipe: Recipe, kind: str) -> dict[str, Any]:
 
 
 def _measure(
-    model: LoadedModel, recipe: Recipe, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
+    teacher: LoadedModel, recipe: Recipe, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
 ) -> dict:
+    model = recipe_model(teacher, recipe)  # a student's row runs its own network
     _sample(model, recipe, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
     peak_reset = reset_peak_memory()
     runs = [_sample(model, recipe, config) for _ in range(config.repeats)]
@@ -196,7 +225,16 @@ def _measure(
         "grid": f"grids/{recipe.key}.png",
         **{k: quality[k] for k in QUALITY_KEYS},
         "label_accuracy": quality.get("label_accuracy"),
+        **_training(recipe),
     }
+
+
+def _training(recipe: Recipe) -> dict[str, Any]:
+    """A student row's training cost and origin (its distillation record), beside its quality and speed."""
+    student = recipe.student
+    if student is None:
+        return {}
+    return {"training": {k: student[k] for k in (*STUDENT_RECORD, "training_seconds")}}
 
 
 def _quality(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
@@ -237,10 +275,11 @@ def _check_runnable(model: LoadedModel, recipes: list[Recipe]) -> None:
                              "installed (pip install 'hasten[peers]')")  # fmt: skip
         if recipe.quant_peer is not None and recipe.quant_peer not in quant_peers_available():
             raise BenchError(f"{where}: torchao config {recipe.quant_peer!r} is unknown or torchao is not installed")
+        row_model = recipe_model(model, recipe)  # a student: loaded (and checked against its recipe) now
         if recipe.quant is not None:
-            _quantized_model(model, recipe)
+            _quantized_model(row_model, recipe)
         elif recipe.library == "hasten" and recipe.cache is not None:
-            recipe.check_model(model)
+            recipe.check_model(row_model)
 
 
 def _same_matrix(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
@@ -339,6 +378,7 @@ def run_bench(
     if config.model == "gmm":
         return _run_gmm(config, folder, resume, on_row, started)
     _QUANTIZED.clear()
+    _STUDENTS.clear()
     own_scheduler = None
     if config.pipeline is not None:
         model = config.pipeline.load()
@@ -367,7 +407,7 @@ def run_bench(
     grids = folder / "grids"
     grids.mkdir(exist_ok=True)
     references = {}
-    for g in sorted({_guidance(model, r) for r in recipes}):
+    for g in sorted({reference_guidance(model, r) for r in recipes}):
         steps = config.reference_steps
         references[g] = reference_samples(model, config.n, seed=config.seed, guidance=g, steps=steps)
         ref = Recipe(model=name, fingerprint=model.fingerprint, solver=REFERENCE_SOLVER["solver"],
@@ -388,7 +428,7 @@ def run_bench(
     measured = 0
     try:
         for i, recipe in enumerate(todo):
-            row = _measure(model, recipe, config, references[_guidance(model, recipe)], grids)
+            row = _measure(model, recipe, config, references[reference_guidance(model, recipe)], grids)
             results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
             measured += 1
             if on_row is not None:
@@ -409,7 +449,8 @@ def _run_gmm(config: BenchConfig, folder: pathlib.Path, resume: bool, on_row, st
     from ..solvers import sample
 
     extras = [flag for flag, given in (("--plan", config.plans), ("--accel", config.accels),
-                                       ("--quant", config.quants), ("--recipe", config.recipes)) if given]  # fmt: skip
+                                       ("--quant", config.quants), ("--recipe", config.recipes),
+                                       ("--student", config.students)) if given]  # fmt: skip
     if extras:
         raise BenchError(
             "--model gmm benchmarks hasten's solvers on the analytic mixture, which has no network: "

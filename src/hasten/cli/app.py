@@ -436,6 +436,16 @@ def bench(
         list[pathlib.Path] | None,
         typer.Option(help="a recipe file, e.g. from `hasten optimize` (repeatable): one row, at the bench's seed"),
     ] = None,
+    student: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a distilled student of --model (`hasten distill` folder or bundled name; repeatable): one "
+            "row at its own sampler, with its training cost"
+        ),
+    ] = None,
+    force_student: Annotated[
+        bool, typer.Option(help="bench a --student distilled from other weights than --model's all the same")
+    ] = False,
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = None,
@@ -477,6 +487,8 @@ def bench(
             accels=tuple(map(str, accel or ())),
             quants=tuple(map(str, quant or ())),
             recipes=tuple(map(str, recipe or ())),
+            students=tuple(student or ()),
+            force_students=force_student,
             **extra,
         )
     except (FileNotFoundError, PlanError, ValueError, TypeError) as err:
@@ -530,18 +542,26 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from ..recipe import training_cost
+
     table = Table(title="hasten bench")
+    students = any(r.get("training") for r in rows)  # distilled students: their training cost beside them
     for header in ("configuration", "NFE", "seconds", "FD", "precision", "recall", "RMSE ref"):
         table.add_column(header, justify="left" if header == "configuration" else "right")
+    if students:
+        table.add_column("training", justify="left")
 
     def cell(v, spec):
         return "–" if v is None else format(v, spec)
 
     for r in rows:
-        table.add_row(
+        cells = [
             escape(r["label"]), str(r["nfe"]), cell(r.get("seconds"), ".2f"), cell(r.get("fd"), ".1f"),
             cell(r.get("precision"), ".3f"), cell(r.get("recall"), ".3f"), cell(r.get("rmse_ref"), ".4f"),
-        )  # fmt: skip
+        ]  # fmt: skip
+        if students:
+            cells.append(escape(training_cost(r["training"])) if r.get("training") else "–")
+        table.add_row(*cells)
     Console(stderr=False).print(table)
 
 
@@ -1037,12 +1057,20 @@ def optimize(
     ] = None,
     no_quant: Annotated[bool, typer.Option("--no-quant", help="try no quantisation")] = False,
     peers: Annotated[bool, typer.Option(help="diffusers schedulers, cache hooks and torchao in the stock set")] = True,
+    student: Annotated[
+        list[str] | None,
+        typer.Option(help="a distilled student of --model (`hasten distill` folder or bundled name; repeatable)"),
+    ] = None,
+    bundled_students: Annotated[
+        bool, typer.Option(help="also try the bundled MODEL-fast when it was distilled from --model's weights")
+    ] = True,
     resume: Annotated[bool, typer.Option(help="continue the search of OUT (its evaluations are reused)")] = False,
     force: Annotated[bool, typer.Option(help="search again and replace OUT")] = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Find the fastest recipe (sampler or tuned plan, cache, quantisation) whose quality loss against the model's
-    converged sampler stays within the budget, on held-out noise, confirmed on a third seed. Writes the recipe
+    """Find the fastest recipe (sampler or tuned plan, distilled student, cache, quantisation) whose quality loss
+    against the model's converged sampler stays within the budget, on held-out noise, confirmed on a third seed.
+    Students: --student DIR and the bundled MODEL-fast of these weights, judged against this model. Writes the recipe
     (`hasten sample --recipe`, `hasten bench --recipe`) and OUT.optimize/report.html. Exits with status 3 when
     nothing meets the budget (nothing written but the work folder)."""
     from ..models.zoo import load
@@ -1054,7 +1082,7 @@ def optimize(
             max_quality_loss=max_quality_loss, max_rmse=max_rmse, minutes=minutes, guidance=guidance, n=n,
             solvers=tuple(solver) if solver else DEFAULT_SOLVERS, plans=tuple(str(p) for p in plan or ()),
             tune_share=tune_share, caches=caches, quant=() if no_quant else tuple(quant or ("w8a8", "w4a8")),
-            peers=peers,
+            peers=peers, students=tuple(student or ()), bundled_students=bundled_students,
         )  # fmt: skip
         for path in config.plans:
             if not pathlib.Path(path).exists():
