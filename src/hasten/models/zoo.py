@@ -154,7 +154,6 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
         )
     if arch == "dit":
         from diffusers import DiTTransformer2DModel
-        from diffusers.models.embeddings import LabelEmbedding
 
         if not num_classes:
             raise ValueError("the DiT preset is class-conditional; num_classes must be > 0")
@@ -165,13 +164,21 @@ def build_network(arch: str, image_shape: tuple[int, int, int], num_classes: int
             num_embeds_ada_norm=num_classes,
             **_PRESETS["dit"],
         )
-        # diffusers' DiT drops labels inside every block independently; hasten drops them once per image
-        # (the null class is index num_classes, which DiT's table already has).
-        for module in net.modules():
-            if isinstance(module, LabelEmbedding):
-                module.dropout_prob = 0.0
-        return net
+        return no_label_dropout(net)
     raise ValueError(f"unknown architecture {arch!r}; allowed: 'unet', 'dit'")
+
+
+def no_label_dropout(network: nn.Module) -> nn.Module:
+    """Turn off the label dropout diffusers' DiT applies inside every block (independently per block, from the
+    global random generator, whenever the network is in training mode); hasten drops labels once per image
+    (the null class is index num_classes, which DiT's table keeps). Also needed for a DiT loaded from a folder:
+    its config restores diffusers' default 0.1, which a student in training mode would otherwise apply."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in network.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return network
 
 
 def _network_class(arch: str):
@@ -298,6 +305,8 @@ def load(
             f"cannot read the weights in {folder / folder_format.weights_file}: {str(err).splitlines()[0]} (a "
             "damaged or partly copied file?)"
         ) from None
+    if info.arch == "dit":
+        no_label_dropout(network)
     network = (network.to(device) if dtype is None else network.to(device=device, dtype=dtype)).eval()
     network.requires_grad_(False)
     try:
