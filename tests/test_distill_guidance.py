@@ -102,7 +102,7 @@ class ScaledX0(nn.Module):
         return self.gain[class_labels].view(-1, 1) * x_t
 
 
-@pytest.mark.parametrize("weighting", ["snr_trunc", "snr_plus_one", "uniform"])
+@pytest.mark.parametrize("weighting", ["snr_trunc", "snr_plus_one", "snr", "uniform", "auto"])
 def test_loss_by_hand(weighting):
     info = ModelInfo(name="toy", arch="unet", objective="x0", image_shape=(2,), num_classes=2, data="")
     network = ScaledX0([0.5, 2.0, 1.5])  # classes 0, 1 and the null class 2
@@ -121,13 +121,33 @@ def test_loss_by_hand(weighting):
         alpha = 1 / math.sqrt(1 + s * s)
         err = sum(((gain - guided) * alpha * xi) ** 2 for xi in x[row].tolist()) / 2
         snr = 1 / (s * s)
-        weight = {"snr_trunc": max(1.0, snr), "snr_plus_one": 1.0 + snr, "uniform": 1.0}[weighting]
+        # auto: an x0-predicting teacher gets the paper's truncated SNR
+        weight = {"snr_trunc": max(1.0, snr), "snr_plus_one": 1.0 + snr, "snr": snr, "uniform": 1.0,
+                  "auto": max(1.0, snr)}[weighting]  # fmt: skip
         total += weight * err
     assert value == pytest.approx(total / 3, rel=1e-5)
     assert value > 0
     # and the plain helper on a hand-made pair
     pred, tgt = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
     assert float(weighted_x0_loss(pred, tgt, torch.tensor([0.5]), "snr_trunc")) == pytest.approx(4 * 2.5)
+    assert float(weighted_x0_loss(pred, tgt, torch.tensor([2.0]), "snr_trunc")) == pytest.approx(2.5)
+    assert float(weighted_x0_loss(pred, tgt, torch.tensor([2.0]), "snr")) == pytest.approx(2.5 / 4)
+
+
+def test_auto_weighting_is_the_eps_loss_for_a_noise_predicting_teacher():
+    """An eps head's x0 error is sigma times its own: ``auto`` weights it by SNR, which is the eps MSE."""
+    info = ModelInfo(name="toy", arch="unet", objective="eps", image_shape=(2,), num_classes=2, data="")
+    network = ScaledX0([0.5, 2.0, 1.5])  # read as an eps prediction this time
+    teacher = LoadedModel(make_denoiser(network, info), network, info, pathlib.Path("."), "toy")
+    method = method_for(teacher, guidance=2.0)
+    assert method.weighting == "snr"
+    x, sigma, labels = torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([50.0, 0.2]), torch.tensor([0, 1])
+    x_t = x / (1 + sigma**2).sqrt().view(-1, 1)
+    gains = torch.tensor([0.5, 2.0])[labels].view(-1, 1)
+    eps_error = (gains - (1.5 + 2.0 * (gains - 1.5))) * x_t  # student eps - guided eps
+    assert float(method.loss(x, sigma, labels).detach()) == pytest.approx(float(eps_error.pow(2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        weighted_x0_loss(x, x, sigma, "auto")
 
 
 @pytest.mark.parametrize("inputs", ["data", "trajectory"])
@@ -187,7 +207,7 @@ def test_refusals():
                                    DistillConfig(method="guidance", guidance=2.0), GuidanceOptions())  # fmt: skip
     for options, message in [
         ({"solver": "heun"}, "one network call per step"),
-        ({"weighting": "snr"}, "weighting"),
+        ({"weighting": "min_snr"}, "weighting"),
         ({"inputs": "noise"}, "inputs"),
         ({"trajectory_steps": 4}, "needs inputs='trajectory'"),
         ({"inputs": "trajectory", "trajectory_steps": 1}, "trajectory_steps"),

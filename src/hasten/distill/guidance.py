@@ -22,7 +22,8 @@ Training inputs (``inputs``): ``data`` noises training images, ``x = x0 + sigma 
 uniform over its whole range (the paper's); ``trajectory`` takes the states the teacher's guided sampler
 (the student's solver) visits on a grid of ``trajectory_steps`` steps from fresh noise, the inputs the student
 meets when it samples (``2 trajectory_steps`` more teacher calls per update). The loss is the squared
-x0 error weighted by ``max(1, 1 / sigma^2)`` (``snr_trunc``, the paper's), ``1 + 1 / sigma^2`` or 1.
+x0 error weighted by ``max(1, 1 / sigma^2)`` (``snr_trunc``, the paper's) for x0-, v- and flow-predicting
+teachers, and by ``1 / sigma^2`` for noise-predicting ones (their own eps loss; see ``weighting``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["ONE_CALL_SOLVERS", "GuidanceDistillation", "GuidanceOptions", "weigh
 # Deterministic solvers that make exactly one network call per step at every step count (so the student's NFE
 # is its step count); the third-order multistep solvers are not among them: their start-up costs an extra call.
 ONE_CALL_SOLVERS = ("dpmpp_2m", "unipc", "dpm_solver_2m", "euler", "ddim")
-WEIGHTINGS = ("snr_trunc", "snr_plus_one", "uniform")
+WEIGHTINGS = ("auto", "snr_trunc", "snr_plus_one", "snr", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,25 +57,33 @@ class GuidanceOptions(Config):
             of the teacher's guided sampler).
         trajectory_steps: Steps of the teacher's guided trajectories (``inputs="trajectory"``); 0: ``nfe``,
             the student's own grid.
-        weighting: ``snr_trunc`` (max(1, SNR), the paper's), ``snr_plus_one`` (1 + SNR) or ``uniform``.
+        weighting: The x0-error weight: ``snr_trunc`` (max(1, SNR), the paper's), ``snr_plus_one`` (1 + SNR, the
+            v-loss), ``snr`` (SNR, the eps-loss), ``uniform``, or ``auto``: ``snr`` for a noise-predicting
+            teacher (the x0 error of an eps head is sigma times its own error, up to ~157 on the 1000-step VP
+            schedule, so a weight of 1 there would let the noisiest levels swamp the rest), else ``snr_trunc``.
     """
 
     solver: str = "dpmpp_2m"
     schedule: str = "auto"
     inputs: str = "data"
     trajectory_steps: int = 0
-    weighting: str = "snr_trunc"
+    weighting: str = "auto"
 
 
 def weighted_x0_loss(pred: Tensor, target: Tensor, sigma: Tensor, weighting: str) -> Tensor:
-    """Mean over the batch of ``weight(sigma) * mean((pred - target)^2)`` per row, ``SNR = 1 / sigma^2`` (VE)."""
+    """Mean over the batch of ``weight(sigma) * mean((pred - target)^2)`` per row, ``SNR = 1 / sigma^2`` (VE);
+    ``weighting`` is one of :data:`WEIGHTINGS` other than ``auto``."""
     snr = sigma.to(pred.dtype).pow(-2)
     if weighting == "snr_trunc":
         weight = snr.clamp_min(1.0)
     elif weighting == "snr_plus_one":
         weight = snr + 1.0
-    else:
+    elif weighting == "snr":
+        weight = snr
+    elif weighting == "uniform":
         weight = torch.ones_like(snr)
+    else:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS[1:])}; got {weighting!r}")
     return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
 
 
@@ -116,6 +125,13 @@ class GuidanceDistillation(DistillMethod):
             raise ValueError(f"trajectory_steps={options.trajectory_steps} needs inputs='trajectory'")
         if options.inputs == "trajectory" and not options.trajectory_steps and config.nfe < 2:
             raise ValueError("inputs='trajectory' at nfe 1 visits pure noise only; set trajectory_steps >= 2")
+
+    @property
+    def weighting(self) -> str:
+        """The weighting in use (``auto`` resolved for this teacher)."""
+        if self.options.weighting != "auto":
+            return self.options.weighting
+        return "snr" if self.student_objective() == "eps" else "snr_trunc"
 
     def sampler(self) -> dict[str, Any]:
         return {"solver": self.options.solver, "options": {}, "schedule": self.options.schedule,
@@ -161,7 +177,7 @@ class GuidanceDistillation(DistillMethod):
         """The weighted x0 error of the student to the guided teacher at inputs ``x`` (levels ``sigma`` [B])."""
         target = self.teacher_denoise(x, sigma, labels)
         pred = self.student_denoiser(self.student)(x, sigma, **self.cond(labels))
-        return weighted_x0_loss(pred, target, sigma, self.options.weighting)
+        return weighted_x0_loss(pred, target, sigma, self.weighting)
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
         if labels is None:
