@@ -1,10 +1,10 @@
 """Guidance distillation: one network call per step where classifier-free guidance needs two.
 
 Reference: Meng et al., "On Distillation of Guided Diffusion Models", CVPR 2023, Sec. 3 stage 1 (a student
-initialised from the teacher regresses the guided x-prediction at noised data, times uniform in [0, 1], the
-truncated-SNR weight of Salimans & Ho); SpeedUpNet (Chai et al., ECCV 2024) has the same goal. Meng writes the
-guided prediction as ``(1 + w) x(c) - w x(empty)``; in hasten's convention (scale ``s``, 1 = no guidance) that is
-``x(empty) + s (x(c) - x(empty))`` with ``s = 1 + w``.
+initialised from the teacher regresses the guided x-prediction at noised data, times uniform in [0, 1], a weight
+``omega(lambda_t)`` of the log-SNR, here Salimans & Ho's truncated SNR, ICLR 2022 Sec. 4); SpeedUpNet (Chai et
+al., ECCV 2024) has the same goal. Meng writes the guided prediction as ``(1 + w) x(c) - w x(empty)``; in
+hasten's convention (scale ``s``, 1 = no guidance) that is ``x(empty) + s (x(c) - x(empty))`` with ``s = 1 + w``.
 
 Design: the student is a *fixed-scale* student. It keeps the teacher's architecture and is trained on the one
 scale of the run (``--guidance``), so it is an ordinary model folder: it loads, samples, quantises, caches and
@@ -22,7 +22,7 @@ Training inputs (``inputs``): ``data`` noises training images, ``x = x0 + sigma 
 uniform over its whole range (the paper's); ``trajectory`` takes the states the teacher's guided sampler
 (the student's solver) visits on a grid of ``trajectory_steps`` steps from fresh noise, the inputs the student
 meets when it samples (``2 trajectory_steps`` more teacher calls per update). The loss is the squared
-x0 error weighted by ``max(1, 1 / sigma^2)`` (``snr_trunc``, the paper's) for x0-, v- and flow-predicting
+x0 error weighted by ``max(1, 1 / sigma^2)`` (``snr_trunc``, Salimans & Ho's) for x0-, v- and flow-predicting
 teachers, and by ``1 / sigma^2`` for noise-predicting ones (their own eps loss; see ``weighting``).
 """
 
@@ -57,7 +57,7 @@ class GuidanceOptions(Config):
             of the teacher's guided sampler).
         trajectory_steps: Steps of the teacher's guided trajectories (``inputs="trajectory"``); 0: ``nfe``,
             the student's own grid.
-        weighting: The x0-error weight: ``snr_trunc`` (max(1, SNR), the paper's), ``snr_plus_one`` (1 + SNR, the
+        weighting: The x0-error weight: ``snr_trunc`` (max(1, SNR), Salimans & Ho's), ``snr_plus_one`` (1 + SNR, the
             v-loss), ``snr`` (SNR, the eps-loss), ``uniform``, or ``auto``: ``snr`` for a noise-predicting
             teacher (the x0 error of an eps head is sigma times its own error, up to ~157 on the 1000-step VP
             schedule, so a weight of 1 there would let the noisiest levels swamp the rest), else ``snr_trunc``.
