@@ -198,7 +198,7 @@ class _AnalyticNetwork(nn.Module):
         alpha = self.schedule.alpha_from_ve_sigma(s).reshape(-1, *([1] * (x_t.ndim - 1)))
         s_b = s.reshape_as(alpha)
         x = x_t.to(torch.float64) / alpha  # VE form
-        x0 = self.denoiser(x, s).to(torch.float64)
+        x0 = self.denoiser(x, s, **cond).to(torch.float64)
         eps = (x - x0) / s_b
         if self.prediction == "eps":
             out = eps
@@ -216,7 +216,8 @@ def as_network(
 ) -> nn.Module:
     """Wrap an exact denoiser as a network ``net(x_t, t)`` predicting eps / v / x0 / flow velocity.
 
-    ``t`` is the schedule's time label (times ``time_scale``), ``x_t = alpha(t) x0 + sigma(t) eps``.
+    ``t`` is the schedule's time label (times ``time_scale``), ``x_t = alpha(t) x0 + sigma(t) eps``; conditioning
+    keywords (``class_labels=``) are passed on to the denoiser (a class-conditional fixture may use them).
     Used to test adapters and to drive other libraries' schedulers on a model with a known answer.
     """
     if prediction not in ("eps", "v", "x0", "flow"):
