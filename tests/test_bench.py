@@ -42,7 +42,7 @@ def test_matrix_expansion():
     assert {e.solver for e in flow if e.library == "diffusers"} == {"flow_euler"} and {e.guidance for e in flow} == {
         1.0
     }
-    assert set(PRESETS) == {"quick", "tuning", "standard", "full", "caching", "quantization"}
+    assert set(PRESETS) == {"quick", "tuning", "standard", "full", "caching", "quantization", "distill"}
     assert {r.kind for r in eps} == {"stock", "peer"} and all(isinstance(r, Recipe) for r in eps)
     assert {r.library for r in eps} == {"hasten", "diffusers"}
     # a pipeline's own scheduler is a diffusers row at every step count, named by its class

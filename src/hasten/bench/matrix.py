@@ -168,6 +168,11 @@ PRESETS: dict[str, BenchConfig] = {
         n=100,
         reference_steps=100,
     ),
+    # Students beside the training-free samplers at the NFE students run at (`hasten bench --preset distill
+    # --student DIR --plan PLAN`): 200 images, as the FD budgets of optimize and the caches use.
+    "distill": BenchConfig(
+        solvers=("euler", "dpmpp_2m", "unipc"), steps=(1, 2, 4), peers=(), n=200, repeats=2, reference_steps=100
+    ),
     # Only what `--accel` files add: each cache config, the uncached run at its setting, the peer caches.
     # 200 images (FD changes of a few percent need them) and three timed repeats.
     "caching": BenchConfig(solvers=(), steps=(), peers=(), n=200, repeats=3, reference_steps=100),

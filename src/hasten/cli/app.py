@@ -417,7 +417,7 @@ def bench(
         str,
         typer.Option(
             help="quick (minutes on a CPU), tuning (5/8/10 NFE, for --plan), caching (--accel), "
-            "quantization (--quant), standard or full"
+            "quantization (--quant), distill (1/2/4 NFE, for --student), standard or full"
         ),
     ] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
