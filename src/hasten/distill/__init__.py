@@ -8,7 +8,10 @@ built-in ones. The package is callable: ``hasten.distill(teacher=..., method=...
 import sys
 import types
 
-from . import progressive  # noqa: F401  (registers the method)
+from . import (
+    mmd,  # noqa: F401
+    progressive,  # noqa: F401  (registers the method)
+)
 from ._base import METHODS, DistillConfig, DistillMethod, DistillResult, NoOptions, distill, prepare, register_method
 
 __all__ = ["METHODS", "DistillConfig", "DistillMethod", "DistillResult", "NoOptions", "distill", "prepare",
