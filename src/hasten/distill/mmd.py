@@ -18,9 +18,11 @@ samples better. ``feature="random_conv"`` (the default) is a fixed random-weight
 layers, 32/64/128 channels, He-normal weights from ``feature_seed``, 128 x 4 x 4 = 2,048 features): it sees
 strokes and their layout at several scales, is deterministic, costs nothing to train and shares nothing with the
 metric's trained classifier. ``feature="pixels"`` is the image at full, half and quarter resolution (moment
-matching in pixel space, as generative moment-matching networks do). Either is standardised per feature with the
-mean and deviation over the teacher's training images (up to ``stats_images`` of them), computed once and
-checkpointed. For a class-conditional teacher, the generated rows get labels drawn as the real rows' are
+matching in pixel space, as generative moment-matching networks do). Either is centred per feature on the teacher's
+training images (up to ``stats_images`` of them) and divided by one deviation, the root mean variance over all
+features, computed once and checkpointed. (Not a deviation per feature: features that are constant on the data,
+MNIST's empty border, would blow up the smallest deviation of a sample there to 1e6 and the cubic kernel with it.)
+For a class-conditional teacher, the generated rows get labels drawn as the real rows' are
 (uniform classes, the null class at ``cfg_dropout``; drawn apart from the real batch, which keeps the estimate
 unbiased) and both embeddings get the one-hot label appended (scaled by ``class_weight``), so the kernel compares
 (image, label) pairs and the student keeps drawing the digit it is asked for; the null class is a class of its
@@ -65,8 +67,8 @@ class MMDOptions(Config):
         kernel: ``poly`` (KID's ``(a.b / d + 1)^3``, the paper's default) or ``rbf`` (``exp(-|a - b|^2 / d)``).
         feature_seed: Seed of the random CNN's weights (fixed apart from the run's seed, so runs with different
             seeds compare samples in one feature space).
-        stats_images: How many training images (the first of the data set) give the per-feature mean and
-            deviation the features are standardised with.
+        stats_images: How many training images (the first of the data set) give the per-feature mean and the
+            overall deviation the features are standardised with.
         class_weight: For class-conditional teachers, the weight of the label in the kernel (a matching label adds
             about ``class_weight`` to ``a.b / d``); 0 compares images alone.
         denoise_weight: Weight of a denoising regulariser, the mean squared x0 error of the student at its own grid
@@ -159,7 +161,8 @@ class PixelFeatures(nn.Module):
 
 
 class MMDFeatures(nn.Module):
-    """A feature map standardised per feature (``(f - mean) / std``, statistics from real images, checkpointed)."""
+    """A feature map centred per feature and scaled by one deviation (``(f - mean) / std``, ``std`` the root mean
+    variance over the features; statistics from real images, checkpointed)."""
 
     def __init__(self, body: nn.Module, dim: int) -> None:
         super().__init__()
@@ -172,7 +175,7 @@ class MMDFeatures(nn.Module):
         """Set the mean and deviation from ``images`` (model space), accumulated in float64."""
         feats = torch.cat([self.body(images[i : i + batch].float()).double() for i in range(0, len(images), batch)])
         self.mean.copy_(feats.mean(0).float())
-        self.std.copy_(feats.std(0).clamp_min(1e-6).float())
+        self.std.fill_(float(feats.var(0).mean().sqrt().clamp_min(1e-6)))
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.body(x.float()) - self.mean) / self.std
