@@ -99,7 +99,7 @@ def test_loss_matches_the_hand_computed_value_on_a_toy_network(checkpoint_calls)
     closed form, and its derivative in c too."""
     c = 0.5
     method = _toy_method(c=c, checkpoint_calls=checkpoint_calls)
-    reals = [[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, -1.0, 1.0]]
+    reals = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, -1.0, 1.0]]
     x0 = torch.tensor(reals).view(3, 1, 2, 2)
     feats = [[*r, sum(r) / 4] for r in reals]  # full resolution, then the 2x2 average
     sums = [sum(f) for f in feats]
@@ -231,3 +231,11 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert json.loads((straight / "checkpoint" / "state.json").read_text())["step"] == 3
     assert "mmd" in METHODS
+
+
+def test_samples_are_compared_clipped_to_the_data_range():
+    """A sample at 5 is saved and measured as 1: with ``clamp`` (the default) the loss sees what is measured."""
+    x0 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, -1.0, 1.0]]).view(3, 1, 2, 2)
+    assert _toy_method(c=5.0).loss(x0, None).item() == pytest.approx(_toy_method(c=1.0).loss(x0, None).item())
+    raw = _toy_method(c=5.0, clamp=False).loss(x0, None).item()
+    assert raw > 10 * _toy_method(c=1.0, clamp=False).loss(x0, None).item()

@@ -74,6 +74,9 @@ class MMDOptions(Config):
         denoise_weight: Weight of a denoising regulariser, the mean squared x0 error of the student at its own grid
             levels on real images (0, the paper's, leaves it out: the student is only sampled by its own sampler,
             and pulling its x0 estimates back to the posterior mean would pull back the blur MMD removes).
+        clamp: Compare samples clipped to the data range [-1, 1], as they are saved and measured (a few-step
+            noise-predicting teacher puts pixels at +-30, which the cubic kernel would make the whole loss);
+            ``False`` for models whose samples are not images in [-1, 1].
         checkpoint_calls: Recompute each network call in the backward pass instead of storing its activations
             (memory of one call rather than ``nfe``, at about a third more compute).
         schedule: The grid family the student samples on (``auto``: the model's default grid).
@@ -85,6 +88,7 @@ class MMDOptions(Config):
     stats_images: int = 2048
     class_weight: float = 1.0
     denoise_weight: float = 0.0
+    clamp: bool = True
     checkpoint_calls: bool = True
     schedule: str = "auto"
 
@@ -270,8 +274,9 @@ class MMD(DistillMethod):
         return sample(denoiser, noise, self.grid(), "euler", cond=self.cond(labels), check_finite=False)
 
     def embed(self, x: Tensor, labels: Tensor | None) -> Tensor:
-        """Standardised features of ``x``, with the scaled one-hot label appended for a conditional teacher."""
-        feats = self.features(x)
+        """Standardised features of ``x`` (clipped to [-1, 1] if ``clamp``), with the scaled one-hot label appended
+        for a conditional teacher."""
+        feats = self.features(x.clamp(-1.0, 1.0) if self.options.clamp else x)
         classes = self.teacher.info.num_classes
         if labels is None or not classes or self.options.class_weight == 0:
             return feats
