@@ -133,6 +133,9 @@ def test_student_folder_samples_at_its_nfe_with_no_sampler_arguments(tmp_path):
     done = _run(["sample", "--model", str(out), "--n", "2", "--out", str(tmp_path / "g.png"), "--format", "json"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output.strip().splitlines()[-1])["nfe"] == 2
+    measured = _run(["evaluate", "--model", str(out), "--n", "10", "--no-reference", "--format", "json"])
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.output.strip().splitlines()[-1])["nfe"] == 2
 
 
 def test_resume_after_an_interruption_is_bit_identical(tmp_path):

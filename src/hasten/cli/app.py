@@ -364,18 +364,30 @@ def _non_finite(err: Exception, guidance: float | None) -> str:
 @app.command()
 def evaluate(
     model: ModelOption = "mnist-dit",
-    solver: SolverSpecOption = "dpmpp_2m",
-    steps: StepsOption = 20,
+    solver: Annotated[
+        str | None,
+        typer.Option(help="solver name, options after a colon [default: the model's own sampler, else dpmpp_2m]"),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="solver steps [default: the model's own sampler's, else 20]")
+    ] = None,
     n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
     seed: SeedOption = 0,
-    guidance: GuidanceOption = 1.0,
-    schedule: ScheduleOption = "auto",
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale [default: the model's sampler's, else 1]")
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="discretisation [default: the model's own sampler's, else auto]")
+    ] = None,
     reference: Annotated[bool, typer.Option(help="also measure RMSE/PSNR to a cached high-accuracy solve")] = True,
     out: Annotated[pathlib.Path | None, typer.Option(help="write a PNG grid of the first 100 samples")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Measure quality (FD, precision/recall, confidence, memorisation), reference error and cost."""
+    """Measure quality (FD, precision/recall, confidence, memorisation), reference error and cost. With no
+    sampler flag a model that declares its own sampler (a distilled student) is measured at it; its reference
+    error is then to its own converged solve (`hasten bench --student` measures it against its teacher's)."""
     from ..evaluate import evaluate_model
+    from ..generate import resolve_sampler
     from ..models.zoo import load
     from ..solvers import parse_solver
     from ..viz import save_grid
@@ -384,8 +396,14 @@ def evaluate(
         _check_writable(out, "--out")
     _check_guidance(guidance)
     try:
-        solver_name, solver_options = parse_solver(solver)
+        solver_name, solver_options = (None, {}) if solver is None else parse_solver(solver)
         loaded = load(model)
+        if not (loaded.default_sampler and solver is None and steps is None and schedule is None):
+            steps = 20 if steps is None else steps  # evaluate's default step count, where the library's is 10
+        solver_name, steps, schedule, solver_options, guidance = resolve_sampler(
+            loaded, solver_name, steps, schedule, solver_options, guidance
+        )
+        guidance = 1.0 if guidance is None else guidance
         result = evaluate_model(
             loaded,
             n=n,
