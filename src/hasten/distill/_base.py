@@ -120,8 +120,15 @@ class DistillMethod:
         """Raise ``ValueError`` (naming the reason) if the method cannot make this student."""
 
     def student_objective(self) -> str:
-        """What the student network predicts (``eps``, ``v``, ``x0`` or ``flow``); by default the teacher's."""
-        return self.teacher.info.objective
+        """What the student network predicts (``eps``, ``v``, ``x0`` or ``flow``): the teacher's, or for a method
+        with a ``parameterisation`` option its value, where ``auto`` is a head that can jump from pure noise (a
+        noise-predicting teacher's student gets a v-head: ``x0 = x - sigma eps`` multiplies an eps head's error
+        by sigma; flow, v and x0 heads are kept)."""
+        objective = self.teacher.info.objective
+        choice = getattr(self.options, "parameterisation", None)
+        if choice is None:
+            return objective
+        return ("v" if objective == "eps" else objective) if choice == "auto" else choice
 
     def sampler(self) -> dict[str, Any]:
         """The student's default sampler: ``solver``, ``options``, ``schedule``, ``steps``, ``guidance``."""
@@ -241,6 +248,14 @@ def has_run(folder: pathlib.Path) -> bool:
     from ..train import find_checkpoint
 
     return find_checkpoint(folder) is not None or (folder / METHOD_WORK).is_dir()
+
+
+def check_schedule(name: str) -> None:
+    """Refuse a grid name no discretisation is registered under (a student's ``schedule`` option)."""
+    from ..schedules.grids import DISCRETISATIONS
+
+    if name not in DISCRETISATIONS:
+        raise ValueError(f"schedule {name!r} is not a grid; known: {', '.join(DISCRETISATIONS.names())}")
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("distillation method")

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config import Config, check_choice
 from ..schedules.grids import DISCRETISATIONS, get_sigmas
 from ..schedules.noise import FlowMatching
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 from .progressive import ddim
 
 __all__ = ["Consistency", "ConsistencyOptions", "consistency_distance", "training_grid"]
@@ -122,9 +122,7 @@ class Consistency(DistillMethod):
             raise ValueError(f"levels must be >= 2 (one teacher step at least), got {options.levels}")
         if options.grid not in DISCRETISATIONS:
             raise ValueError(f"grid {options.grid!r} is not a grid; known: {', '.join(DISCRETISATIONS.names())}")
-        if options.schedule not in DISCRETISATIONS:
-            known = ", ".join(DISCRETISATIONS.names())
-            raise ValueError(f"schedule {options.schedule!r} is not a grid; known: {known}")
+        check_schedule(options.schedule)
         check_choice("teacher_solver", options.teacher_solver, TEACHER_SOLVERS)
         check_choice("loss", options.loss, DISTANCES)
         flow = teacher.info.objective == "flow"
@@ -144,12 +142,6 @@ class Consistency(DistillMethod):
                 f"the levels it is trained on ([{bottom:.6g}, {top:.6g}] from grid {options.grid!r}); choose another "
                 "schedule"
             )
-
-    def student_objective(self) -> str:
-        choice = self.options.parameterisation
-        if choice == "auto":
-            return "flow" if self.teacher.info.objective == "flow" else "v"
-        return choice
 
     @property
     def student_info(self):

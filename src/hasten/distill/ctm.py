@@ -54,8 +54,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..hooks import add_hook
 from ..models.zoo import FOLDER_FORMATS, FolderFormat
-from ..schedules.grids import DISCRETISATIONS
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
 __all__ = ["CTM", "CTMOptions", "TargetLevelEmbedding", "attach_target_embedding", "jump"]
 
@@ -199,10 +198,7 @@ class CTM(DistillMethod):
     def check(cls, teacher, config: DistillConfig, options: CTMOptions) -> None:
         if not 0.0 <= options.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {options.gamma}")
-        if options.schedule not in DISCRETISATIONS:
-            raise ValueError(
-                f"schedule {options.schedule!r} is not a grid; known: {', '.join(DISCRETISATIONS.names())}"
-            )
+        check_schedule(options.schedule)
         if options.grid_steps < 0 or options.grid_steps % config.nfe:
             raise ValueError(f"grid_steps must be 0 or a multiple of nfe ({config.nfe}), got {options.grid_steps}")
         if options.max_teacher_steps < 1:

@@ -42,8 +42,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config, check_choice
-from ..schedules.grids import DISCRETISATIONS
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 from .progressive import ddim
 
 __all__ = ["DMD", "DMDOptions", "distribution_matching_gradient", "distribution_matching_loss", "fake_score_loss"]
@@ -122,18 +121,10 @@ class DMD(DistillMethod):
                 f"need 0 <= dm_time_min < dm_time_max <= 1, got dm_time_min={options.dm_time_min}, "
                 f"dm_time_max={options.dm_time_max}"
             )
-        if options.schedule not in DISCRETISATIONS:
-            known = ", ".join(DISCRETISATIONS.names())
-            raise ValueError(f"schedule {options.schedule!r} is not a grid; known: {known}")
+        check_schedule(options.schedule)
         flow = teacher.info.objective == "flow"
         allowed = ("auto", "flow", "x0") if flow else ("auto", "v", "x0", "eps")
         check_choice(f"parameterisation (for a {teacher.info.objective} teacher)", options.parameterisation, allowed)
-
-    def student_objective(self) -> str:
-        choice = self.options.parameterisation
-        if choice != "auto":
-            return choice
-        return "v" if self.teacher.info.objective == "eps" else self.teacher.info.objective
 
     def sampler(self) -> dict[str, Any]:
         return {"solver": "euler", "options": {}, "schedule": self.options.schedule, "steps": self.config.nfe,

@@ -35,8 +35,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config, check_choice
-from ..schedules.grids import DISCRETISATIONS
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
 __all__ = ["ONE_CALL_SOLVERS", "GuidanceDistillation", "GuidanceOptions", "weighted_x0_loss"]
 
@@ -113,10 +112,7 @@ class GuidanceDistillation(DistillMethod):
                 "scale you want instead of compounding scales"
             )
         check_choice("solver (one network call per step)", options.solver, ONE_CALL_SOLVERS)
-        if options.schedule not in DISCRETISATIONS:
-            raise ValueError(
-                f"schedule {options.schedule!r} is not a grid; known: {', '.join(DISCRETISATIONS.names())}"
-            )
+        check_schedule(options.schedule)
         check_choice("inputs", options.inputs, ("data", "trajectory"))
         check_choice("weighting", options.weighting, WEIGHTINGS)
         if options.trajectory_steps < 0 or options.trajectory_steps == 1:

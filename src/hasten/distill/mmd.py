@@ -44,9 +44,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Config, check_choice
-from ..schedules.grids import DISCRETISATIONS
 from ..solvers import sample
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
 __all__ = ["FEATURE_MAPS", "KERNELS", "MMD", "MMDFeatures", "MMDOptions", "PixelFeatures", "RandomConvFeatures",
            "kernel_matrix", "unbiased_mmd2"]  # fmt: skip
@@ -212,10 +211,7 @@ class MMD(DistillMethod):
     def check(cls, teacher, config: DistillConfig, options: MMDOptions) -> None:
         make_features(options.feature, teacher.info.image_shape, options.feature_seed)  # refuses the metric's net
         check_choice("kernel", options.kernel, KERNELS)
-        if options.schedule not in DISCRETISATIONS:
-            raise ValueError(
-                f"schedule {options.schedule!r} is not a grid; known: {', '.join(DISCRETISATIONS.names())}"
-            )
+        check_schedule(options.schedule)
         if options.stats_images < 2:
             raise ValueError(f"stats_images must be >= 2, got {options.stats_images}")
         for name in ("class_weight", "denoise_weight"):

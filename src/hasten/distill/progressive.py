@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config, check_choice
-from ..schedules.grids import DISCRETISATIONS
-from ._base import DistillConfig, DistillMethod, register_method
+from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
 __all__ = ["Progressive", "ProgressiveOptions", "progressive_target"]
 
@@ -89,9 +88,7 @@ class Progressive(DistillMethod):
                 f"progressive distillation halves the steps each round: start_steps ({options.start_steps}) must be "
                 f"nfe ({config.nfe}) times a power of two >= 2, e.g. {config.nfe * 16}"
             )
-        if options.schedule not in DISCRETISATIONS:
-            known = ", ".join(DISCRETISATIONS.names())
-            raise ValueError(f"schedule {options.schedule!r} is not a grid; known: {known}")
+        check_schedule(options.schedule)
         check_choice("weighting", options.weighting, ("snr_trunc", "snr_plus_one"))
         flow = teacher.info.objective == "flow"
         allowed = ("auto", "flow", "x0") if flow else ("auto", "v", "x0", "eps")
@@ -100,12 +97,6 @@ class Progressive(DistillMethod):
             raise ValueError(f"teacher_substeps must be >= 1, got {options.teacher_substeps}")
         if options.steps_per_round < 0:
             raise ValueError(f"steps_per_round must be >= 0, got {options.steps_per_round}")
-
-    def student_objective(self) -> str:
-        choice = self.options.parameterisation
-        if choice == "auto":
-            return "flow" if self.teacher.info.objective == "flow" else "v"
-        return choice
 
     @property
     def rounds(self) -> int:
