@@ -80,8 +80,7 @@ calls per image), with no flags: `hasten sample --model {args.name}`, `hasten.ge
 * **Method:** `hasten distill --method {d['method']}` (settings: `{json.dumps(d['config']['options'])}`, batch
   {d['config']['batch_size']}, lr {d['config']['lr']}, EMA {d['config']['ema_decay']}, guidance
   {d['config']['guidance']}); see docs/guide/distillation.md.
-* **Network:** {info['arch']}, {d['parameters']:,} parameters, predicts `{info['objective']}`; the teacher's
-  architecture{'' if d['parameters'] else ''}.
+* **Network:** {info['arch']}, {d['parameters']:,} parameters, predicts `{info['objective']}`.
 * **Training cost:** {d['steps']:,} updates ({d['images_seen']:,} images) in {minutes:.1f} minutes on
   {d['machine']} ({d['device']}), teacher samples included ({d.get('extra_seconds', 0.0):.0f} s of them).
 

@@ -14,12 +14,14 @@ def main(folder: str) -> None:
     reference = next(r for r in rows if r.get("kind") == "reference")
     ref_fd = reference["fd"]
     print(f"Converged sampler (reference, {reference['label']}): FD {ref_fd:.1f}\n")
-    print("| configuration | NFE | FD | FD vs converged | precision | recall | RMSE to reference | images/s | training |")
+    print("| configuration | NFE | FD | FD vs converged | precision | recall | RMSE to reference | images/s "
+          "| training |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"student": 0, "plan": 1, "stock": 2}
-    for r in sorted((r for r in rows if r.get("kind") != "reference"), key=lambda r: (r["nfe"], order.get(r["kind"], 3))):
+    others = sorted((r for r in rows if r.get("kind") != "reference"), key=lambda r: (r["nfe"], order.get(r["kind"], 3)))
+    for r in others:
         training = r.get("training")
-        cost = "" if not training else f"{training['method']}, {training['training_seconds'] / 60:.1f} min {training['device']}"
+        cost = "" if not training else f"{training['method']}, {training['training_seconds'] / 60:.1f} min"
         change = 100.0 * (r["fd"] - ref_fd) / ref_fd
         label = r["label"] if r["kind"] != "student" else f"**{r['label']}**"
         print(f"| {label} | {r['nfe']} | {r['fd']:.1f} | {change:+.1f}% | {r['precision']:.3f} | {r['recall']:.3f} | "
