@@ -67,26 +67,26 @@ def main() -> None:
     minutes = (d["seconds"] + d.get("extra_seconds", 0.0)) / 60
     table = ["| sampler | NFE | FD | precision | recall | confidence | label accuracy | RMSE to teacher's reference |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in ([row] + same_nfe + ([reference] if reference else [])):
+    for r in [row] + same_nfe + ([reference] if reference else []):
         table.append(f"| {r['label']} | {r['nfe']} | {fmt(r.get('fd'), 1)} | {fmt(r.get('precision'))} | "
                      f"{fmt(r.get('recall'))} | {fmt(r.get('confidence'))} | {fmt(r.get('label_accuracy'))} | "
                      f"{fmt(r.get('rmse_ref'), 4)} |")  # fmt: skip
     card = f"""# {args.name}
 
-The bundled few-step student of `{d['teacher']}` (weights fingerprint `{d['teacher_fingerprint']}`): it samples
-with its own sampler, `{s['solver']}` on the `{s['schedule']}` grid at {s['steps']} steps ({row['nfe']} network
+The bundled few-step student of `{d["teacher"]}` (weights fingerprint `{d["teacher_fingerprint"]}`): it samples
+with its own sampler, `{s["solver"]}` on the `{s["schedule"]}` grid at {s["steps"]} steps ({row["nfe"]} network
 calls per image), with no flags: `hasten sample --model {args.name}`, `hasten.generate(hasten.load("{args.name}"), n)`.
 
-* **Method:** `hasten distill --method {d['method']}` (settings: `{json.dumps(d['config']['options'])}`, batch
-  {d['config']['batch_size']}, lr {d['config']['lr']}, EMA {d['config']['ema_decay']}, guidance
-  {d['config']['guidance']}); see docs/guide/distillation.md.
-* **Network:** {info['arch']}, {d['parameters']:,} parameters, predicts `{info['objective']}`.
-* **Training cost:** {d['steps']:,} updates ({d['images_seen']:,} images) in {minutes:.1f} minutes on
-  {d['machine']} ({d['device']}), teacher samples included ({d.get('extra_seconds', 0.0):.0f} s of them).
+* **Method:** `hasten distill --method {d["method"]}` (settings: `{json.dumps(d["config"]["options"])}`, batch
+  {d["config"]["batch_size"]}, lr {d["config"]["lr"]}, EMA {d["config"]["ema_decay"]}, guidance
+  {d["config"]["guidance"]}); see docs/guide/distillation.md.
+* **Network:** {info["arch"]}, {d["parameters"]:,} parameters, predicts `{info["objective"]}`.
+* **Training cost:** {d["steps"]:,} updates ({d["images_seen"]:,} images) in {minutes:.1f} minutes on
+  {d["machine"]} ({d["device"]}), teacher samples included ({d.get("extra_seconds", 0.0):.0f} s of them).
 
 ## Measured quality
 
-From one `hasten bench` run ({args.bench.name}): {rows[0].get('n') or 'the same'} images of the bench's held-out
+From one `hasten bench` run ({args.bench.name}): {rows[0].get("n") or "the same"} images of the bench's held-out
 noise (seed 0), FD and precision/recall in hasten's bundled MNIST feature network against the 5,000 held-out
 digits, RMSE to the *teacher's* converged sampler (its 100-step third-order reference solve of the same noise).
 The student's row first, then the teacher's stock samplers at the same NFE and the teacher's reference.

@@ -18,14 +18,16 @@ def main(folder: str) -> None:
           "| training |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"student": 0, "plan": 1, "stock": 2}
-    others = sorted((r for r in rows if r.get("kind") != "reference"), key=lambda r: (r["nfe"], order.get(r["kind"], 3)))
+    others = sorted((r for r in rows if r["kind"] != "reference"), key=lambda r: (r["nfe"], order.get(r["kind"], 9)))
     for r in others:
         training = r.get("training")
         cost = "" if not training else f"{training['method']}, {training['training_seconds'] / 60:.1f} min"
         change = 100.0 * (r["fd"] - ref_fd) / ref_fd
         label = r["label"] if r["kind"] != "student" else f"**{r['label']}**"
-        print(f"| {label} | {r['nfe']} | {r['fd']:.1f} | {change:+.1f}% | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['rmse_ref']:.4f} | {r['images_per_second']:.0f} | {cost} |")
+        print(
+            f"| {label} | {r['nfe']} | {r['fd']:.1f} | {change:+.1f}% | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{r['rmse_ref']:.4f} | {r['images_per_second']:.0f} | {cost} |"
+        )
 
 
 if __name__ == "__main__":
