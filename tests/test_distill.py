@@ -153,6 +153,26 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     assert state_a["method.state"]["round"] == 1
 
 
+def test_a_student_of_a_student_stands_in_for_the_original_model(tmp_path):
+    """Chained students (e.g. MMD fine-tuning of a progressive student) record the original model as their
+    teacher (the converged sampler they are judged against), the chain, and what the earlier students cost."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    hasten.distill(out=first, max_steps=1, progress=False, **SMOKE)
+    hasten.distill(out=second, max_steps=1, progress=False, **{**SMOKE, "teacher": str(first), "nfe": 1,
+                                                                "options": {"start_steps": 2}})  # fmt: skip
+    parent = hasten.load(first).info.distillation
+    record = hasten.load(second).info.distillation
+    assert record["teacher"] == "mnist-dit" and record["teacher_fingerprint"] == parent["teacher_fingerprint"]
+    assert [step["student"] for step in record["lineage"]] == ["first"]
+    assert record["lineage"][0]["fingerprint"] == hasten.load(first).fingerprint
+    assert record["parent_seconds"] == pytest.approx(parent["seconds"] + parent["extra_seconds"], abs=0.11)
+    assert "via `first` (progressive)" in (second / "MODEL_CARD.md").read_text()
+    from hasten.recipe import student_recipe
+
+    recipe = student_recipe(second, teacher_fingerprint=parent["teacher_fingerprint"])  # judged against mnist-dit
+    assert recipe.student["training_seconds"] >= record["seconds"] + record["parent_seconds"] - 0.1
+
+
 def test_driver_refusals(tmp_path):
     out = tmp_path / "s"
     hasten.distill(out=out, max_steps=1, progress=False, **SMOKE)
@@ -213,3 +233,19 @@ def test_cli_existing_out_needs_resume(tmp_path):
     other = _run([*common[:8], str(tmp_path / "other"), *common[9:], "--resume"])
     assert other.exit_code == 2 and "no distillation checkpoint" in other.output
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["mnist-dit-fast", "mnist-unet-fast"])
+def test_bundled_students_load_by_name_and_sample_at_their_nfe(name):
+    """The shipped students: loaded by name, distilled from the bundled teacher's weights (fingerprint), sampled
+    with no sampler arguments at their own NFE, with a card that states method, cost and measured quality."""
+    student = hasten.load(name)
+    record = student.info.distillation
+    assert record["teacher_fingerprint"] == hasten.load(record["teacher"]).fingerprint
+    assert hasten.generate(student, 2).nfe == record["nfe"] == student.info.sampler["steps"]
+    folder = student.folder
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
+    assert not (folder / "checkpoint").exists() and not (folder / "method").exists()
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert f"--method {record['method']}" in card and "Training cost" in card and "| NFE | FD |" in card
+    assert json.loads((folder / "hasten.json").read_text())["quality"]["student"]["fd"] > 0

@@ -278,7 +278,7 @@ def test_reflow_of_the_bundled_dit_loads_and_samples_with_no_flags(tmp_path):
     assert student.network.config.num_layers == teacher.network.config.num_layers  # the teacher's size, reflowed
     gen = hasten.generate(student, 3)
     assert gen.nfe == 2 and torch.isfinite(gen.images01).all()
-    assert "teacher samples included" in (tmp_path / "s" / "MODEL_CARD.md").read_text()
+    assert "teacher samples and earlier students included" in (tmp_path / "s" / "MODEL_CARD.md").read_text()
 
 
 def test_a_noise_predicting_teacher_is_converted_to_a_flow_student(tmp_path):

@@ -281,6 +281,33 @@ class DistillResult:
     resumed_from_step: int
 
 
+def lineage(teacher: LoadedModel, guidance: float) -> dict[str, Any]:
+    """Who a student stands in for: ``teacher`` / ``teacher_fingerprint`` are the first model of the chain that
+    is not itself a student (a student of a student, e.g. MMD fine-tuning of a progressive student, is judged
+    against the original model's converged sampler), ``guidance`` the scale of that model's guided sampler it
+    learned, ``parent_seconds`` what the students before it cost, and ``lineage`` the chain (method, student,
+    fingerprint, NFE), oldest first. Raises ``ValueError`` for a guidance scale on a teacher that already has one
+    (the scales would compound)."""
+    parent = teacher.info.distillation
+    if not parent:
+        return {"teacher": teacher.info.name, "teacher_fingerprint": teacher.fingerprint, "guidance": guidance,
+                "parent_seconds": 0.0, "lineage": []}  # fmt: skip
+    inherited = float(parent.get("guidance", (parent.get("config") or {}).get("guidance", 1.0)))
+    if guidance != 1.0 and inherited != 1.0:
+        raise ValueError(
+            f"teacher {teacher.info.name!r} already learned guidance {inherited:g} from {parent['teacher']!r}; a "
+            f"further guidance {guidance:g} would compound: distil it at guidance 1"
+        )
+    step = {"method": parent["method"], "student": teacher.info.name, "fingerprint": teacher.fingerprint,
+            "nfe": parent["nfe"]}  # fmt: skip
+    spent = float(parent.get("parent_seconds", 0.0)) + float(parent["seconds"]) + float(parent.get("extra_seconds", 0))
+    return {
+        "teacher": parent["teacher"], "teacher_fingerprint": parent["teacher_fingerprint"],
+        "guidance": guidance if guidance != 1.0 else inherited, "parent_seconds": round(spent, 1),
+        "lineage": [*parent.get("lineage", []), step],
+    }  # fmt: skip
+
+
 def prepare(config: DistillConfig, *, device: str | torch.device = "cpu") -> DistillMethod:
     """Load the teacher and build the method, checking everything that can be checked before training."""
     method_cls = METHODS.get(config.method)
@@ -294,6 +321,7 @@ def prepare(config: DistillConfig, *, device: str | torch.device = "cpu") -> Dis
         raise ValueError(f"guidance {config.guidance:g} needs a class-conditional teacher; {info.name} has no classes")
     if config.cfg_dropout and not info.num_classes:
         config = dataclasses.replace(config, cfg_dropout=0.0)
+    lineage(teacher, config.guidance)  # a guidance scale that would compound with the teacher's is refused now
     method_cls.check(teacher, config, options)
     return method_cls(teacher, config, options, device)
 
@@ -388,8 +416,7 @@ def distill(
     sampler = method.sampler()
     record = {
         "method": config.method,
-        "teacher": teacher.info.name,
-        "teacher_fingerprint": teacher.fingerprint,
+        **lineage(teacher, config.guidance),
         "nfe": config.nfe,
         "config": config.to_dict(),
         "steps": counters["step"],
@@ -416,11 +443,12 @@ def _write_card(folder: pathlib.Path, info: ModelInfo) -> None:
     from .._io import atomic_path
 
     d, s = info.distillation, info.sampler
-    minutes = (d["seconds"] + d["extra_seconds"]) / 60.0
+    minutes = (d["seconds"] + d["extra_seconds"] + d.get("parent_seconds", 0.0)) / 60.0
+    chain = "".join(f" via `{step['student']}` ({step['method']})" for step in d.get("lineage", []))
     opts = json.dumps(d["config"]["options"]) if d["config"]["options"] else "defaults"
     text = f"""# {info.name}
 
-A {d["nfe"]}-step student of `{d["teacher"]}` (weights fingerprint `{d["teacher_fingerprint"]}`), made by
+A {d["nfe"]}-step student of `{d["teacher"]}` (weights fingerprint `{d["teacher_fingerprint"]}`){chain}, made by
 `hasten distill --method {d["method"]}` (method options: {opts}).
 
 * **Sampler (its default recipe):** `{s["solver"]}` {s.get("options") or ""} on the `{s["schedule"]}` grid, {s["steps"]}
@@ -428,7 +456,7 @@ A {d["nfe"]}-step student of `{d["teacher"]}` (weights fingerprint `{d["teacher_
 * **Network:** {info.arch}, {d["parameters"]:,} parameters, predicts `{info.objective}`.
 * **Training:** {d["steps"]:,} updates of batch {d["config"]["batch_size"]} ({d["images_seen"]:,} images), EMA
   {d["config"]["ema_decay"]}, lr {d["config"]["lr"]}; {minutes:.1f} minutes on {d["machine"]} ({d["device"]}),
-  teacher samples included; final loss (running average) {d["final_loss_ema"]:.4g}.
+  teacher samples and earlier students included; final loss (running average) {d["final_loss_ema"]:.4g}.
 * **Quality:** not measured by `hasten distill`; run `hasten evaluate --model {folder.name}` or `hasten bench`.
 """
     with atomic_path(folder / "MODEL_CARD.md") as tmp:
