@@ -64,7 +64,9 @@ def main() -> None:
     grid = generate(student, 100, seed=0).images01
     save_grid(grid, out / "samples.png", nrow=10)
     s = info["sampler"]
-    minutes = (d["seconds"] + d.get("extra_seconds", 0.0)) / 60
+    minutes = (d["seconds"] + d.get("extra_seconds", 0.0) + d.get("parent_seconds", 0.0)) / 60
+    chain = [f"`{step['method']}` ({step['nfe']} NFE, student `{step['student']}`)" for step in d.get("lineage", [])]
+    made = " then ".join([*chain, f"`{d['method']}`"])
     table = ["| sampler | NFE | FD | precision | recall | confidence | label accuracy | RMSE to teacher's reference |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in [row] + same_nfe + ([reference] if reference else []):
@@ -77,16 +79,18 @@ The bundled few-step student of `{d["teacher"]}` (weights fingerprint `{d["teach
 with its own sampler, `{s["solver"]}` on the `{s["schedule"]}` grid at {s["steps"]} steps ({row["nfe"]} network
 calls per image), with no flags: `hasten sample --model {args.name}`, `hasten.generate(hasten.load("{args.name}"), n)`.
 
-* **Method:** `hasten distill --method {d["method"]}` (settings: `{json.dumps(d["config"]["options"])}`, batch
-  {d["config"]["batch_size"]}, lr {d["config"]["lr"]}, EMA {d["config"]["ema_decay"]}, guidance
-  {d["config"]["guidance"]}); see docs/guide/distillation.md.
+* **Method:** `hasten distill` {made} (the last run's settings: options
+  `{json.dumps(d["config"]["options"])}`, batch {d["config"]["batch_size"]}, lr {d["config"]["lr"]}, EMA
+  {d["config"]["ema_decay"]}, guidance {d["config"]["guidance"]}; commands in benchmarks/results/distill/README.md;
+  methods in docs/guide/distillation.md).
 * **Network:** {info["arch"]}, {d["parameters"]:,} parameters, predicts `{info["objective"]}`.
-* **Training cost:** {d["steps"]:,} updates ({d["images_seen"]:,} images) in {minutes:.1f} minutes on
-  {d["machine"]} ({d["device"]}), teacher samples included ({d.get("extra_seconds", 0.0):.0f} s of them).
+* **Training cost:** {minutes:.1f} minutes in all on {d["machine"]} ({d["device"]}): the last run
+  {d["steps"]:,} updates ({d["images_seen"]:,} images) in {d["seconds"] / 60:.1f} minutes, the students before
+  it {d.get("parent_seconds", 0.0) / 60:.1f} minutes, teacher samples {d.get("extra_seconds", 0.0):.0f} s.
 
 ## Measured quality
 
-From one `hasten bench` run ({args.bench.name}): {rows[0].get("n") or "the same"} images of the bench's held-out
+From one `hasten bench` run (`{args.bench}`): {rows[0].get("n") or "the same"} images of the bench's held-out
 noise (seed 0), FD and precision/recall in hasten's bundled MNIST feature network against the 5,000 held-out
 digits, RMSE to the *teacher's* converged sampler (its 100-step third-order reference solve of the same noise).
 The student's row first, then the teacher's stock samplers at the same NFE and the teacher's reference.
