@@ -247,5 +247,5 @@ def test_bundled_students_load_by_name_and_sample_at_their_nfe(name):
     assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
     assert not (folder / "checkpoint").exists() and not (folder / "method").exists()
     card = (folder / "MODEL_CARD.md").read_text()
-    assert f"--method {record['method']}" in card and "Training cost" in card and "| NFE | FD |" in card
+    assert f"`{record['method']}`" in card and "Training cost" in card and "| NFE | FD |" in card
     assert json.loads((folder / "hasten.json").read_text())["quality"]["student"]["fd"] > 0

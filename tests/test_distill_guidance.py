@@ -314,4 +314,9 @@ def test_mnist_dit_student_samples_at_nfe_calls_and_teaches_progressive(tmp_path
                              options={"start_steps": 2})  # fmt: skip
     assert chained.steps == 1
     final = load(tmp_path / "chained")
-    assert final.info.distillation["teacher"] == "guided" and hasten.generate(final, 1).nfe == 1
+    record = final.info.distillation  # it stands in for the original model, at the guidance it inherited
+    assert record["teacher"] == "mnist-dit" and [step["student"] for step in record["lineage"]] == ["guided"]
+    assert record["guidance"] == 3.0 and hasten.generate(final, 1).nfe == 1
+    with pytest.raises(ValueError, match="would compound"):  # a second scale on top of the learned one
+        prepare(DistillConfig(teacher=str(tmp_path / "guided"), method="progressive", nfe=1, batch_size=4,
+                              guidance=2.0, options={"start_steps": 2}))  # fmt: skip
