@@ -314,6 +314,8 @@ def test_mnist_dit_student_samples_at_nfe_calls_and_teaches_progressive(tmp_path
                              options={"start_steps": 2})  # fmt: skip
     assert chained.steps == 1
     final = load(tmp_path / "chained")
+    with pytest.raises(ValueError, match="already learned guidance 3"):  # CFG on top would apply it twice
+        hasten.generate(student, 1, guidance=2.0)
     record = final.info.distillation  # it stands in for the original model, at the guidance it inherited
     assert record["teacher"] == "mnist-dit" and [step["student"] for step in record["lineage"]] == ["guided"]
     assert record["guidance"] == 3.0 and hasten.generate(final, 1).nfe == 1

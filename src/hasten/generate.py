@@ -100,6 +100,12 @@ def options_for_model(
     return options
 
 
+def learned_guidance(model: LoadedModel) -> float:
+    """The classifier-free guidance scale a distilled student learned from its teacher (1: none)."""
+    record = getattr(model.info, "distillation", None) or {}
+    return float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+
+
 def resolve_sampler(
     model: LoadedModel,
     solver: str | None,
@@ -212,6 +218,12 @@ def generate(
         guidance = plan.guidance if guidance is None else guidance
         solver = plan.build_solver(**options_for_model(plan.solver, plan.options, model, guidance))
     guidance = model.default_guidance if guidance is None else guidance
+    learned = learned_guidance(model)
+    if learned != 1.0 and guidance != 1.0:
+        raise ValueError(
+            f"{model.info.name} already learned guidance {learned:g} (a guidance-distilled student); guidance "
+            f"{guidance:g} on top would apply it twice: sample it at guidance 1"
+        )
     labels = default_labels(model, n, label)
     denoiser = guided_denoiser(model, guidance)
     if sigmas is None:
