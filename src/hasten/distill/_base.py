@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -93,7 +94,7 @@ class DistillConfig(Config):
         return data
 
 
-class DistillMethod:
+class DistillMethod(ABC):
     """One way to train a few-step student; subclasses are registered with :func:`register_method`.
 
     The driver builds the method from a loaded teacher, asks :meth:`check` whether it applies (before any
@@ -118,6 +119,7 @@ class DistillMethod:
     @classmethod
     def check(cls, teacher: LoadedModel, config: DistillConfig, options: Config) -> None:
         """Raise ``ValueError`` (naming the reason) if the method cannot make this student."""
+        return None  # by default a method applies to any teacher the driver accepts
 
     def student_objective(self) -> str:
         """What the student network predicts (``eps``, ``v``, ``x0`` or ``flow``): the teacher's, or for a method
@@ -130,9 +132,9 @@ class DistillMethod:
             return objective
         return ("v" if objective == "eps" else objective) if choice == "auto" else choice
 
+    @abstractmethod
     def sampler(self) -> dict[str, Any]:
         """The student's default sampler: ``solver``, ``options``, ``schedule``, ``steps``, ``guidance``."""
-        raise NotImplementedError
 
     # -- training --------------------------------------------------------------------------------------------
     def build(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
@@ -143,9 +145,9 @@ class DistillMethod:
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=self.config.lr, weight_decay=0.0)
         return {"student": self.student, "ema": self.ema}, {"opt": self.opt}
 
+    @abstractmethod
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
         """One update; ``x0`` is a batch of training images in model space (None if not ``needs_data``)."""
-        raise NotImplementedError
 
     def export(self) -> nn.Module:
         """The network written as the student (the EMA weights by default)."""

@@ -36,8 +36,8 @@ from torch import Tensor
 from ..config import Config, check_choice
 from ..schedules.grids import DISCRETISATIONS, get_sigmas
 from ..schedules.noise import FlowMatching
+from ..solvers._base import ddim_step
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
-from .progressive import ddim
 
 __all__ = ["Consistency", "ConsistencyOptions", "consistency_distance", "training_grid"]
 
@@ -163,7 +163,7 @@ class Consistency(DistillMethod):
         integration space (flow coordinates for a flow teacher, as ``heun`` samples it)."""
         view = (-1, *([1] * (x.ndim - 1)))
         denoised = self.teacher_denoise(x, sigma, labels).to(x.dtype)
-        x_euler = ddim(x, denoised, sigma, sigma_next)
+        x_euler = ddim_step(x, denoised, sigma, sigma_next)
         if self.options.teacher_solver == "ddim":
             return x_euler
         denoised_next = self.teacher_denoise(x_euler, sigma_next, labels).to(x.dtype)

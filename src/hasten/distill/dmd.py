@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from ..config import Config, check_choice
+from ..solvers._base import ddim_step
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
-from .progressive import ddim
 
 __all__ = ["DMD", "DMDOptions", "distribution_matching_gradient", "distribution_matching_loss", "fake_score_loss"]
 
@@ -161,7 +161,7 @@ class DMD(DistillMethod):
         with torch.no_grad():
             for i in range(k):
                 sigma, sigma_next = grid[i].expand(n), grid[i + 1].expand(n)
-                x = ddim(x, denoise(x, sigma, **self.cond(labels)).float(), sigma, sigma_next)
+                x = ddim_step(x, denoise(x, sigma, **self.cond(labels)).float(), sigma, sigma_next)
         return x, grid[k].expand(n)
 
     def random_levels(self, n: int, low: float, high: float) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config, check_choice
+from ..solvers._base import ddim_step
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
 __all__ = ["Progressive", "ProgressiveOptions", "progressive_target"]
@@ -66,12 +67,6 @@ def progressive_target(x_t: Tensor, x_next: Tensor, sigma_t: Tensor, sigma_next:
     view = (-1, *([1] * (x_t.ndim - 1)))
     r = (sigma_next / sigma_t).to(x_t.dtype).view(view)
     return (x_next - r * x_t) / (1 - r)
-
-
-def ddim(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """The VE DDIM step for per-row levels ``sigma -> sigma_next``."""
-    view = (-1, *([1] * (x.ndim - 1)))
-    return torch.lerp(denoised, x, (sigma_next / sigma).to(x.dtype).view(view))
 
 
 @register_method("progressive")
@@ -143,7 +138,7 @@ class Progressive(DistillMethod):
         """``substeps`` teacher DDIM steps from ``sigma`` to ``sigma_to``, equal in the schedule's time."""
         levels = [sigma, *(self.time_between(sigma, sigma_to, k / substeps) for k in range(1, substeps)), sigma_to]
         for a, b in itertools.pairwise(levels):
-            x = ddim(x, self.teacher_x0(x, a, labels), a, b)
+            x = ddim_step(x, self.teacher_x0(x, a, labels), a, b)
         return x
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:

@@ -145,14 +145,19 @@ class Solver(Config):
         raise TypeError(f"{type(self).__name__} does not implement step()")
 
 
-def ddim_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+def ddim_step(x: Tensor, denoised: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
     """First-order exponential-integrator step: DDIM (eta = 0) = DPM-Solver-1 = Euler in VE form.
+
+    ``sigma`` and ``sigma_next`` are numbers, or ``[B]`` tensors of per-row levels (distillation targets).
 
     ``x' = (sigma' / sigma) x + (1 - sigma' / sigma) D``; exact when ``D`` is constant along the path.
 
     Reference: Song et al., DDIM, Eq. 12; Lu et al., DPM-Solver, Eq. 3.7 (first order).
     """
-    return torch.lerp(denoised, x, sigma_next / sigma)  # one pass: D + (s'/s)(x - D)
+    ratio = sigma_next / sigma
+    if isinstance(ratio, Tensor) and ratio.ndim == 1:  # per-row levels
+        ratio = ratio.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return torch.lerp(denoised, x, ratio)  # one pass: D + (s'/s)(x - D)
 
 
 @dataclasses.dataclass(frozen=True)
