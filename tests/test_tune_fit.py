@@ -14,6 +14,7 @@ import torch
 import hasten
 from hasten.generate import default_labels
 from hasten.metrics.reference import reference_samples, rmse
+from hasten.seeds import initial_noise
 from hasten.tune import FitConfig, Plan, TuneConfig, TuneError, dpmpp_2m_weights, fit_weights, tune
 from hasten.tune.fit import multistep_samples
 
@@ -26,7 +27,7 @@ def test_the_fit_sampler_is_the_plan_sampler(tiny_model):
     x_weights = [b / a + float(e) for a, b, e in zip(sigmas.tolist(), sigmas[1:].tolist(), offsets, strict=False)]
     plan = Plan(tuple(sigmas.tolist()), "learned_multistep", {"coefficients": weights, "x_weights": x_weights})
     expected = hasten.generate(model, 4, plan=plan, seed=5).samples
-    noise = torch.randn((4, *model.info.image_shape), generator=torch.Generator().manual_seed(5))
+    noise = initial_noise(5, range(4), model.info.image_shape)  # the noise generate() draws for seed 5
     labels = default_labels(model, 4, None)
     cond = model.conditioning(labels, range(4))
     with torch.no_grad():

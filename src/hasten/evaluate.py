@@ -27,16 +27,22 @@ def evaluate_model(
     seed: int = 0,
     guidance: float = 1.0,
     reference: bool = True,
+    batch_size: int = 256,
     **solver_options: Any,
 ) -> dict[str, Any]:
-    """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately)."""
+    """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately).
+
+    Under ``torchrun`` the samples (and the reference solve) are sharded over the processes by index and
+    gathered, and the metrics computed from the whole set: the result is the one-process result
+    (:mod:`hasten.distributed`), ``seconds`` the run's wall time."""
     if model.info.data != "mnist":
         raise ValueError(
             f"quality metrics exist for MNIST models only so far; {model.info.name!r} is trained on {model.info.data!r}"
         )
     gen = generate(
-        model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, **solver_options
-    )
+        model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, batch_size=batch_size,
+        **solver_options,
+    )  # fmt: skip
     result: dict[str, Any] = {
         "model": model.info.name,
         "fingerprint": model.fingerprint,

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accel import accelerate_, accelerator_of
+from . import distributed
+from .accel import AccelStats, accelerate_, accelerator_of
 from .models.guidance import CFGDenoiser, ThresholdedDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
 from .schedules.noise import NoiseSchedule
+from .seeds import NOISE_CONVENTION, check_convention, initial_noise, step_seeds
 from .solvers import DEFAULT_SOLVER, OPTION_RESOLVERS, SOLVERS, Solver, sample
 
 __all__ = [
@@ -148,6 +150,7 @@ def generate(
     accel: Any = None,
     recipe: Any = None,
     state_dtype: torch.dtype = torch.float32,
+    noise: str = NOISE_CONVENTION,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -169,6 +172,11 @@ def generate(
 
     ``state_dtype`` is the dtype of the sampler's state and arithmetic (``torch.float64`` for a reference solve:
     the network still runs in its own dtype, the denoiser's output and every update are accumulated in float64).
+
+    ``noise`` is the noise convention (:mod:`hasten.seeds`): by default every sample's initial and step noise
+    come from its own index, so the images do not depend on ``batch_size`` or on the number of processes. Under
+    ``torchrun`` (:mod:`hasten.distributed`) each process samples its block of the batches and every process
+    returns the whole set, in index order; ``seconds`` is then the run's wall time to the last gather.
     """
     if recipe is not None:
         given = {
@@ -191,7 +199,7 @@ def generate(
         recipe.check_model(model)
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
-            callback=callback, state_dtype=state_dtype, **recipe.generate_kwargs(),
+            callback=callback, state_dtype=state_dtype, noise=recipe.noise, **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
     if plan is None and sigmas is None:
@@ -206,7 +214,7 @@ def generate(
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
-                state_dtype=state_dtype, **solver_options,
+                state_dtype=state_dtype, noise=noise, **solver_options,
             )  # fmt: skip
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -230,34 +238,56 @@ def generate(
         sigmas = get_sigmas(schedule, steps, model.schedule)
     solver_options = options_for_model(solver, solver_options, model, guidance)
     device = next(itertools.chain(model.network.parameters(), model.network.buffers())).device
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *model.info.image_shape), generator=gen)  # drawn on the CPU: same on any device
+    check_convention(noise)
+    sharded = distributed.sharding()
+    if sharded and noise != NOISE_CONVENTION:
+        raise ValueError(
+            f"noise convention {noise!r} draws the whole set as one stream and cannot be sharded over processes; "
+            f"run it in one process, or use {NOISE_CONVENTION!r}"
+        )
+    # this process's batches: all of them, or its block of the global batches under torchrun (hasten.distributed)
+    batches = distributed.shard_batches(n, batch_size)
+    mine = [i for rows in batches for i in rows]
+    initial = initial_noise(seed, mine, model.info.image_shape, convention=noise, total=n)
     scale = model.schedule.initial_noise_scale(float(sigmas[0]))
-    outputs, nfe = [], 0
+    outputs, nfe, offset = [], 0, 0
     installed = accelerator_of(model)
     stats_before = None if installed is None else installed.stats
+    distributed.barrier()  # a sharded run is timed from a common start to the last rank's gather
     start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        rows = range(i, min(i + batch_size, n))
-        batch_labels = None if labels is None else labels[i : i + batch_size]
+    for rows in batches:
+        x = initial[offset : offset + len(rows)]
+        offset += len(rows)
+        batch_labels = None if labels is None else labels[rows.start : rows.stop]
         cond = {key: v.to(device) for key, v in model.conditioning(batch_labels, rows).items()}
+        if noise == NOISE_CONVENTION:  # every sample's step noise from its own index
+            randomness: dict[str, Any] = {"noise_seeds": step_seeds(seed, rows)}
+        else:
+            randomness = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + rows.start)}
         result = sample(
             denoiser,
-            (noise[i : i + batch_size].to(state_dtype) * scale).to(device),
+            (x.to(state_dtype) * scale).to(device),
             sigmas,
             solver,
             cond=cond,
-            generator=torch.Generator(device=device).manual_seed(seed + 1 + i),
             return_info=True,
             callback=callback,
+            **randomness,
             **solver_options,
         )
         outputs.append(result.x)
         nfe = max(nfe, result.nfe)
+    samples = torch.cat(outputs) if outputs else None
+    images = None if samples is None else model.to_images(samples)
+    if sharded:
+        samples, images = distributed.gather_rows(samples), distributed.gather_rows(images)
+        nfe = int(distributed.all_max(nfe))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    samples = torch.cat(outputs)
-    images = model.to_images(samples).cpu()
-    stats = None if installed is None else installed.stats.since(stats_before).as_dict()
-    return Generation(images, labels, nfe, seconds, sigmas.tolist(), stats, samples.cpu())
+    stats = None if installed is None else installed.stats.since(stats_before)
+    if sharded:
+        stats = AccelStats.combine(distributed.gather_json(None if stats is None else dataclasses.asdict(stats)))
+    return Generation(
+        images.cpu(), labels, nfe, seconds, sigmas.tolist(), None if stats is None else stats.as_dict(), samples.cpu()
+    )

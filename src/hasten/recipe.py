@@ -28,6 +28,7 @@ from typing import Any
 
 from ._io import write_text_atomic
 from .accel.hooks import AccelConfig, read_accel_file
+from .seeds import CONVENTIONS, NOISE_CONVENTION
 from .solvers import DEFAULT_SOLVER
 from .tune.plan import Plan, PlanError
 
@@ -48,11 +49,6 @@ __all__ = [
 
 RECIPE_FORMAT = "hasten-recipe"
 RECIPE_SCHEMA_VERSION = 1
-# How ``generate`` turns a seed into noise: the initial state is ``torch.randn([n, *image_shape])`` drawn on the
-# CPU from ``torch.Generator().manual_seed(seed)``, times the schedule's initial noise scale; a stochastic solver
-# draws batch ``i``'s step noise from a generator seeded ``seed + 1 + i`` on the model's device. The same seed
-# gives the same images on any device and batch size (up to the SDE noise of batches after the first).
-NOISE_CONVENTION = "hasten-cpu-randn-v1"
 LIBRARIES = ("hasten", "diffusers")
 EXECUTIONS = ("auto", "kernel", "float8", "simulated")
 FORCEABLE = ("model", "plan", "cache", "quant", "teacher")
@@ -92,7 +88,8 @@ class Recipe:
             scheduler of the bench, :data:`hasten.bench.peers.PEERS`, run through diffusers' own loop).
         cache_peer, quant_peer: A peer's cache (DeepCache package, cache-dit, diffusers' first-block cache) or
             torchao quantisation config in place of hasten's, at the peer's documented defaults (bench rows).
-        seed, noise: The noise seed and the noise convention (:data:`NOISE_CONVENTION`).
+        seed, noise: The noise seed and the noise convention (:mod:`hasten.seeds`; recipes written before
+            ``hasten-index-v2`` keep ``hasten-cpu-randn-v1``, honoured in one process).
         forced: The checks accepted with ``force=True`` (``"plan"``, ``"cache"``, ``"quant"``, ``"model"``;
             ``"teacher"``: a student judged against a teacher it was not distilled from, see :func:`student_recipe`).
         provenance: How the recipe was made and what it scored (not part of its identity). ``provenance["student"]``
@@ -131,9 +128,9 @@ class Recipe:
             raise RecipeError(f"recipe forced checks {unknown} are unknown; known: {', '.join(FORCEABLE)}")
         if not isinstance(self.model, str) or not self.model:
             raise RecipeError(f"recipe model must be a model name or folder, got {self.model!r}")
-        if self.noise != NOISE_CONVENTION:
+        if self.noise not in CONVENTIONS:
             raise RecipeError(
-                f"recipe noise convention {self.noise!r} is unknown; this hasten uses {NOISE_CONVENTION!r}"
+                f"recipe noise convention {self.noise!r} is unknown; this hasten knows {', '.join(CONVENTIONS)}"
             )
         if self.library not in LIBRARIES:
             raise RecipeError(f"recipe library must be one of {', '.join(LIBRARIES)}, got {self.library!r}")

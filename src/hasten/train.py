@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import Config
 from .data import load_dataset, to_model_space
 from .models.zoo import ModelInfo, build_network, save_model
@@ -85,9 +86,17 @@ class TrainResult:
 
 
 def _loss(
-    net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, objective: str, ab: torch.Tensor, gen
+    net: nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    objective: str,
+    ab: torch.Tensor,
+    gen,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """One minibatch of the denoising objective (mean squared error on the network's target)."""
+    """One minibatch of the denoising objective (mean squared error on the network's target).
+
+    The noise and times of the whole batch are drawn; the network sees ``rows`` of it (a process's share)."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen, device=x0.device)
     cond = {} if labels is None else {"class_labels": labels}
@@ -104,8 +113,9 @@ def _loss(
         x_t = a * x0 + s * noise
         target = noise if objective == "eps" else a * noise - s * x0
         timestep = idx
-    out = net(x_t, timestep, **cond).sample
-    return torch.mean((out.float() - target) ** 2)
+    cond = {key: value[rows] for key, value in cond.items()}
+    out = net(x_t[rows], timestep[rows], **cond).sample
+    return torch.mean((out.float() - target[rows]) ** 2)
 
 
 def _flat_optimizer_state(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -209,6 +219,11 @@ class TrainingLoop:
     ``kill -9`` continues bit-identically from the last checkpoint), and the check that a resumed run has the
     same settings. The caller's ``step(index) -> loss`` does one update (forward, backward, optimizer, EMA).
 
+    Under ``torchrun`` every process runs the loop on the same state: ``step`` returns its process's loss weighted
+    by its share of the batch (the loop sums them), rank 0's clock decides when to stop and checkpoint (broadcast,
+    so all stop at the same step), and rank 0 writes the checkpoint, which holds no per-process state: a run
+    resumes on any number of processes.
+
     Args:
         folder: The run's folder (``checkpoint/`` is written there).
         config: The run's settings; ``config.resume_key()`` must match a checkpoint's to resume it.
@@ -275,18 +290,22 @@ class TrainingLoop:
         last_checkpoint = time.perf_counter()
         start_wall, start_seconds, start_images = time.perf_counter(), counters["seconds"], counters["images"]
         try:
-            while counters["seconds"] < self.budget and (max_steps is None or counters["step"] < max_steps):
-                value = float(step(counters["step"]))
+            while self._go_on(max_steps):
+                # a step returns its process's loss weighted by its share of the batch: the sum is the batch's loss
+                value = distributed.all_sum(float(step(counters["step"])))
                 ema = counters["loss_ema"]
                 counters["loss_ema"] = value if ema is None else 0.98 * ema + 0.02 * value
                 counters["step"] += 1
                 counters["images"] += batch_size
                 counters["seconds"] = start_seconds + (time.perf_counter() - start_wall)
+                due = time.perf_counter() - last_checkpoint > self.checkpoint_minutes * 60.0
+                # under torchrun rank 0's clock decides, so every rank stops and checkpoints at the same step
+                counters["seconds"], due = distributed.broadcast_json([counters["seconds"], due])
                 rate = (counters["images"] - start_images) / max(time.perf_counter() - start_wall, 1e-9)
                 bar.update(
                     counters["seconds"], f"step {counters['step']}  loss {counters['loss_ema']:.4f}  {rate:.0f} img/s"
                 )
-                if time.perf_counter() - last_checkpoint > self.checkpoint_minutes * 60.0:
+                if due:
                     self.checkpoint()
                     last_checkpoint = time.perf_counter()
         finally:
@@ -294,8 +313,13 @@ class TrainingLoop:
         self.checkpoint()
         return counters
 
+    def _go_on(self, max_steps: int | None) -> bool:
+        return self.counters["seconds"] < self.budget and (max_steps is None or self.counters["step"] < max_steps)
+
     def checkpoint(self) -> None:
-        _save_checkpoint(self.folder, self.modules, self.optimizers, self.gen, self.counters)
+        """Write the checkpoint (rank 0 only under torchrun: every rank holds the same state)."""
+        if distributed.is_main():
+            _save_checkpoint(self.folder, self.modules, self.optimizers, self.gen, self.counters)
 
 
 def machine_description(device: torch.device) -> str:
@@ -350,6 +374,16 @@ def train(
     )  # fmt: skip
     resumed_from = loop.resume(device)
     net_params = list(net.parameters())
+    # Under torchrun: DistributedDataParallel averages the gradients; every rank draws the whole global batch from
+    # the one generator (so its state, and a resume, do not depend on the number of processes) and trains on its
+    # rows of it, its loss weighted by its share so the average is the global batch's mean.
+    rows = distributed.row_slice(config.batch_size)
+    share = (rows.stop - rows.start) * distributed.world_size() / config.batch_size
+    model = net
+    if distributed.sharding():
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def step(index: int) -> float:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=gen, device=device)
@@ -361,13 +395,14 @@ def train(
             y[drop] = num_classes  # the null class
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
-        loss = _loss(net, x0, y, config.objective, ab, gen)
+        loss = _loss(model, x0, y, config.objective, ab, gen, rows=rows) * share
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net_params, config.grad_clip)
         opt.step()
         ema_update(ema, net, index, config.ema_decay)
-        return loss.item()
+        # DDP averages the gradients over the processes; the loop sums the values: each returns its weighted share
+        return loss.item() / distributed.world_size()
 
     counters = loop.run(step, batch_size=config.batch_size, max_steps=max_steps)
 
@@ -391,7 +426,9 @@ def train(
             "weights": "EMA",
         },
     )
-    save_model(ema, info, folder)
+    if distributed.is_main():
+        save_model(ema, info, folder)
+    distributed.barrier()
     return TrainResult(
         folder,
         counters["step"],

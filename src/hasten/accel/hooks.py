@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -186,6 +186,19 @@ class AccelStats:
             self.reused - earlier.reused,
             self.nfe_saved - earlier.nfe_saved,
             self.cache_bytes,
+        )
+
+    @classmethod
+    def combine(cls, parts: Sequence[Mapping[str, Any] | None]) -> AccelStats | None:
+        """The stats of several processes' shares of one run (``dataclasses.asdict`` of each; None: no cache):
+        counts add up, ``cache_bytes`` is the largest process's."""
+        present = [part for part in parts if part is not None]
+        if not present:
+            return None
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "cache_bytes"]
+        return cls(
+            **{name: sum(part[name] for part in present) for name in fields},
+            cache_bytes=max(part["cache_bytes"] for part in present),
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..generate import Generation, default_labels
 from ..models.adapters import _unwrap
 from ..models.guidance import CFGDenoiser
 from ..models.zoo import LoadedModel
+from ..seeds import initial_noise
 
 __all__ = ["PEERS", "PeerSpec", "diffusers_generate", "peers_for"]
 
@@ -148,10 +150,12 @@ def diffusers_generate(
     uncond = model.unconditional() if guidance != 1.0 else None
     if guidance != 1.0 and uncond is None:
         raise ValueError(f"guidance {guidance:g} needs a model with an unconditional branch")
-    noise = torch.randn((n, *model.info.image_shape), generator=torch.Generator().manual_seed(seed))
-    outputs, nfe = [], 0
+    batches = distributed.shard_batches(n, batch_size)  # this process's block of the batches under torchrun
+    noise = initial_noise(seed, [i for rows in batches for i in rows], model.info.image_shape)
+    outputs, nfe, offset = [], 0, 0
+    distributed.barrier()
     start = time.perf_counter()
-    for i in range(0, n, batch_size):
+    for rows in batches:
         if peer == "pipeline":
             scheduler = type(own.scheduler).from_config(own.scheduler.config)
             _set_timesteps_as_pipeline(scheduler, steps, model, device)
@@ -159,16 +163,17 @@ def diffusers_generate(
             scheduler = _scheduler(PEERS[peer], objective, getattr(model, "scheduler_config", None))
             scheduler.set_timesteps(steps, device=device)
         # Flow-matching schedulers have neither (their start is unit noise, their input unscaled).
-        x = noise[i : i + batch_size].to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        x = noise[offset : offset + len(rows)].to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        offset += len(rows)
         scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
-        rows = range(i, min(i + batch_size, n))
-        y = None if labels is None else labels[i : i + batch_size]
+        y = None if labels is None else labels[rows.start : rows.stop]
         cond = {k: v.to(device) for k, v in model.conditioning(y, rows).items()}
         both_cond = {}
         if uncond is not None:
             both_cond = CFGDenoiser(model.denoiser, guidance, uncond).both_branches(cond, len(rows))
-        # Only stochastic schedulers take a generator.
-        step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + i)}
+        # Only stochastic schedulers take a generator: diffusers draws a batch's noise from one, seeded by the
+        # batch's first index (so the same in any number of processes).
+        step_kwargs = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + rows.start)}
         if "generator" not in inspect.signature(scheduler.step).parameters:
             step_kwargs = {}
         calls = 0
@@ -185,8 +190,12 @@ def diffusers_generate(
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         outputs.append(x)
         nfe = max(nfe, calls)
+    samples = torch.cat(outputs) if outputs else None
+    images = None if samples is None else model.to_images(samples)
+    if distributed.sharding():
+        samples, images = distributed.gather_rows(samples), distributed.gather_rows(images)
+        nfe = int(distributed.all_max(nfe))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    samples = torch.cat(outputs)
-    return Generation(model.to_images(samples).cpu(), labels, nfe, seconds, [], None, samples.cpu())
+    return Generation(images.cpu(), labels, nfe, seconds, [], None, samples.cpu())

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from .._io import write_text_atomic
 from ..generate import Generation, generate, options_for_schedule
 from ..metrics.cost import peak_memory_bytes, reset_peak_memory
@@ -34,6 +35,7 @@ from ..metrics.quality import evaluate_mnist
 from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
 from ..recipe import STUDENT_RECORD, Recipe
+from ..seeds import NOISE_CONVENTION
 from ..train import machine_description
 from ..viz import save_grid
 from .matrix import MATRIX_VERSION, BenchConfig, expand, row_library
@@ -83,6 +85,7 @@ def _environment() -> dict[str, Any]:
 
 
 WARMUP_N = 10  # images in the untimed warm-up run of each configuration
+GRID_N = 50  # images in each row's grid
 
 
 def _sample(model: LoadedModel, recipe: Recipe, config: BenchConfig, n: int | None = None) -> Generation:
@@ -93,8 +96,10 @@ def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | Non
     """Sample any recipe on ``model`` (the full-precision model it names): hasten's loop with its plan, cache
     and quantised weights, or a peer's scheduler, cache or quantisation on the same noise. The one place a
     bench row (and an ``optimize`` candidate) is run. A student's recipe runs on the student it names (loaded
-    once; ``model`` is its teacher)."""
+    once; ``model`` is its teacher). Every recipe runs on the current noise convention (:mod:`hasten.seeds`), the
+    one its references are solved from, whatever convention a saved recipe carries."""
     seed = recipe.seed if seed is None else seed
+    recipe = recipe if recipe.noise == NOISE_CONVENTION else recipe.replace(noise=NOISE_CONVENTION)
     model = recipe_model(model, recipe)
     if recipe.library == "diffusers":
         own = getattr(getattr(model, "pipeline", None), "scheduler", None)
@@ -190,8 +195,9 @@ def _recipe_fields(recipe: Recipe, kind: str) -> dict[str, Any]:
 
 
 def _measure(
-    teacher: LoadedModel, recipe: Recipe, config: BenchConfig, reference: torch.Tensor, grids: pathlib.Path
-) -> dict:
+    teacher: LoadedModel, recipe: Recipe, config: BenchConfig, reference: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """A row and the images of its grid (the first 50 samples), for the writer to save."""
     model = recipe_model(teacher, recipe)  # a student's row runs its own network
     _sample(model, recipe, config, n=min(WARMUP_N, config.n))  # warm-up: first-call allocations, not timed
     peak_reset = reset_peak_memory()
@@ -199,9 +205,8 @@ def _measure(
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
     quality = _quality(model, gen.images01, gen.labels)
-    save_grid(gen.images01[:50], grids / f"{recipe.key}.png", nrow=10, scale=2)
     hasten_loop = recipe.library == "hasten"
-    return {
+    row = {
         **_recipe_fields(recipe, recipe.kind),
         "library": row_library(recipe),
         "solver": recipe.solver,
@@ -227,6 +232,7 @@ def _measure(
         "label_accuracy": quality.get("label_accuracy"),
         **_training(recipe),
     }
+    return row, gen.images01[:GRID_N]
 
 
 def _training(recipe: Recipe) -> dict[str, Any]:
@@ -316,14 +322,19 @@ class _Results:
     def __init__(self, folder: pathlib.Path, matrix: dict[str, Any], resume: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        self.rows = read_results(folder)
         matrix_path = folder / "matrix.json"
-        if self.rows or matrix_path.exists():
+        found = None
+        if distributed.is_main():  # rank 0 reads the folder; every rank of a torchrun job decides on what it read
+            old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
+            found = {"rows": read_results(folder), "matrix_file": matrix_path.exists(), "matrix": old}
+        found = distributed.broadcast_json(found)
+        self.rows = found["rows"]
+        if self.rows or found["matrix_file"]:
             if not resume:
                 raise BenchError(
                     f"{folder} already holds bench results; pass --resume to continue them, or use another --out"
                 )
-            old = json.loads(matrix_path.read_text()) if matrix_path.exists() else None
+            old = found["matrix"]
             if old is not None and old.get("version", 1) != matrix.get("version", 1):
                 raise BenchError(
                     f"{folder} was written by an older hasten (bench matrix version {old.get('version', 1)}, rows "
@@ -340,11 +351,14 @@ class _Results:
 
     def log_run(self, started: float, measured: int) -> None:
         """Append this invocation's wall time (loading, reference, every row and its metrics) to ``runs.json``."""
+        if not distributed.is_main():
+            return
         path = self.folder / "runs.json"
         runs = json.loads(path.read_text()) if path.exists() else []
         runs.append({
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": time.perf_counter() - started, "rows_measured": measured,
+            "processes": distributed.world_size(),
         })  # fmt: skip
         write_text_atomic(path, json.dumps(runs, indent=2) + "\n")
 
@@ -361,20 +375,32 @@ def _stamp(model: str, fingerprint: str, config: BenchConfig, env: dict[str, Any
     }  # fmt: skip
 
 
+SHARDS = ("auto", "rows", "samples")
+
+
 def run_bench(
     config: BenchConfig,
     out: str | os.PathLike,
     *,
     resume: bool = False,
     on_row: Callable[[dict[str, Any], int, int], None] | None = None,
+    shard: str = "auto",
 ) -> list[dict[str, Any]]:
     """Run (or continue) the matrix of ``config`` into ``out``; returns all rows, old and new.
+
+    Under ``torchrun`` the work is split over the processes by ``shard``: ``"rows"`` gives each process whole
+    rows (round-robin; each samples its rows alone), ``"samples"`` splits every row's samples by index
+    (:mod:`hasten.distributed`); ``"auto"`` takes rows while there are at least as many rows to run as processes
+    (no per-row waits, no idle process on a small ``n``), samples otherwise. Either way every row's samples, metrics
+    and key are those of one process; its ``seconds`` are measured as run, and ``environment`` records how.
 
     ``config.model == "gmm"`` benchmarks hasten's solvers on the analytic mixture instead: exact errors
     (``rmse_ref`` is the RMSE to the exact probability-flow solution), no FD, in seconds.
     """
     started = time.perf_counter()
     folder = pathlib.Path(out)
+    if shard not in SHARDS:
+        raise BenchError(f"shard must be one of {', '.join(SHARDS)}, got {shard!r}")
     if config.model == "gmm":
         return _run_gmm(config, folder, resume, on_row, started)
     _QUANTIZED.clear()
@@ -403,7 +429,10 @@ def run_bench(
         matrix["condition"] = model.condition_key
     results = _Results(folder, matrix, resume)
     todo = [r for r in recipes if r.key not in results.done]
-    env = _environment()
+    processes = distributed.world_size() if distributed.sharding() else 1
+    by_rows = processes > 1 and (shard == "rows" or (shard == "auto" and len(todo) >= processes))
+    how = ("rows" if by_rows else "samples") if processes > 1 else None
+    env = {**_environment(), "processes": processes, "shard": how}
     grids = folder / "grids"
     grids.mkdir(exist_ok=True)
     references = {}
@@ -426,13 +455,31 @@ def run_bench(
                 **{k: quality[k] for k in QUALITY_KEYS}, **_stamp(model.info.name, model.fingerprint, config, env),
             })  # fmt: skip
     measured = 0
+
+    def measure(recipe: Recipe) -> tuple[dict[str, Any], torch.Tensor]:
+        row, grid = _measure(model, recipe, config, references[reference_guidance(model, recipe)])
+        return row | _stamp(model.info.name, model.fingerprint, config, env), grid
+
     try:
-        for i, recipe in enumerate(todo):
-            row = _measure(model, recipe, config, references[reference_guidance(model, recipe)], grids)
-            results.add(row | _stamp(model.info.name, model.fingerprint, config, env))
-            measured += 1
-            if on_row is not None:
-                on_row(row, i + 1, len(todo))
+        # rows: each process measures todo[k + rank] of every round alone, rank 0 writes the round in order
+        rounds = range(0, len(todo), processes) if by_rows else range(len(todo))
+        for first in rounds:
+            if by_rows:
+                mine = first + distributed.rank()
+                with distributed.local():
+                    row, grid = measure(todo[mine]) if mine < len(todo) else (None, None)
+                rows = distributed.gather_json(row)
+                grids_of = distributed.gather_rows(grid).split(min(GRID_N, config.n))  # rank 0 saves every grid
+                rows, grids_of = [r for r in rows if r is not None], grids_of[: sum(r is not None for r in rows)]
+            else:
+                row, grid = measure(todo[first])
+                rows, grids_of = [row], [grid]
+            for row, grid in zip(rows, grids_of, strict=True):
+                save_grid(grid, folder / row["grid"], nrow=10, scale=2)
+                results.add(row)
+                measured += 1
+                if on_row is not None:
+                    on_row(row, measured, len(todo))
     finally:  # an interrupted run (Ctrl-C) still records its time
         results.log_run(started, measured)
     return results.rows

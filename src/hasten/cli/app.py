@@ -31,6 +31,14 @@ SolverSpecOption = Annotated[
     str, typer.Option(help="solver name, options after a colon (unipc:order=3,variant=bh2); see `hasten.available()`")
 ]
 StepsOption = Annotated[int, typer.Option(min=1, help="solver steps")]
+SampleBatchOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="images per network batch; under torchrun each process samples whole batches, so keep it fixed to "
+        "reproduce a run",
+    ),
+]
 SeedOption = Annotated[int, typer.Option(help="noise seed")]
 GuidanceOption = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = none)")]
 ScheduleOption = Annotated[
@@ -97,14 +105,32 @@ def _pipeline_source(
         _fail(str(err))
 
 
+def _is_main() -> bool:
+    """Whether this process prints results (rank 0 of a torchrun job, or the only process)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from .. import distributed
+
+    return distributed.is_main()
+
+
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    if _is_main():
+        typer.echo(f"error: {message}", err=True)
+    else:  # every rank checks the same inputs; a rank's own failure still says which rank it is
+        import os
+
+        typer.echo(f"error (rank {os.environ.get('RANK')}): {message}", err=True)
     # SystemExit, not typer.Exit: click's Exit is a RuntimeError, which a command's `except RuntimeError` around
     # the call would catch and report again as "error: 2"
     raise SystemExit(2)
 
 
 def _emit(fmt: OutputFormat, data: dict[str, Any], text: str) -> None:
+    if not _is_main():
+        return
     if fmt is OutputFormat.json:
         typer.echo(json.dumps(data))
     else:
@@ -124,7 +150,8 @@ def sample(
     steps: Annotated[
         int | None, typer.Option(min=1, help="solver steps [default: the model's own sampler's, else 10]")
     ] = None,
-    n: Annotated[int, typer.Option(min=1, help="number of images")] = 64,
+    n: Annotated[int, typer.Option("--n", "--num-samples", min=1, help="number of images")] = 64,
+    batch_size: SampleBatchOption = 256,
     seed: Annotated[int | None, typer.Option(help="noise seed [default: the recipe's, else 0]")] = None,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
     save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
@@ -182,6 +209,7 @@ def sample(
     import torch
 
     from .._io import atomic_path
+    from ..distributed import shard_batches
     from ..generate import generate, resolve_sampler
     from ..recipe import Recipe, RecipeError, load_recipe
     from ..solvers import parse_solver
@@ -242,13 +270,14 @@ def sample(
     try:
         if progress is not None:
             progress.start()
-            task = progress.add_task("sampling", total=steps * ((n + 255) // 256))
+            task = progress.add_task("sampling", total=steps * len(shard_batches(n, batch_size)))
 
         def tick(i, sigma, x):
             if progress is not None:
                 progress.advance(task)
 
-        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick)
+        _agree("sample", loaded, the_recipe, n=n, seed=seed, label=label, batch_size=batch_size)
+        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size)
     except FloatingPointError as err:
         scale = the_recipe.effective_guidance
         _fail(_non_finite(err, loaded.default_guidance if scale is None else scale))
@@ -297,6 +326,26 @@ def sample(
         f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
     )
+
+
+def _agree(command: str, loaded: Any = None, recipe: Any = None, **settings: Any) -> None:
+    """Under torchrun, refuse a run whose ranks do not share the command, the weights (``loaded``), the recipe's
+    fields and ``settings`` (exit 2 naming what differs); nothing outside a process group."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from .. import __version__, distributed
+
+    record = {"command": command, "hasten": __version__, **settings}
+    if loaded is not None:
+        record |= {"model": loaded.info.name, "fingerprint": loaded.fingerprint}
+    if recipe is not None:
+        record |= {f"recipe.{key}": value for key, value in recipe.to_dict().items()}
+    try:
+        distributed.agree(record, "settings")
+    except distributed.MismatchError as err:
+        _fail(str(err))
 
 
 def _check_writable(path: pathlib.Path, flag: str) -> None:
@@ -371,7 +420,8 @@ def evaluate(
     steps: Annotated[
         int | None, typer.Option(min=1, help="solver steps [default: the model's own sampler's, else 20]")
     ] = None,
-    n: Annotated[int, typer.Option(min=10, help="number of samples")] = 1000,
+    n: Annotated[int, typer.Option("--n", "--num-samples", min=10, help="number of samples")] = 1000,
+    batch_size: SampleBatchOption = 256,
     seed: SeedOption = 0,
     guidance: Annotated[
         float | None, typer.Option(help="classifier-free guidance scale [default: the model's sampler's, else 1]")
@@ -404,6 +454,8 @@ def evaluate(
             loaded, solver_name, steps, schedule, solver_options, guidance
         )
         guidance = 1.0 if guidance is None else guidance
+        _agree("evaluate", loaded, None, solver=solver_name, steps=steps, schedule=schedule, options=solver_options,
+               guidance=guidance, n=n, seed=seed, reference=reference, batch_size=batch_size)  # fmt: skip
         result = evaluate_model(
             loaded,
             n=n,
@@ -413,6 +465,7 @@ def evaluate(
             seed=seed,
             guidance=guidance,
             reference=reference,
+            batch_size=batch_size,
             **solver_options,
         )
     except FileNotFoundError as err:
@@ -440,7 +493,9 @@ def bench(
     ] = "quick",
     out: Annotated[pathlib.Path, typer.Option(help="results folder")] = pathlib.Path("bench-out"),
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
-    n: Annotated[int | None, typer.Option(help="override the preset's samples per configuration")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", "--num-samples", help="override the preset's samples per configuration")
+    ] = None,
     plan: Annotated[list[pathlib.Path] | None, typer.Option(help="a plan from `hasten tune` (repeatable)")] = None,
     accel: Annotated[
         list[pathlib.Path] | None,
@@ -473,6 +528,13 @@ def bench(
     width: WidthOption = None,
     allow_pickle: AllowPickleOption = False,
     guidance: Annotated[float | None, typer.Option(help="--pipeline: guidance scale (default: the pipeline's)")] = None,
+    shard: Annotated[
+        str,
+        typer.Option(
+            help="under torchrun: rows (each process measures whole rows), samples (every row's samples split by "
+            "index) or auto (rows while there are as many rows left as processes)"
+        ),
+    ] = "auto",
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Every configuration against the diffusers peers, from the same noise; JSONL + HTML report."""
@@ -481,10 +543,12 @@ def bench(
 
     from ..bench.matrix import PRESETS
     from ..bench.report import render
-    from ..bench.runner import BenchError, run_bench
+    from ..bench.runner import SHARDS, BenchError, run_bench
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if shard not in SHARDS:
+        _fail(f"--shard must be one of {', '.join(SHARDS)}, got {shard!r}")
     _check_output_folder(out, "--out", force=True)  # a folder of results is bench's own to refuse or resume
     from ..tune.plan import PlanError
 
@@ -514,17 +578,20 @@ def bench(
     started = time.perf_counter()
 
     def on_row(row, i, total):
-        if fmt is OutputFormat.text:
+        if fmt is OutputFormat.text and _is_main():
             fd = "–" if row.get("fd") is None else f"{row['fd']:.1f}"
             typer.echo(f"[{i}/{total}] {row['label']}: NFE {row['nfe']}, {row['seconds']:.2f} s, FD {fd}, "
                        f"RMSE {row['rmse_ref']:.4f}", err=True)  # fmt: skip
 
     try:
-        rows = run_bench(config, out, resume=resume, on_row=on_row)
+        _agree("bench", config=config.to_dict(), resume=resume, shard=shard)
+        rows = run_bench(config, out, resume=resume, on_row=on_row, shard=shard)
     except FileNotFoundError as err:
         _fail(str(err))
     except (BenchError, KeyError, TypeError, ValueError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
+    if not _is_main():  # rank 0 renders and reports
+        return
     report = render(out)
     wall = time.perf_counter() - started
     if fmt is OutputFormat.json:
@@ -692,7 +759,7 @@ def quantize(
     calibration: Annotated[
         str, typer.Option(help="trajectory (every step, Q-Diffusion), normal (PTQ4DM), single (middle step only)")
     ] = "trajectory",
-    n: Annotated[int, typer.Option(help="calibration images (trajectories)")] = 128,
+    n: Annotated[int, typer.Option("--n", "--num-samples", help="calibration images (trajectories)")] = 128,
     solver: SolverSpecOption = "dpmpp_2m",
     steps: Annotated[int, typer.Option(min=1, help="solver steps of the calibration trajectories")] = 20,
     guidance: GuidanceOption = 1.0,
@@ -773,7 +840,9 @@ def accelerate_calibrate(
     max_rmse: Annotated[
         float | None, typer.Option(help="bound the RMSE to the uncached images (the only budget for --pipeline)")
     ] = None,
-    n: Annotated[int, typer.Option(min=10, help="images per evaluation (calibration and held-out noise)")] = 200,
+    n: Annotated[
+        int, typer.Option("--n", "--num-samples", min=10, help="images per evaluation (calibration and held-out noise)")
+    ] = 200,
     out: Annotated[pathlib.Path, typer.Option(help="config file to write (one per technique if several)")] = (
         pathlib.Path("accel.json")
     ),
@@ -1062,7 +1131,9 @@ def optimize(
     guidance: Annotated[
         float | None, typer.Option(help="classifier-free guidance scale (default: the model's, 1 = none)")
     ] = None,
-    n: Annotated[int, typer.Option(help="images per evaluation (score and confirmation noise)")] = 200,
+    n: Annotated[
+        int, typer.Option("--n", "--num-samples", help="images per evaluation (score and confirmation noise)")
+    ] = 200,
     solver: Annotated[
         list[str] | None, typer.Option(help="stock solver specs to scan (repeatable; default: every multistep one)")
     ] = None,
@@ -1170,7 +1241,22 @@ class _OptimizeProgress:
 
 
 def main() -> None:
-    app()
+    """The ``hasten`` command; under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the process group first,
+    and a rank's error is recorded for ``torchrun``'s failure summary (hasten.distributed)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from .. import distributed
+
+    distributed.init_from_env()
+    try:
+        record(app)()
+    finally:
+        distributed.destroy()
 
 
 if __name__ == "__main__":

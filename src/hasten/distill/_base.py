@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import Config
 from ..models.zoo import LoadedModel, ModelInfo, load, make_denoiser, save_model, without_label_dropout
 from ..registry import Registry
@@ -110,6 +111,9 @@ class DistillMethod(ABC):
     def __init__(self, teacher: LoadedModel, config: DistillConfig, options: Config, device: torch.device) -> None:
         self.teacher, self.config, self.options, self.device = teacher, config, options, device
         self.gen = torch.Generator(device=device).manual_seed(config.seed)
+        # this process's rows of each global batch and their share of it (all of it outside torchrun): what a
+        # method that draws its own batch draws, and the weight of its gradient in the all-reduce
+        self.batch_rows, self.batch_share = config.batch_size, 1.0
         self.state: dict[str, Any] = {}  # JSON-able method state, checkpointed as counters "method.*"
         # the run folder (set by the driver before build); a method keeps work it must not redo after a kill
         # before its first checkpoint (teacher samples) in ``folder / METHOD_WORK``
@@ -232,6 +236,10 @@ class DistillMethod(ABC):
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # under torchrun: the global batch's gradient (each process's loss is the mean over its rows)
+        distributed.average_gradients(
+            [p for group in opt.param_groups for p in group["params"]], weight=self.batch_share
+        )
         nn.utils.clip_grad_norm_(list(network.parameters()), self.config.grad_clip)
         opt.step()
         if ema is not None:
@@ -400,18 +408,35 @@ def distill(
     if resumed_from and hasattr(method, "on_resume"):
         method.on_resume()
 
+    # Under torchrun each process runs the method on its rows of the global batch, drawn whole from the one
+    # (checkpointed) generator; the method's own draws then come from a generator seeded per step and process
+    # from that one, so processes draw different noise and a resume needs no per-process state.
+    shared_gen, rows = method.gen, distributed.row_slice(config.batch_size)
+    method.batch_rows = rows.stop - rows.start
+    method.batch_share = method.batch_rows / config.batch_size
+    rank_gen = torch.Generator(device=device)
+
     def step(index: int) -> float:
         x0 = y = None
         if images is not None:
-            idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=method.gen, device=device)
+            idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=shared_gen, device=device)
             x0 = images[idx]
             if labels is not None:
                 y = labels[idx].clone()
-                drop = torch.rand(config.batch_size, generator=method.gen, device=device) < config.cfg_dropout
+                drop = torch.rand(config.batch_size, generator=shared_gen, device=device) < config.cfg_dropout
                 y[drop] = method.teacher.info.num_classes  # the null class
-        value = method.step(index, x0, y)
+        if distributed.sharding():
+            x0, y = (None if x0 is None else x0[rows]), (None if y is None else y[rows])
+            step_seed = int(torch.randint(0, 2**62, (1,), generator=shared_gen, device=device))
+            method.gen = rank_gen.manual_seed(step_seed + distributed.rank())
+        try:
+            value = method.step(index, x0, y)
+        finally:
+            method.gen = shared_gen
+        # rank 0's state for all: a method's clock-driven decisions (a round's end) are then taken alike
+        method.state = distributed.broadcast_json(method.state)
         loop.counters["method.state"] = method.state
-        return value
+        return value * method.batch_share  # the loop sums the processes' shares into the batch's loss
 
     counters = loop.run(step, batch_size=config.batch_size, max_steps=max_steps)
     teacher = method.teacher
@@ -432,8 +457,10 @@ def distill(
         "weights": "EMA",
     }
     info = dataclasses.replace(method.student_info, name=name or folder.name, sampler=sampler, distillation=record)
-    save_model(method.export(), info, folder)
-    _write_card(folder, info)
+    if distributed.is_main():  # every process holds the same student; rank 0 writes it
+        save_model(method.export(), info, folder)
+        _write_card(folder, info)
+    distributed.barrier()
     loss = counters["loss_ema"]  # a running average of exactly 0 is a loss, not a missing one
     return DistillResult(
         folder, counters["step"], counters["seconds"], math.nan if loss is None else loss, resumed_from

@@ -178,7 +178,7 @@ class DMD(DistillMethod):
         return distribution_matching_gradient(x, real, fake)
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
-        b = self.config.batch_size
+        b = self.batch_rows  # this process's rows of the batch (all of it in one)
         labels = self.random_labels(b)
         k = int(torch.randint(0, self.config.nfe, (1,), generator=self.gen, device=self.device))
         x_in, sigma_in = self.generator_input(k, labels, b)

@@ -451,7 +451,7 @@ class Reflow(DistillMethod):
             self.student.load_state_dict(self.ema.state_dict())
             self.opt.state.clear()
             self.state["stage"] = "distill"
-        idx = torch.randint(0, self.z.shape[0], (self.config.batch_size,), generator=self.gen, device=self.device)
+        idx = torch.randint(0, self.z.shape[0], (self.batch_rows,), generator=self.gen, device=self.device)
         z, x = self.z[idx], self.x[idx]
         cond = self.cond(None if self.labels is None else self.labels[idx])
         if self.state["stage"] == "distill":

@@ -20,6 +20,8 @@ import pathlib
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
+
 __all__ = [
     "FEATURE_NETS",
     "FeatureNet",
@@ -96,18 +98,21 @@ def feature_net_fingerprint(data: str = "mnist") -> str:
 
 @torch.no_grad()
 def features(images01: Tensor, data: str = "mnist", batch_size: int = 500) -> tuple[Tensor, Tensor]:
-    """Features and logits of images with values in [0, 1] (float64), in ``data``'s feature space."""
+    """Features and logits of images with values in [0, 1] (float64), in ``data``'s feature space.
+
+    Under ``torchrun`` each process computes its block of the ``batch_size`` chunks and every process gets all
+    rows, in order (:func:`hasten.distributed.map_rows`)."""
     shape = FEATURE_NETS[data][2]
     if images01.ndim != 4 or tuple(images01.shape[1:]) != shape:
         raise ValueError(f"{data} features need images of shape [N, {', '.join(map(str, shape))}], "
                          f"got {tuple(images01.shape)}")  # fmt: skip
     net = load_feature_net(data)
-    feats, logits = [], []
-    for chunk in images01.float().cpu().split(batch_size):
+
+    def run(chunk: Tensor) -> tuple[Tensor, Tensor]:
         f, lg = net(chunk.clamp(0, 1))
-        feats.append(f.double())
-        logits.append(lg.double())
-    return torch.cat(feats), torch.cat(logits)
+        return f.double(), lg.double()
+
+    return distributed.map_rows(run, images01.float().cpu(), batch_size, outputs=2)
 
 
 def mnist_features(images01: Tensor, batch_size: int = 500) -> tuple[Tensor, Tensor]:

@@ -8,13 +8,12 @@ in training) in the bundled MNIST feature network's space, and checks for copies
 from __future__ import annotations
 
 import functools
-import os
-import pathlib
 
 import torch
 from torch import Tensor
 
-from .._io import atomic_path
+from .. import distributed
+from .._io import atomic_path, cache_dir
 from ..data import load_emoji, load_mnist
 from .fd import frechet_distance, gaussian_stats, precision_recall
 from .features import feature_net_fingerprint, features
@@ -22,11 +21,7 @@ from .features import feature_net_fingerprint, features
 __all__ = ["cache_dir", "evaluate_emoji", "evaluate_images", "evaluate_mnist", "memorisation_share", "real_vs_real_fd"]
 
 
-def cache_dir() -> pathlib.Path:
-    """Where hasten caches derived data (``$HASTEN_CACHE``, default ``~/.cache/hasten``)."""
-    path = pathlib.Path(os.environ.get("HASTEN_CACHE", pathlib.Path.home() / ".cache" / "hasten"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+NEAREST_CHUNK = 250  # rows per nearest-neighbour distance chunk (one process computes the same chunks)
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,9 +41,9 @@ def _reference_features(data: str = "mnist") -> tuple[Tensor, Tensor, Tensor]:
 
     key = f"{data}-heldout-{feature_net_fingerprint(data)}"
     path = cache_dir() / "reference-stats" / f"{key}.safetensors"
-    if path.exists():
-        loaded = load_file(str(path))
-        return loaded["features"], loaded["mu"], loaded["cov"]
+    if distributed.main_has(path):  # rank 0's cache decides for every rank of a torchrun job
+        loaded = load_file(str(path)) if distributed.is_main() else {}
+        return tuple(distributed.from_main(loaded.get(name)) for name in ("features", "mu", "cov"))
     feats, _ = features(_split(data, "heldout").images.float() / 255.0, data)
     mu, cov = gaussian_stats(feats)
     with atomic_path(path) as tmp:
@@ -65,7 +60,13 @@ def _train_pixels(data: str = "mnist") -> Tensor:
 def _memorisation_threshold(quantile: float, data: str = "mnist") -> float:
     """The ``quantile`` of held-out images' distances to their nearest training image (computed once)."""
     heldout = _split(data, "heldout").images.flatten(1).double() / 255.0
-    return float(torch.quantile(torch.cdist(heldout, _train_pixels(data)).min(dim=1).values, quantile))
+    return float(torch.quantile(_nearest_training_distance(heldout, data), quantile))
+
+
+def _nearest_training_distance(pixels: Tensor, data: str) -> Tensor:
+    """Pixel L2 distance of each row to its nearest training image, in fixed chunks (sharded under torchrun)."""
+    train = _train_pixels(data)
+    return distributed.map_rows(lambda rows: torch.cdist(rows, train).min(dim=1).values, pixels, NEAREST_CHUNK)
 
 
 def memorisation_share(samples01: Tensor, quantile: float = 0.01, data: str = "mnist") -> tuple[float, float]:
@@ -75,7 +76,7 @@ def memorisation_share(samples01: Tensor, quantile: float = 0.01, data: str = "m
     more. Returns ``(share, threshold)``.
     """
     threshold = _memorisation_threshold(quantile, data)
-    nearest = torch.cdist(samples01.flatten(1).double().cpu(), _train_pixels(data)).min(dim=1).values
+    nearest = _nearest_training_distance(samples01.flatten(1).double().cpu(), data)
     return float((nearest < threshold).double().mean()), threshold
 
 

@@ -17,8 +17,10 @@ import pathlib
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._io import atomic_path
 from ..models.zoo import LoadedModel
+from ..seeds import NOISE_CONVENTION
 from .quality import cache_dir
 
 __all__ = ["REFERENCE_SOLVER", "psnr", "reference_path", "reference_samples", "rmse"]
@@ -47,11 +49,12 @@ def reference_path(
     guidance: float = 1.0,
     label: int | None = None,
     steps: int | None = None,
+    noise: str = NOISE_CONVENTION,
 ) -> tuple[pathlib.Path, dict]:
     """Where :func:`reference_samples` caches these samples (exists once computed), and what keys them."""
     solver = {**REFERENCE_SOLVER, **({"steps": steps} if steps is not None else {})}
     spec = {"model": model.fingerprint, "n": n, "seed": seed, "guidance": guidance, "label": label, **solver,
-            "state": "float64"}  # fmt: skip
+            "state": "float64", "noise": noise}  # fmt: skip
     if model.condition_key:  # a pipeline's prompts
         spec["condition"] = model.condition_key
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -66,19 +69,21 @@ def reference_samples(
     guidance: float = 1.0,
     label: int | None = None,
     steps: int | None = None,
+    noise: str = NOISE_CONVENTION,
 ) -> Tensor:
     """High-accuracy samples ``[N, C, H, W]`` in [0, 1] for the same noise as ``generate(model, n, seed=...)``.
 
-    ``steps`` overrides the reference solver's step count (default 200).
+    ``steps`` overrides the reference solver's step count (default 200); ``noise`` is the noise convention
+    (:mod:`hasten.seeds`; the legacy one reproduces numbers recorded before ``hasten-index-v2``).
     """
     from safetensors.torch import load_file, save_file
 
     from ..generate import generate
 
-    path, spec = reference_path(model, n, seed=seed, guidance=guidance, label=label, steps=steps)
+    path, spec = reference_path(model, n, seed=seed, guidance=guidance, label=label, steps=steps, noise=noise)
     solver = {k: spec[k] for k in REFERENCE_SOLVER}
-    if path.exists():
-        return load_file(str(path))["images"]
+    if distributed.main_has(path):  # rank 0's cache decides for every rank of a torchrun job
+        return distributed.from_main(load_file(str(path))["images"] if distributed.is_main() else None)
     result = generate(
         model,
         n,
@@ -89,6 +94,7 @@ def reference_samples(
         guidance=guidance,
         label=label,
         state_dtype=torch.float64,  # the state accumulates in float64: far below the errors measured against it
+        noise=noise,
         **solver["options"],
     )
     images = result.images01.float().contiguous()  # float32 images, as every sampler's (metrics take float32)

@@ -360,6 +360,7 @@ def sample(
     plan: Any = None,
     cond: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    noise_seeds: Sequence[int] | None = None,
     hooks: Sequence[StepHook] = (),
     callback: Callable[[int, float, Tensor], Tensor | None] | None = None,
     state: Any = None,
@@ -381,6 +382,9 @@ def sample(
         generator: Random source for stochastic solvers: it seeds the Brownian path of solvers with
             ``brownian=True`` (their default; the same generator seed then gives one path at any step
             count) or draws independent noise per call (``brownian=False``).
+        noise_seeds: One seed per row of ``x`` instead of ``generator``: each row's step noise then comes from
+            its own Brownian path (or its own generator with ``brownian=False``), so it does not depend on the
+            rows beside it (``hasten.seeds``: what ``generate`` passes, so a sharded run equals one process's).
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
         callback: Called as ``callback(i, sigma_next, x)`` after every step. A tensor it returns replaces ``x``
             (as diffusers' ``callback_on_step_end`` replaces latents: inpainting's blending of the known
@@ -425,7 +429,18 @@ def sample(
     model = _CountedModel(denoiser, cond or {}, xw, check_finite)
 
     noise: NoiseFn
-    if solver.stochastic and solver.brownian_noise:
+    if noise_seeds is not None:
+        if generator is not None:
+            raise TypeError("pass generator or noise_seeds, not both")
+        noise_seeds = [int(s) for s in noise_seeds]
+        if len(noise_seeds) != xw.shape[0]:
+            raise ValueError(f"noise_seeds has {len(noise_seeds)} seeds for {xw.shape[0]} rows of x")
+        if solver.stochastic and solver.brownian_noise:
+            noise = BrownianNoise(noise_seeds, xw.shape, work, xw.device)
+        else:
+            rows = [torch.Generator().manual_seed(s) for s in noise_seeds] if solver.stochastic else None
+            noise = IndependentNoise(xw.shape, work, xw.device, rows)
+    elif solver.stochastic and solver.brownian_noise:
         where = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where))
         noise = BrownianNoise(seed, xw.shape, work, xw.device)

@@ -43,13 +43,28 @@ def _tau(sigma: float) -> float:
     return 1.0 / (sigma * sigma)
 
 
+def _seeded_normal(seed: int, key: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 class IndependentNoise:
-    """Fresh standard normal noise on every call, from ``generator`` (the interval is ignored)."""
+    """Fresh standard normal noise on every call, from ``generator`` (the interval is ignored).
+
+    ``generator`` may be a list with one CPU generator per row (``shape[0]`` of them): each row then draws from
+    its own, so a row's noise does not depend on the rows beside it (:mod:`hasten.seeds`).
+    """
 
     def __init__(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device, generator=None):
         self.shape, self.dtype, self.device, self.generator = tuple(shape), dtype, device, generator
+        if isinstance(generator, list | tuple) and len(generator) != self.shape[0]:
+            raise ValueError(f"{len(generator)} row generators for {self.shape[0]} rows")
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        if isinstance(self.generator, list | tuple):
+            rows = [torch.randn(self.shape[1:], generator=g, dtype=self.dtype) for g in self.generator]
+            return torch.stack(rows).to(self.device)
         return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
 
 
@@ -57,13 +72,17 @@ class BrownianNoise:
     """Normalised increments of one Brownian motion in ``tau = 1 / sigma^2``, fixed by ``seed``.
 
     Args:
-        seed: Fixes the path (any integer).
+        seed: Fixes the path (any integer), or a list of seeds, one per row (``shape[0]`` of them): each row then
+            follows its own path, whatever rows share its batch (:mod:`hasten.seeds`).
         shape, dtype, device: Of the noise returned. Values are drawn on the CPU (so a seed gives the same
             path on every device) and moved.
     """
 
-    def __init__(self, seed: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
-        self.seed, self.shape, self.dtype, self.device = int(seed), tuple(shape), dtype, device
+    def __init__(self, seed: int | Sequence[int], shape: Sequence[int], dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.seed: int | tuple[int, ...] = tuple(map(int, seed)) if isinstance(seed, Sequence) else int(seed)
+        if isinstance(self.seed, tuple) and len(self.seed) != self.shape[0]:
+            raise ValueError(f"{len(self.seed)} row seeds for {self.shape[0]} rows")
         self._u0, self._u1 = math.log(SIGMA_RANGE[0]), math.log(SIGMA_RANGE[1])
         self._nodes: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._points: OrderedDict[float, Tensor] = OrderedDict()
@@ -101,9 +120,9 @@ class BrownianNoise:
         return math.exp(self._u0 + (self._u1 - self._u0) * index / 2**level)
 
     def _normal(self, *key: object) -> Tensor:
-        digest = hashlib.blake2b(repr((self.seed, *key)).encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        return torch.randn(self.shape, generator=generator, dtype=self.dtype)
+        if isinstance(self.seed, tuple):
+            return torch.stack([_seeded_normal(seed, key, self.shape[1:], self.dtype) for seed in self.seed])
+        return _seeded_normal(self.seed, key, self.shape, self.dtype)
 
     def _node(self, level: int, index: int) -> Tensor:
         while level > 0 and index % 2 == 0:  # a node is named by its coarsest level

@@ -171,6 +171,7 @@ def ems_path_for_model(
     """
     samples = EMS_SAMPLES if samples is None else samples
     num_lambdas = EMS_LAMBDAS if num_lambdas is None else num_lambdas
+    from .. import distributed
     from ..data import load_dataset, to_model_space
     from ..generate import default_labels, generate, guided_denoiser
     from ..metrics.quality import cache_dir
@@ -181,7 +182,7 @@ def ems_path_for_model(
         spec["condition"] = model.condition_key
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "ems" / f"{key}.safetensors"
-    if path.exists() or not compute:
+    if distributed.main_has(path) or not compute:  # rank 0's cache decides for every rank of a torchrun job
         return path
     labels = default_labels(model, samples)
     if model.info.data == "mnist":
@@ -208,7 +209,9 @@ def ems_path_for_model(
     finally:
         bar.close()
     ems = EMS(ems.lambdas, ems.l, ems.s, ems.b, {**ems.meta, **spec})
-    return save_ems(ems, path)
+    saved = save_ems(ems, path)  # rank 0 writes (hasten._io); the others read its file once it is there
+    distributed.barrier()
+    return saved
 
 
 @OPTION_RESOLVERS.register("dpm_solver_v3")

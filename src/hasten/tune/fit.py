@@ -44,6 +44,7 @@ from ..generate import default_labels, guided_denoiser
 from ..metrics.reference import reference_samples
 from ..models.zoo import LoadedModel
 from ..progress import BudgetProgress
+from ..seeds import initial_noise
 
 __all__ = ["FIT_VERSION", "FitConfig", "FitResult", "dpmpp_2m_weights", "fit_weights", "multistep_samples"]
 
@@ -178,8 +179,7 @@ def fit_weights(
 
     denoiser = guided_denoiser(model, config.guidance)
     network_params = [p for p in model.network.parameters() if p.requires_grad]
-    noise_gen = torch.Generator().manual_seed(config.train_seed)  # the noise generate() draws for this seed
-    noise = torch.randn((config.n_train, *model.info.image_shape), generator=noise_gen)
+    noise = initial_noise(config.train_seed, range(config.n_train), model.info.image_shape)  # generate()'s noise
     labels = default_labels(model, config.n_train, None)
     target = reference_samples(  # images in [0, 1] from the same noise (cached on disk)
         model, config.n_train, seed=config.train_seed, guidance=config.guidance, steps=config.reference_steps

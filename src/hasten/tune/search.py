@@ -142,6 +142,7 @@ def search(
     islands: int = 1,
     cache: dict[str, dict[str, float]] | None = None,
     on_evaluation: Callable[[Candidate, float, float, int, float], None] | None = None,
+    prefetch: Callable[[list[Candidate]], None] | None = None,
 ) -> SearchResult:
     """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
 
@@ -153,6 +154,11 @@ def search(
     evaluation time (replayed evaluations count their recorded time); ``evolution_share`` of it goes to the
     evolutionary phase, the rest to local refinement. ``on_evaluation(candidate, score, best, count, spent)`` is
     called after every new evaluation (e.g. to save the cache).
+
+    ``prefetch(candidates)`` (optional) is told each group of candidates the search is about to score one after
+    the other (the starts, a generation's children, a refinement sweep's neighbours), all fixed before the first
+    is scored: it may score them at once and put them in ``cache`` (in parallel, under ``torchrun``), and the
+    search then replays them in order as it would have scored them, so its path does not depend on it.
     """
     if not starts:
         raise ValueError("search needs at least one starting candidate")
@@ -194,9 +200,14 @@ def search(
             on_evaluation(candidate, score, best[0], count, spent)
         return score
 
+    def ahead(group: list[Candidate]) -> None:
+        if prefetch is not None and spent < seconds:
+            prefetch([c.normalised(log_sigma_max, log_sigma_min) for c in group])
+
     start_scores = []
     try:
         pool = []
+        ahead(list(starts))
         for c in starts:
             pool.append((evaluate(c), c.normalised(log_sigma_max, log_sigma_min)))
             start_scores.append(pool[-1][0])
@@ -214,6 +225,7 @@ def search(
                     a = elites[rng.integers(len(elites))]
                     child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
                     children.append(_mutate(child, rng, log_sigma_max, log_sigma_min, predictions))
+                ahead(children)
                 scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
                 merged = {c.key(): (s, c) for s, c in island + scored}
                 island = sorted(merged.values(), key=lambda sc: sc[0])[:population]
@@ -232,7 +244,9 @@ def search(
             delta = (log_sigma_max - log_sigma_min) / (4 * n)
             while delta > 1e-3:
                 improved = False
-                for trial in _neighbours(current, delta):
+                trials = list(_neighbours(current, delta))
+                ahead(trials)
+                for trial in trials:
                     s = evaluate(trial)
                     if s < current_score:
                         current_score, current, improved = s, trial.normalised(log_sigma_max, log_sigma_min), True

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from .._io import write_text_atomic
 from ..config import Config
 from ..generate import generate
@@ -267,7 +268,7 @@ def tune(
         raise TuneError(f"no stock configuration at nfe={config.nfe} fits the search space for {model.info.name!r}")
     budget = config.minutes * 60.0
     if not cache:  # one evaluation first, to refuse a budget that cannot even score the stock starts
-        score, took = objective(starts[0][1])
+        score, took = distributed.broadcast_json(objective(starts[0][1]))  # rank 0's time: every rank decides alike
         if took * len(starts) > budget:
             raise TuneError(
                 f"--minutes {config.minutes:g} is too short: one evaluation takes {took:.1f} s and the search first "
@@ -284,11 +285,22 @@ def tune(
         save_state()
         bar.update(spent, f"{count} evaluations  best RMSE {best:.5f}")
 
+    def prefetch(candidates: list[Candidate]) -> None:
+        """Under torchrun: score a group of candidates at once, one per process (hasten.distributed.map_tasks);
+        the search replays them from the cache in its own order, so its path is the one-process path."""
+        if not distributed.sharding():
+            return
+        todo = list({c.key(): c for c in candidates if c.key() not in cache}.values())
+        for candidate, (score, took) in zip(todo, distributed.map_tasks(objective, todo), strict=True):
+            cache[candidate.key()] = {"score": float(score) if math.isfinite(score) else math.inf, "seconds": took}
+        if todo:
+            save_state()
+
     try:
         result = search(
             objective, [c for _, c in starts], log_sigma_max=log_max, log_sigma_min=log_min, seconds=budget,
             max_evaluations=config.max_evaluations, seed=config.seed, cache=cache, on_evaluation=on_evaluation,
-            predictions=predictions, islands=3,
+            predictions=predictions, islands=3, prefetch=prefetch,
         )  # fmt: skip
     finally:
         bar.close()
