@@ -60,6 +60,7 @@ __all__ = [
     "map_rows",
     "map_tasks",
     "rank",
+    "reads_alone",
     "row_slice",
     "shard_batches",
     "shard_indices",
@@ -164,8 +165,9 @@ def shard_batches(n: int, batch_size: int, *, rank: int | None = None, world_siz
     """This rank's batches of a set of ``n`` samples: a contiguous block of the global batches, as index ranges.
 
     Batch ``b`` is ``range(b * batch_size, min((b + 1) * batch_size, n))`` in every world size, so a sample is
-    computed in the same batch as in one process. With fewer batches than ranks, some ranks get none (they still
-    join the gathers). ``rank``/``world_size`` default to this process's (all batches outside a sharded run).
+    computed in the same batch as in one process. Blocks differ by at most one batch, larger blocks first; with
+    fewer batches than ranks the last ranks get none (they still join the gathers). ``rank``/``world_size``
+    default to this process's (all batches outside a sharded run).
     """
     if n < 0 or batch_size < 1:
         raise ValueError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
@@ -176,7 +178,10 @@ def shard_batches(n: int, batch_size: int, *, rank: int | None = None, world_siz
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     count = -(-n // batch_size)
-    first, last = rank * count // world_size, (rank + 1) * count // world_size
+    # blocks differ by at most one batch, the larger ones first: rank 0 always holds the first samples
+    base, extra = divmod(count, world_size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (1 if rank < extra else 0)
     return [range(b * batch_size, min((b + 1) * batch_size, n)) for b in range(first, last)]
 
 
@@ -361,13 +366,34 @@ def main_has(path: str | os.PathLike) -> bool:
     return bool(broadcast_json(pathlib.Path(path).exists() if is_main() else False))
 
 
+def reads_alone() -> bool:
+    """Whether this process reads what :func:`main_has` found itself: rank 0, or any process outside a sharded
+    run (inside :func:`local` too); the others get it through :func:`from_main`."""
+    return is_main() or not sharding()
+
+
 def from_main(tensor: Tensor | None) -> Tensor:
     """Rank 0's ``tensor`` on every rank (the others pass None): what rank 0 loaded from its cache."""
     if not sharding():
         if tensor is None:
             raise ValueError("from_main(None) outside a sharded run")
         return tensor
-    return gather_rows(tensor if is_main() else None)
+    dist = _dist()
+    meta = torch.full((2 + _MAX_DIMS,), -1, dtype=torch.int64)
+    if is_main():
+        if tensor is None or tensor.ndim > _MAX_DIMS:
+            raise ValueError(f"rank 0 must send a tensor of up to {_MAX_DIMS} dimensions")
+        meta[0], meta[1] = tensor.ndim, _DTYPES.index(tensor.dtype)
+        meta[2 : 2 + tensor.ndim] = torch.tensor(tensor.shape)
+    device = _comm_device(tensor)
+    meta = meta.to(device)
+    dist.broadcast(meta, src=0)  # a broadcast: each rank receives the payload once (a gather would be W times)
+    meta = meta.cpu()
+    shape, dtype = tuple(meta[2 : 2 + int(meta[0])].tolist()), _DTYPES[int(meta[1])]
+    home = tensor.device if tensor is not None else torch.device("cpu")
+    payload = tensor.contiguous().to(device) if is_main() else torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(payload, src=0)
+    return payload.to(home)
 
 
 # -- agreement ------------------------------------------------------------------------------------------------

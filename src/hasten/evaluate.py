@@ -11,7 +11,7 @@ from typing import Any
 from .generate import generate
 from .metrics.cost import peak_memory_bytes
 from .metrics.quality import evaluate_images
-from .metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
+from .metrics.reference import REFERENCE_SOLVER, reference_error, reference_samples
 from .models.zoo import LoadedModel
 
 __all__ = ["evaluate_model"]
@@ -30,7 +30,8 @@ def evaluate_model(
     batch_size: int = 256,
     **solver_options: Any,
 ) -> dict[str, Any]:
-    """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately).
+    """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately: the samples
+    ``rows`` holds, all of them in one process).
 
     Under ``torchrun`` the samples (and the reference solve) are sharded over the processes by index and
     gathered, and the metrics computed from the whole set: the result is the one-process result
@@ -40,9 +41,17 @@ def evaluate_model(
             f"quality metrics exist for MNIST models only so far; {model.info.name!r} is trained on {model.info.data!r}"
         )
     gen = generate(
-        model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, batch_size=batch_size,
+        model,
+        n,
+        solver=solver,
+        steps=steps,
+        schedule=schedule,
+        seed=seed,
+        guidance=guidance,
+        batch_size=batch_size,
+        gather=False,
         **solver_options,
-    )  # fmt: skip
+    )  # fmt: skip  (under torchrun each process keeps its rows: only per-sample results are gathered)
     result: dict[str, Any] = {
         "model": model.info.name,
         "fingerprint": model.fingerprint,
@@ -57,14 +66,12 @@ def evaluate_model(
         "images_per_second": n / gen.seconds,
         "peak_memory_bytes": peak_memory_bytes(),
         "bytes_on_disk": model.bytes_on_disk(),
-        **evaluate_images(gen.images01, gen.labels, data=model.info.data),
+        **evaluate_images(gen.images01, gen.labels, data=model.info.data, chunk=batch_size, shard=True),
     }
     if reference:
-        ref = reference_samples(model, n, seed=seed, guidance=guidance)
-        result |= {
-            "rmse_ref": rmse(gen.images01, ref),
-            "psnr_ref": psnr(gen.images01, ref),
-            "reference": REFERENCE_SOLVER,
-        }
+        ref = reference_samples(model, n, seed=seed, guidance=guidance)[gen.rows.start : gen.rows.stop]
+        result["rmse_ref"], result["psnr_ref"] = reference_error(gen.images01, ref)
+        result["reference"] = REFERENCE_SOLVER
     result["images01"] = gen.images01
+    result["rows"] = [gen.rows.start, gen.rows.stop]
     return result

@@ -25,6 +25,7 @@ from .solvers import DEFAULT_SOLVER, OPTION_RESOLVERS, SOLVERS, Solver, sample
 
 __all__ = [
     "Generation",
+    "collect",
     "default_labels",
     "generate",
     "guided_denoiser",
@@ -43,6 +44,7 @@ class Generation:
     sigmas: list[float]
     accel_stats: dict[str, Any] | None = None  # what an installed cache did (hasten.accel.AccelStats)
     samples: Tensor | None = None  # the samples in model space (latents for a latent pipeline)
+    rows: range | None = None  # the sample indices held (a process's own under torchrun with gather=False)
 
 
 def guided_denoiser(model: LoadedModel, guidance: float):
@@ -132,6 +134,28 @@ def resolve_sampler(
     )  # fmt: skip
 
 
+def collect(
+    model: LoadedModel, outputs: list[Tensor], batches: list[range], n: int, nfe: int, gather: bool
+) -> tuple[Tensor, Tensor, int, range]:
+    """A sampling run's end: this process's batch outputs -> ``(samples, images, nfe, rows held)``.
+
+    One process: all ``n``. Under torchrun: the whole set gathered in index order (``gather``), or this process's
+    rows (an idle process holds none, of the right shape); the NFE is the largest any process counted."""
+    samples = torch.cat(outputs) if outputs else None
+    images = None if samples is None else model.to_images(samples)
+    if not distributed.sharding():
+        return samples, images, nfe, range(0, n)
+    nfe = int(distributed.all_max(nfe))
+    if gather:
+        return distributed.gather_rows(samples), distributed.gather_rows(images), nfe, range(0, n)
+    held = range(batches[0].start, batches[-1].stop) if batches else range(0)
+    # an idle process learns the shapes from the others (empty gathers: every process joins them)
+    shapes = [distributed.gather_rows(None if t is None else t[:0]) for t in (samples, images)]
+    if samples is None:
+        samples, images = shapes
+    return samples, images, nfe, held
+
+
 def generate(
     model: LoadedModel,
     n: int,
@@ -151,6 +175,7 @@ def generate(
     recipe: Any = None,
     state_dtype: torch.dtype = torch.float32,
     noise: str = NOISE_CONVENTION,
+    gather: bool = True,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -176,7 +201,9 @@ def generate(
     ``noise`` is the noise convention (:mod:`hasten.seeds`): by default every sample's initial and step noise
     come from its own index, so the images do not depend on ``batch_size`` or on the number of processes. Under
     ``torchrun`` (:mod:`hasten.distributed`) each process samples its block of the batches and every process
-    returns the whole set, in index order; ``seconds`` is then the run's wall time to the last gather.
+    returns the whole set, in index order; ``seconds`` is then the run's wall time to the last gather. With
+    ``gather=False`` each process keeps its own rows (``rows`` says which; ``labels`` are theirs): what a
+    measurement that gathers only per-sample results uses (:func:`hasten.evaluate_model`), so images never travel.
     """
     if recipe is not None:
         given = {
@@ -199,7 +226,7 @@ def generate(
         recipe.check_model(model)
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
-            callback=callback, state_dtype=state_dtype, noise=recipe.noise, **recipe.generate_kwargs(),
+            callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather, **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
     if plan is None and sigmas is None:
@@ -214,7 +241,7 @@ def generate(
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
-                state_dtype=state_dtype, noise=noise, **solver_options,
+                state_dtype=state_dtype, noise=noise, gather=gather, **solver_options,
             )  # fmt: skip
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -277,11 +304,9 @@ def generate(
         )
         outputs.append(result.x)
         nfe = max(nfe, result.nfe)
-    samples = torch.cat(outputs) if outputs else None
-    images = None if samples is None else model.to_images(samples)
-    if sharded:
-        samples, images = distributed.gather_rows(samples), distributed.gather_rows(images)
-        nfe = int(distributed.all_max(nfe))
+    samples, images, nfe, held = collect(model, outputs, batches, n, nfe, gather)
+    if labels is not None:
+        labels = labels[held.start : held.stop]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -289,5 +314,6 @@ def generate(
     if sharded:
         stats = AccelStats.combine(distributed.gather_json(None if stats is None else dataclasses.asdict(stats)))
     return Generation(
-        images.cpu(), labels, nfe, seconds, sigmas.tolist(), None if stats is None else stats.as_dict(), samples.cpu()
-    )
+        images.cpu(), labels, nfe, seconds, sigmas.tolist(), None if stats is None else stats.as_dict(), samples.cpu(),
+        held,
+    )  # fmt: skip

@@ -112,6 +112,9 @@ class BenchConfig(Config):
     students: tuple[str, ...] = ()
     force_students: bool = False
     pipeline: PipelineSource | None = None  # benchmark this diffusers pipeline instead of ``model``
+    # peers named by the user (`--peer`): one that does not support the model's objective is refused, where a
+    # preset's cross-model list keeps the ones that apply
+    strict_peers: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.pipeline, dict):  # from JSON
@@ -243,6 +246,12 @@ def expand(
         _quant_rows(config, g, common, add)
         supported = set(peers_for(objective))
         peers = [p if p in supported else f"flow_{p}" for p in config.peers]
+        unsupported = [named for named, p in zip(config.peers, peers, strict=True) if p not in supported]
+        if config.strict_peers and unsupported:
+            raise ValueError(
+                f"peer {unsupported[0]!r} does not support {objective!r} models; peers that do: "
+                f"{', '.join(peers_for(objective))}"
+            )
         for peer in dict.fromkeys(p for p in peers if p in supported):
             for steps in config.steps:
                 add(Recipe(library="diffusers", solver=peer, steps=steps, guidance=g, **common))

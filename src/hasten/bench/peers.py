@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..generate import Generation, default_labels
+from ..generate import Generation, collect, default_labels
 from ..models.adapters import _unwrap
 from ..models.guidance import CFGDenoiser
 from ..models.zoo import LoadedModel
@@ -126,8 +126,10 @@ def diffusers_generate(
     guidance: float = 1.0,
     label: int | None = None,
     batch_size: int = 256,
+    gather: bool = True,
 ) -> Generation:
-    """Sample with a diffusers scheduler on ``model.network``; same noise and labels as :func:`hasten.generate`.
+    """Sample with a diffusers scheduler on ``model.network``; same noise and labels as :func:`hasten.generate`
+    (and, under torchrun, the same split over processes; ``gather=False`` keeps each process's own rows).
 
     Returns a :class:`~hasten.generate.Generation` whose ``nfe`` counts network calls per image batch (a
     guided call runs both branches in one batch, as in hasten) and ``seconds`` the sampling time alone.
@@ -190,12 +192,9 @@ def diffusers_generate(
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         outputs.append(x)
         nfe = max(nfe, calls)
-    samples = torch.cat(outputs) if outputs else None
-    images = None if samples is None else model.to_images(samples)
-    if distributed.sharding():
-        samples, images = distributed.gather_rows(samples), distributed.gather_rows(images)
-        nfe = int(distributed.all_max(nfe))
+    samples, images, nfe, held = collect(model, outputs, batches, n, nfe, gather)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return Generation(images.cpu(), labels, nfe, seconds, [], None, samples.cpu())
+    labels = None if labels is None else labels[held.start : held.stop]
+    return Generation(images.cpu(), labels, nfe, seconds, [], None, samples.cpu(), held)

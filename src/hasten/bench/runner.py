@@ -32,7 +32,7 @@ from .._io import write_text_atomic
 from ..generate import Generation, generate, options_for_schedule
 from ..metrics.cost import peak_memory_bytes, reset_peak_memory
 from ..metrics.quality import evaluate_mnist
-from ..metrics.reference import REFERENCE_SOLVER, psnr, reference_samples, rmse
+from ..metrics.reference import REFERENCE_SOLVER, reference_error, reference_samples, rmse
 from ..models.zoo import LoadedModel, load
 from ..recipe import STUDENT_RECORD, Recipe
 from ..seeds import NOISE_CONVENTION
@@ -86,18 +86,23 @@ def _environment() -> dict[str, Any]:
 
 WARMUP_N = 10  # images in the untimed warm-up run of each configuration
 GRID_N = 50  # images in each row's grid
+GENERATE_BATCH = 256  # generate()'s batch size, which bench rows sample at: the chunks of the per-sample metrics
 
 
 def _sample(model: LoadedModel, recipe: Recipe, config: BenchConfig, n: int | None = None) -> Generation:
-    return sample_recipe(model, recipe, config.n if n is None else n)
+    # under torchrun (samples split): each process keeps its rows, only per-sample results are gathered
+    return sample_recipe(model, recipe, config.n if n is None else n, gather=False)
 
 
-def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | None = None) -> Generation:
+def sample_recipe(
+    model: LoadedModel, recipe: Recipe, n: int, *, seed: int | None = None, gather: bool = True
+) -> Generation:
     """Sample any recipe on ``model`` (the full-precision model it names): hasten's loop with its plan, cache
     and quantised weights, or a peer's scheduler, cache or quantisation on the same noise. The one place a
     bench row (and an ``optimize`` candidate) is run. A student's recipe runs on the student it names (loaded
     once; ``model`` is its teacher). Every recipe runs on the current noise convention (:mod:`hasten.seeds`), the
-    one its references are solved from, whatever convention a saved recipe carries."""
+    one its references are solved from, whatever convention a saved recipe carries. ``gather`` is
+    :func:`hasten.generate`'s (under torchrun: every process gets the whole set, or keeps its own rows)."""
     seed = recipe.seed if seed is None else seed
     recipe = recipe if recipe.noise == NOISE_CONVENTION else recipe.replace(noise=NOISE_CONVENTION)
     model = recipe_model(model, recipe)
@@ -107,19 +112,19 @@ def sample_recipe(model: LoadedModel, recipe: Recipe, n: int, *, seed: int | Non
         if recipe.solver == "pipeline" and named is not None and own is not None and type(own).__name__ != named:
             raise BenchError(f"the recipe runs the pipeline's own {named}; this pipeline's is {type(own).__name__}")
         guidance = recipe.effective_guidance
-        return diffusers_generate(model, n, recipe.solver, steps=recipe.steps, seed=seed,
+        return diffusers_generate(model, n, recipe.solver, steps=recipe.steps, seed=seed, gather=gather,
                                   guidance=model.default_guidance if guidance is None else guidance)  # fmt: skip
     if recipe.quant is not None or recipe.quant_peer is not None:
         quantized, _ = _quantized_model(model, recipe)
         if recipe.quant_peer is None:
-            return generate(quantized, n, recipe=recipe, seed=seed)
-        return generate(quantized, n, seed=seed, **recipe.replace(quant_peer=None).generate_kwargs())
+            return generate(quantized, n, recipe=recipe, seed=seed, gather=gather)
+        return generate(quantized, n, seed=seed, gather=gather, **recipe.replace(quant_peer=None).generate_kwargs())
     if recipe.cache_peer is not None:
         from .cache_peers import peer_cache
 
         with peer_cache(recipe.cache_peer, model.network, recipe.steps):
-            return generate(model, n, seed=seed, **recipe.replace(cache_peer=None).generate_kwargs())
-    return generate(model, n, recipe=recipe, seed=seed)
+            return generate(model, n, seed=seed, gather=gather, **recipe.replace(cache_peer=None).generate_kwargs())
+    return generate(model, n, recipe=recipe, seed=seed, gather=gather)
 
 
 _QUANTIZED: dict[tuple[str, str], tuple[LoadedModel, dict[str, Any]]] = {}  # per bench run: loaded once
@@ -204,7 +209,9 @@ def _measure(
     runs = [_sample(model, recipe, config) for _ in range(config.repeats)]
     gen = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
-    quality = _quality(model, gen.images01, gen.labels)
+    quality = _quality(model, gen.images01, gen.labels, shard=True)
+    error, peak = reference_error(gen.images01, reference[gen.rows.start : gen.rows.stop])
+    grid = distributed.gather_rows(gen.images01[: max(0, min(len(gen.images01), GRID_N - gen.rows.start))])
     hasten_loop = recipe.library == "hasten"
     row = {
         **_recipe_fields(recipe, recipe.kind),
@@ -225,14 +232,14 @@ def _measure(
         "peak_memory_scope": "this configuration" if peak_reset else "process so far",
         "accel_stats": gen.accel_stats,
         **_model_facts(model, recipe),
-        "rmse_ref": rmse(gen.images01, reference),
-        "psnr_ref": psnr(gen.images01, reference),
+        "rmse_ref": error,
+        "psnr_ref": peak,
         "grid": f"grids/{recipe.key}.png",
         **{k: quality[k] for k in QUALITY_KEYS},
         "label_accuracy": quality.get("label_accuracy"),
         **_training(recipe),
     }
-    return row, gen.images01[:GRID_N]
+    return row, grid
 
 
 def _training(recipe: Recipe) -> dict[str, Any]:
@@ -243,11 +250,13 @@ def _training(recipe: Recipe) -> dict[str, Any]:
     return {"training": {k: student[k] for k in (*STUDENT_RECORD, "training_seconds")}}
 
 
-def _quality(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+def _quality(
+    model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | None, *, shard: bool = False
+) -> dict[str, Any]:
     """FD, precision/recall and the rest on MNIST models; other data has no bundled feature network, so a
     pipeline's rows report the error to the reference solve (and cost) only."""
-    if model.info.data == "mnist":
-        return evaluate_mnist(images, labels)
+    if model.info.data == "mnist":  # shard: images are this process's rows under torchrun (whole generate() batches)
+        return evaluate_mnist(images, labels, chunk=GENERATE_BATCH, shard=shard)
     return dict.fromkeys((*QUALITY_KEYS, "label_accuracy"))
 
 

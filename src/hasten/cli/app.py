@@ -474,9 +474,12 @@ def evaluate(
         _fail(_non_finite(err, guidance))
     except (KeyError, TypeError, ValueError) as err:
         _fail(str(err.args[0]) if err.args else str(err))
-    images = result.pop("images01")
-    if out is not None:
-        save_grid(images[:100], out, nrow=10)
+    images, rows = result.pop("images01"), range(*result.pop("rows"))
+    if out is not None:  # the first 100 samples, from the processes holding them (all, in one process)
+        from .. import distributed
+
+        first = distributed.gather_rows(images[: max(0, min(len(images), 100 - rows.start))])
+        save_grid(first, out, nrow=10)
     text = "\n".join(f"{k:>18}: {v}" for k, v in result.items())
     _emit(fmt, result, text)
 
@@ -495,6 +498,15 @@ def bench(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     n: Annotated[
         int | None, typer.Option("--n", "--num-samples", help="override the preset's samples per configuration")
+    ] = None,
+    solver: Annotated[
+        list[str] | None,
+        typer.Option(help="override the preset's solvers: a solver spec (repeatable), e.g. unipc:variant=bh1"),
+    ] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="override the preset's step counts (repeatable)")] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(help="override the preset's diffusers peers (repeatable; `none` for no peer rows)"),
     ] = None,
     plan: Annotated[list[pathlib.Path] | None, typer.Option(help="a plan from `hasten tune` (repeatable)")] = None,
     accel: Annotated[
@@ -553,6 +565,15 @@ def bench(
     from ..tune.plan import PlanError
 
     extra: dict[str, Any] = {"n": n} if n is not None else {}
+    if solver:
+        extra["solvers"] = tuple(solver)
+    if steps:
+        extra["steps"] = tuple(steps)
+    if peer:
+        if "none" in peer and len(peer) > 1:
+            _fail(f"--peer none means no peer rows; do not name others with it, got {', '.join(peer)}")
+        extra["peers"] = () if peer == ["none"] else tuple(peer)
+        extra["strict_peers"] = True
     if pipeline is None and guidance is not None:
         _fail("--guidance goes with --pipeline DIR (bundled models take the preset's guidance scales)")
     _check_guidance(guidance)

@@ -22,6 +22,7 @@ __all__ = ["cache_dir", "evaluate_emoji", "evaluate_images", "evaluate_mnist", "
 
 
 NEAREST_CHUNK = 250  # rows per nearest-neighbour distance chunk (one process computes the same chunks)
+MEMORISATION_QUANTILE = 0.01  # held-out images closer to a training image than this share count as copies
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,7 +43,7 @@ def _reference_features(data: str = "mnist") -> tuple[Tensor, Tensor, Tensor]:
     key = f"{data}-heldout-{feature_net_fingerprint(data)}"
     path = cache_dir() / "reference-stats" / f"{key}.safetensors"
     if distributed.main_has(path):  # rank 0's cache decides for every rank of a torchrun job
-        loaded = load_file(str(path)) if distributed.is_main() else {}
+        loaded = load_file(str(path)) if distributed.reads_alone() else {}
         return tuple(distributed.from_main(loaded.get(name)) for name in ("features", "mu", "cov"))
     feats, _ = features(_split(data, "heldout").images.float() / 255.0, data)
     mu, cov = gaussian_stats(feats)
@@ -63,13 +64,15 @@ def _memorisation_threshold(quantile: float, data: str = "mnist") -> float:
     return float(torch.quantile(_nearest_training_distance(heldout, data), quantile))
 
 
-def _nearest_training_distance(pixels: Tensor, data: str) -> Tensor:
+def _nearest_training_distance(pixels: Tensor, data: str, chunk: int = NEAREST_CHUNK) -> Tensor:
     """Pixel L2 distance of each row to its nearest training image, in fixed chunks (sharded under torchrun)."""
     train = _train_pixels(data)
-    return distributed.map_rows(lambda rows: torch.cdist(rows, train).min(dim=1).values, pixels, NEAREST_CHUNK)
+    return distributed.map_rows(lambda rows: torch.cdist(rows, train).min(dim=1).values, pixels, chunk)
 
 
-def memorisation_share(samples01: Tensor, quantile: float = 0.01, data: str = "mnist") -> tuple[float, float]:
+def memorisation_share(
+    samples01: Tensor, quantile: float = MEMORISATION_QUANTILE, data: str = "mnist"
+) -> tuple[float, float]:
     """Share of samples closer (pixel L2) to a training image than all but ``quantile`` of held-out images are.
 
     A model that generalises scores about ``quantile``; one that copies its training images scores far
@@ -80,7 +83,15 @@ def memorisation_share(samples01: Tensor, quantile: float = 0.01, data: str = "m
     return float((nearest < threshold).double().mean()), threshold
 
 
-def evaluate_images(samples01: Tensor, labels: Tensor | None = None, *, data: str = "mnist", k: int = 3) -> dict:
+def evaluate_images(
+    samples01: Tensor,
+    labels: Tensor | None = None,
+    *,
+    data: str = "mnist",
+    k: int = 3,
+    chunk: int = 500,
+    shard: bool = False,
+) -> dict:
     """All quality metrics for samples in [0, 1] against the held-out split of a bundled data set.
 
     ``data``: ``"mnist"`` (``[N, 1, 28, 28]``, against 5,000 held-out digits) or ``"emoji"``
@@ -88,15 +99,27 @@ def evaluate_images(samples01: Tensor, labels: Tensor | None = None, *, data: st
     ``fd_real_vs_real`` (training images at the same sample size: the floor to compare against),
     ``precision``, ``recall``, ``confidence`` (mean max softmax), ``class_histogram``, ``label_accuracy``
     (share classified as the requested label, when ``labels`` is given), ``memorised_share`` and ``n``.
+
+    Per-sample work (features, logits, nearest training image) runs in chunks of ``chunk`` rows. Under
+    ``torchrun`` it is split over the processes by chunk; with ``shard=True`` each process passes only its own
+    rows (``generate(..., gather=False)``: whole chunks, ``chunk`` its batch size) and only the per-sample results
+    are gathered, in index order: the images never travel. Either way every process returns the one-process
+    numbers (with ``chunk`` the generation's batch size, each sample's features come from the same batch).
     """
-    feats, logits = features(samples01, data)
+    if shard and distributed.sharding():
+        with distributed.local():  # this process's rows, its own chunks
+            local = _per_sample(samples01, data, chunk)
+        feats, logits, nearest = (distributed.gather_features(t) for t in local)
+        labels = None if labels is None else distributed.gather_rows(labels)
+    else:
+        feats, logits, nearest = _per_sample(samples01, data, chunk)
     ref_feats, mu_ref, cov_ref = _reference_features(data)
     probs = torch.softmax(logits, dim=1)
-    n = len(samples01)
+    n = len(feats)
     # Equal-size real set (a seeded subset of the held-out images): k-NN radii depend on the set size.
     subset = torch.randperm(len(ref_feats), generator=torch.Generator().manual_seed(0))[: max(n, k + 1)]
     precision, recall = precision_recall(ref_feats[subset], feats, k=k)
-    memorised, _ = memorisation_share(samples01, data=data)
+    memorised = float((nearest < _memorisation_threshold(MEMORISATION_QUANTILE, data)).double().mean())
     result = {
         "n": n,
         "fd": frechet_distance(*gaussian_stats(feats), mu_ref, cov_ref),
@@ -112,9 +135,20 @@ def evaluate_images(samples01: Tensor, labels: Tensor | None = None, *, data: st
     return result
 
 
-def evaluate_mnist(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:
+def _per_sample(samples01: Tensor, data: str, chunk: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Features, logits and nearest-training-image distance of each sample, in chunks of ``chunk`` (None for none:
+    an idle process of a sharded run, which still joins the gathers)."""
+    if not len(samples01):
+        return None, None, None
+    feats, logits = features(samples01, data, chunk)
+    return feats, logits, _nearest_training_distance(samples01.flatten(1).double().cpu(), data, chunk)
+
+
+def evaluate_mnist(
+    samples01: Tensor, labels: Tensor | None = None, *, k: int = 3, chunk: int = 500, shard: bool = False
+) -> dict:
     """:func:`evaluate_images` for ``[N, 1, 28, 28]`` digits against the 5,000 held-out MNIST digits."""
-    return evaluate_images(samples01, labels, data="mnist", k=k)
+    return evaluate_images(samples01, labels, data="mnist", k=k, chunk=chunk, shard=shard)
 
 
 def evaluate_emoji(samples01: Tensor, labels: Tensor | None = None, *, k: int = 3) -> dict:

@@ -23,7 +23,7 @@ from ..models.zoo import LoadedModel
 from ..seeds import NOISE_CONVENTION
 from .quality import cache_dir
 
-__all__ = ["REFERENCE_SOLVER", "psnr", "reference_path", "reference_samples", "rmse"]
+__all__ = ["REFERENCE_SOLVER", "psnr", "reference_error", "reference_path", "reference_samples", "rmse"]
 
 # Many steps of a third-order multistep solver on the EDM grid: converged to well below the errors measured.
 # The Taylor 3M (third order from noise with its singlestep start; the default, named so the key says so).
@@ -33,6 +33,16 @@ REFERENCE_SOLVER = {"solver": "dpmpp_3m", "steps": 200, "schedule": "karras", "o
 def rmse(x: Tensor, reference: Tensor) -> float:
     """Root-mean-square error over all pixels (images in [0, 1])."""
     return float((x.double() - reference.double()).pow(2).mean().sqrt())
+
+
+def reference_error(x: Tensor, reference: Tensor) -> tuple[float, float]:
+    """``(rmse, psnr)`` of a sample set against its reference, where each process of a torchrun job holds its own
+    rows of both (one process: all of them). Per-sample sums of squares are gathered in index order and reduced
+    one way, so the numbers are the one-process numbers whatever the number of processes."""
+    per_sample = (x.double() - reference.double()).pow(2).flatten(1).sum(1)
+    gathered = distributed.gather_rows(per_sample if len(per_sample) else None)
+    mse = float(gathered.sum()) / (len(gathered) * math.prod(x.shape[1:]))
+    return math.sqrt(mse), (math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse))
 
 
 def psnr(x: Tensor, reference: Tensor) -> float:
@@ -83,7 +93,7 @@ def reference_samples(
     path, spec = reference_path(model, n, seed=seed, guidance=guidance, label=label, steps=steps, noise=noise)
     solver = {k: spec[k] for k in REFERENCE_SOLVER}
     if distributed.main_has(path):  # rank 0's cache decides for every rank of a torchrun job
-        return distributed.from_main(load_file(str(path))["images"] if distributed.is_main() else None)
+        return distributed.from_main(load_file(str(path))["images"] if distributed.reads_alone() else None)
     result = generate(
         model,
         n,
