@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "broadcast_json",
+    "clock",
     "device_for",
     "from_main",
     "gather_features",
@@ -356,6 +358,14 @@ def gather_json(value: Any) -> list[Any]:
 def broadcast_json(value: Any) -> Any:
     """Rank 0's JSON-able ``value`` on every rank: a decision taken from rank 0's files, shared by all."""
     return gather_json(value)[0] if sharding() else value
+
+
+def clock() -> float:
+    """``time.perf_counter()``, rank 0's under a sharded run: durations and deadlines computed from it are the
+    same on every rank, so a time budget ends at the same step everywhere (a rank that stopped alone would leave
+    the others waiting in a collective)."""
+    now = time.perf_counter()
+    return float(broadcast_json(now)) if sharding() else now
 
 
 def main_has(path: str | os.PathLike) -> bool:

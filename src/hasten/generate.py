@@ -310,6 +310,8 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if sharded:  # rank 0's measurement for all: a decision taken on it (a fastest candidate) is then the same
+        seconds = float(distributed.broadcast_json(seconds))
     stats = None if installed is None else installed.stats.since(stats_before)
     if sharded:
         stats = AccelStats.combine(distributed.gather_json(None if stats is None else dataclasses.asdict(stats)))

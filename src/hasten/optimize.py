@@ -46,10 +46,10 @@ import os
 import pathlib
 import shutil
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
+from . import distributed
 from ._io import write_text_atomic
 from .config import Config
 from .recipe import Recipe, save_recipe
@@ -211,7 +211,7 @@ class Optimizer:
                 f"hasten has no feature network for {model.info.data!r} data, so no FD budget: give max_rmse (the "
                 "largest RMSE to the reference images, pixels in [0, 1])"
             )
-        self.started = time.perf_counter()
+        self.started = distributed.clock()
         self.deadline = self.started + 60.0 * config.minutes
         self.spent: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.spent["reference"] = 0.0
@@ -239,12 +239,12 @@ class Optimizer:
         if seed not in self.references:
             from .metrics.reference import reference_samples
 
-            t0 = time.perf_counter()
+            t0 = distributed.clock()
             images = reference_samples(self.model, self.config.n, seed=seed, guidance=self.guidance,
                                        steps=self.config.reference_steps)  # fmt: skip
             self.references[seed] = images
             self.reference_fd[seed] = self._fd(images)
-            self.spent["reference"] += time.perf_counter() - t0
+            self.spent["reference"] += distributed.clock() - t0
         return self.references[seed]
 
     def _fd(self, images: Any) -> float | None:
@@ -282,7 +282,7 @@ class Optimizer:
     # -- bookkeeping -------------------------------------------------------------------------------------
 
     def remaining(self) -> float:
-        return self.deadline - time.perf_counter()
+        return self.deadline - distributed.clock()
 
     def typical_evaluation(self) -> float:
         return statistics.median(self.eval_seconds) if self.eval_seconds else 0.0
@@ -313,7 +313,7 @@ class Optimizer:
             return self.evaluations[digest]
         self.reference(SCORE_SEED)
         cached = self.cache.get(digest)
-        t0 = time.perf_counter()
+        t0 = distributed.clock()
         if cached is not None:
             scores = cached
         else:
@@ -321,11 +321,11 @@ class Optimizer:
             self.cache[digest] = scores
             write_text_atomic(self.cache_path, json.dumps({"protocol": self.config.protocol(
                 self.model.fingerprint, self.guidance), "evaluations": self.cache}) + "\n")  # fmt: skip
-            self.eval_seconds.append(time.perf_counter() - t0)
+            self.eval_seconds.append(distributed.clock() - t0)
         row = {"digest": digest, "stage": stage, "label": recipe.describe(), "kind": recipe.kind,
                "recipe": recipe, **scores, "quality_loss": self.loss(scores), "cached": cached is not None}  # fmt: skip
         row["passed"] = self.passes(row)
-        self.spent[stage] += time.perf_counter() - t0
+        self.spent[stage] += distributed.clock() - t0
         self.counts[stage] += 1
         self.evaluations[digest] = row
         self.on_event("evaluation", row)
@@ -528,7 +528,7 @@ class Optimizer:
         from .tune import TuneConfig, TuneError
         from .tune import tune as run_tune
 
-        share_end = time.perf_counter() + self.config.tune_share * 60.0 * self.config.minutes
+        share_end = distributed.clock() + self.config.tune_share * 60.0 * self.config.minutes
         folder = self.work / "plans"
         folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -536,11 +536,11 @@ class Optimizer:
             if not best:
                 return
             nfe = int(best[0]["nfe"]) - 1
-            left = min(share_end - time.perf_counter(), self.remaining() - self.final_reserve())
+            left = min(share_end - distributed.clock(), self.remaining() - self.final_reserve())
             if nfe < 2 or left < 3 * max(self.typical_evaluation(), 1.0):
                 return
             out = folder / f"nfe{nfe}.json"
-            t0 = time.perf_counter()
+            t0 = distributed.clock()
             config = TuneConfig(nfe=nfe, minutes=max(left / 60.0 * 0.6, 0.1), guidance=self.guidance, use_v3=False,
                                 n_heldout=min(self.config.n, 100), reference_steps=self.config.reference_steps,
                                 fd_candidates=2 if self.has_fd else 0)  # fmt: skip
@@ -549,7 +549,7 @@ class Optimizer:
             except TuneError as err:
                 self.notes.append(f"tuning at NFE {nfe} stopped: {err}")
                 return
-            self.spent["tune"] += time.perf_counter() - t0
+            self.spent["tune"] += distributed.clock() - t0
             self.counts["tune"] += 1
             row = self.evaluate(self.recipe(plan=plan, provenance={"plan_file": str(out)}), "plans")
             if not row["passed"]:
@@ -615,9 +615,9 @@ class Optimizer:
                 return
             for recipe in under:
                 if self.affordable(reserve=self.final_reserve()):
-                    t0 = time.perf_counter()
+                    t0 = distributed.clock()
                     folder = self.quantized_folder(mode, self.model_for(recipe))
-                    self.spent["quant"] += time.perf_counter() - t0
+                    self.spent["quant"] += distributed.clock() - t0
                     fingerprint = folder_fingerprint(folder)
                     self.evaluate(recipe.replace(quant=str(folder), quant_fingerprint=fingerprint), "quant")
 
@@ -668,25 +668,25 @@ class Optimizer:
             if timed and self.remaining() < 2 * self.typical_evaluation():
                 self.notes.append("timing stopped: budget")
                 break
-            t0 = time.perf_counter()
+            t0 = distributed.clock()
             t_base, t_cand = self.time_pair(baseline, row["recipe"])
             base, cand = statistics.median(t_base), statistics.median(t_cand)
             row.update({"seconds_per_image": cand / self.config.n_time, "speedup": base / cand,
                         "seconds_timed": t_cand, "baseline_seconds_timed": t_base})  # fmt: skip
-            self.spent["timing"] += time.perf_counter() - t0
+            self.spent["timing"] += distributed.clock() - t0
             self.counts["timing"] += 1
             self.on_event("timed", row)
             timed.append(row)
         return timed
 
     def confirm(self, row: dict[str, Any]) -> bool:
-        t0 = time.perf_counter()
+        t0 = distributed.clock()
         self.reference(CONFIRM_SEED)
         scores = self.measure(row["recipe"], CONFIRM_SEED)
         check = {**scores, "quality_loss": self.loss(scores, CONFIRM_SEED)}
         row["confirmation"] = {"seed": CONFIRM_SEED, **check, "reference_fd": self.reference_fd[CONFIRM_SEED],
                                "passed": self.passes(check)}  # fmt: skip
-        self.spent["confirm"] += time.perf_counter() - t0
+        self.spent["confirm"] += distributed.clock() - t0
         self.counts["confirm"] += 1
         self.on_event("confirmation", row)
         return row["confirmation"]["passed"]
@@ -727,7 +727,7 @@ class Optimizer:
         stock_rows = [r for r in timed if r["stage"] in ("stock", "peers")]
         best_stock = max(stock_rows, key=lambda r: r["speedup"]) if stock_rows else None
         path = self._path(timed)
-        total = time.perf_counter() - self.started
+        total = distributed.clock() - self.started
         budget = {"minutes": self.config.minutes, "seconds_used": total,
                   "seconds_by_stage": {k: v for k, v in self.spent.items() if v},
                   "evaluations_by_stage": {k: v for k, v in self.counts.items() if v},

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import distributed
 from ..generate import generate
 from ..metrics.features import FEATURE_NETS
 from ..metrics.quality import evaluate_images
@@ -173,16 +174,28 @@ def calibrate(
     base_fd = fd(base.images01)
     rows: list[dict[str, Any]] = []
     passing: list[tuple[float, AccelConfig]] = []
-    for ladder in all_ladders:
+    live = not distributed.sharding()  # one process reports each row as it comes
+
+    def climb(ladder: list[AccelConfig]) -> list[dict[str, Any]]:
+        climbed = []
         for config in ladder:
             out = run(CALIBRATION_SEED, config)
             row = _row(config, out, base, base_fd, fd(out.images01), max_quality_loss, max_rmse)
-            rows.append(row)
-            if on_row is not None:
+            climbed.append(row)
+            if live and on_row is not None:
                 on_row(row)
             if not row["passed"]:
                 break  # more reuse along this ladder only loses more
-            passing.append((row["saved_fraction"], config))
+        return climbed
+
+    # the ladders are independent: under torchrun each process climbs its own (hasten.distributed.map_tasks)
+    for ladder, climbed in zip(all_ladders, distributed.map_tasks(climb, all_ladders), strict=True):
+        for config, row in zip(ladder, climbed, strict=False):
+            rows.append(row)
+            if not live and on_row is not None:
+                on_row(row)
+            if row["passed"]:
+                passing.append((row["saved_fraction"], config))
     result = Calibration(
         technique,
         {"max_quality_loss": max_quality_loss, "max_rmse": max_rmse},

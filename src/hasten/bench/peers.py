@@ -196,5 +196,7 @@ def diffusers_generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if distributed.sharding():  # rank 0's measurement for all, as generate() does
+        seconds = float(distributed.broadcast_json(seconds))
     labels = None if labels is None else labels[held.start : held.stop]
     return Generation(images.cpu(), labels, nfe, seconds, [], None, samples.cpu(), held)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pathlib
-import time
 import warnings
 from typing import Any
 
@@ -243,13 +242,13 @@ def tune(
             return generate(model, n, plan=plan, seed=seed, guidance=config.guidance)
 
     def objective(candidate: Candidate) -> tuple[float, float]:
-        start = time.perf_counter()
+        start = distributed.clock()
         try:
             images = run(candidate.to_plan(sigma_max, **meta), config.n_search, config.search_seed).images01
             score = rmse(images, reference)
         except (FloatingPointError, PlanError):
             score = math.inf
-        return score, time.perf_counter() - start
+        return score, distributed.clock() - start
 
     predictions = PREDICTIONS
     if config.use_v3:
