@@ -49,6 +49,7 @@ __all__ = [
     "barrier",
     "broadcast_json",
     "clock",
+    "destroy",
     "device_for",
     "from_main",
     "gather_features",
@@ -142,6 +143,7 @@ def init_from_env(timeout_minutes: float = 30.0) -> bool:
 
 
 def destroy() -> None:
+    """Leave the process group (the end of a script; the CLI does it for its commands)."""
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -261,6 +263,8 @@ def map_rows(fn: Callable[[Tensor], Any], rows: Tensor, chunk: int, *, outputs: 
     way (bit-identical on CPUs). ``fn`` returns a ``[len(chunk), ...]`` tensor, or a tuple of ``outputs`` of them.
     """
     results = [fn(rows[b.start : b.stop]) for b in shard_batches(len(rows), chunk)]
+    if not results and not sharding():  # no rows: fn's own empty output (its shape and dtype)
+        results = [fn(rows[:0])]
     if outputs == 1:
         return gather_rows(torch.cat(results) if results else None)
     columns = list(zip(*results, strict=True)) if results else [None] * outputs

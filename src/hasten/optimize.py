@@ -580,22 +580,30 @@ class Optimizer:
     def quantized_folder(self, mode: str, model: Any = None) -> pathlib.Path:
         """Quantised weights of ``model`` (default: this one; a student's) for ``mode``, made once per network
         (cached beside the evaluations). A student is calibrated on its own sampler's trajectories."""
+        model = self.model if model is None else model
+        folder = self.cache_path.parent / "quant" / f"{model.info.name}-{model.fingerprint[:12]}-{mode}"
+        if distributed.sharding():  # rank 0 makes the folder alone; the others wait, then read it
+            if not distributed.main_has(folder / "hasten.json") and distributed.is_main():
+                with distributed.local():
+                    self._quantize(model, mode, folder)
+            distributed.barrier()
+        elif not (folder / "hasten.json").exists():
+            self._quantize(model, mode, folder)
+        return folder
+
+    def _quantize(self, model: Any, mode: str, folder: pathlib.Path) -> None:
         from .quant import QuantConfig, quantize_to_folder
         from .recipe import _model_ref
 
-        model = self.model if model is None else model
-        folder = self.cache_path.parent / "quant" / f"{model.info.name}-{model.fingerprint[:12]}-{mode}"
-        if not (folder / "hasten.json").exists():
-            weights, activations = QUANT_MODES[mode]
-            tmp = folder.with_name(folder.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            own = model.default_sampler  # a student's: calibrate where it samples
-            sampler = {"solver": own["solver"], "steps": int(own["steps"])} if own else {"steps": 10}
-            quantize_to_folder(_model_ref(model), QuantConfig(weights=weights, activations=activations), tmp,
-                               n=64, guidance=self.guidance, **sampler)  # fmt: skip
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        return folder
+        weights, activations = QUANT_MODES[mode]
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        own = model.default_sampler  # a student's: calibrate where it samples
+        sampler = {"solver": own["solver"], "steps": int(own["steps"])} if own else {"steps": 10}
+        quantize_to_folder(_model_ref(model), QuantConfig(weights=weights, activations=activations), tmp,
+                           n=64, guidance=self.guidance, **sampler)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
 
     def stage_quant(self) -> None:
         if not self.config.quant or self.model.folder is None:
@@ -818,7 +826,7 @@ def optimize(
     work = check_output(out, resume=resume, force=force)
     optimizer = Optimizer(model, config, work, on_event=on_event)
     optimizer.check_budget()  # before anything is written
-    if force and out.exists():
+    if force and out.exists() and distributed.is_main():
         out.unlink()
     work.mkdir(parents=True, exist_ok=True)
     result = optimizer.run()
@@ -844,9 +852,11 @@ def _with_own_folders(recipe: Recipe, out: pathlib.Path) -> Recipe:
     if cache_dir().resolve() not in source.resolve().parents:
         return recipe
     target = out.with_name(out.name.removesuffix(".json") + "." + source.name.rsplit("-", 1)[-1])
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    if distributed.is_main():  # under torchrun rank 0 copies; every rank names the copy
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    distributed.barrier()
     return recipe.replace(quant=str(target))

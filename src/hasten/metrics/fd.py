@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import distributed
+
 __all__ = ["frechet_distance", "frechet_distance_from_features", "gaussian_stats", "precision_recall"]
 
 
@@ -44,21 +46,32 @@ def frechet_distance_from_features(a: Tensor, b: Tensor) -> float:
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
 
 
+KNN_CHUNK = 256  # rows of each distance block: memory chunk x N, not N x N (and the unit of work under torchrun)
+
+
 def _kth_neighbour_radius(f: Tensor, k: int) -> Tensor:
-    d = torch.cdist(f, f)
-    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    # +1: the point itself is at distance 0
+    return distributed.map_rows(lambda rows: torch.cdist(rows, f).kthvalue(k + 1, dim=1).values, f, KNN_CHUNK)
+
+
+def _inside(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
+    """Whether each point lies in some ball (centre, radius), one block of points at a time."""
+    return distributed.map_rows(
+        lambda rows: (torch.cdist(rows, centres) <= radii[None, :]).any(dim=1).double(), points, KNN_CHUNK
+    )
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision (share of fakes inside the real manifold) and recall (reals inside the fake one).
 
     Each manifold is the union of balls around its points with radius the distance to the k-th neighbour.
+    Distances are computed in blocks of :data:`KNN_CHUNK` rows (split over the processes under torchrun), so
+    memory grows as N, not N^2, and every process returns the one-process numbers.
     """
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"need more than k={k} real and fake points, got {len(real)} and {len(fake)}")
     real, fake = real.double(), fake.double()
     r_real, r_fake = _kth_neighbour_radius(real, k), _kth_neighbour_radius(fake, k)
-    d = torch.cdist(fake, real)  # [n_fake, n_real]
-    precision = (d <= r_real[None, :]).any(dim=1).double().mean()
-    recall = (d.T <= r_fake[None, :]).any(dim=1).double().mean()
+    precision = _inside(fake, real, r_real).mean()
+    recall = _inside(real, fake, r_fake).mean()
     return float(precision), float(recall)
