@@ -51,6 +51,7 @@ __all__ = [
     "clock",
     "destroy",
     "device_for",
+    "even_batch_size",
     "from_main",
     "gather_features",
     "gather_json",
@@ -187,6 +188,15 @@ def shard_batches(n: int, batch_size: int, *, rank: int | None = None, world_siz
     first = rank * base + min(rank, extra)
     last = first + base + (1 if rank < extra else 0)
     return [range(b * batch_size, min((b + 1) * batch_size, n)) for b in range(first, last)]
+
+
+def even_batch_size(n: int, largest: int = 256) -> int:
+    """The batch size that splits ``n`` samples into the fewest batches of at most ``largest``, as even as they come
+    (the last short by less than one sample per batch): 1000 -> 250 x 4, not 256 x 3 + 232; 1001 -> 251 x 3 + 248.
+    It depends on ``n`` alone, so it is the same on every process, and it balances a split by whole batches."""
+    if n < 1 or largest < 1:
+        raise ValueError(f"need n >= 1 and largest >= 1, got n={n}, largest={largest}")
+    return -(-n // -(-n // largest))
 
 
 def shard_indices(n: int, *, batch_size: int = 1, rank: int | None = None, world_size: int | None = None) -> range:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import distributed
 from .generate import generate
 from .metrics.cost import peak_memory_bytes
 from .metrics.quality import evaluate_images
@@ -27,7 +28,7 @@ def evaluate_model(
     seed: int = 0,
     guidance: float = 1.0,
     reference: bool = True,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     **solver_options: Any,
 ) -> dict[str, Any]:
     """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately: the samples
@@ -35,7 +36,9 @@ def evaluate_model(
 
     Under ``torchrun`` the samples (and the reference solve) are sharded over the processes by index and
     gathered, and the metrics computed from the whole set: the result is the one-process result
-    (:mod:`hasten.distributed`), ``seconds`` the run's wall time."""
+    (:mod:`hasten.distributed`), ``seconds`` the run's wall time. ``batch_size`` (default: even batches of at
+    most 256, :func:`hasten.distributed.even_batch_size`) sets the batches, and so the split over processes."""
+    batch_size = distributed.even_batch_size(n) if batch_size is None else batch_size
     if model.info.data != "mnist":
         raise ValueError(
             f"quality metrics exist for MNIST models only so far; {model.info.name!r} is trained on {model.info.data!r}"

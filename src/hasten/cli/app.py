@@ -219,7 +219,7 @@ def sample(
     _check_writable(out, "--out")
     if save is not None:
         _check_writable(save, "--save")
-    _check_device(device)
+    device = _check_device(device)
     _check_guidance(guidance)
     if recipe is not None:
         given = [name for name, value, default in (
@@ -362,8 +362,11 @@ def _check_writable(path: pathlib.Path, flag: str) -> None:
         _fail(f"{flag} {path} is not writable")
 
 
-def _check_device(device: str) -> None:
-    """Refuse a device this torch cannot use, before any work (``torch.device`` alone accepts "cuda" anywhere)."""
+def _check_device(device: str) -> str:
+    """Refuse a device this torch cannot use, before any work (``torch.device`` alone accepts "cuda" anywhere);
+    the device this process uses: under torchrun, ``cuda`` is ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    import os
+
     import torch
 
     try:
@@ -372,6 +375,11 @@ def _check_device(device: str) -> None:
         _fail(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for another GPU)")
     if kind == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    from .. import distributed
+
+    return str(distributed.device_for(device))
 
 
 def _check_output_folder(out: pathlib.Path, flag: str, *, force: bool, sources: tuple[Any, ...] = ()) -> None:
@@ -421,7 +429,14 @@ def evaluate(
         int | None, typer.Option(min=1, help="solver steps [default: the model's own sampler's, else 20]")
     ] = None,
     n: Annotated[int, typer.Option("--n", "--num-samples", min=10, help="number of samples")] = 1000,
-    batch_size: SampleBatchOption = 256,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="images per network batch [default: even batches of at most 256]; under torchrun each process "
+            "samples whole batches, so keep it fixed to reproduce a run",
+        ),
+    ] = None,
     seed: SeedOption = 0,
     guidance: Annotated[
         float | None, typer.Option(help="classifier-free guidance scale [default: the model's sampler's, else 1]")
@@ -1015,7 +1030,7 @@ def train(
     from ..train import TrainConfig, find_checkpoint
     from ..train import train as run_training
 
-    _check_device(device)
+    device = _check_device(device)
     if out.is_dir() and find_checkpoint(out) is not None:
         _check_output_folder(out, "--out", force=True)  # a run to resume: only a read-only folder is refused
     else:
@@ -1083,7 +1098,7 @@ def distill(
     from ..distill import distill as run_distill
     from ..distill._base import has_run
 
-    _check_device(device)
+    device = _check_device(device)
     if method not in METHODS:
         _fail(f"--method {method!r} is not a distillation method; available: {', '.join(METHODS.names())}")
     options: dict[str, Any] = {}

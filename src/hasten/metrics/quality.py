@@ -8,12 +8,15 @@ in training) in the bundled MNIST feature network's space, and checks for copies
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .. import distributed
-from .._io import atomic_path, cache_dir
+from .._io import atomic_path, cache_dir, write_text_atomic
 from ..data import load_emoji, load_mnist
 from .fd import frechet_distance, gaussian_stats, precision_recall
 from .features import feature_net_fingerprint, features
@@ -57,11 +60,38 @@ def _train_pixels(data: str = "mnist") -> Tensor:
     return _split(data, "train").images.flatten(1).double() / 255.0
 
 
+@functools.lru_cache(maxsize=4)
+def _data_digest(data: str) -> str:
+    """sha256 of the training and held-out images' bytes: what a number derived from them depends on."""
+    digest = hashlib.sha256()
+    for split in ("train", "heldout"):
+        digest.update(_split(data, split).images.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached_number(name: str, spec: dict, compute: Callable[[], float]) -> float:
+    """A number derived from the bundled data alone, computed once and kept in the cache (as JSON), so every
+    process of every run reads it in milliseconds; under torchrun rank 0's cache decides."""
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "reference-stats" / f"{name}-{key}.json"
+    if distributed.main_has(path):
+        value = json.loads(path.read_text())["value"] if distributed.reads_alone() else None
+        return float(distributed.broadcast_json(value))
+    value = float(compute())
+    write_text_atomic(path, json.dumps({"value": value, "spec": spec}) + "\n")
+    return value
+
+
 @functools.lru_cache(maxsize=8)
 def _memorisation_threshold(quantile: float, data: str = "mnist") -> float:
     """The ``quantile`` of held-out images' distances to their nearest training image (computed once)."""
-    heldout = _split(data, "heldout").images.flatten(1).double() / 255.0
-    return float(torch.quantile(_nearest_training_distance(heldout, data), quantile))
+
+    def compute() -> float:
+        heldout = _split(data, "heldout").images.flatten(1).double() / 255.0
+        return float(torch.quantile(_nearest_training_distance(heldout, data), quantile))
+
+    spec = {"quantile": quantile, "data": data, "images": _data_digest(data)}
+    return _cached_number("memorisation-threshold", spec, compute)
 
 
 def _nearest_training_distance(pixels: Tensor, data: str, chunk: int = NEAREST_CHUNK) -> Tensor:
@@ -159,8 +189,13 @@ def evaluate_emoji(samples01: Tensor, labels: Tensor | None = None, *, k: int = 
 @functools.lru_cache(maxsize=16)
 def real_vs_real_fd(n: int, seed: int = 0, data: str = "mnist") -> float:
     """FD between ``n`` training images and the held-out statistics: the value a perfect model reaches at n."""
-    _, mu_ref, cov_ref = _reference_features(data)
-    train = _split(data, "train").images
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
-    f, _ = features(train[idx].float() / 255.0, data)
-    return frechet_distance(*gaussian_stats(f), mu_ref, cov_ref)
+
+    def compute() -> float:
+        _, mu_ref, cov_ref = _reference_features(data)
+        train = _split(data, "train").images
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]
+        f, _ = features(train[idx].float() / 255.0, data)
+        return frechet_distance(*gaussian_stats(f), mu_ref, cov_ref)
+
+    spec = {"n": n, "seed": seed, "data": data, "images": _data_digest(data), "features": feature_net_fingerprint(data)}
+    return _cached_number("real-vs-real-fd", spec, compute)
