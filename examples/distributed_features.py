@@ -24,4 +24,4 @@ feats = distributed.gather_features(feats)  # every process's rows, in sample or
 if distributed.is_main():
     save_file({"features": feats.contiguous()}, sys.argv[1])
     print(f"{tuple(feats.shape)} features from {distributed.world_size()} process(es) -> {sys.argv[1]}")
-distributed.destroy()
+distributed.destroy(wait=True)

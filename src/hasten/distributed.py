@@ -143,11 +143,22 @@ def init_from_env(timeout_minutes: float = 30.0) -> bool:
     return True
 
 
-def destroy() -> None:
-    """Leave the process group (the end of a script; the CLI does it for its commands)."""
+def destroy(wait: bool = False) -> None:
+    """Leave the process group (the end of a script; the CLI does it for its commands).
+
+    ``wait``: meet the other ranks first (a normal end), so no rank tears its connections down while a peer
+    still uses them. The group is destroyed and garbage collected while the interpreter is fully alive: gloo's
+    threads must not release tensors during interpreter shutdown (seen here as rare SIGABRTs at exit,
+    "terminate called without an active exception", after a run's files were complete).
+    """
+    import gc
+
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def device_for(device: str | torch.device) -> torch.device:

@@ -34,10 +34,11 @@ def evaluate_model(
     """Sample ``n`` images and measure them; returns a JSON-able dict (and ``images01`` separately: the samples
     ``rows`` holds, all of them in one process).
 
-    Under ``torchrun`` the samples (and the reference solve) are sharded over the processes by index and
-    gathered, and the metrics computed from the whole set: the result is the one-process result
-    (:mod:`hasten.distributed`), ``seconds`` the run's wall time. ``batch_size`` (default: even batches of at
-    most 256, :func:`hasten.distributed.even_batch_size`) sets the batches, and so the split over processes."""
+    Under ``torchrun`` the samples (and the reference solve) are sharded over the processes by index, only
+    per-sample results are gathered, and the metrics are computed from the whole set: the result is the
+    one-process result (:mod:`hasten.distributed`), ``seconds`` the slowest process's sampling time.
+    ``batch_size`` (default: even batches of at most 256, :func:`hasten.distributed.even_batch_size`) sets the
+    batches, and so the split over processes."""
     batch_size = distributed.even_batch_size(n) if batch_size is None else batch_size
     if model.info.data != "mnist":
         raise ValueError(

@@ -201,7 +201,7 @@ def generate(
     ``noise`` is the noise convention (:mod:`hasten.seeds`): by default every sample's initial and step noise
     come from its own index, so the images do not depend on ``batch_size`` or on the number of processes. Under
     ``torchrun`` (:mod:`hasten.distributed`) each process samples its block of the batches and every process
-    returns the whole set, in index order; ``seconds`` is then the run's wall time to the last gather. With
+    returns the whole set, in index order; ``seconds`` is then the slowest process's sampling time. With
     ``gather=False`` each process keeps its own rows (``rows`` says which; ``labels`` are theirs): what a
     measurement that gathers only per-sample results uses (:func:`hasten.evaluate_model`), so images never travel.
     """
@@ -280,7 +280,7 @@ def generate(
     outputs, nfe, offset = [], 0, 0
     installed = accelerator_of(model)
     stats_before = None if installed is None else installed.stats
-    distributed.barrier()  # a sharded run is timed from a common start to the last rank's gather
+    distributed.barrier()  # a sharded run is timed from a common start: its time is its slowest process's
     start = time.perf_counter()
     for rows in batches:
         x = initial[offset : offset + len(rows)]
@@ -304,14 +304,14 @@ def generate(
         )
         outputs.append(result.x)
         nfe = max(nfe, result.nfe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start  # sampling alone: decoding and gathering come after
     samples, images, nfe, held = collect(model, outputs, batches, n, nfe, gather)
     if labels is not None:
         labels = labels[held.start : held.stop]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if sharded:  # rank 0's measurement for all: a decision taken on it (a fastest candidate) is then the same
-        seconds = float(distributed.broadcast_json(seconds))
+    if sharded:  # the slowest process's, the same on every rank (a decision taken on it is then the same)
+        seconds = distributed.all_max(seconds)
     stats = None if installed is None else installed.stats.since(stats_before)
     if sharded:
         stats = AccelStats.combine(distributed.gather_json(None if stats is None else dataclasses.asdict(stats)))

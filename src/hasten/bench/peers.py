@@ -192,11 +192,11 @@ def diffusers_generate(
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         outputs.append(x)
         nfe = max(nfe, calls)
-    samples, images, nfe, held = collect(model, outputs, batches, n, nfe, gather)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if distributed.sharding():  # rank 0's measurement for all, as generate() does
-        seconds = float(distributed.broadcast_json(seconds))
+    seconds = time.perf_counter() - start  # sampling alone, as generate() times it
+    samples, images, nfe, held = collect(model, outputs, batches, n, nfe, gather)
+    if distributed.sharding():  # the slowest process's, as generate() reports it
+        seconds = distributed.all_max(seconds)
     labels = None if labels is None else labels[held.start : held.stop]
     return Generation(images.cpu(), labels, nfe, seconds, [], None, samples.cpu(), held)

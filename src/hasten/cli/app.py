@@ -1289,10 +1289,14 @@ def main() -> None:
     from .. import distributed
 
     distributed.init_from_env()
+    finished = False
     try:
         record(app)()
+    except SystemExit as end:  # typer ends every command with SystemExit: 0 when it succeeded
+        finished = end.code in (0, None)
+        raise
     finally:
-        distributed.destroy()
+        distributed.destroy(wait=finished)
 
 
 if __name__ == "__main__":
