@@ -267,12 +267,24 @@ def test_training_is_data_parallel_and_resumes_on_another_number_of_processes(tm
     assert json.loads((tmp_path / "mixed" / "hasten.json").read_text())["training"]["steps"] == 4
 
 
-def test_distillation_runs_data_parallel(tmp_path):
-    done = _hasten(2, "distill", "--teacher", "mnist-dit", "--method", "progressive", "--nfe", "2", "--max-steps", "2",
-                   "--batch-size", "4", "--out", "student", "--format", "json", cwd=tmp_path)  # fmt: skip
+def test_distillation_runs_data_parallel_on_the_teachers_one_process_couplings(tmp_path):
+    """Reflow under 2 processes: its teacher couplings are made one chunk per process and written by rank 0, the
+    same tensors as one process makes; then data-parallel updates and a working student folder."""
+    from safetensors.torch import load_file
+
+    args = ["distill", "--teacher", "mnist-dit", "--method", "reflow", "--nfe", "2", "--max-steps", "2",
+            "--batch-size", "4", "--option", "couplings=12", "--option", "chunk_size=4", "--option", "teacher_steps=4",
+            "--format", "json"]  # fmt: skip
+    _hasten(0, *args, "--out", "one", cwd=tmp_path)
+    done = _hasten(2, *args, "--out", "two", cwd=tmp_path)
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
-    assert (tmp_path / "student" / "hasten.json").exists() and (tmp_path / "student" / "MODEL_CARD.md").exists()
-    hasten.generate(hasten.load(str(tmp_path / "student")), 2)  # a working student
+    for k in range(3):  # 3 chunks over 2 processes: the second round has one idle process
+        one = load_file(str(tmp_path / "one" / "method" / "couplings" / f"chunk_{k:05d}.safetensors"))
+        two = load_file(str(tmp_path / "two" / "method" / "couplings" / f"chunk_{k:05d}.safetensors"))
+        assert sorted(one) == sorted(two) == ["labels", "x", "z"]
+        assert all(torch.equal(one[name], two[name]) for name in one)
+    assert (tmp_path / "two" / "hasten.json").exists() and (tmp_path / "two" / "MODEL_CARD.md").exists()
+    hasten.generate(hasten.load(str(tmp_path / "two")), 2)  # a working student
 
 
 TUNE_SCRIPT = """

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import Config, check_choice
 from ..models.adapters import _unwrap, as_sigma
 from ..models.zoo import ModelInfo, without_label_dropout
@@ -391,13 +392,35 @@ class Reflow(DistillMethod):
         """Make the chunks the store lacks; the store."""
         folder = (self.folder or pathlib.Path(".")) / METHOD_WORK / "couplings"
         store = CouplingStore(folder, self.coupling_spec(), self.options.couplings, self.options.chunk_size).open()
-        for k in store.missing():
-            start = time.perf_counter()
-            z, labels = self.chunk_inputs(k, store.size(k))
-            x = self.teacher_couplings(z, labels)
-            tensors = {"z": z, "x": x} | ({} if labels is None else {"labels": labels})
-            store.write(k, tensors, time.perf_counter() - start)
+        if not distributed.sharding():
+            for k in store.missing():
+                store.write(k, *self._chunk(store, k))
+            return store
+        # Under torchrun: one missing chunk per process per round, each made alone (a chunk is the one-process
+        # chunk: its inputs come from its index), gathered, written by rank 0; every rank then reads the files.
+        missing = distributed.broadcast_json(store.missing())
+        size, me = distributed.world_size(), distributed.rank()
+        names = ("z", "x", "labels") if self.teacher.info.num_classes else ("z", "x")
+        for first in range(0, len(missing), size):
+            mine = missing[first + me] if first + me < len(missing) else None
+            with distributed.local():
+                tensors, seconds = self._chunk(store, mine) if mine is not None else ({}, 0.0)
+            made = [item for item in distributed.gather_json(None if mine is None else [mine, seconds]) if item]
+            rows = {name: distributed.gather_rows(tensors.get(name)) for name in names}
+            offset = 0
+            for k, seconds_k in made:
+                n = store.size(k)
+                store.write(k, {name: rows[name][offset : offset + n] for name in names}, seconds_k)
+                offset += n
+        distributed.barrier()  # rank 0's files are all there before any rank reads them
         return store
+
+    def _chunk(self, store: CouplingStore, k: int) -> tuple[dict[str, Tensor], float]:
+        """Chunk ``k``'s couplings and the seconds they took."""
+        start = time.perf_counter()
+        z, labels = self.chunk_inputs(k, store.size(k))
+        x = self.teacher_couplings(z, labels)
+        return {"z": z, "x": x} | ({} if labels is None else {"labels": labels}), time.perf_counter() - start
 
     # -- training -------------------------------------------------------------------------------------------------
     def build(self):
