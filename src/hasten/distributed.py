@@ -103,6 +103,9 @@ def rank() -> int:
     return _dist().get_rank() if is_distributed() else 0
 
 
+_world_size, _rank = world_size, rank  # for the functions whose arguments take these names
+
+
 def is_main() -> bool:
     """Whether this process writes files and prints results (rank 0, or the only process)."""
     return rank() == 0
@@ -188,9 +191,9 @@ def shard_batches(n: int, batch_size: int, *, rank: int | None = None, world_siz
     if n < 0 or batch_size < 1:
         raise ValueError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     if world_size is None:
-        world_size = _current_world() if sharding() else 1
+        world_size = _world_size() if sharding() else 1
     if rank is None:
-        rank = globals()["rank"]() if world_size > 1 else 0
+        rank = _rank() if world_size > 1 else 0
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     count = -(-n // batch_size)
@@ -214,10 +217,6 @@ def shard_indices(n: int, *, batch_size: int = 1, rank: int | None = None, world
     """The sample indices this rank computes (the union of :func:`shard_batches`, contiguous)."""
     batches = shard_batches(n, batch_size, rank=rank, world_size=world_size)
     return range(batches[0].start, batches[-1].stop) if batches else range(0)
-
-
-def _current_world() -> int:
-    return _dist().get_world_size()
 
 
 # -- collectives --------------------------------------------------------------------------------------------
@@ -292,12 +291,14 @@ def map_rows(fn: Callable[[Tensor], Any], rows: Tensor, chunk: int, *, outputs: 
     return tuple(gather_rows(None if col is None else torch.cat(col)) for col in columns)
 
 
-def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any], *, tensors: bool = False) -> list[Any]:
     """``[fn(item) for item in items]``, the items dealt round-robin over the ranks of a sharded run.
 
-    Each rank runs its items alone (inside :func:`local`: an item's samples are not split again) and the
-    JSON-able results are gathered in item order on every rank. For work made of independent candidates
-    (a tuner's population, a ladder of cache settings), where one item is too small to split by samples.
+    Each rank runs its items alone (inside :func:`local`: an item's samples are not split again) and the results
+    are gathered in item order on every rank. For work made of independent candidates (a tuner's population, a
+    ladder of cache settings, bench rows, reflow's coupling chunks), where one item is too small to split by
+    samples. ``fn`` returns a JSON-able value; with ``tensors=True`` a pair ``(value, {name: [rows, ...] tensor})``
+    whose tensors are gathered too (rank 0 can then write them).
     """
     if not sharding():
         return [fn(item) for item in items]
@@ -306,7 +307,21 @@ def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     for first in range(0, len(items), size):
         with local():
             mine = fn(items[first + me]) if first + me < len(items) else None
-        results += gather_json(mine)[: len(items) - first]
+        done = len(items) - first  # ranks past the end (the last ones) had no item
+        if not tensors:
+            results += gather_json(mine)[:done]
+            continue
+        value, arrays = mine if mine is not None else (None, {})
+        heads = gather_json(None if mine is None else [value, {name: len(t) for name, t in arrays.items()}])[:done]
+        names = sorted({name for _, counts in heads for name in counts})
+        gathered = {name: gather_rows(arrays.get(name)) for name in names}  # rank order = item order
+        offsets = dict.fromkeys(names, 0)
+        for value, counts in heads:
+            part = {}
+            for name, count in counts.items():
+                part[name] = gathered[name][offsets[name] : offsets[name] + count]
+                offsets[name] += count
+            results.append((value, part))
     return results
 
 
@@ -349,20 +364,18 @@ def gather_features(local: Tensor | None) -> Tensor:
     return gather_rows(local)
 
 
+def _values(value: float) -> Tensor:
+    return torch.cat([g.cpu() for g in _all_gather(torch.tensor([float(value)], dtype=torch.float64))])
+
+
 def all_max(value: float) -> float:
     """The largest of the ranks' values (the NFE of a rank that had no batch is 0)."""
-    if not sharding():
-        return value
-    gathered = _all_gather(torch.tensor([float(value)], dtype=torch.float64))
-    return float(torch.cat([g.cpu() for g in gathered]).max())
+    return float(_values(value).max()) if sharding() else value
 
 
 def all_sum(value: float) -> float:
     """The sum of the ranks' values (float64), e.g. of each process's loss weighted by its share of the batch."""
-    if not sharding():
-        return value
-    gathered = _all_gather(torch.tensor([float(value)], dtype=torch.float64))
-    return float(sum(g.cpu() for g in gathered))
+    return float(_values(value).sum()) if sharding() else value
 
 
 def _gather_bytes(payload: bytes) -> list[bytes]:

@@ -465,26 +465,20 @@ def run_bench(
             })  # fmt: skip
     measured = 0
 
-    def measure(recipe: Recipe) -> tuple[dict[str, Any], torch.Tensor]:
+    def measure(recipe: Recipe) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         row, grid = _measure(model, recipe, config, references[reference_guidance(model, recipe)])
-        return row | _stamp(model.info.name, model.fingerprint, config, env), grid
+        return row | _stamp(model.info.name, model.fingerprint, config, env), {"grid": grid}
 
     try:
         # rows: each process measures todo[k + rank] of every round alone, rank 0 writes the round in order
-        rounds = range(0, len(todo), processes) if by_rows else range(len(todo))
-        for first in rounds:
-            if by_rows:
-                mine = first + distributed.rank()
-                with distributed.local():
-                    row, grid = measure(todo[mine]) if mine < len(todo) else (None, None)
-                rows = distributed.gather_json(row)
-                grids_of = distributed.gather_rows(grid).split(min(GRID_N, config.n))  # rank 0 saves every grid
-                rows, grids_of = [r for r in rows if r is not None], grids_of[: sum(r is not None for r in rows)]
+        per_round = processes if by_rows else 1
+        for first in range(0, len(todo), per_round):
+            if by_rows:  # each process measures one row alone; rank 0 gets every row and grid
+                done = distributed.map_tasks(measure, todo[first : first + per_round], tensors=True)
             else:
-                row, grid = measure(todo[first])
-                rows, grids_of = [row], [grid]
-            for row, grid in zip(rows, grids_of, strict=True):
-                save_grid(grid, folder / row["grid"], nrow=10, scale=2)
+                done = [measure(todo[first])]
+            for row, arrays in done:
+                save_grid(arrays["grid"], folder / row["grid"], nrow=10, scale=2)
                 results.add(row)
                 measured += 1
                 if on_row is not None:

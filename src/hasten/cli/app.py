@@ -105,11 +105,16 @@ def _pipeline_source(
         _fail(str(err))
 
 
-def _is_main() -> bool:
-    """Whether this process prints results (rank 0 of a torchrun job, or the only process)."""
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process among others (read from its environment: no torch import)."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _is_main() -> bool:
+    """Whether this process prints results (rank 0 of a torchrun job, or the only process)."""
+    if not _under_torchrun():
         return True
     from .. import distributed
 
@@ -331,9 +336,7 @@ def sample(
 def _agree(command: str, loaded: Any = None, recipe: Any = None, **settings: Any) -> None:
     """Under torchrun, refuse a run whose ranks do not share the command, the weights (``loaded``), the recipe's
     fields and ``settings`` (exit 2 naming what differs); nothing outside a process group."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         return
     from .. import __version__, distributed
 
@@ -365,8 +368,6 @@ def _check_writable(path: pathlib.Path, flag: str) -> None:
 def _check_device(device: str) -> str:
     """Refuse a device this torch cannot use, before any work (``torch.device`` alone accepts "cuda" anywhere);
     the device this process uses: under torchrun, ``cuda`` is ``cuda:LOCAL_RANK`` (one GPU per process)."""
-    import os
-
     import torch
 
     try:
@@ -375,7 +376,7 @@ def _check_device(device: str) -> str:
         _fail(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for another GPU)")
     if kind == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         return device
     from .. import distributed
 
@@ -1279,9 +1280,7 @@ class _OptimizeProgress:
 def main() -> None:
     """The ``hasten`` command; under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the process group first,
     and a rank's error is recorded for ``torchrun``'s failure summary (hasten.distributed)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         app()
         return
     from torch.distributed.elastic.multiprocessing.errors import record

@@ -392,35 +392,25 @@ class Reflow(DistillMethod):
         """Make the chunks the store lacks; the store."""
         folder = (self.folder or pathlib.Path(".")) / METHOD_WORK / "couplings"
         store = CouplingStore(folder, self.coupling_spec(), self.options.couplings, self.options.chunk_size).open()
-        if not distributed.sharding():
-            for k in store.missing():
-                store.write(k, *self._chunk(store, k))
-            return store
         # Under torchrun: one missing chunk per process per round, each made alone (a chunk is the one-process
         # chunk: its inputs come from its index), gathered, written by rank 0; every rank then reads the files.
         missing = distributed.broadcast_json(store.missing())
-        size, me = distributed.world_size(), distributed.rank()
-        names = ("z", "x", "labels") if self.teacher.info.num_classes else ("z", "x")
-        for first in range(0, len(missing), size):
-            mine = missing[first + me] if first + me < len(missing) else None
-            with distributed.local():
-                tensors, seconds = self._chunk(store, mine) if mine is not None else ({}, 0.0)
-            made = [item for item in distributed.gather_json(None if mine is None else [mine, seconds]) if item]
-            rows = {name: distributed.gather_rows(tensors.get(name)) for name in names}
-            offset = 0
-            for k, seconds_k in made:
-                n = store.size(k)
-                store.write(k, {name: rows[name][offset : offset + n] for name in names}, seconds_k)
-                offset += n
+        per_round = distributed.world_size() if distributed.sharding() else 1
+        for first in range(0, len(missing), per_round):
+            for (k, seconds), tensors in distributed.map_tasks(
+                lambda k: self._chunk(store, k), missing[first : first + per_round], tensors=True
+            ):
+                store.write(k, tensors, seconds)
         distributed.barrier()  # rank 0's files are all there before any rank reads them
         return store
 
-    def _chunk(self, store: CouplingStore, k: int) -> tuple[dict[str, Tensor], float]:
-        """Chunk ``k``'s couplings and the seconds they took."""
+    def _chunk(self, store: CouplingStore, k: int) -> tuple[list, dict[str, Tensor]]:
+        """Chunk ``k``'s couplings, as ``([k, seconds it took], tensors)``."""
         start = time.perf_counter()
         z, labels = self.chunk_inputs(k, store.size(k))
         x = self.teacher_couplings(z, labels)
-        return {"z": z, "x": x} | ({} if labels is None else {"labels": labels}), time.perf_counter() - start
+        tensors = {"z": z, "x": x} | ({} if labels is None else {"labels": labels})
+        return [k, time.perf_counter() - start], tensors
 
     # -- training -------------------------------------------------------------------------------------------------
     def build(self):
