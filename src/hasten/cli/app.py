@@ -1149,6 +1149,112 @@ def distill(
 
 
 @app.command()
+def prune(
+    model: Annotated[str, typer.Option(help="bundled model name or a (float) model folder to prune")],
+    out: Annotated[pathlib.Path, typer.Option(help="the pruned model's folder (must be new unless --resume)")],
+    target_speedup: Annotated[
+        float, typer.Option(help="network-level speed-up to reach, measured on this machine (least pruning that does)")
+    ] = 1.5,
+    finetune_minutes: Annotated[float, typer.Option(help="fine-tune time in all, across resumes")] = 30.0,
+    structure: Annotated[str, typer.Option(help="channels (Torch-Pruning) or blocks (of a transformer)")] = "channels",
+    importance: Annotated[
+        str, typer.Option(help="auto, taylor or magnitude (channels), output_change (blocks)")
+    ] = "auto",
+    ratio: Annotated[float | None, typer.Option(help="prune exactly this share of channels (no speed search)")] = None,
+    blocks: Annotated[str | None, typer.Option(help="remove exactly these blocks, e.g. 2,4 (no speed search)")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="steps of the pruned model's default sampler")] = 10,
+    batch_size: Annotated[int, typer.Option(help="images per fine-tune update")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the fine-tune")] = 2e-4,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the exported weights")] = 0.995,
+    timing_batch: Annotated[int, typer.Option(min=1, help="batch the speed-up is measured at")] = 128,
+    option: Annotated[
+        list[str] | None, typer.Option(help="a pruning option, key=value (repeatable); see docs/guide/pruning.md")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out (same settings)")] = False,
+    name: Annotated[str | None, typer.Option(help="the pruned model's name [default: the folder's]")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many updates (smoke tests)")] = None,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Prune a model's network for a measured speed-up (Torch-Pruning), then fine-tune it by distillation from the
+    unpruned model; the folder loads like any model (`hasten sample --model OUT`). Rerun with --resume after an
+    interruption."""
+    from ..distill._base import has_run
+    from ..prune import PruneOptions
+    from ..prune import prune as run_prune
+
+    device = _check_device(device)
+    options: dict[str, Any] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option {item!r} must look like key=value")
+        own_flags = ("structure", "importance", "ratio", "blocks")
+        if key not in PruneOptions.__dataclass_fields__ or key in own_flags:
+            _fail(
+                f"--option {key!r} is not a pruning option; see docs/guide/pruning.md (structure, importance, ratio "
+                "and blocks have their own flags)"
+            )
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    block_list = None
+    if blocks is not None:
+        try:
+            block_list = tuple(int(b) for b in blocks.split(",") if b.strip())
+        except ValueError:
+            _fail(f"--blocks {blocks!r} must be block indices separated by commas, e.g. 2,4")
+        if structure != "blocks":
+            _fail("--blocks removes transformer blocks: it needs --structure blocks")
+    if ratio is not None and structure != "channels":
+        _fail("--ratio prunes a share of channels: it needs --structure channels")
+    if not target_speedup > 1.0:
+        _fail(f"--target-speedup must be > 1, got {target_speedup}")
+    if resume:
+        if out.is_dir() and any(out.iterdir()) and not has_run(out):
+            _fail(f"--out {out} holds files but no pruning run to resume; use another folder")
+        _check_output_folder(out, "--out", force=True)
+    else:
+        if out.is_dir() and has_run(out):
+            _fail(f"--out {out} holds a pruning run; pass --resume to continue it, or use another folder")
+        _check_output_folder(out, "--out", force=False)
+    try:
+        result = run_prune(
+            model, out, target_speedup=target_speedup, finetune_minutes=finetune_minutes, structure=structure,
+            importance=importance, ratio=ratio, blocks=block_list, steps=steps, batch_size=batch_size, lr=lr,
+            ema_decay=ema_decay, timing_batch=timing_batch, seed=seed, resume=resume, device=device,
+            max_steps=max_steps, progress=fmt is OutputFormat.text, name=name, **options,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, KeyError, TypeError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    record = json.loads((result.folder / "hasten.json").read_text())["pruning"]
+    chosen = result.selection["chosen"]
+    data_out = {
+        "out": str(result.folder),
+        "structure": structure,
+        "chosen": chosen,
+        "macs_before": record["macs_before"],
+        "macs_after": record["macs_after"],
+        "parameters_before": record["parameters_before"],
+        "parameters_after": record["parameters_after"],
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+    }
+    speed = f", measured {chosen['speedup']:.2f}x network speed-up" if "speedup" in chosen else ""
+    _emit(
+        fmt,
+        data_out,
+        f"pruned {model} ({structure}{speed}; MACs {record['macs_before'] / 1e6:.1f}M -> "
+        f"{record['macs_after'] / 1e6:.1f}M, parameters {record['parameters_before']:,} -> "
+        f"{record['parameters_after']:,}), fine-tuned {result.steps} updates in {result.seconds / 60:.1f} min -> "
+        f"{result.folder} (hasten sample --model {result.folder})",
+    )
+
+
+@app.command()
 def optimize(
     model: ModelOption = "mnist-dit",
     max_quality_loss: Annotated[

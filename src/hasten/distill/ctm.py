@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..hooks import add_hook
+from ..models.structure import build_pruned, pruning_record
 from ..models.zoo import FOLDER_FORMATS, FolderFormat
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
@@ -136,7 +137,7 @@ def _load_two_time_network(network_class: Any, folder: pathlib.Path) -> nn.Modul
     from safetensors.torch import load_file
 
     record = json.loads((folder / "hasten.json").read_text())[RECORD]
-    network = network_class.from_config(network_class.load_config(folder))
+    network = build_pruned(network_class, folder, pruning_record(folder))
     attach_target_embedding(network, int(record["channels"]))
     network.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))  # strict: all of it
     return network

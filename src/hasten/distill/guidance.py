@@ -37,7 +37,7 @@ from torch import Tensor
 from ..config import Config, check_choice
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 
-__all__ = ["ONE_CALL_SOLVERS", "GuidanceDistillation", "GuidanceOptions", "weighted_x0_loss"]
+__all__ = ["ONE_CALL_SOLVERS", "GuidanceDistillation", "GuidanceOptions", "level_weight", "weighted_x0_loss"]
 
 # Deterministic solvers that make exactly one network call per step at every step count (so the student's NFE
 # is its step count); the third-order multistep solvers are not among them: their start-up costs an extra call.
@@ -69,20 +69,25 @@ class GuidanceOptions(Config):
     weighting: str = "auto"
 
 
+def level_weight(sigma: Tensor, weighting: str) -> Tensor:
+    """The per-row weight of an x0 error at VE levels ``sigma`` [B] (``SNR = 1 / sigma^2``); ``weighting`` is one of
+    :data:`WEIGHTINGS` other than ``auto``."""
+    snr = sigma.pow(-2)
+    if weighting == "snr_trunc":
+        return snr.clamp_min(1.0)
+    if weighting == "snr_plus_one":
+        return snr + 1.0
+    if weighting == "snr":
+        return snr
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS[1:])}; got {weighting!r}")
+
+
 def weighted_x0_loss(pred: Tensor, target: Tensor, sigma: Tensor, weighting: str) -> Tensor:
     """Mean over the batch of ``weight(sigma) * mean((pred - target)^2)`` per row, ``SNR = 1 / sigma^2`` (VE);
     ``weighting`` is one of :data:`WEIGHTINGS` other than ``auto``."""
-    snr = sigma.to(pred.dtype).pow(-2)
-    if weighting == "snr_trunc":
-        weight = snr.clamp_min(1.0)
-    elif weighting == "snr_plus_one":
-        weight = snr + 1.0
-    elif weighting == "snr":
-        weight = snr
-    elif weighting == "uniform":
-        weight = torch.ones_like(snr)
-    else:
-        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS[1:])}; got {weighting!r}")
+    weight = level_weight(sigma.to(pred.dtype), weighting)
     return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
 
 

@@ -90,6 +90,9 @@ class ModelInfo:
     consistency: dict[str, Any] = dataclasses.field(default_factory=dict)
     # A two-time network's target-level embedding (a CTM student, hasten.distill.ctm): its folder format
     target_level: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What structured pruning removed (hasten.prune): the shapes and widths the network differs from its config
+    # in (models/structure.py; every folder format's loader applies it), importance, speed-up, MACs, parameters.
+    pruning: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder_format(self) -> str:
@@ -194,7 +197,16 @@ def _network_class(arch: str):
 
 
 def _load_diffusers_network(network_class: Any, folder: pathlib.Path) -> nn.Module:
-    return network_class.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    from .structure import build_pruned, pruning_record
+
+    pruning = pruning_record(folder)
+    if not pruning:
+        return network_class.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    from safetensors.torch import load_file
+
+    network = build_pruned(network_class, folder, pruning)  # narrower than its config: resized, then filled
+    network.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))  # strict: all of it
+    return network
 
 
 FOLDER_FORMATS.add(DIFFUSERS_FORMAT, FolderFormat("diffusion_pytorch_model.safetensors", _load_diffusers_network))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.structure import build_pruned, pruning_record
 from ..models.zoo import FOLDER_FORMATS, FolderFormat
 from .modules import QuantizedLayer, publish_network_time, set_execution
 from .quantizers import pack_int4, unpack_int4
@@ -116,7 +117,7 @@ def load_quantized_network(network_class: Any, folder: pathlib.Path, execution: 
         raise ValueError(f"cannot read {path}: {err}") from err
     if meta.get("hasten_quant") != str(QUANT_FORMAT):
         raise ValueError(f"{path} is not a hasten quantised checkpoint of format {QUANT_FORMAT}")
-    network = network_class.from_config(network_class.load_config(folder))
+    network = build_pruned(network_class, folder, pruning_record(folder))  # a pruned network keeps its widths
     for name, spec in json.loads(meta["layers"]).items():
         try:
             original = network.get_submodule(name)

@@ -1,0 +1,303 @@
+"""The fine-tune after pruning: a distillation method (``prune``) whose student is the pruned teacher.
+
+The student starts as the teacher's network pruned once (:mod:`hasten.prune.surgery`: channels through
+Torch-Pruning, or whole transformer blocks) and is then trained through the distillation driver
+(:func:`hasten.distill.distill`: the one training loop, exact resume, a model folder with a card) to match the
+unpruned network, as A-SDM's model assembly and "Diffusion Probabilistic Model Made Slim" recover a slimmed
+model by distillation rather than by training on data alone:
+
+* ``output_weight``: the student's x0 estimate against the teacher's, on noised training images at levels with
+  the schedule's time uniform (the teacher's own function, everywhere the sampler goes);
+* ``data_weight``: the ordinary diffusion loss to the clean image (Diff-Pruning's fine-tune);
+* ``feature_weight``: every kept transformer block's output against the teacher's same block (widths of the
+  residual stream are unchanged by hasten's transformer pruning); refused for a UNet, whose widths change;
+* ``spectral_alpha`` > 0: the output error weighted per spatial frequency by ``|F(teacher)|^-alpha``
+  (normalised to mean 1), which "Made Slim" uses so the slim model keeps the high frequencies it loses first;
+  0 is the plain squared error (Parseval).
+
+All errors carry the per-level weight of :func:`hasten.prune.importance.objective_weighting`. The pruned
+structure and its starting weights are kept under ``<out>/method/`` before training, so a run killed before its
+first checkpoint resumes without pruning again, and the folder's ``hasten.json`` carries the ``pruning`` record
+(structure, importance, measured speed-up, MACs and parameters before and after).
+
+Reference: Fang, Ma & Wang, Diff-Pruning, NeurIPS 2023 (prune, then fine-tune); Zhu et al., A-SDM, 2024 (model
+assembly with distillation from the original); Yang et al., "Diffusion Probabilistic Model Made Slim", CVPR 2023
+(spectrum-aware distillation; its wavelet gating is not implemented).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._io import write_text_atomic
+from ..config import Config, check_choice
+from ..distill._base import METHOD_WORK, DistillConfig, DistillMethod, check_schedule, register_method
+from ..distill.guidance import ONE_CALL_SOLVERS, level_weight
+from ..hooks import add_hook, remove_hooks
+from ..models.structure import apply_structure, structure_of
+from .importance import channel_importance, objective_weighting, taylor_gradients
+from .surgery import STRUCTURES, example_inputs, flops_and_params, network_kind, prune_channels, remove_blocks
+
+__all__ = ["IMPORTANCES", "PruneMethod", "PruneOptions", "spectral_error"]
+
+IMPORTANCES = ("taylor", "magnitude", "output_change")
+FEATURE_HOOK = "hasten.prune/features"
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions(Config):
+    """Options of ``--method prune`` (``hasten prune`` fills ``ratio`` / ``blocks`` from its target speed-up).
+
+    Args:
+        structure: ``channels`` (Torch-Pruning, see :mod:`hasten.prune.surgery`) or ``blocks`` (transformers).
+        ratio: Share of every prunable channel group removed (``channels``), in (0, 1).
+        blocks: Indices of the transformer blocks removed (``blocks``).
+        importance: ``taylor`` (Diff-Pruning) or ``magnitude`` for channels; ``output_change`` (LD-Pruner) for
+            blocks, where it only records how ``blocks`` was chosen.
+        round_to: Keep every pruned width a multiple of this (None: any width; GroupNorm groups are kept).
+        taylor_levels, taylor_threshold, importance_batch: The Taylor importance's grid, early stop and batch.
+        output_weight, data_weight, feature_weight, spectral_alpha: The fine-tune's loss (module docstring).
+        solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
+    """
+
+    structure: str = "channels"
+    ratio: float = 0.0
+    blocks: tuple[int, ...] = ()
+    importance: str = "taylor"
+    round_to: int | None = None
+    taylor_levels: int = 32
+    taylor_threshold: float = 0.05
+    importance_batch: int = 64
+    output_weight: float = 1.0
+    data_weight: float = 0.0
+    feature_weight: float = 0.0
+    spectral_alpha: float = 0.0
+    solver: str = "dpmpp_2m"
+    schedule: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("importance", self.importance, IMPORTANCES)
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.structure == "channels":
+            if not 0.0 < self.ratio < 1.0:
+                raise ValueError(f"ratio must be in (0, 1) for structure 'channels', got {self.ratio}")
+            if self.blocks:
+                raise ValueError("blocks is for structure 'blocks'; structure 'channels' takes ratio")
+            if self.importance == "output_change":
+                raise ValueError("importance 'output_change' ranks whole blocks; channels take 'taylor' or 'magnitude'")
+        else:
+            if not self.blocks:
+                raise ValueError("structure 'blocks' needs the indices of the blocks to remove (blocks=[...])")
+            if self.ratio:
+                raise ValueError("ratio is for structure 'channels'; structure 'blocks' takes blocks")
+            if self.importance != "output_change":
+                raise ValueError(f"blocks are ranked by importance 'output_change', got {self.importance!r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"round_to must be None or >= 1, got {self.round_to}")
+        if self.taylor_levels < 1 or self.importance_batch < 1:
+            raise ValueError("taylor_levels and importance_batch must be >= 1")
+        if not 0.0 <= self.taylor_threshold <= 1.0:
+            raise ValueError(f"taylor_threshold must be in [0, 1], got {self.taylor_threshold}")
+        for name in ("output_weight", "data_weight", "feature_weight", "spectral_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.output_weight == 0 and self.data_weight == 0:
+            raise ValueError("output_weight and data_weight are both 0: the fine-tune would learn nothing")
+        check_choice("solver (one network call per step)", self.solver, ONE_CALL_SOLVERS)
+        check_schedule(self.schedule)
+
+
+def spectral_error(pred: Tensor, target: Tensor, alpha: float) -> Tensor:
+    """Per-row mean squared error, each spatial frequency weighted by ``|F(target)|^-alpha`` normalised to mean 1
+    per row and channel (orthonormal 2-D FFT, so ``alpha = 0`` is the plain squared error by Parseval).
+
+    Reference: Yang et al., "Diffusion Probabilistic Model Made Slim", CVPR 2023 (spectrum-aware distillation)."""
+    diff = torch.fft.fft2(pred - target, norm="ortho").abs().pow(2)
+    if alpha == 0:
+        return diff.flatten(1).mean(1)
+    magnitude = torch.fft.fft2(target, norm="ortho").abs().detach().clamp_min(1e-6)
+    weight = magnitude.pow(-alpha)
+    weight = weight / weight.mean(dim=(-2, -1), keepdim=True)
+    return (weight * diff).flatten(1).mean(1)
+
+
+@register_method("prune")
+class PruneMethod(DistillMethod):
+    """A pruned teacher, fine-tuned by distillation from the unpruned one (module docstring)."""
+
+    Options = PruneOptions
+
+    @classmethod
+    def check(cls, teacher, config: DistillConfig, options: PruneOptions) -> None:
+        if teacher.info.target_level:
+            raise ValueError(f"{teacher.info.name} is a two-time CTM student; prune the model it was distilled from")
+        kind = network_kind(teacher.network)
+        if options.structure == "blocks":
+            if kind != "transformer":
+                raise ValueError(
+                    f"structure 'blocks' removes transformer blocks; {teacher.info.name} is a UNet: use 'channels'"
+                )
+            count = len(teacher.network.transformer_blocks)
+            bad = [b for b in options.blocks if not 0 <= b < count]
+            if bad or len(set(options.blocks)) >= count:
+                raise ValueError(f"blocks {list(options.blocks)} must be distinct indices below {count}, leaving one")
+        if options.feature_weight and kind != "transformer":
+            raise ValueError(
+                "feature_weight matches block outputs of equal width: a pruned UNet's features are narrower than the "
+                "teacher's; use output_weight / data_weight"
+            )
+
+    @property
+    def student_info(self):
+        # the pruned widths travel in hasten.json: every folder format's loader rebuilds the network from them
+        return dataclasses.replace(super().student_info, pruning=getattr(self, "record", {}))
+
+    def sampler(self) -> dict[str, Any]:
+        own = self.teacher.default_sampler
+        guidance = float(own.get("guidance", 1.0))
+        return {"solver": self.options.solver, "options": {}, "schedule": self.options.schedule,
+                "steps": self.config.nfe, "guidance": guidance}  # fmt: skip
+
+    # -- the pruned network ----------------------------------------------------------------------------------
+    def importance_batch(self) -> tuple[Tensor, Tensor | None]:
+        """The fixed batch the Taylor importance is measured on (its own generator: the same on every resume)."""
+        from ..data import load_dataset, to_model_space
+
+        if not self.teacher.info.data:
+            raise ValueError(f"the Taylor importance needs {self.teacher.info.name}'s training data; it names none")
+        data = load_dataset(self.teacher.info.data)
+        gen = torch.Generator().manual_seed(self.config.seed + 7919)
+        idx = torch.randint(0, data.images.shape[0], (self.options.importance_batch,), generator=gen)
+        x0 = to_model_space(data.images[idx]).to(self.device)
+        labels = None if data.labels is None else data.labels[idx].to(self.device)
+        return x0, labels
+
+    def prune(self, network: nn.Module) -> dict[str, Any]:
+        """Prune ``network`` (a copy of the teacher's) in place as the options say; returns what was measured."""
+        options = self.options
+        if options.structure == "blocks":
+            remove_blocks(network, options.blocks)
+            return {}
+        record: dict[str, Any] = {}
+        if options.importance == "taylor":
+            x0, labels = self.importance_batch()
+            gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 104729)
+            record["taylor"] = taylor_gradients(
+                network, self.teacher, x0, labels, levels=options.taylor_levels,
+                threshold=options.taylor_threshold, generator=gen,
+            )  # fmt: skip
+        inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
+        prune_channels(
+            network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to
+        )
+        network.zero_grad(set_to_none=True)
+        return record
+
+    def example_cond(self, n: int) -> dict[str, Tensor]:
+        if not self.teacher.info.num_classes:
+            return {}
+        return {"class_labels": torch.arange(n, device=self.device) % self.teacher.info.num_classes}
+
+    def build(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+        from safetensors.torch import load_file, save_file
+
+        work = self.folder / METHOD_WORK if self.folder is not None else None
+        base = copy.deepcopy(self.teacher.network).to(self.device).float()
+        if work is not None and (work / "pruning.json").is_file():  # pruned before a kill: rebuild, never re-prune
+            self.record = json.loads((work / "pruning.json").read_text())
+            if self.options.structure == "blocks":
+                remove_blocks(base, self.options.blocks)
+            apply_structure(base, self.record["structure"])
+            base.load_state_dict(load_file(work / "pruned.safetensors"))
+            network = base
+        else:
+            network = base
+            measured = self.prune(network)
+            self.record = self.describe(network, measured)
+            if work is not None:
+                work.mkdir(parents=True, exist_ok=True)
+                from .._io import atomic_path
+
+                with atomic_path(work / "pruned.safetensors") as tmp:
+                    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp))
+                write_text_atomic(work / "pruning.json", json.dumps(self.record, indent=2) + "\n")
+        self.student = self.copy_network(network, trainable=True)
+        self.ema = self.copy_network(self.student, trainable=False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=self.config.lr, weight_decay=0.0)
+        return {"student": self.student, "ema": self.ema}, {"opt": self.opt}
+
+    def describe(self, network: nn.Module, measured: dict[str, Any]) -> dict[str, Any]:
+        """The ``pruning`` record: options, the structure against the config-built network, MACs and parameters."""
+        fresh = type(network).from_config(dict(network.config)).to(self.device)
+        inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
+        macs_before, params_before = flops_and_params(self.teacher.network.float(), inputs)
+        macs_after, params_after = flops_and_params(network, inputs)
+        return {
+            "structure_kind": self.options.structure,
+            "importance": self.options.importance,
+            "ratio": self.options.ratio,
+            "blocks_removed": list(self.options.blocks),
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "parameters_before": params_before,
+            "parameters_after": params_after,
+            **measured,
+            "structure": structure_of(network, fresh),
+        }
+
+    # -- the fine-tune ---------------------------------------------------------------------------------------
+    def training_sigmas(self, n: int) -> Tensor:
+        schedule = self.teacher.schedule
+        u = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
+        return schedule.ve_sigma(schedule.t_min + (schedule.t_max - schedule.t_min) * u).float()
+
+    def _features(self, network: nn.Module, keep: list[int] | None) -> tuple[list[Tensor], list[Any]]:
+        """Hooks that record the outputs of ``network``'s transformer blocks (``keep``: only these indices)."""
+        outputs: list[Tensor] = []
+        handles = []
+        for i, block in enumerate(network.transformer_blocks):
+            if keep is not None and i not in keep:
+                continue
+
+            def record(forward, *args, **kwargs):
+                out = forward(*args, **kwargs)
+                outputs.append(out)
+                return out
+
+            handles.append(add_hook(block, FEATURE_HOOK, record))
+        return outputs, handles
+
+    def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
+        options = self.options
+        sigma = self.training_sigmas(x0.shape[0])
+        x = x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * self.randn_like(x0)
+        weight = level_weight(sigma, objective_weighting(self.teacher.info.objective))
+        handles: list[Any] = []
+        try:
+            if options.feature_weight:
+                kept = [i for i in range(len(self.teacher.network.transformer_blocks)) if i not in options.blocks]
+                teacher_feats, h1 = self._features(self.teacher.network, kept)
+                student_feats, h2 = self._features(self.student, None)
+                handles = h1 + h2
+            target = self.teacher_denoise(x, sigma, labels) if options.output_weight or options.feature_weight else None
+            pred = self.student_denoiser(self.student)(x, sigma, **self.cond(labels))
+        finally:
+            remove_hooks(handles)
+        loss = torch.zeros((), device=self.device)
+        if options.output_weight:
+            loss = loss + options.output_weight * (weight * spectral_error(pred, target, options.spectral_alpha)).mean()
+        if options.data_weight:
+            loss = loss + options.data_weight * (weight * (pred - x0).pow(2).flatten(1).mean(1)).mean()
+        if options.feature_weight:
+            feature = sum((s - t.detach()).pow(2).mean() for s, t in zip(student_feats, teacher_feats, strict=True))
+            loss = loss + options.feature_weight * feature / len(student_feats)
+        return self.update(loss, index)

@@ -1,0 +1,231 @@
+"""Structured pruning of a diffusion network: channels through Torch-Pruning's dependency graph, or whole blocks.
+
+Two structures:
+
+* ``channels``: Torch-Pruning (the field's library for this; hasten writes no graph surgery) removes the same
+  share of every prunable group of coupled channels, ranked by an importance (``taylor``: Diff-Pruning's
+  first-order Taylor score of the diffusion loss over time steps, :mod:`hasten.prune.importance`; ``magnitude``:
+  the weights' L2 norm). What is prunable depends on the network:
+
+  - **UNets** (``down_blocks`` / ``up_blocks``, e.g. diffusers ``UNet2DModel`` and ``UNet2DConditionModel``):
+    every convolution and linear layer's output channels (resnets, shortcuts, skip concatenations, attention
+    projections, the time-embedding MLP), except the layer that writes the output image. The dependency graph
+    is traced with diffusers' classic attention processor (Diff-Pruning's pitfall: the fused processor hides the
+    q/k/v widths), restored afterwards; up- and down-samplers learn their new ``channels``.
+  - **Transformers** (``transformer_blocks``, e.g. ``DiTTransformer2DModel``): the "bottleneck" only, the
+    attention head dimension (q/k/v width) and the MLP's hidden width of every block; the residual stream keeps
+    its width. Its sine-cosine position table, the adaLN-Zero projections (chunked in six) and the embeddings
+    all share that width and Torch-Pruning does not prune a buffer, so pruning it would break the network.
+* ``blocks``: whole transformer blocks are removed (the residual stream passes through unchanged), the least
+  important first by LD-Pruner's output-change score (:func:`hasten.prune.importance.block_scores`); the
+  config's ``num_layers`` says so, so such a folder is a plain diffusers folder.
+
+The pruned network's widths are written as a structure record (:mod:`hasten.models.structure`), so any loader
+rebuilds it from the base config without Torch-Pruning.
+
+Reference: Fang, Ma & Wang, "Structural Pruning for Diffusion Models" (Diff-Pruning), NeurIPS 2023; Fang et al.,
+"DepGraph: Towards Any Structural Pruning" (Torch-Pruning), CVPR 2023; Castells et al., "LD-Pruner", CVPR-W 2024.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "STRUCTURES",
+    "copy_with_gradients",
+    "example_inputs",
+    "flops_and_params",
+    "network_kind",
+    "network_speedup",
+    "prune_channels",
+    "remove_blocks",
+]
+
+STRUCTURES = ("channels", "blocks")
+
+
+def network_kind(network: nn.Module) -> str:
+    """``"unet"`` or ``"transformer"``: which pruning layout applies; anything else is refused by name."""
+    if isinstance(getattr(network, "transformer_blocks", None), nn.ModuleList):
+        return "transformer"
+    if hasattr(network, "down_blocks") and hasattr(network, "up_blocks"):
+        return "unet"
+    raise TypeError(
+        f"hasten prunes diffusers UNets (down_blocks/up_blocks) and transformers (transformer_blocks); "
+        f"{type(network).__name__} is neither"
+    )
+
+
+def example_inputs(network: nn.Module, image_shape: Sequence[int], batch: int, cond: dict[str, Tensor]) -> tuple:
+    """``(x, t, class_labels)`` for tracing and timing: the positional inputs both diffusers networks take."""
+    param = next(network.parameters())
+    x = torch.randn(batch, *image_shape, device=param.device, dtype=param.dtype)
+    t = torch.full((batch,), 500.0, device=param.device, dtype=param.dtype)
+    return (x, t, cond.get("class_labels"))
+
+
+def _call(network: nn.Module, inputs: tuple) -> Tensor:
+    x, t, labels = inputs
+    return network(x, t, class_labels=labels, return_dict=False)[0]
+
+
+def flops_and_params(network: nn.Module, inputs: tuple) -> tuple[float, int]:
+    """Multiply-accumulates of one call per image (``torch.utils.flop_counter``: FLOPs / 2) and parameters."""
+    with torch.no_grad(), FlopCounterMode(display=False) as mode:
+        _call(network, inputs)
+    return mode.get_total_flops() / 2 / inputs[0].shape[0], sum(p.numel() for p in network.parameters())
+
+
+def network_speedup(base: nn.Module, pruned: nn.Module, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """Wall-clock time of one network call of each (same inputs, calls interleaved so both see the same machine
+    state; the median of ``repeats`` after a warm-up) and the ratio ``base / pruned``."""
+    times: dict[str, list[float]] = {"base": [], "pruned": []}
+    with torch.no_grad():
+        for net in (base, pruned):
+            _call(net, inputs)  # warm-up: allocator, oneDNN primitives
+        for _ in range(repeats):
+            for key, net in (("base", base), ("pruned", pruned)):
+                if inputs[0].is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                _call(net, inputs)
+                if inputs[0].is_cuda:
+                    torch.cuda.synchronize()
+                times[key].append(time.perf_counter() - start)
+    base_s, pruned_s = statistics.median(times["base"]), statistics.median(times["pruned"])
+    return {"base_seconds": base_s, "pruned_seconds": pruned_s, "speedup": base_s / pruned_s}
+
+
+def _transformer_roots(network: nn.Module) -> tuple[list[nn.Module], dict[nn.Module, int]]:
+    """The bottleneck layers a transformer's pruning starts from (q/k/v, the MLP's first projection) and the
+    head counts of the q/k/v projections."""
+    roots, heads = [], {}
+    for block in network.transformer_blocks:
+        for attn in (m for m in block.modules() if hasattr(m, "to_q") and hasattr(m, "heads")):
+            for proj in (attn.to_q, attn.to_k, attn.to_v):
+                roots.append(proj)
+                heads[proj] = attn.heads
+        ff = getattr(block, "ff", None)
+        if ff is not None:
+            first = next((m for m in ff.modules() if isinstance(m, nn.Linear)), None)
+            if first is not None:
+                roots.append(first)
+    return roots, heads
+
+
+def _attention_modules(network: nn.Module) -> list[nn.Module]:
+    return [m for m in network.modules() if hasattr(m, "set_processor") and hasattr(m, "to_q")]
+
+
+def prune_channels(
+    network: nn.Module,
+    inputs: tuple,
+    ratio: float,
+    importance: Any,
+    *,
+    round_to: int | None = None,
+) -> nn.Module:
+    """Prune ``network`` in place: ``ratio`` of every prunable group's channels (see the module docstring), the
+    lowest by ``importance`` (a Torch-Pruning importance; a Taylor importance reads the parameters' ``.grad``)."""
+    import torch_pruning as tp
+    from diffusers.models.attention_processor import AttnProcessor
+
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"the pruning ratio must be in [0, 1), got {ratio}")
+    kind = network_kind(network)
+    attention = _attention_modules(network)
+    processors = [m.processor for m in attention]
+    for module in attention:
+        module.set_processor(AttnProcessor())  # q/k/v widths visible to the tracer (Diff-Pruning's pitfall)
+    heads: dict[nn.Module, int] = {m.to_q: m.heads for m in attention} | {m.to_k: m.heads for m in attention}
+    heads |= {m.to_v: m.heads for m in attention}
+    ignored: list[nn.Module]
+    if kind == "transformer":
+        roots, heads = _transformer_roots(network)
+        keep = {id(m) for m in roots}
+        # every other module with weights of its own (projections, norms, embeddings) keeps its output width
+        ignored = [
+            m for m in network.modules()
+            if id(m) not in keep and next(m.parameters(recurse=False), None) is not None
+        ]  # fmt: skip
+    else:
+        ignored = [_output_layer(network)]
+    was_training, grads = network.training, [p.requires_grad for p in network.parameters()]
+    network.eval().requires_grad_(True)  # the dependency graph traces autograd: a frozen network shows nothing
+    try:
+        pruner = tp.pruner.MetaPruner(
+            network, inputs, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
+            num_heads=heads, prune_head_dims=True, prune_num_heads=False, round_to=round_to,
+            forward_fn=lambda module, example: _call(module, example),
+        )  # fmt: skip
+        for group in pruner.step(interactive=True):
+            group.prune()
+    finally:
+        for module, processor in zip(attention, processors, strict=True):
+            module.set_processor(processor)
+        network.train(was_training)
+        for p, flag in zip(network.parameters(), grads, strict=False):
+            p.requires_grad_(flag)
+    _sync_widths(network)
+    return network
+
+
+def _output_layer(network: nn.Module) -> nn.Module:
+    """The layer that writes the network's output (a UNet's ``conv_out``, else its last conv/linear layer)."""
+    layer = getattr(network, "conv_out", None)
+    if isinstance(layer, nn.Conv2d | nn.Linear):
+        return layer
+    layers = [m for m in network.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return layers[-1]
+
+
+def _sync_widths(network: nn.Module) -> None:
+    """Width attributes Torch-Pruning does not know: up/down-samplers check ``channels`` against their input, and
+    an attention module's ``inner_dim`` is its q width."""
+    for module in network.modules():
+        conv = getattr(module, "conv", None)
+        if hasattr(module, "channels") and isinstance(conv, nn.Conv2d):
+            module.channels, module.out_channels = conv.in_channels, conv.out_channels
+        if hasattr(module, "to_q") and hasattr(module, "inner_dim") and isinstance(module.to_q, nn.Linear):
+            module.inner_dim = module.to_q.out_features
+            if hasattr(module, "inner_kv_dim") and isinstance(getattr(module, "to_k", None), nn.Linear):
+                module.inner_kv_dim = module.to_k.out_features
+
+
+def remove_blocks(network: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Remove the transformer blocks ``indices`` in place (the residual stream skips them) and record the new
+    depth in the network's config (``num_layers``), so ``config.json`` builds the shallower network."""
+    if network_kind(network) != "transformer":
+        raise TypeError(
+            f"structure 'blocks' removes transformer blocks; {type(network).__name__} has none "
+            "(prune a UNet's channels: structure 'channels')"
+        )
+    blocks = network.transformer_blocks
+    drop = sorted(set(int(i) for i in indices))
+    bad = [i for i in drop if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"block indices {bad} are out of range for {len(blocks)} blocks")
+    if len(drop) >= len(blocks):
+        raise ValueError(f"removing {len(drop)} of {len(blocks)} blocks leaves none")
+    network.transformer_blocks = nn.ModuleList([b for i, b in enumerate(blocks) if i not in drop])
+    if hasattr(network, "register_to_config"):
+        network.register_to_config(num_layers=len(network.transformer_blocks))
+    return network
+
+
+def copy_with_gradients(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` with its parameters' ``.grad`` (a Taylor importance reads them; a parameter's
+    deep copy does not carry its gradient)."""
+    clone = copy.deepcopy(network)
+    for theirs, ours in zip(network.parameters(), clone.parameters(), strict=True):
+        ours.grad = None if theirs.grad is None else theirs.grad.clone()
+    return clone

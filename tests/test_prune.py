@@ -1,0 +1,190 @@
+"""Structured pruning: Torch-Pruning's surgery on both architectures, importance by hand, the folder format, the
+fine-tune's losses and resume, and every refusal."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hasten
+from hasten.models.zoo import load
+from hasten.prune import importance as imp
+from hasten.prune import select, spectral_error, surgery
+from hasten.prune.method import PruneOptions
+
+tp = pytest.importorskip("torch_pruning")
+
+_DATASETS: dict[str, object] = {}
+
+
+@pytest.fixture
+def parsed_once(monkeypatch):
+    """Parse MNIST once for this module's fine-tunes (the CSV parse takes seconds; the driver reloads it)."""
+    import hasten.data
+
+    load_dataset = hasten.data.load_dataset
+
+    def cached(name, *args, **kwargs):
+        if name not in _DATASETS:
+            _DATASETS[name] = load_dataset(name, *args, **kwargs)
+        return _DATASETS[name]
+
+    monkeypatch.setattr(hasten.data, "load_dataset", cached)
+
+
+def test_taylor_importance_of_a_toy_network_is_the_hand_computed_sum():
+    """Diff-Pruning's score of an output channel of conv1: sum |w * g| over conv1's filter and conv2's slice."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    x = torch.randn(3, 1, 6, 6)
+    net(x).pow(2).mean().backward()
+    graph = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+    group = graph.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=list(range(4)))
+    a, b = net[0], net[2]
+    hand = (a.weight * a.weight.grad).abs().flatten(1).sum(1)
+    hand += (b.weight * b.weight.grad).abs().transpose(0, 1).flatten(1).sum(1)
+    torch.testing.assert_close(imp.channel_importance("taylor")(group), hand.detach())
+    magnitude = a.weight.pow(2).flatten(1).sum(1) + b.weight.pow(2).transpose(0, 1).flatten(1).sum(1)
+    torch.testing.assert_close(imp.channel_importance("magnitude")(group), magnitude.detach())
+
+
+def test_taylor_gradients_accumulate_until_the_loss_falls_below_the_threshold(tiny_model):
+    model = load(tiny_model)
+    x0, labels = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
+    net = surgery.copy_with_gradients(model.network)
+    every = imp.taylor_gradients(net, model, x0, labels, levels=6, threshold=0.0)
+    first = imp.taylor_gradients(net, model, x0, labels, levels=6, threshold=1.0)
+    assert len(every["levels"]) == 6 and every["levels"] == sorted(every["levels"])  # clean -> noisy
+    assert len(first["levels"]) == 1 and first["levels"][0] == every["levels"][0]
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["mnist-dit", "mnist-unet"])
+def test_pruned_networks_keep_their_shapes_and_a_zero_ratio_changes_nothing(name):
+    model = load(name)
+    base = model.network
+    small = surgery.example_inputs(base, model.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    untouched = surgery.copy_with_gradients(base)
+    surgery.prune_channels(untouched, small, 0.0, imp.channel_importance("magnitude"))
+    pruned = surgery.copy_with_gradients(base)
+    surgery.prune_channels(pruned, small, 0.5, imp.channel_importance("magnitude"))
+    with torch.no_grad():
+        reference = surgery._call(base, small)
+        assert torch.equal(surgery._call(untouched, small), reference)
+        assert surgery._call(pruned, small).shape == reference.shape
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
+    if name == "mnist-dit":  # the residual stream keeps its width; the bottleneck shrinks
+        block = pruned.transformer_blocks[0]
+        assert block.attn1.to_out[0].out_features == 128 and block.attn1.to_q.out_features == 64
+    else:  # every GroupNorm still divides its channels into its groups
+        norms = [m for m in pruned.modules() if isinstance(m, nn.GroupNorm)]
+        assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+
+
+def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):
+    settings = dict(ratio=0.5, batch_size=4, finetune_minutes=5, progress=False, steps=4, importance="magnitude")
+    hasten.prune(tiny_model, tmp_path / "a", max_steps=4, **settings)
+    hasten.prune(tiny_model, tmp_path / "b", max_steps=2, **settings)
+    again = hasten.prune(tiny_model, tmp_path / "b", max_steps=4, resume=True, **settings)
+    assert again.steps == 4
+    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    for key, value in a.network.state_dict().items():
+        assert torch.equal(value, b.network.state_dict()[key]), key
+    record = a.info.pruning
+    assert record["structure_kind"] == "channels" and record["ratio"] == 0.5 and record["importance"] == "magnitude"
+    assert record["parameters_after"] < record["parameters_before"] and record["macs_after"] < record["macs_before"]
+    assert a.info.distillation["method"] == "prune" and a.info.sampler["steps"] == 4
+    # config.json is the base architecture's: diffusers builds it, the record narrows it
+    from diffusers import DiTTransformer2DModel
+
+    base = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(tmp_path / "a"))
+    assert sum(p.numel() for p in base.parameters()) == record["parameters_before"]
+    assert sum(p.numel() for p in a.network.parameters()) == record["parameters_after"]
+    teacher = load(tiny_model)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.full((2,), 300.0), torch.arange(2)
+    assert a.network(x, t, class_labels=y).sample.shape == teacher.network(x, t, class_labels=y).sample.shape
+    assert hasten.generate(a, 2).nfe == 4  # its own sampler
+    # prune, then quantise: the quantised folder keeps the pruned widths
+    from hasten.quant.storage import quantize_to_folder
+
+    quantize_to_folder(a, hasten.QuantConfig(weights=8, activations=None), tmp_path / "q", n=32, steps=2)
+    quantised = load(tmp_path / "q")
+    assert quantised.info.pruning and quantised.network(x, t, class_labels=y).sample.shape == (2, 1, 28, 28)
+
+
+def test_removing_blocks_writes_a_plain_diffusers_folder(tiny_model, tmp_path, parsed_once):
+    from diffusers import DiTTransformer2DModel
+
+    hasten.prune(tiny_model, tmp_path / "p", structure="blocks", blocks=(1, 3), batch_size=4, max_steps=1,
+                 progress=False)  # fmt: skip
+    pruned = load(tmp_path / "p")
+    assert len(pruned.network.transformer_blocks) == len(load(tiny_model).network.transformer_blocks) - 2
+    plain = DiTTransformer2DModel.from_pretrained(tmp_path / "p")  # the config says num_layers
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, pruned.network.state_dict()[key])
+
+
+def test_block_scores_are_deterministic_and_rank_every_block(tiny_model):
+    model = load(tiny_model)
+    first = imp.block_scores(model, n=4, steps=2)
+    assert first == imp.block_scores(model, n=4, steps=2)
+    assert len(first) == len(model.network.transformer_blocks) and all(s > 0 for s in first)
+    assert not any(model.network.transformer_blocks[0]._forward_hooks)  # hooks gone
+
+
+def test_spectral_error():
+    pred, target = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(spectral_error(pred, target, 0.0), (pred - target).pow(2).flatten(1).mean(1))
+    # a target with most energy at low frequency: with alpha > 0 an error at high frequency costs more
+    xx = torch.arange(8.0).expand(8, 8)
+    target = (torch.cos(2 * math.pi * xx / 8) * 4 + torch.cos(6 * math.pi * xx / 8) * 0.1 + 1).expand(1, 1, 8, 8)
+    low = target + 0.1 * torch.cos(2 * math.pi * xx / 8)
+    high = target + 0.1 * torch.cos(6 * math.pi * xx / 8)
+    assert torch.allclose(spectral_error(low, target, 0.0), spectral_error(high, target, 0.0))
+    assert spectral_error(high, target, 1.0) > spectral_error(low, target, 1.0)
+
+
+def test_refusals(tiny_model, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        hasten.prune(tiny_model, tmp_path / "full", ratio=0.5)
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    with pytest.raises(ValueError, match="structure 'blocks' removes transformer blocks"):
+        hasten.prune("mnist-unet", tmp_path / "u", structure="blocks", blocks=(0,), progress=False)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        PruneOptions(ratio=1.5)
+    with pytest.raises(ValueError, match="importance"):
+        PruneOptions(ratio=0.5, importance="output_change")
+    with pytest.raises(ValueError, match=r"no channels pruning of .* reaches a 100x .* best measured was"):
+        select(load("mnist-dit"), target_speedup=100.0, importance="magnitude", timing_batch=2)
+
+
+def test_a_quantised_model_is_refused(tmp_path):
+    from hasten.quant.storage import quantize_to_folder
+
+    config = hasten.QuantConfig(weights=8, activations=None)
+    quantize_to_folder(load("mnist-unet"), config, tmp_path / "q", n=32, steps=2)
+    with pytest.raises(ValueError, match="prune the float model it came from, then quantise"):
+        hasten.prune(tmp_path / "q", tmp_path / "out", ratio=0.3, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_bad_input_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "o"
+    for args, message in [
+        (["--option", "nonsense=1"], "not a pruning option"),
+        (["--blocks", "1,x", "--structure", "blocks"], "--blocks"),
+        (["--ratio", "0.3", "--structure", "blocks"], "needs --structure channels"),
+        (["--target-speedup", "0.5"], "--target-speedup must be > 1"),
+        (["--structure", "rows"], "structure must be one of"),
+    ]:
+        result = runner.invoke(app, ["prune", "--model", "mnist-dit", "--out", str(out), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert not out.exists()
