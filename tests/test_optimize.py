@@ -330,3 +330,23 @@ def test_a_student_is_scored_against_the_teachers_reference_and_quantised(tiny_m
     assert quant["recipe"].student is not None and quant["recipe"].fingerprint == student.fingerprint
     source = json.loads((pathlib.Path(quant["recipe"].quant) / "hasten.json").read_text())["quantization"]["source"]
     assert source["fingerprint"] == student.fingerprint
+
+
+def test_a_bundled_pruned_model_is_tried_at_its_own_and_at_the_baselines_sampler(tiny_student, tmp_path, monkeypatch):
+    """A pruned network is a full sampler's network: besides its own sampler it runs the stock baseline's."""
+    import hasten.models.zoo as zoo
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    monkeypatch.setattr(zoo, "BUNDLED", bundled)
+    pruned = _student_of(tiny_student, bundled / "synthetic-pruned", FINGERPRINT)
+    info = json.loads((pruned / "hasten.json").read_text())
+    info["distillation"]["method"] = "prune"
+    (pruned / "hasten.json").write_text(json.dumps(info))
+    world = StudentWorld(_fake_model(), _config(tmp_path), tmp_path)
+    assert [r.model for r in world.student_recipes()] == ["synthetic-pruned"]
+    result = world.run()
+    labels = sorted(r["label"] for r in result.evaluations if r["stage"] == "students")
+    assert len(labels) == 2 and all(label.startswith("student[synthetic-pruned, prune]") for label in labels)
+    assert any("euler (auto, 2 steps)" in label for label in labels)  # its own sampler
+    assert any("dpmpp_2m (karras, 6 steps)" in label for label in labels)  # the baseline's

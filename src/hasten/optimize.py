@@ -8,9 +8,10 @@ earlier ones found (every candidate is a :class:`~hasten.recipe.Recipe`):
    higher NFE. The fastest passing stock recipe is the baseline every speed-up is paired against.
 2. **peers on stock**: diffusers' cache hook / the DeepCache package and torchao's configs on that baseline
    (what a user gets from the peers without hasten).
-   **students**: distilled students of the model (``students``, and the bundled ``<model>-fast`` when it was
-   distilled from these weights), each its own network at its own sampler, scored like a stock recipe against
-   the model's converged sampler; never the baseline. The later stages may put caches and quantisation on a
+   **students**: distilled students of the model (``students``, and the bundled ``<model>-fast`` and
+   ``<model>-pruned`` when they were made from these weights), each its own network at its own sampler (a pruned
+   model also at the baseline's sampler), scored like a stock recipe against the model's converged sampler;
+   never the baseline. The later stages may put caches and quantisation on a
    passing student (plans are tuned for the model's own network only).
 3. **plans**: saved plans for the model's weights (``--plan``), then, with a share of the budget, plans tuned
    by ``hasten tune``'s search at NFE budgets below the fastest passing one (resumable, kept in the work folder).
@@ -57,6 +58,7 @@ from .recipe import Recipe, save_recipe
 __all__ = ["OptimizeConfig", "OptimizeError", "OptimizeResult", "Optimizer", "optimize"]
 
 OPTIMIZE_VERSION = 1
+BUNDLED_STUDENTS = ("fast", "pruned")  # bundled <model>-<suffix> folders tried as students of <model>
 SCORE_SEED = 0  # held-out noise every candidate is scored on (hasten bench's seed; calibration uses 1000)
 CONFIRM_SEED = 3000  # the third noise: the chosen recipe is confirmed here
 STEP_LADDER = (2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50)
@@ -91,7 +93,8 @@ class OptimizeConfig(Config):
         quant: Quantisation modes tried (``"w8a8"``, ``"w4a8"``).
         students: Distilled students of the model (folders from ``hasten distill`` or bundled names), each a
             candidate at its own sampler; one distilled from other weights, or at another guidance scale, is refused.
-        bundled_students: Also the bundled ``<model>-fast`` when it was distilled from the model's weights.
+        bundled_students: Also the bundled ``<model>-fast`` (a few-step student) and ``<model>-pruned`` (a pruned
+            network, ``hasten prune``) when they were made from the model's weights.
         top_k: How many of the fastest passing recipes get caches and quantisation on top.
         timed: How many passing candidates are timed against the baseline.
         n_time: Images per timed run; ``timing_repeats`` paired runs each.
@@ -435,27 +438,38 @@ class Optimizer:
                     f"guidance {self.guidance:g} (--guidance)"
                 )
             recipes.append(recipe)
-        fast = f"{self.model.info.name}-fast"
-        if self.config.bundled_students and fast in bundled_models():
+        for suffix in BUNDLED_STUDENTS:
+            bundled = f"{self.model.info.name}-{suffix}"
+            if not self.config.bundled_students or bundled not in bundled_models():
+                continue
             try:
-                recipe = student_recipe(fast, teacher_fingerprint=self.model.fingerprint, seed=SCORE_SEED)
+                recipe = student_recipe(bundled, teacher_fingerprint=self.model.fingerprint, seed=SCORE_SEED)
             except RecipeError as err:
-                self.notes.append(f"skipped the bundled {fast}: {err}")
-            else:
-                if recipe.student["teacher_guidance"] != self.guidance:
-                    self.notes.append(f"skipped the bundled {fast}: distilled at guidance "
-                                      f"{recipe.student['teacher_guidance']:g}, not {self.guidance:g}")  # fmt: skip
-                elif recipe not in recipes:
-                    recipes.append(recipe)
+                self.notes.append(f"skipped the bundled {bundled}: {err}")
+                continue
+            if recipe.student["teacher_guidance"] != self.guidance:
+                self.notes.append(f"skipped the bundled {bundled}: distilled at guidance "
+                                  f"{recipe.student['teacher_guidance']:g}, not {self.guidance:g}")  # fmt: skip
+            elif recipe not in recipes:
+                recipes.append(recipe)
         return recipes
 
-    def stage_students(self) -> None:
-        """Each student at its own sampler, scored like a stock recipe against this model's converged sampler."""
+    def stage_students(self, baseline: dict[str, Any] | None = None) -> None:
+        """Each student at its own sampler, scored like a stock recipe against this model's converged sampler; a
+        pruned model (a full sampler's network, not a few-step one) also at the baseline's sampler."""
         for recipe in self.student_recipes():
-            if not self.affordable(reserve=self.final_reserve()):
-                self.notes.append(f"student {recipe.describe()} skipped: budget")
-                continue
-            self.evaluate(recipe, "students")
+            candidates = [recipe]
+            base = None if baseline is None else baseline["recipe"]
+            if recipe.student["method"] == "prune" and base is not None and base.library == "hasten":
+                at_baseline = recipe.replace(solver=base.solver, options=base.options, schedule=base.schedule,
+                                             steps=base.steps)  # fmt: skip
+                if at_baseline != recipe:
+                    candidates.append(at_baseline)
+            for candidate in candidates:
+                if not self.affordable(reserve=self.final_reserve()):
+                    self.notes.append(f"student {candidate.describe()} skipped: budget")
+                    continue
+                self.evaluate(candidate, "students")
 
     def model_for(self, recipe: Recipe) -> Any:
         """The full-precision network ``recipe`` samples: this model, or the student it names."""
@@ -706,7 +720,7 @@ class Optimizer:
         baseline = self.stage_stock()
         if baseline is not None:
             self.stage_peers(baseline)
-        self.stage_students()
+        self.stage_students(baseline)
         self.stage_plans()
         self.stage_tune()
         self.stage_caches()
