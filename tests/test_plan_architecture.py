@@ -130,6 +130,17 @@ def test_bad_skips_are_refused_by_name(model, tmp_path):
     assert hooked_modules(model.network) == {}
 
 
+def test_loops_that_cannot_see_the_network_refuse_a_skipping_plan(model):
+    plan = _plan(model, skip=((1,), (), (), ()))
+    x = torch.randn(2, 1, 28, 28) * plan.sigmas[0]
+    with pytest.raises(ValueError, match="skips blocks per step, which needs the network"):
+        hasten.sample(model.denoiser, x, plan=plan)
+    from hasten.pipelines.scheduler import HastenScheduler
+
+    with pytest.raises(ValueError, match="cannot apply"):
+        HastenScheduler.from_plan(plan)
+
+
 def test_old_v1_plan_files_still_load():
     plan = load_plan(ROOT / "plans" / "mnist-dit-nfe5.json")
     assert plan.skip is None and plan.cost is None
