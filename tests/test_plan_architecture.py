@@ -190,18 +190,37 @@ def test_the_joint_search_keeps_the_cost_budget_and_the_step_count():
     objective, calls = _toy_objective(shares)
     result = search(
         objective, [start], log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9,
-        max_evaluations=150, shares=shares, cost_budget=budget, seed=1,
+        max_evaluations=400, shares=shares, cost_budget=budget, seed=1,
     )  # fmt: skip
     assert calls and all(c.cost(shares) <= budget + 1e-9 for c in calls)  # nothing over budget is ever run
     assert all(len(c.skip) == n and c.num_steps == n and len(set(c.log_sigmas)) == n - 1 for c in calls)
     assert len({c.skip for c in calls}) > 3  # the skip sets were searched
     assert result.best.cost(shares) <= budget + 1e-9 and result.best_score < result.start_best
-    early = sum(len(b) for b in result.best.skip[:2])
-    assert early >= sum(len(b) for b in result.best.skip[-2:])  # it moved skips to the cheap (early) steps
+
+    def mean_step(skip):
+        return sum(i * len(b) for i, b in enumerate(skip)) / sum(len(b) for b in skip)
+
+    assert mean_step(result.best.skip) < mean_step(start_skip) - 0.5  # skips moved to the cheap (early) steps
     with pytest.raises(ValueError, match="no skip pattern"):
         budget_pattern(n, shares, 0.5, "early")
     with pytest.raises(ValueError, match="both shares and cost_budget"):
         search(objective, [start], log_sigma_max=4.0, log_sigma_min=-6.0, seconds=1.0, shares=shares)
+
+
+def test_the_search_is_progressive_steps_first_then_skip_sets():
+    shares, budget, n = (0.16,) * 6, 3.2, 5
+    start = Candidate((3.0, 1.0, 0.0, -1.0), (2,) * n, (True,) * n, ("bh2",) * n, "data",
+                      budget_pattern(n, shares, budget, "late"))  # fmt: skip
+    kwargs = dict(log_sigma_max=math.log(80.0), log_sigma_min=math.log(0.002), seconds=1e9, max_evaluations=60,
+                  shares=shares, cost_budget=budget, evolution_share=1.0)  # fmt: skip
+    objective, calls = _toy_objective(shares)
+    search(objective, [start], steps_first=1.0, **kwargs)  # only the steps move: the start's skips ride along
+    assert len(calls) > 30 and {c.skip for c in calls} == {start.skip}
+    assert len({c.log_sigmas for c in calls}) > 30
+    objective, calls = _toy_objective(shares)
+    search(objective, [start], steps_first=0.5, **kwargs)
+    first, second = calls[: len(calls) // 3], calls[2 * len(calls) // 3 :]
+    assert {c.skip for c in first} == {start.skip} and len({c.skip for c in second}) > 3
 
 
 def test_steps_only_candidates_keep_their_keys():

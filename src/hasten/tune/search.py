@@ -261,7 +261,9 @@ def search(
             while island and spent < share * seconds and (max_evaluations is None or count < share * max_evaluations):
                 elites = [c for _, c in island[:elite]]
                 # progressive (AutoDiffusion): the skip sets evolve only after the island's first steps_first share
-                evolve_skips = arch is not None and spent >= (begin + steps_first * (share - begin)) * seconds
+                # of the budget (time, or evaluations when they are capped: whichever is used up faster)
+                used = max(spent / seconds, 0.0 if max_evaluations is None else count / max_evaluations)
+                evolve_skips = arch is not None and used >= begin + steps_first * (share - begin)
                 children = []
                 while len(children) < population - elite:
                     a = elites[rng.integers(len(elites))]
@@ -424,7 +426,9 @@ def _mutate(
     correctors = tuple((not x) if rng.random() < p else x for x in c.correctors)
     variants = tuple(str(rng.choice(VARIANTS)) if rng.random() < p else v for v in c.variants)
     prediction = str(rng.choice(predictions)) if rng.random() < 0.05 else c.prediction
-    return Candidate(logs, orders, correctors, variants, prediction)
+    return dataclasses.replace(  # (the skip sets, if any, are kept: they have their own moves)
+        c, log_sigmas=logs, orders=orders, correctors=correctors, variants=variants, prediction=prediction
+    )
 
 
 def _neighbours(c: Candidate, delta: float):
