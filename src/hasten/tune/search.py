@@ -28,9 +28,9 @@ The objective is any function of a :class:`Plan` (lower is better). :func:`tune`
 evaluations are memoised by the normalised candidate, so a resumed search replays its cache instantly
 and continues where it stopped (the search is deterministic given its seed).
 
-Reference: Li et al., AutoDiffusion, ICCV 2023 (evolutionary search of time steps); Liu et al., USF / S^3,
-ICLR 2024 (per-step solver decisions); Zhao et al., UniPC, NeurIPS 2023 (the predictor and corrector); Li et al.,
-AutoDiffusion, ICCV 2023 (progressive search of time steps, then per-step layer skipping, under a budget).
+Reference: Li et al., AutoDiffusion, ICCV 2023 (evolutionary search of time steps, and progressively of
+per-step layer skipping under a budget); Liu et al., USF / S^3, ICLR 2024 (per-step solver decisions); Zhao
+et al., UniPC, NeurIPS 2023 (the predictor and corrector).
 """
 
 from __future__ import annotations
