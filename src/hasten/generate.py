@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import distributed
 from .accel import AccelStats, accelerate_, accelerator_of
+from .accel.skip import installed_skip, skip_blocks, skip_by_block
 from .models.guidance import CFGDenoiser, ThresholdedDenoiser
 from .models.zoo import LoadedModel
 from .schedules.grids import get_sigmas
@@ -238,6 +239,20 @@ def generate(
         steps, schedule = 10 if steps is None else steps, "auto" if schedule is None else schedule
     if accel is not None:
         with accelerate_(model, accel):
+            return generate(
+                model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
+                batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
+                state_dtype=state_dtype, noise=noise, gather=gather, **solver_options,
+            )  # fmt: skip
+    skip = None if plan is None else plan.skip
+    if skip is not None:
+        plan.check_network(model.network)  # a block index the network lacks is refused by name
+    if skip is not None and installed_skip(model.network) != skip_by_block(model.network, skip):
+        # a plan's per-step architecture: skip hooks for this call only (the plan object holds only indices)
+        if accelerator_of(model) is not None:
+            raise ValueError("a plan with per-step block skips cannot run under a cache (both decide which blocks "
+                             "run); sample the plan without --accel, or a plan without skips")  # fmt: skip
+        with skip_blocks(model.network, skip):
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,

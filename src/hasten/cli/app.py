@@ -729,6 +729,13 @@ def tune(
         str, typer.Option(help="cosine (decays to 5% of --fit-lr at the last iteration) or constant")
     ] = "cosine",
     n_fit: Annotated[int, typer.Option(help="training images of the fit (search seed)")] = 128,
+    skip_cost: Annotated[
+        float | None,
+        typer.Option(
+            help="also search which blocks each step skips (per-step architecture): --nfe steps within this "
+            "NFE-equivalent cost (FLOP-weighted, < --nfe)"
+        ),
+    ] = None,
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = None,
@@ -755,7 +762,7 @@ def tune(
             nfe=nfe, minutes=minutes, guidance=loaded.default_guidance if guidance is None else guidance,
             n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd, fd_candidates=fd_candidates, n_heldout=n_heldout,
             reference_steps=reference_steps, fit_iterations=fit_iterations, fit_lr=fit_lr,
-            fit_lr_schedule=fit_lr_schedule, n_fit=n_fit,
+            fit_lr_schedule=fit_lr_schedule, n_fit=n_fit, skip_cost=skip_cost,
         )  # fmt: skip
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError, ValueError) as err:

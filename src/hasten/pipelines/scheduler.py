@@ -210,6 +210,11 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
         A plan is made for one model's weights: with ``model`` (a :class:`hasten.LoadedModel`) the plan is
         checked against it (refused for other weights unless ``force``) and options it needs from the model
         are filled in (DPM-Solver-v3's statistics); without it, pass them in ``solver_options``."""
+        if getattr(plan, "skip", None) is not None:
+            raise ValueError(
+                "this plan skips blocks per step (a per-step architecture), which a diffusers pipeline's loop cannot "
+                "apply; sample it with hasten.generate(model, plan=plan), or use a plan without skips"
+            )
         if model is not None:
             from ..generate import options_for_model
 

@@ -411,6 +411,12 @@ def sample(
     if plan is not None:
         if sigmas is not None or options or solver != "dpmpp_2m":
             raise TypeError("a plan supplies the grid and the solver; do not pass sigmas, solver or options with it")
+        if getattr(plan, "skip", None) is not None:  # the loop never sees the network its blocks belong to
+            raise ValueError(
+                "this plan skips blocks per step, which needs the network: sample it with hasten.generate(model, "
+                "plan=plan), or pass plan.sigmas and plan.build_solver() inside hasten.accel.skip.skip_blocks(network, "
+                "plan.skip)"
+            )
         sigmas, solver = plan.sigmas, plan.build_solver()
     if sigmas is None:
         raise TypeError("sample() needs sigmas (a descending grid, e.g. hasten.get_sigmas(...)) or a plan")

@@ -5,7 +5,11 @@ it is JSON with a format tag and a schema version; it names the model and its we
 is never silently applied to another model, and records its NFE, its scores and how it was found.
 
 Reference: Liu et al., USF / S^3, ICLR 2024 (a sampler as a sequence of per-step decisions); Li et al.,
-AutoDiffusion, ICCV 2023 (searched time steps).
+AutoDiffusion, ICCV 2023 (searched time steps and per-step block skipping).
+
+A plan may also carry a per-step architecture, ``skip``: the skippable blocks (:mod:`hasten.accel.skip`)
+each step leaves out. Plans without one are written exactly as before (schema 1, the same digest); a plan
+with skips is schema 2 and records its ``cost`` in NFE-equivalents (FLOP-weighted).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from ..solvers import PerStepSolver, Solver, get_solver
 __all__ = ["PLAN_FORMAT", "PLAN_SCHEMA_VERSION", "Plan", "PlanError", "load_plan", "save_plan"]
 
 PLAN_FORMAT = "hasten-plan"
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2  # written for plans with per-step block skips; plans without are written as 1
+READABLE_SCHEMAS = (1, 2)
 
 
 class PlanError(ValueError):
@@ -40,6 +45,11 @@ class Plan:
     one mapping per step (e.g. UniPC's ``order``, ``corrector`` and ``variant``). ``nfe`` is the number of
     denoiser calls per image batch, ``guidance`` the classifier-free guidance scale the plan was made for.
     ``model`` / ``fingerprint`` identify the model; ``scores`` and ``search`` record what was measured and how.
+
+    ``skip`` (optional) is the per-step architecture: one tuple of skippable block indices per step
+    (:func:`hasten.accel.skip.skippable_blocks` numbers them), the blocks that step leaves out; stored sorted,
+    and None when no step skips anything (such a plan is the plain plan). ``cost`` is its NFE-equivalent
+    (``nfe`` minus the skipped blocks' FLOP share of each call, see :meth:`cost_with`), set by the tuner.
     """
 
     sigmas: tuple[float, ...]
@@ -52,6 +62,8 @@ class Plan:
     fingerprint: str = ""
     scores: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     search: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    skip: tuple[tuple[int, ...], ...] | None = None
+    cost: float | None = None
 
     def __post_init__(self) -> None:
         sig = [float(s) for s in self.sigmas]
@@ -71,6 +83,11 @@ class Plan:
                 raise PlanError(f"plan has {len(sig) - 1} steps but {len(self.steps)} per-step decisions")
             object.__setattr__(self, "steps", tuple(dict(s) for s in self.steps))
         object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "skip", _normalised_skip(self.skip, len(sig) - 1))
+        if self.skip is None:
+            object.__setattr__(self, "cost", None)  # a plain plan costs its NFE
+        if self.cost is not None and not (isinstance(self.cost, int | float) and 0 < self.cost < math.inf):
+            raise PlanError(f"plan cost must be a finite number > 0 (NFE-equivalents), got {self.cost!r}")
         try:
             self.build_solver()
         except (KeyError, TypeError, ValueError) as err:
@@ -90,6 +107,29 @@ class Plan:
             return get_solver(self.solver, **options)
         return PerStepSolver(tuple(get_solver(self.solver, **{**options, **s}) for s in self.steps))
 
+    def check_network(self, network: Any) -> None:
+        """Refuse a skip index the network has no block for (naming the step and the index)."""
+        if self.skip is None:
+            return
+        from ..accel.skip import check_skip, skippable_blocks
+
+        try:
+            check_skip(self.skip, len(skippable_blocks(network)))
+        except (TypeError, ValueError) as err:
+            raise PlanError(str(err)) from None
+
+    def cost_with(self, shares: Sequence[float]) -> float:
+        """NFE-equivalent cost: each step's calls weighted by the FLOP share left after its skipped blocks.
+
+        ``shares`` are the blocks' FLOP shares of one call (:func:`hasten.accel.skip.block_flop_shares`). Calls
+        are spread evenly over the steps (one per step for the tuner's plans).
+        """
+        nfe = self.num_steps if self.nfe is None else self.nfe
+        if self.skip is None:
+            return float(nfe)
+        per_step = nfe / self.num_steps
+        return float(sum(per_step * (1.0 - sum(shares[b] for b in blocks)) for blocks in self.skip))
+
     def check_model(self, name: str, fingerprint: str, *, force: bool = False) -> None:
         """Refuse a plan made for other weights (``force`` overrides, e.g. for a fine-tune)."""
         if force or not self.fingerprint or self.fingerprint == fingerprint:
@@ -101,20 +141,24 @@ class Plan:
 
     def digest(self) -> str:
         """sha256 of what the plan samples (model, grid, solver decisions, guidance; not its scores or search)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in ("scores", "search")}
+        data = {k: v for k, v in self.to_dict().items() if k not in ("scores", "search", "cost")}
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def describe(self) -> str:
         """One line: solver, steps, NFE and the per-step decisions in short form."""
         head = f"{self.solver}, {self.num_steps} steps, NFE {self.nfe}"
+        if self.skip is not None:
+            cost = "" if self.cost is None else f" (cost {self.cost:.2f} NFE-equivalent)"
+            skips = " ".join(f"{i}:{'-'.join(map(str, b))}" for i, b in enumerate(self.skip) if b)
+            head += f"{cost}; skips step:blocks {skips}"
         if not self.steps:
             return head
         return head + "; steps: " + " ".join(",".join(f"{k}={v}" for k, v in sorted(s.items())) for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": PLAN_FORMAT,
-            "schema_version": PLAN_SCHEMA_VERSION,
+            "schema_version": 1 if self.skip is None else PLAN_SCHEMA_VERSION,
             "model": self.model,
             "fingerprint": self.fingerprint,
             "guidance": self.guidance,
@@ -126,16 +170,23 @@ class Plan:
             "scores": dict(self.scores),
             "search": dict(self.search),
         }
+        if self.skip is not None:  # a plain plan keeps schema 1's fields (and so its digest and its readers)
+            data["skip"] = [list(b) for b in self.skip]
+            data["cost"] = self.cost
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a hasten plan (format {data.get('format') if isinstance(data, Mapping) else None!r})")
         version = data.get("schema_version")
-        if version != PLAN_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise PlanError(
-                f"plan schema version {version!r} is not supported; this hasten reads {PLAN_SCHEMA_VERSION}"
+                f"plan schema version {version!r} is not supported; this hasten reads "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}"
             )
+        if version == 1 and ("skip" in data or "cost" in data):
+            raise PlanError("a schema 1 plan has no per-step architecture ('skip', 'cost'); skips need schema 2")
         try:
             return cls(
                 sigmas=tuple(data["sigmas"]), solver=data["solver"], options=data.get("options") or {},
@@ -143,9 +194,32 @@ class Plan:
                 guidance=float(data.get("guidance", 1.0)), model=data.get("model", ""),
                 fingerprint=data.get("fingerprint", ""), scores=data.get("scores") or {},
                 search=data.get("search") or {},
+                skip=None if data.get("skip") is None else tuple(tuple(b) for b in data["skip"]),
+                cost=data.get("cost"),
             )  # fmt: skip
         except KeyError as err:
             raise PlanError(f"plan is missing the field {err.args[0]!r}") from None
+
+
+def _normalised_skip(skip: Any, num_steps: int) -> tuple[tuple[int, ...], ...] | None:
+    """Per-step skip sets as sorted tuples of distinct ints; None when absent or empty at every step."""
+    if skip is None:
+        return None
+    if isinstance(skip, str | bytes) or not isinstance(skip, Sequence):
+        raise PlanError(f"plan skip must be a list of block-index lists, one per step, got {skip!r}")
+    if len(skip) != num_steps:
+        raise PlanError(f"plan has {num_steps} steps but {len(skip)} per-step skip sets")
+    out = []
+    for step, blocks in enumerate(skip):
+        if isinstance(blocks, str | bytes) or not isinstance(blocks, Sequence):
+            raise PlanError(f"plan skip at step {step} must be a list of block indices, got {blocks!r}")
+        bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, int) or b < 0]
+        if bad:
+            raise PlanError(f"plan skip at step {step} has {bad[0]!r}; block indices are integers >= 0")
+        if len(set(blocks)) != len(blocks):
+            raise PlanError(f"plan skip at step {step} names a block twice: {list(blocks)}")
+        out.append(tuple(sorted(blocks)))
+    return tuple(out) if any(out) else None
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> pathlib.Path:

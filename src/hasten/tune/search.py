@@ -13,13 +13,24 @@ on every stock grid and can only improve on the best of them (it keeps the best 
    turn, accepted when the objective drops; delta halves when a sweep finds nothing. At very low NFE this
    is often the strongest single move.
 
+**Per-step architecture** (optional, ``shares`` and ``cost_budget`` given): each step also carries the set of
+skippable blocks it leaves out (:mod:`hasten.accel.skip`), and a candidate's cost is its NFE-equivalent, the
+calls weighted by the FLOP share they keep (:meth:`Candidate.cost`), which must stay within the budget. As in
+AutoDiffusion the search is progressive: the first ``steps_first`` share of the evolutionary phase moves only
+the levels and solver decisions (the starts' skip patterns ride along), then the skip sets evolve too; every
+child is repaired to the budget by skipping more blocks at random steps, and refinement also moves a skipped
+block to a neighbouring step or swaps it for a neighbouring block. Unlike AutoDiffusion's code, the skip sets
+belong to step *positions* of the sorted grid (the levels are kept sorted, so a set never silently moves to
+another step when levels cross) and levels are kept distinct (no duplicate time steps shorten a plan).
+
 The objective is any function of a :class:`Plan` (lower is better). :func:`tune` uses the proxy
 "RMSE to a high-accuracy solve from the same noise, on a small search batch" (no feature network needed);
 evaluations are memoised by the normalised candidate, so a resumed search replays its cache instantly
 and continues where it stopped (the search is deterministic given its seed).
 
-Reference: Li et al., AutoDiffusion, ICCV 2023 (evolutionary search of time steps); Liu et al., USF / S^3,
-ICLR 2024 (per-step solver decisions); Zhao et al., UniPC, NeurIPS 2023 (the predictor and corrector).
+Reference: Li et al., AutoDiffusion, ICCV 2023 (evolutionary search of time steps, and progressively of
+per-step layer skipping under a budget); Liu et al., USF / S^3, ICLR 2024 (per-step solver decisions); Zhao
+et al., UniPC, NeurIPS 2023 (the predictor and corrector).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import numpy as np
 
 from .plan import Plan
 
-__all__ = ["Candidate", "SearchResult", "candidate_from_plan", "search"]
+__all__ = ["Candidate", "SearchResult", "budget_pattern", "candidate_from_plan", "search"]
 
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
@@ -51,6 +62,7 @@ class Candidate:
     correctors: tuple[bool, ...]
     variants: tuple[str, ...]
     prediction: str = "data"
+    skip: tuple[tuple[int, ...], ...] = ()  # per step: skipped block indices; () = no skips (a plain plan)
 
     @property
     def num_steps(self) -> int:
@@ -70,14 +82,28 @@ class Candidate:
         orders = tuple(1 if i in (0, n - 1) else min(o, i + 1) for i, o in enumerate(self.orders))
         correctors = tuple(bool(c) and i > 0 for i, c in enumerate(self.correctors))
         variants = ("bh2",) * n if self.prediction == "v3" else self.variants  # v3 has no variant
+        skip = tuple(tuple(sorted(set(b))) for b in self.skip)
         return dataclasses.replace(
-            self, log_sigmas=tuple(levels), orders=orders, correctors=correctors, variants=variants
-        )
+            self, log_sigmas=tuple(levels), orders=orders, correctors=correctors, variants=variants,
+            skip=skip if any(skip) else (),
+        )  # fmt: skip
 
     def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        if not self.skip:  # a candidate without skips keeps the key it had before skips existed (saved searches)
+            del data["skip"]
+        return json.dumps(data, sort_keys=True)
 
-    def to_plan(self, sigma_max: float, **metadata: Any) -> Plan:
+    def cost(self, shares: Sequence[float]) -> float:
+        """NFE-equivalent: one call per step, less the FLOP shares of the blocks the step skips."""
+        if not self.skip:
+            return float(self.num_steps)
+        return float(sum(1.0 - sum(shares[b] for b in blocks) for blocks in self.skip))
+
+    def to_plan(self, sigma_max: float, shares: Sequence[float] | None = None, **metadata: Any) -> Plan:
+        """The plan this candidate stands for; ``shares`` (the blocks' FLOP shares) set a skipping plan's cost."""
+        if self.skip:
+            metadata = {**metadata, "skip": self.skip, "cost": None if shares is None else self.cost(shares)}
         sigmas = (sigma_max, *(math.exp(v) for v in self.log_sigmas), 0.0)
         if self.prediction == "v3":  # the model's statistics are resolved by generate() (ems="auto")
             steps = tuple({"order": o, "corrector": c} for o, c in zip(self.orders, self.correctors))
@@ -143,6 +169,9 @@ def search(
     cache: dict[str, dict[str, float]] | None = None,
     on_evaluation: Callable[[Candidate, float, float, int, float], None] | None = None,
     prefetch: Callable[[list[Candidate]], None] | None = None,
+    shares: Sequence[float] | None = None,
+    cost_budget: float | None = None,
+    steps_first: float = 0.5,
 ) -> SearchResult:
     """Minimise ``objective`` (returns ``(score, seconds_spent)``) from ``starts`` within the budget.
 
@@ -159,9 +188,16 @@ def search(
     the other (the starts, a generation's children, a refinement sweep's neighbours), all fixed before the first
     is scored: it may score them at once and put them in ``cache`` (in parallel, under ``torchrun``), and the
     search then replays them in order as it would have scored them, so its path does not depend on it.
+
+    ``shares`` (each skippable block's FLOP share of a call) and ``cost_budget`` (largest NFE-equivalent) turn on
+    the per-step architecture search (see the module docstring); ``steps_first`` is the share of the evolutionary
+    phase that moves only the steps. A candidate over the budget scores ``inf`` without being run.
     """
     if not starts:
         raise ValueError("search needs at least one starting candidate")
+    if (shares is None) != (cost_budget is None):
+        raise ValueError("the architecture search needs both shares and cost_budget (or neither)")
+    arch = None if shares is None else _Architecture(tuple(shares), float(cost_budget))
     cache = {} if cache is None else cache
     rng = np.random.default_rng(seed)
     n = starts[0].num_steps
@@ -185,7 +221,10 @@ def search(
         if new:
             if spent >= seconds:
                 raise _Budget
-            score, took = objective(candidate)
+            if arch is not None and candidate.cost(arch.shares) > arch.budget + 1e-9:
+                score, took = math.inf, 0.0  # over the budget: never run
+            else:
+                score, took = objective(candidate)
             cache[key] = {"score": float(score) if math.isfinite(score) else math.inf, "seconds": float(took)}
         counted.add(key)
         count += 1
@@ -218,13 +257,21 @@ def search(
         island_best = []
         for index, island in enumerate(island_pools):
             share = evolution_share * (index + 1) / islands
+            begin = evolution_share * index / islands
             while island and spent < share * seconds and (max_evaluations is None or count < share * max_evaluations):
                 elites = [c for _, c in island[:elite]]
+                # progressive (AutoDiffusion): the skip sets evolve only after the island's first steps_first share
+                # of the budget (time, or evaluations when they are capped: whichever is used up faster)
+                used = max(spent / seconds, 0.0 if max_evaluations is None else count / max_evaluations)
+                evolve_skips = arch is not None and used >= begin + steps_first * (share - begin)
                 children = []
                 while len(children) < population - elite:
                     a = elites[rng.integers(len(elites))]
                     child = _crossover(a, elites[rng.integers(len(elites))], rng) if rng.random() < 0.5 else a
-                    children.append(_mutate(child, rng, log_sigma_max, log_sigma_min, predictions))
+                    child = _mutate(child, rng, log_sigma_max, log_sigma_min, predictions)
+                    if arch is not None:
+                        child = arch.repair(arch.mutate(child, rng) if evolve_skips else child, rng)
+                    children.append(child)
                 ahead(children)
                 scored = [(evaluate(c), c.normalised(log_sigma_max, log_sigma_min)) for c in children]
                 merged = {c.key(): (s, c) for s, c in island + scored}
@@ -245,6 +292,8 @@ def search(
             while delta > 1e-3:
                 improved = False
                 trials = list(_neighbours(current, delta))
+                if arch is not None:
+                    trials += list(arch.neighbours(current))
                 ahead(trials)
                 for trial in trials:
                     s = evaluate(trial)
@@ -259,15 +308,110 @@ def search(
 
 
 def _crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
-    """Uniform crossover, gene by gene (levels re-sorted by normalisation)."""
+    """Uniform crossover, gene by gene (levels re-sorted by normalisation; skip sets swapped by step position)."""
 
     def mix(x: tuple, y: tuple) -> tuple:
         return tuple(xi if rng.random() < 0.5 else yi for xi, yi in zip(x, y))
 
-    return Candidate(
+    child = Candidate(
         mix(a.log_sigmas, b.log_sigmas), mix(a.orders, b.orders), mix(a.correctors, b.correctors),
         mix(a.variants, b.variants), a.prediction if rng.random() < 0.5 else b.prediction,
     )  # fmt: skip
+    if a.skip or b.skip:  # (steps-only searches draw nothing here: their random path is unchanged)
+        n = a.num_steps
+        child = dataclasses.replace(child, skip=mix(a.skip or ((),) * n, b.skip or ((),) * n))
+    return child
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """The per-step architecture genes: block FLOP shares, the cost budget, and the moves on skip sets."""
+
+    shares: tuple[float, ...]
+    budget: float
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.shares)
+
+    def _sets(self, c: Candidate) -> list[set[int]]:
+        return [set(b) for b in c.skip] if c.skip else [set() for _ in range(c.num_steps)]
+
+    def mutate(self, c: Candidate, rng: np.random.Generator) -> Candidate:
+        """Each step's set changed with probability 1/n: a random block added or a skipped one run again."""
+        sets = self._sets(c)
+        for blocks in sets:
+            if rng.random() < 1.0 / len(sets):
+                if blocks and (len(blocks) >= self.num_blocks - 1 or rng.random() < 0.5):
+                    blocks.discard(sorted(blocks)[rng.integers(len(blocks))])
+                else:
+                    blocks.add(int(rng.choice(sorted(set(range(self.num_blocks)) - blocks))))
+        return dataclasses.replace(c, skip=tuple(tuple(sorted(b)) for b in sets))
+
+    def repair(self, c: Candidate, rng: np.random.Generator) -> Candidate:
+        """Skip random further blocks (at most all but one per step) until the cost is within the budget."""
+        sets = self._sets(c)
+
+        def cost() -> float:
+            return sum(1.0 - sum(self.shares[b] for b in blocks) for blocks in sets)
+
+        while cost() > self.budget + 1e-9:
+            open_steps = [i for i, blocks in enumerate(sets) if len(blocks) < self.num_blocks - 1]
+            if not open_steps:
+                break  # infeasible: scored inf by the search
+            blocks = sets[open_steps[rng.integers(len(open_steps))]]
+            blocks.add(int(rng.choice(sorted(set(range(self.num_blocks)) - blocks))))
+        return dataclasses.replace(c, skip=tuple(tuple(sorted(b)) for b in sets))
+
+    def neighbours(self, c: Candidate):
+        """Cost-neutral moves (equal shares): a skipped block moved to the next or previous step, or swapped for
+        the block beside it at the same step."""
+        sets = self._sets(c)
+        for i, blocks in enumerate(sets):
+            for b in sorted(blocks):
+                for j in (i - 1, i + 1):
+                    if 0 <= j < len(sets) and b not in sets[j] and len(sets[j]) < self.num_blocks - 1:
+                        moved = [set(x) for x in sets]
+                        moved[i].discard(b)
+                        moved[j].add(b)
+                        yield dataclasses.replace(c, skip=tuple(tuple(sorted(x)) for x in moved))
+                for other in (b - 1, b + 1):
+                    if 0 <= other < self.num_blocks and other not in blocks:
+                        swapped = [set(x) for x in sets]
+                        swapped[i].discard(b)
+                        swapped[i].add(other)
+                        yield dataclasses.replace(c, skip=tuple(tuple(sorted(x)) for x in swapped))
+
+
+def budget_pattern(num_steps: int, shares: Sequence[float], budget: float, where: str) -> tuple[tuple[int, ...], ...]:
+    """A deterministic starting skip pattern within ``budget``: middle blocks first, at the ``"early"`` (high-noise)
+    steps first, the ``"late"`` ones first, or ``"spread"`` over the steps round-robin from the middle step."""
+    num_blocks = len(shares)
+    middle = (num_blocks - 1) / 2
+    block_order = sorted(range(num_blocks), key=lambda b: (abs(b - middle), b))
+    steps = list(range(num_steps))
+    if where == "late":
+        steps.reverse()
+    elif where == "spread":
+        steps.sort(key=lambda s: (abs(s - (num_steps - 1) / 2), s))
+    elif where != "early":
+        raise ValueError(f"where must be 'early', 'late' or 'spread', got {where!r}")
+    sets: list[list[int]] = [[] for _ in range(num_steps)]
+    cost = float(num_steps)
+    moves = [(s, b) for b in block_order[: num_blocks - 1] for s in steps] if where == "spread" else [
+        (s, b) for s in steps for b in block_order[: num_blocks - 1]
+    ]  # fmt: skip
+    for s, b in moves:
+        if cost <= budget + 1e-9:
+            break
+        sets[s].append(b)
+        cost -= shares[b]
+    if cost > budget + 1e-9:
+        raise ValueError(
+            f"no skip pattern of {num_steps} steps reaches a cost of {budget:g} NFE-equivalents (at most all but one "
+            f"block skipped per step: {cost:.2f}); allow a larger cost or fewer steps"
+        )
+    return tuple(tuple(sorted(b)) for b in sets)
 
 
 def _mutate(
@@ -282,7 +426,9 @@ def _mutate(
     correctors = tuple((not x) if rng.random() < p else x for x in c.correctors)
     variants = tuple(str(rng.choice(VARIANTS)) if rng.random() < p else v for v in c.variants)
     prediction = str(rng.choice(predictions)) if rng.random() < 0.05 else c.prediction
-    return Candidate(logs, orders, correctors, variants, prediction)
+    return dataclasses.replace(  # (the skip sets, if any, are kept: they have their own moves)
+        c, log_sigmas=logs, orders=orders, correctors=correctors, variants=variants, prediction=prediction
+    )
 
 
 def _neighbours(c: Candidate, delta: float):

@@ -9,6 +9,10 @@ MNIST models, for the plan and for the best stock configuration the search start
 The search state (every evaluation, memoised) is written atomically beside the plan after each
 evaluation: rerun with ``resume=True`` and it replays those instantly and continues, losing at most the
 evaluation that was running.
+
+With ``skip_cost`` the search is joint (AutoDiffusion): ``nfe`` steps whose per-step block skips
+(:mod:`hasten.accel.skip`) bring the plan's NFE-equivalent cost (FLOP-weighted, shares measured once on the
+network) within ``skip_cost``; the stock starts carry deterministic skip patterns within that budget.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ..schedules.grids import get_sigmas
 from ..schedules.noise import FlowMatching, VPDiscrete
 from .fit import FIT_VERSION, LR_SCHEDULES, FitConfig, fit_weights
 from .plan import Plan, PlanError, plan_from_stock, save_plan
-from .search import PREDICTIONS, Candidate, candidate_from_plan, search
+from .search import PREDICTIONS, Candidate, budget_pattern, candidate_from_plan, search
 
 __all__ = ["STOCK_GRIDS", "STOCK_SOLVERS", "STOCK_V3", "TuneConfig", "TuneError", "stock_plans", "tune"]
 
@@ -95,6 +99,9 @@ class TuneConfig(Config):
         fit_lr_schedule: ``"cosine"`` (decays to 5% of ``fit_lr`` at the last iteration) or ``"constant"``.
         n_fit: Training images of the fit.
         fit_every: Iterations between validations (and checkpoints) of the fit.
+        skip_cost: Per-step architecture search (None: off): the plan takes ``nfe`` steps and skips blocks per step
+            so that its NFE-equivalent cost (calls weighted by the FLOP share they keep) is at most this, which
+            must be below ``nfe``. Not combined with the fit stage.
     """
 
     nfe: int = 5
@@ -116,6 +123,7 @@ class TuneConfig(Config):
     fit_lr_schedule: str = "cosine"
     n_fit: int = 128
     fit_every: int = 25
+    skip_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -140,6 +148,16 @@ class TuneConfig(Config):
             )
         if self.fit_lr_schedule not in LR_SCHEDULES:
             raise TuneError(f"fit_lr_schedule must be one of {LR_SCHEDULES}, got {self.fit_lr_schedule!r}")
+        if self.skip_cost is not None:
+            if not (isinstance(self.skip_cost, int | float) and 0 < self.skip_cost < self.nfe):
+                raise TuneError(
+                    f"skip_cost must be a number in (0, nfe={self.nfe}) (NFE-equivalents; at nfe or above nothing "
+                    f"needs skipping), got {self.skip_cost!r}"
+                )
+            if self.fit_iterations > 0:
+                raise TuneError(
+                    "skip_cost (per-step block skips) cannot be combined with the fit stage (fit_iterations)"
+                )
         seeds = (self.search_seed, self.validation_seed, self.heldout_seed)
         if len(set(seeds)) != 3:
             raise TuneError(f"search_seed, validation_seed and heldout_seed must all differ, got {seeds}")
@@ -193,6 +211,8 @@ def tune(
     # and the fit stage's settings (checked against the fit's own checkpoint below; a fit may be added later).
     fit_keys = ("fit_iterations", "fit_lr", "fit_lr_schedule", "n_fit", "fit_every")
     settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations", *fit_keys)}
+    if config.skip_cost is None:  # searches saved before skips existed resume unchanged
+        settings.pop("skip_cost")
     fit_settings = {k: getattr(config, k) for k in fit_keys if k != "fit_iterations"}
     identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
     cache: dict[str, dict[str, float]] = {}  # proxy evaluations by candidate key
@@ -233,6 +253,15 @@ def tune(
     log_max = math.log(sigma_max)
     log_min = math.log(float(model.schedule.sigma_min))
 
+    shares, blocks = None, None
+    if config.skip_cost is not None:
+        from ..accel.skip import block_flop_shares, skippable_blocks
+
+        blocks = [path for path, _ in skippable_blocks(model.network)]
+        with torch.no_grad():  # one network call (a one-step solve), counted once
+            shares = block_flop_shares(model.network, lambda: generate(model, 1, steps=1, seed=0, guidance=1.0))
+        budget_pattern(config.nfe, shares, config.skip_cost, "early")  # refuses a budget no pattern reaches
+
     reference = reference_samples(
         model, config.n_search, seed=config.search_seed, guidance=config.guidance, steps=config.reference_steps
     )
@@ -244,7 +273,7 @@ def tune(
     def objective(candidate: Candidate) -> tuple[float, float]:
         start = distributed.clock()
         try:
-            images = run(candidate.to_plan(sigma_max, **meta), config.n_search, config.search_seed).images01
+            images = run(candidate.to_plan(sigma_max, shares, **meta), config.n_search, config.search_seed).images01
             score = rmse(images, reference)
         except (FloatingPointError, PlanError):
             score = math.inf
@@ -263,6 +292,13 @@ def tune(
         for label, p in stock
         if (c := candidate_from_plan(p)) is not None and math.isclose(p.sigmas[0], sigma_max, rel_tol=1e-6)
     ]
+    if shares is not None:  # each stock start with skip patterns that fit the budget
+        starts = [
+            (f"{label} skipping {where}", dataclasses.replace(c, skip=budget_pattern(c.num_steps, shares,
+                                                                                     config.skip_cost, where)))
+            for label, c in starts
+            for where in ("early", "late", "spread")
+        ]  # fmt: skip
     if not starts:
         raise TuneError(f"no stock configuration at nfe={config.nfe} fits the search space for {model.info.name!r}")
     budget = config.minutes * 60.0
@@ -299,7 +335,7 @@ def tune(
         result = search(
             objective, [c for _, c in starts], log_sigma_max=log_max, log_sigma_min=log_min, seconds=budget,
             max_evaluations=config.max_evaluations, seed=config.seed, cache=cache, on_evaluation=on_evaluation,
-            predictions=predictions, islands=3, prefetch=prefetch,
+            predictions=predictions, islands=3, prefetch=prefetch, shares=shares, cost_budget=config.skip_cost,
         )  # fmt: skip
     finally:
         bar.close()
@@ -307,7 +343,9 @@ def tune(
 
     chosen, full_stage = result.best, None
     if config.fd_candidates > 0 and model.info.data in FEATURE_NETS:
-        chosen, full_stage = _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state)
+        chosen, full_stage = _full_objective_stage(
+            model, config, cache, fd_cache, run, sigma_max, meta, save_state, shares
+        )
 
     start_keys = {c.normalised(log_max, log_min).key(): (label, c) for label, c in starts}
     # (an evaluation cap may stop the search before every stock start was scored)
@@ -322,7 +360,7 @@ def tune(
 
     def validation_rmse(candidate: Candidate) -> float:
         return rmse(
-            run(candidate.to_plan(sigma_max, **meta), config.n_search, config.validation_seed).images01, val_ref
+            run(candidate.to_plan(sigma_max, shares, **meta), config.n_search, config.validation_seed).images01, val_ref
         )
 
     validation = {
@@ -332,7 +370,7 @@ def tune(
     validation["kept"] = "searched" if validation["rmse_ref_searched"] < validation["rmse_ref_best_stock"] else "stock"
     if validation["kept"] == "stock":
         chosen = best_stock
-    plan = chosen.to_plan(sigma_max, **meta)
+    plan = chosen.to_plan(sigma_max, shares, **meta)
     chosen_key = chosen.normalised(log_max, log_min).key()
 
     fit_record = None
@@ -353,7 +391,7 @@ def tune(
 
         # The fit may also start from the best stock start's grid: on the UNet at NFE 5 the plain trailing grid
         # fitted to 0.0412 held-out where the searched plan's grid reached 0.0467 (benchmarks/fit_start_grid_study.py).
-        stock_grid = best_stock.to_plan(sigma_max, **meta).sigmas
+        stock_grid = best_stock.to_plan(sigma_max, shares, **meta).sigmas
         alternatives = [stock_grid] if len(stock_grid) == len(plan.sigmas) else []
         fit = fit_weights(
             model, plan.sigmas,
@@ -391,7 +429,7 @@ def tune(
             "label": best_stock_label,
             "search_rmse_ref": cache[best_stock_key]["score"],
             "heldout": _heldout(
-                run(best_stock.to_plan(sigma_max, **meta), config.n_heldout, config.heldout_seed),
+                run(best_stock.to_plan(sigma_max, shares, **meta), config.n_heldout, config.heldout_seed),
                 held_ref,
                 model,
                 held_fd,
@@ -404,7 +442,9 @@ def tune(
         scores=scores,
         search={
             "method": "evolutionary search + coordinate refinement over per-step UniPC / DPM-Solver-v3 decisions "
-            "(USF space)" + (", then fitted weights" if fit_record and fit_record["kept"] == "fitted" else ""),
+            "(USF space)"
+            + ("" if shares is None else " and per-step block skips within a FLOP-weighted cost")
+            + (", then fitted weights" if fit_record and fit_record["kept"] == "fitted" else ""),
             "config": config.to_dict(),
             "evaluations": result.evaluations,
             "evaluation_seconds": result.seconds,
@@ -413,6 +453,14 @@ def tune(
             "best_proxy_rmse_ref": result.best_score,
             "full_objective": full_stage,
             "fit": fit_record,
+            "architecture": None
+            if shares is None
+            else {
+                "cost_budget": config.skip_cost,
+                "blocks": blocks,
+                "flop_shares": list(shares),
+                "rule": "progressive: steps first, then per-step skip sets; children repaired to the budget",
+            },
         },
     )
     save_plan(plan, out)
@@ -421,6 +469,8 @@ def tune(
 
 def _candidate_from_key(key: str) -> Candidate:
     data = json.loads(key)
+    if "skip" in data:
+        data["skip"] = [tuple(b) for b in data["skip"]]
     return Candidate(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -430,7 +480,7 @@ def _features(candidate: Candidate, proxy: float) -> list[float]:
     return [
         math.log(proxy), sum(candidate.orders) / n, sum(candidate.correctors) / n,
         sum(v == "bh1" for v in candidate.variants) / n, float(candidate.prediction == "noise"),
-        *candidate.log_sigmas,
+        sum(len(b) for b in candidate.skip) / n, *candidate.log_sigmas,
     ]  # fmt: skip
 
 
@@ -445,7 +495,7 @@ def _ridge_predict(train_x: list[list[float]], train_y: list[float], test_x: lis
     return list((test - mu) / sd @ coef + y.mean())
 
 
-def _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state):
+def _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, save_state, shares=None):
     """FD (search seed) for the best proxy candidates: half by proxy rank, half picked by a learned predictor.
 
     Returns the chosen candidate and a record (see the rule below).
@@ -466,7 +516,7 @@ def _full_objective_stage(model, config, cache, fd_cache, run, sigma_max, meta, 
     def fd_of(item) -> float:
         _, candidate, key = item
         if key not in fd_cache:
-            gen = run(candidate.to_plan(sigma_max, **meta), config.n_fd, config.search_seed)
+            gen = run(candidate.to_plan(sigma_max, shares, **meta), config.n_fd, config.search_seed)
             fd_cache[key] = _fd(gen.images01, model)
             save_state()
         return fd_cache[key]
