@@ -247,3 +247,14 @@ def test_tune_with_skip_cost_writes_a_skipping_plan_within_budget(model, tmp_pat
     res = CliRunner().invoke(app, ["tune", "--model", "mnist-dit", "--nfe", "3", "--skip-cost", "5",
                                    "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert res.exit_code == 2 and "skip_cost must be a number in (0, nfe=3)" in res.output
+
+
+def test_a_recipe_refuses_a_skipping_plan_with_a_cache_before_sampling():
+    from hasten import Recipe, RecipeError
+    from hasten.accel import BlockCacheConfig
+    from hasten.tune.plan import Plan
+
+    plan = Plan((10.0, 1.0, 0.0), "euler", skip=((0,), ()), cost=1.8, nfe=2)
+    with pytest.raises(RecipeError, match="skips blocks at some steps and a cache"):
+        Recipe(model="mnist-dit", plan=plan, cache=BlockCacheConfig(interval=2))
+    assert Recipe(model="mnist-dit", plan=plan).plan.skip == ((0,), ())

@@ -259,15 +259,14 @@ class Optimizer:
 
     def measure(self, recipe: Recipe, seed: int) -> dict[str, Any]:
         """Sample ``recipe`` on ``seed``'s noise and score it against the reference of that noise."""
-        from .bench.runner import sample_recipe
+        from .bench.runner import nfe_equivalent, sample_recipe
         from .metrics.reference import rmse
 
         reference = self.reference(seed)
         gen = sample_recipe(self.model, recipe, self.config.n, seed=seed)
         fd = self._fd(gen.images01)
-        stats = gen.accel_stats or {}
         return {"fd": fd, "rmse_ref": rmse(gen.images01, reference), "nfe": gen.nfe, "seconds": gen.seconds,
-                "nfe_equivalent": stats.get("nfe_equivalent", gen.nfe)}  # fmt: skip
+                "nfe_equivalent": nfe_equivalent(gen, recipe)}  # fmt: skip
 
     def time_pair(self, base: Recipe, candidate: Recipe) -> tuple[list[float], list[float]]:
         """Seconds of alternating runs of ``base`` and ``candidate`` on the same noise (one warm-up each)."""

@@ -225,6 +225,7 @@ def _measure(
         "steps": recipe.steps,
         "guidance": _guidance(model, recipe),
         "nfe": gen.nfe,
+        "nfe_equivalent": nfe_equivalent(gen, recipe),
         "seconds": seconds,
         "seconds_all": [r.seconds for r in runs],
         "images_per_second": config.n / seconds,
@@ -240,6 +241,18 @@ def _measure(
         **_training(recipe),
     }
     return row, grid
+
+
+def nfe_equivalent(gen: Any, recipe: Recipe) -> float:
+    """Network calls in full-call units: a cache's FLOP-weighted count (its stats), a skipping plan's cost per call
+    (:attr:`hasten.tune.Plan.cost`), else the calls themselves."""
+    stats = gen.accel_stats or {}
+    if "nfe_equivalent" in stats:
+        return float(stats["nfe_equivalent"])
+    plan = recipe.plan
+    if plan is not None and plan.cost is not None and plan.nfe:
+        return gen.nfe * plan.cost / plan.nfe
+    return float(gen.nfe)
 
 
 def _training(recipe: Recipe) -> dict[str, Any]:
