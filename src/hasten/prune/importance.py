@@ -9,9 +9,9 @@
   samples a fixed batch from fixed noise; the block's score is how far the samples' per-pixel mean and standard
   deviation move, ``|mean(Z) - mean(Z_o)| + |std(Z) - std(Z_o)|``. No feature network or metric is involved.
 
-The loss is hasten's VE-form x0 error with the per-level weight of guidance distillation's ``auto`` rule
-(``1 / sigma^2``, the noise loss, for noise-predicting networks; ``max(1, 1 / sigma^2)`` otherwise), the same
-loss the fine-tune uses, so one implementation serves eps, v and flow networks.
+The Taylor loss is hasten's VE-form x0 error with the per-level weight of the network's own training loss
+(``1 / sigma^2``, the noise loss, for noise-predicting networks; ``max(1, 1 / sigma^2)`` otherwise), so one
+implementation serves eps, v and flow networks.
 
 Reference: Fang, Ma & Wang, "Structural Pruning for Diffusion Models", NeurIPS 2023 (Sec. 3.2; the loop in
 VainF/Diff-Pruning ``ddpm_prune.py``); Castells et al., "LD-Pruner: Efficient Pruning of Latent Diffusion Models
@@ -36,7 +36,8 @@ SKIP_HOOK = "hasten.prune/identity"
 
 
 def objective_weighting(objective: str) -> str:
-    """The x0-error weighting of the pruning losses: the noise loss for eps networks, truncated SNR otherwise."""
+    """The x0-error weighting of the Taylor importance: the network's own training loss (the noise loss for eps
+    networks, Diff-Pruning's; truncated SNR otherwise)."""
     return "snr" if objective == "eps" else "snr_trunc"
 
 
