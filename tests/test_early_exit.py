@@ -244,3 +244,36 @@ def test_training_resumes_exactly_and_refuses_an_existing_output(tmp_path, monke
     b, _ = read_exit_heads(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert meta["network_fingerprint"] == network_fingerprint(model.network) and meta["record"]["model"] == "mnist-dit"
+
+
+def test_cli_trains_calibrates_and_refuses_bad_input(tiny_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hasten.accel import calibrate
+    from hasten.cli.app import app
+
+    monkeypatch.setattr(calibrate, "EXIT_THRESHOLDS", (0.6,))  # one rung per ladder: heads after 2 steps say 0.5
+
+    runner = CliRunner()
+    heads = tmp_path / "heads.safetensors"
+    train = ["accelerate", "train-exits", "--model", tiny_model, "--out", str(heads), "--max-steps", "2",
+             "--batch-size", "4", "--format", "json"]  # fmt: skip
+    made = runner.invoke(app, train)
+    assert made.exit_code == 0, made.output
+    assert heads.exists() and '"steps": 2' in made.output
+    again = runner.invoke(app, train)
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = runner.invoke(app, [*train[:-2], "--minutes", "0", "--force"])
+    assert bad.exit_code == 2 and "--minutes must be > 0, got 0" in bad.output
+    out = tmp_path / "exit.json"
+    calib = ["accelerate", "calibrate", "--model", tiny_model, "--technique", "early-exit", "--solver", "euler",
+             "--steps", "4", "--n", "10", "--out", str(out), "--max-quality-loss", "5"]  # fmt: skip
+    missing = runner.invoke(app, calib)
+    assert missing.exit_code == 2 and "--exit-heads" in missing.output
+    ok = runner.invoke(app, [*calib, "--exit-heads", str(heads)])
+    assert ok.exit_code == 0, ok.output
+    config = AccelConfig.load(out)
+    assert isinstance(config, EarlyExitConfig) and config.heads == str(heads) and config.threshold_at(3, 4) > 0
+    sampled = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "2", "--solver", "euler", "--steps", "4",
+                                  "--accel", str(out), "--out", str(tmp_path / "grid.png")])  # fmt: skip
+    assert sampled.exit_code == 0, sampled.output

@@ -76,7 +76,7 @@ class EarlyExitConfig(AccelConfig):
 
     technique: ClassVar[str] = "early_exit"
     type_tag: ClassVar[str] = "early_exit"
-    heads: str = ""
+    heads: str
     threshold: float = 0.0
     final_threshold: float | None = None
     start: float = 0.0
