@@ -277,3 +277,11 @@ def test_cli_trains_calibrates_and_refuses_bad_input(tiny_model, tmp_path, monke
     sampled = runner.invoke(app, ["sample", "--model", tiny_model, "--n", "2", "--solver", "euler", "--steps", "4",
                                   "--accel", str(out), "--out", str(tmp_path / "grid.png")])  # fmt: skip
     assert sampled.exit_code == 0, sampled.output
+
+
+def test_the_shipped_heads_fit_the_bundled_dit():
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "caches" / "mnist-dit-exit-heads.safetensors"
+    heads = load_exit_heads(path, hasten.load("mnist-dit").network)
+    assert heads.num_exits == 5

@@ -39,7 +39,7 @@ TECHNIQUE_NAMES = ("deepcache", "block_cache", "first_block_cache", "ras", "earl
 INTERVALS = (2, 3, 4, 5, 6, 8)
 THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32)
 RATIOS = (0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
-EXIT_THRESHOLDS = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.6)
+EXIT_THRESHOLDS = (0.05, 0.08, 0.1, 0.12, 0.16, 0.2, 0.3, 0.4, 0.6)
 
 
 def ladders(technique: str, network: Any, *, exit_heads: Any = None) -> list[list[AccelConfig]]:
