@@ -4,7 +4,8 @@ Nobody knows how to set cache thresholds (cache-dit#99: "a subjective prior"), s
 one model, solver and step count, each technique has a few *ladders*: settings ordered from the least to the
 most reuse (DeepCache: growing refresh interval for each skip branch, features reused as they are or
 extrapolated; block caching: the same for each first/last-block split; first-
-block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps). Every
+block cache: growing threshold; RAS: shrinking token ratio, with full steps every 10 or 5 steps; early exit:
+growing uncertainty threshold, constant over the steps or ramping up from 0 or down to 0). Every
 setting is run on calibration noise against the uncached run from the same noise; a ladder is climbed until
 its first failure, and the setting that skips the most work (FLOP-weighted, from the accelerator's stats)
 among those that passed is checked again on held-out noise. Quality loss is the relative FD increase over
@@ -28,19 +29,22 @@ from ..metrics.features import FEATURE_NETS
 from ..metrics.quality import evaluate_images
 from .block_cache import BlockCacheConfig, FirstBlockCacheConfig, transformer_blocks
 from .deepcache import DeepCacheConfig, unet_layout
+from .early_exit import DiTLayout, EarlyExitConfig
 from .hooks import AccelConfig
 from .ras import RASConfig, _ras_parts
 
 CALIBRATION_SEED = 1000  # noise the settings are chosen on
 HELDOUT_SEED = 0  # noise the chosen setting is confirmed and reported on
-TECHNIQUE_NAMES = ("deepcache", "block_cache", "first_block_cache", "ras")
+TECHNIQUE_NAMES = ("deepcache", "block_cache", "first_block_cache", "ras", "early_exit")
 INTERVALS = (2, 3, 4, 5, 6, 8)
 THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32)
 RATIOS = (0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+EXIT_THRESHOLDS = (0.05, 0.08, 0.1, 0.12, 0.16, 0.2, 0.3, 0.4, 0.6)
 
 
-def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
-    """The settings tried for ``technique`` on ``network``, as ladders of growing reuse."""
+def ladders(technique: str, network: Any, *, exit_heads: Any = None) -> list[list[AccelConfig]]:
+    """The settings tried for ``technique`` on ``network``, as ladders of growing reuse (``exit_heads``: the
+    heads file early exit needs)."""
     if technique == "deepcache":
         producers, _, _ = unet_layout(network)
         branches = range(min(len(producers), 4))
@@ -67,15 +71,29 @@ def ladders(technique: str, network: Any) -> list[list[AccelConfig]]:
     if technique == "ras":
         _ras_parts(network)
         return [[RASConfig(ratio=r, interval=k) for r in RATIOS] for k in (10, 5)]
+    if technique == "early_exit":
+        DiTLayout.of(network)
+        if exit_heads is None:
+            raise ValueError("early_exit needs its exit heads: give exit_heads (--exit-heads), made with "
+                             "`hasten accelerate train-exits`")  # fmt: skip
+        heads = str(exit_heads)
+        return [
+            [EarlyExitConfig(heads=heads, threshold=t) for t in EXIT_THRESHOLDS],
+            [EarlyExitConfig(heads=heads, threshold=0.0, final_threshold=t) for t in EXIT_THRESHOLDS],
+            [EarlyExitConfig(heads=heads, threshold=t, final_threshold=0.0) for t in EXIT_THRESHOLDS],
+        ]
     raise ValueError(f"technique must be one of {', '.join(map(repr, TECHNIQUE_NAMES))}; got {technique!r}")
 
 
-def techniques_for(network: Any) -> list[str]:
-    """The techniques that can hook ``network`` (DeepCache for UNets, block caches for transformers)."""
+def techniques_for(network: Any, *, exit_heads: Any = None) -> list[str]:
+    """The techniques that can hook ``network`` (DeepCache for UNets, block caches for transformers; early exit
+    for DiTs when ``exit_heads`` are given)."""
     names = []
     for name in TECHNIQUE_NAMES:
+        if name == "early_exit" and exit_heads is None:
+            continue
         try:
-            ladders(name, network)
+            ladders(name, network, exit_heads=exit_heads)
         except TypeError:
             continue
         names.append(name)
@@ -126,13 +144,14 @@ def calibrate(
     n: int = 200,
     timing_repeats: int = 3,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    exit_heads: Any = None,
 ) -> Calibration:
     """Find the fastest setting of ``technique`` for ``model`` within a quality budget.
 
     Args:
         model: A loaded hasten model (``hasten.load``).
-        technique: ``"deepcache"`` (UNets), ``"block_cache"``, ``"first_block_cache"`` or ``"ras"``
-            (transformers).
+        technique: ``"deepcache"`` (UNets), ``"block_cache"``, ``"first_block_cache"``, ``"ras"`` or
+            ``"early_exit"`` (transformers; ``"early-exit"`` is the same).
         solver, steps, guidance: The sampling setting the cache is calibrated for (a solver spec such as
             ``"unipc:order=3"`` takes options).
         recipe: Instead of those, any uncached :class:`hasten.Recipe` (e.g. a tuned plan): the cache is
@@ -144,6 +163,7 @@ def calibrate(
         n: Images per evaluation (calibration and held-out noise each).
         timing_repeats: Paired timing repeats of the chosen setting against the uncached run.
         on_row: Called with each measured row (progress).
+        exit_heads: The exit-heads file for ``"early_exit"`` (``hasten accelerate train-exits``).
 
     Reference: the issue's calibration design; DeepCache (Ma et al., 2024) and cache-dit (2025) leave these
     settings to the user.
@@ -160,7 +180,8 @@ def calibrate(
         )
     if n < 10:
         raise ValueError(f"n must be >= 10 images for an FD, got {n}")
-    all_ladders = ladders(technique, model.network)  # also checks the technique can hook this network
+    technique = technique.replace("-", "_") if isinstance(technique, str) else technique
+    all_ladders = ladders(technique, model.network, exit_heads=exit_heads)  # also checks it can hook this network
     recipe = _uncached_recipe(model, recipe, solver, steps, guidance)
     kwargs = {k: v for k, v in recipe.generate_kwargs().items() if k != "accel"}
 

@@ -407,7 +407,12 @@ class Accelerator(abc.ABC):
         shares = self._flops.setdefault(shape, {})
         for name in shares:
             shares[name] = shares[name] / total if total else 0.0
+        self._flops_counted(shape, total)
         return out
+
+    def _flops_counted(self, shape: tuple[int, ...], total: float) -> None:
+        """Called after the FLOP-counting call with its total (a technique with side costs measures them here)."""
+        return
 
 
 class _RootHook:

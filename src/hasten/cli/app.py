@@ -858,7 +858,9 @@ def quantize(
     )
 
 
-accelerate_app = typer.Typer(no_args_is_help=True, help="Feature caching: calibrate a cache to a quality target.")
+accelerate_app = typer.Typer(
+    no_args_is_help=True, help="Feature caching and early exit: calibrate to a quality target, train exit heads."
+)
 app.add_typer(accelerate_app, name="accelerate")
 
 
@@ -867,7 +869,13 @@ def accelerate_calibrate(
     model: ModelOption = "mnist-unet",
     technique: Annotated[
         str | None,
-        typer.Option(help="deepcache (UNets); block_cache, first_block_cache, ras (transformers); default: all"),
+        typer.Option(
+            help="deepcache (UNets); block_cache, first_block_cache, ras, early_exit (transformers); default: all"
+        ),
+    ] = None,
+    exit_heads: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="exit heads (from `hasten accelerate train-exits`): needed by --technique early_exit"),
     ] = None,
     solver: SolverSpecOption = "dpmpp_2m",
     steps: StepsOption = 20,
@@ -926,7 +934,7 @@ def accelerate_calibrate(
         guidance = loaded.default_guidance if guidance is None else guidance
         base = Recipe.from_files(loaded, plan=plan, solver=solver_name, options=solver_options, steps=steps,
                                  guidance=guidance)  # fmt: skip
-        names = [technique] if technique is not None else techniques_for(loaded.network)
+        names = [technique] if technique is not None else techniques_for(loaded.network, exit_heads=exit_heads)
         if not names:
             _fail(f"no caching technique can hook {type(loaded.network).__name__}")
     except (FileNotFoundError, PlanError, RecipeError, ValueError, TypeError) as err:
@@ -949,11 +957,12 @@ def accelerate_calibrate(
 
         try:
             found = calibrate(
-                loaded, name, recipe=base, max_quality_loss=max_quality_loss, max_rmse=max_rmse, n=n, on_row=show
-            )
+                loaded, name, recipe=base, max_quality_loss=max_quality_loss, max_rmse=max_rmse, n=n, on_row=show,
+                exit_heads=exit_heads,
+            )  # fmt: skip
         except FloatingPointError as err:
             _fail(_non_finite(err, guidance))
-        except (ValueError, TypeError) as err:
+        except (FileNotFoundError, ValueError, TypeError) as err:
             _fail(str(err))
         except KeyError as err:
             _fail(str(err.args[0]) if err.args else str(err))
@@ -983,6 +992,47 @@ def accelerate_calibrate(
     _emit(fmt, {"results": results}, "\n".join(lines))
     if not any(r["met"] for r in results):
         raise typer.Exit(3)
+
+
+@accelerate_app.command("train-exits")
+def accelerate_train_exits(
+    out: Annotated[pathlib.Path, typer.Option(help="exit-heads file to write (.safetensors)")],
+    model: ModelOption = "mnist-dit",
+    minutes: Annotated[float, typer.Option(help="total training time, across resumes")] = 15.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per step")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the heads")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many steps (smoke tests)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing OUT (and start over)")] = False,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Train early-exit heads for a DiT model (backbone frozen); rerun the same command to resume.
+
+    The heads are refused on any other network's weights. Use them with `hasten accelerate calibrate
+    --technique early_exit --exit-heads OUT`.
+    """
+    from ..accel.early_exit import train_exit_heads
+    from ..models.zoo import load
+
+    _check_writable(out, "--out")
+    if out.exists() and not force:
+        _fail(f"--out {out} already exists; use another file, or --force to train again and replace it")
+    if not minutes > 0:
+        _fail(f"--minutes must be > 0, got {minutes:g}")
+    if not lr > 0:
+        _fail(f"--lr must be > 0, got {lr:g}")
+    try:
+        loaded = load(model)
+        record = train_exit_heads(loaded, out, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed,
+                                  max_steps=max_steps, force=force, progress=fmt is OutputFormat.text)  # fmt: skip
+    except (FileNotFoundError, TypeError, ValueError) as err:
+        _fail(str(err))
+    _emit(
+        fmt,
+        {"out": str(out), **record},
+        f"trained exit heads for {record['model']}: {record['steps']} steps ({record['seconds'] / 60:.1f} min), "
+        f"loss {record['final_loss_ema']:.4f} -> {out}",
+    )
 
 
 def _write_recipe_beside(out: pathlib.Path, loaded: Any, **fields: Any) -> str | None:
