@@ -350,3 +350,18 @@ def test_a_bundled_pruned_model_is_tried_at_its_own_and_at_the_baselines_sampler
     assert len(labels) == 2 and all(label.startswith("student[synthetic-pruned, prune]") for label in labels)
     assert any("euler (auto, 2 steps)" in label for label in labels)  # its own sampler
     assert any("dpmpp_2m (karras, 6 steps)" in label for label in labels)  # the baseline's
+
+
+def test_exit_heads_join_the_caches_stage_for_the_models_own_network_only(tmp_path, monkeypatch):
+    import hasten.accel.calibrate as calibrate
+
+    asked = []
+    monkeypatch.setattr(calibrate, "techniques_for", lambda network, exit_heads=None: asked.append(exit_heads) or [])
+    model = _fake_model()
+    world = World(model, _config(tmp_path, caches=True, exit_heads="heads.safetensors"), tmp_path)
+    student = types.SimpleNamespace(network=None)
+    monkeypatch.setattr(world, "bases", lambda: [hasten.Recipe(model="synthetic"), hasten.Recipe(model="other")])
+    monkeypatch.setattr(world, "model_for", lambda base: model if base.model == "synthetic" else student)
+    monkeypatch.setattr(calibrate, "calibration_setting", lambda model, base: {})
+    world.stage_caches()
+    assert asked == ["heads.safetensors", None]  # a student's network gets no heads made for the model's weights

@@ -90,6 +90,8 @@ class OptimizeConfig(Config):
         plans: Plan files or folders of plans (those for the model's weights are used).
         tune_share: Fraction of the budget for tuning plans below the fastest passing NFE (0: none).
         caches: Calibrate caches on the fastest passing samplers.
+        exit_heads: Exit heads of the model's network (``hasten accelerate train-exits``): early exit joins the
+            caches stage's techniques on the model's own samplers (the heads are for its weights only).
         quant: Quantisation modes tried (``"w8a8"``, ``"w4a8"``).
         students: Distilled students of the model (folders from ``hasten distill`` or bundled names), each a
             candidate at its own sampler; one distilled from other weights, or at another guidance scale, is refused.
@@ -112,6 +114,7 @@ class OptimizeConfig(Config):
     plans: tuple[str, ...] = ()
     tune_share: float = 0.25
     caches: bool = True
+    exit_heads: str | None = None
     quant: tuple[str, ...] = ("w8a8", "w4a8")
     students: tuple[str, ...] = ()
     bundled_students: bool = True
@@ -581,8 +584,9 @@ class Optimizer:
         for base in self.bases():
             model = self.model_for(base)  # a student's cache is calibrated on the student's network
             setting = calibration_setting(model, base)
-            for technique in techniques_for(model.network):
-                for ladder in ladders(technique, model.network):
+            heads = self.config.exit_heads if model is self.model else None  # heads fit one network's weights
+            for technique in techniques_for(model.network, exit_heads=heads):
+                for ladder in ladders(technique, model.network, exit_heads=heads):
                     for config in ladder:
                         if not self.affordable(reserve=self.final_reserve()):
                             self.notes.append("cache ladders stopped: budget")

@@ -1341,6 +1341,10 @@ def optimize(
         float, typer.Option(help="share of the budget for tuning plans below the fastest passing NFE (0: none)")
     ] = 0.25,
     caches: Annotated[bool, typer.Option(help="calibrate caches on the fastest passing samplers")] = True,
+    exit_heads: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="exit heads of --model (`hasten accelerate train-exits`): early exit joins the caches"),
+    ] = None,
     quant: Annotated[
         list[str] | None, typer.Option(help="quantisation modes to try: w8a8, w4a8 (repeatable; default both)")
     ] = None,
@@ -1351,7 +1355,7 @@ def optimize(
         typer.Option(help="a distilled student of --model (`hasten distill` folder or bundled name; repeatable)"),
     ] = None,
     bundled_students: Annotated[
-        bool, typer.Option(help="also try the bundled MODEL-fast when it was distilled from --model's weights")
+        bool, typer.Option(help="also try the bundled MODEL-fast and MODEL-pruned when made from --model's weights")
     ] = True,
     resume: Annotated[bool, typer.Option(help="continue the search of OUT (its evaluations are reused)")] = False,
     force: Annotated[bool, typer.Option(help="search again and replace OUT")] = False,
@@ -1372,7 +1376,10 @@ def optimize(
             solvers=tuple(solver) if solver else DEFAULT_SOLVERS, plans=tuple(str(p) for p in plan or ()),
             tune_share=tune_share, caches=caches, quant=() if no_quant else tuple(quant or ("w8a8", "w4a8")),
             peers=peers, students=tuple(student or ()), bundled_students=bundled_students,
+            exit_heads=None if exit_heads is None else str(exit_heads),
         )  # fmt: skip
+        if exit_heads is not None and not exit_heads.is_file():
+            _fail(f"--exit-heads {exit_heads} does not exist")
         for path in config.plans:
             if not pathlib.Path(path).exists():
                 _fail(f"--plan {path} does not exist")
