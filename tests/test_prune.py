@@ -144,7 +144,7 @@ def test_spectral_error():
     assert spectral_error(high, target, 1.0) > spectral_error(low, target, 1.0)
 
 
-def test_refusals(tiny_model, tmp_path):
+def test_refusals(tiny_model, tmp_path, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(FileExistsError, match="already holds files"):
@@ -156,6 +156,9 @@ def test_refusals(tiny_model, tmp_path):
         PruneOptions(ratio=1.5)
     with pytest.raises(ValueError, match="importance"):
         PruneOptions(ratio=0.5, importance="output_change")
+    import hasten.prune
+
+    monkeypatch.setattr(hasten.prune, "RATIOS", (0.1, 0.2))  # two candidates are enough to show the refusal
     with pytest.raises(ValueError, match=r"no channels pruning of .* reaches a 100x .* best measured was"):
         select(load("mnist-dit"), target_speedup=100.0, importance="magnitude", timing_batch=2)
 
