@@ -156,9 +156,7 @@ def test_refusals(tiny_model, tmp_path, monkeypatch):
         PruneOptions(ratio=1.5)
     with pytest.raises(ValueError, match="importance"):
         PruneOptions(ratio=0.5, importance="output_change")
-    import hasten.prune
-
-    monkeypatch.setattr(hasten.prune, "RATIOS", (0.1, 0.2))  # two candidates are enough to show the refusal
+    monkeypatch.setattr("hasten.prune.RATIOS", (0.1, 0.2))  # two candidates are enough to show the refusal
     with pytest.raises(ValueError, match=r"no channels pruning of .* reaches a 100x .* best measured was"):
         select(load("mnist-dit"), target_speedup=100.0, importance="magnitude", timing_batch=2)
 
