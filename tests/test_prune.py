@@ -189,3 +189,23 @@ def test_cli_refuses_bad_input_with_exit_2(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["mnist-dit-pruned"])
+def test_bundled_pruned_models_load_by_name_and_are_students_of_the_bundled_teacher(name):
+    from hasten.recipe import student_recipe
+
+    pruned = hasten.load(name)
+    record = pruned.info.distillation
+    teacher = hasten.load(record["teacher"])
+    assert record["method"] == "prune" and record["teacher_fingerprint"] == teacher.fingerprint
+    assert sum(p.numel() for p in pruned.network.parameters()) == pruned.info.pruning["parameters_after"]
+    assert pruned.info.pruning["parameters_after"] < sum(p.numel() for p in teacher.network.parameters())
+    folder = pruned.folder
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
+    assert not (folder / "checkpoint").exists() and not (folder / "method").exists()
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "Measured network speed-up" in card and "FD change vs teacher" in card
+    recipe = student_recipe(name, teacher_fingerprint=teacher.fingerprint)
+    assert recipe.kind == "student" and recipe.student["method"] == "prune"
+    assert hasten.generate(pruned, 2, steps=2).images01.shape == (2, *teacher.info.image_shape)
