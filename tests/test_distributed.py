@@ -165,6 +165,7 @@ def test_sample_writes_the_same_files_in_any_number_of_processes(tmp_path):
     assert not (tmp_path / "old2.png").exists()
 
 
+@pytest.mark.slow  # a torchrun launch of a long command; `pytest -m slow` runs it (make test stays < 15 min)
 def test_evaluate_gives_the_one_process_numbers(tmp_path):
     args = ["evaluate", "--num-samples", "20", "--batch-size", "8", "--steps", "3", "--solver", "dpmpp_2m_sde",
             "--format", "json"]  # fmt: skip
@@ -181,6 +182,7 @@ def _rows(folder: pathlib.Path) -> list[dict]:
             for line in (folder / "results.jsonl").read_text().splitlines()]  # fmt: skip
 
 
+@pytest.mark.slow  # a torchrun launch of a long command; `pytest -m slow` runs it (make test stays < 15 min)
 def test_bench_rows_match_one_process_sharded_by_rows_or_samples_and_resume_across_world_sizes(tmp_path):
     args = ["bench", "--num-samples", "10", "--solver", "euler_ancestral", "--solver", "dpmpp_2m", "--steps", "3",
             "--peer", "euler", "--format", "json"]  # fmt: skip
@@ -267,6 +269,7 @@ def test_training_is_data_parallel_and_resumes_on_another_number_of_processes(tm
     assert json.loads((tmp_path / "mixed" / "hasten.json").read_text())["training"]["steps"] == 4
 
 
+@pytest.mark.slow  # a torchrun launch of a long command; `pytest -m slow` runs it (make test stays < 15 min)
 def test_distillation_runs_data_parallel_on_the_teachers_one_process_couplings(tmp_path):
     """Reflow under 2 processes: its teacher couplings are made one chunk per process and written by rank 0, the
     same tensors as one process makes; then data-parallel updates and a working student folder."""
@@ -301,6 +304,7 @@ distributed.destroy()
 """
 
 
+@pytest.mark.slow  # a torchrun launch of a long command; `pytest -m slow` runs it (make test stays < 15 min)
 def test_a_tuning_search_takes_one_process_path_with_its_candidates_scored_in_parallel(tmp_path):
     """At an evaluation cap the search is the same on 1 and 2 processes: the plan, its scores and its path."""
     (tmp_path / "tune.py").write_text(TUNE_SCRIPT)
