@@ -206,6 +206,12 @@ class DistillMethod(ABC):
         t_b = torch.where(sigma_b > 0, schedule.t_from_ve_sigma(sigma_b.clamp_min(1e-12)), torch.zeros_like(t_a))
         return schedule.ve_sigma(t_a + (t_b - t_a) * fraction)
 
+    def training_sigmas(self, n: int) -> Tensor:
+        """VE levels with the schedule's time uniform over ``[t_min, t_max]`` (the paper's ``t ~ U[0, 1]``)."""
+        schedule = self.teacher.schedule
+        u = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
+        return schedule.ve_sigma(schedule.t_min + (schedule.t_max - schedule.t_min) * u).float()
+
     def randn_like(self, x: Tensor) -> Tensor:
         return torch.randn(x.shape, generator=self.gen, device=x.device, dtype=x.dtype)
 

@@ -139,12 +139,6 @@ class GuidanceDistillation(DistillMethod):
                 "steps": self.config.nfe, "guidance": 1.0}  # fmt: skip
 
     # -- training inputs -------------------------------------------------------------------------------------
-    def training_sigmas(self, n: int) -> Tensor:
-        """VE levels with the schedule's time uniform over ``[t_min, t_max]`` (the paper's ``t ~ U[0, 1]``)."""
-        schedule = self.teacher.schedule
-        u = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
-        return schedule.ve_sigma(schedule.t_min + (schedule.t_max - schedule.t_min) * u).float()
-
     def guided_teacher(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
         """The guided teacher as a VE denoiser ``D(x, sigma, class_labels=...)`` (two network calls)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])

@@ -84,17 +84,18 @@ def select(
     importance: str = "auto",
     timing_batch: int = 128,
     seed: int = 0,
-    round_to: int | None = None,
     progress: Any = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """The least pruning of ``model`` (a loaded model) whose network call is ``target_speedup`` times faster than
     the unpruned one's, measured on this machine at batch ``timing_batch``: the smallest ratio of :data:`RATIOS`
     (``channels``), or the fewest lowest-scoring blocks (``blocks``). Every candidate's measurement is returned;
-    ``ValueError`` names the best speed-up reached when none meets the target."""
+    ``ValueError`` names the best speed-up reached when none meets the target. ``settings``: more
+    :class:`PruneOptions` (``round_to``, ``taylor_levels``, ...), honoured as the pruning itself honours them."""
     importance = _settings(structure, importance)
     if not target_speedup > 1.0:
         raise ValueError(f"target_speedup must be > 1 (a speed-up), got {target_speedup}")
-    options: dict[str, Any] = {"structure": structure, "importance": importance, "round_to": round_to}
+    options: dict[str, Any] = {**settings, "structure": structure, "importance": importance}
     first = _first_candidate(structure)
     device = next(model.network.parameters()).device
     method = PruneMethod(model, _config(model, options | first, seed), PruneOptions.create(**options, **first), device)
@@ -106,11 +107,7 @@ def select(
     tried: list[dict[str, Any]] = []
     if structure == "channels":
         scored = copy.deepcopy(base).float()
-        measured: dict[str, Any] = {}
-        if importance == "taylor":  # gradients once on a copy; each candidate's deep copy carries them
-            x0, labels = method.importance_batch()
-            gen = torch.Generator(device=method.device).manual_seed(seed + 104729)
-            measured = taylor_gradients(scored, model, x0, labels, generator=gen)
+        measured = method.score_channels(scored)  # once; each candidate's copy carries the gradients
         candidates = [{"ratio": r} for r in RATIOS]
     else:
         scored = None
@@ -123,7 +120,7 @@ def select(
         method.options = PruneOptions.create(**options, **candidate)
         if structure == "channels":
             network = copy_with_gradients(scored)
-            _prune_with(method, network)
+            method.prune_scored(network)
         else:
             network = remove_blocks(copy.deepcopy(base), candidate["blocks"])
         timing = network_speedup(base, network, inputs)
@@ -160,13 +157,6 @@ def _config(model: Any, options: dict[str, Any], seed: int):
     from ..distill import DistillConfig
 
     return DistillConfig(teacher=model.info.name, method="prune", nfe=10, seed=seed, options=options)
-
-
-def _prune_with(method: PruneMethod, network: torch.nn.Module) -> None:
-    """Prune ``network`` (its gradients already accumulated for a Taylor importance) as ``method.options`` say."""
-    options = method.options
-    inputs = example_inputs(network, method.teacher.info.image_shape, 2, method.example_cond(2))
-    prune_channels(network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to)
 
 
 def prune(
@@ -248,7 +238,7 @@ def prune(
         report = (lambda row: print(f"  tried {row}", flush=True)) if progress else None
         selection = select(
             loaded, target_speedup=target_speedup, structure=structure, importance=importance,
-            timing_batch=timing_batch, seed=seed, round_to=options.get("round_to"), progress=report,
+            timing_batch=timing_batch, seed=seed, progress=report, **options,
         )  # fmt: skip
     chosen = selection["chosen"]
     pick = {"ratio": chosen["ratio"]} if structure == "channels" else {"blocks": tuple(chosen["blocks"])}

@@ -188,24 +188,34 @@ class PruneMethod(DistillMethod):
 
     def prune(self, network: nn.Module) -> dict[str, Any]:
         """Prune ``network`` (a copy of the teacher's) in place as the options say; returns what was measured."""
-        options = self.options
-        if options.structure == "blocks":
-            remove_blocks(network, options.blocks)
+        if self.options.structure == "blocks":
+            remove_blocks(network, self.options.blocks)
             return {}
-        record: dict[str, Any] = {}
-        if options.importance == "taylor":
-            x0, labels = self.importance_batch()
-            gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 104729)
-            record["taylor"] = taylor_gradients(
-                network, self.teacher, x0, labels, levels=options.taylor_levels,
-                threshold=options.taylor_threshold, generator=gen,
-            )  # fmt: skip
+        record = self.score_channels(network)
+        self.prune_scored(network)
+        network.zero_grad(set_to_none=True)
+        return record
+
+    def score_channels(self, network: nn.Module) -> dict[str, Any]:
+        """Accumulate the Taylor importance's gradients in ``network`` (nothing to do for ``magnitude``)."""
+        options = self.options
+        if options.importance != "taylor":
+            return {}
+        x0, labels = self.importance_batch()
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 104729)
+        taylor = taylor_gradients(
+            network, self.teacher, x0, labels, levels=options.taylor_levels, threshold=options.taylor_threshold,
+            generator=gen,
+        )  # fmt: skip
+        return {"taylor": taylor}
+
+    def prune_scored(self, network: nn.Module) -> None:
+        """Prune the channels of ``network`` (its gradients accumulated by :meth:`score_channels`) at the ratio."""
+        options = self.options
         inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
         prune_channels(
             network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to
         )
-        network.zero_grad(set_to_none=True)
-        return record
 
     def example_cond(self, n: int) -> dict[str, Tensor]:
         if not self.teacher.info.num_classes:
@@ -260,11 +270,6 @@ class PruneMethod(DistillMethod):
         }
 
     # -- the fine-tune ---------------------------------------------------------------------------------------
-    def training_sigmas(self, n: int) -> Tensor:
-        schedule = self.teacher.schedule
-        u = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
-        return schedule.ve_sigma(schedule.t_min + (schedule.t_max - schedule.t_min) * u).float()
-
     def _features(self, network: nn.Module, keep: list[int] | None) -> tuple[list[Tensor], list[Any]]:
         """Hooks that record the outputs of ``network``'s transformer blocks (``keep``: only these indices)."""
         outputs: list[Tensor] = []
