@@ -25,7 +25,7 @@ from ..config import Config
 from ..registry import Registry
 from ..schedules.grids import from_sigmas
 from ..schedules.noise import FlowMatching
-from .brownian import BrownianNoise, IndependentNoise
+from .brownian import BrownianNoise, IndependentNoise, RecordedNoise
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -361,6 +361,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     noise_seeds: Sequence[int] | None = None,
+    step_noise: Tensor | Sequence[Tensor] | None = None,
     hooks: Sequence[StepHook] = (),
     callback: Callable[[int, float, Tensor], Tensor | None] | None = None,
     state: Any = None,
@@ -385,6 +386,9 @@ def sample(
         noise_seeds: One seed per row of ``x`` instead of ``generator``: each row's step noise then comes from
             its own Brownian path (or its own generator with ``brownian=False``), so it does not depend on the
             rows beside it (``hasten.seeds``: what ``generate`` passes, so a sharded run equals one process's).
+        step_noise: The noise itself instead of a random source: one tensor shaped like ``x`` per step, handed to a
+            stochastic step from ``sigmas[i]`` to ``sigmas[i + 1]`` (the noise maps an inversion recorded,
+            :func:`hasten.invert`); a solver that asks for noise inside a step is refused.
         hooks: Objects told ``begin_step(info)`` before each step (caches, early exit).
         callback: Called as ``callback(i, sigma_next, x)`` after every step. A tensor it returns replaces ``x``
             (as diffusers' ``callback_on_step_end`` replaces latents: inpainting's blending of the known
@@ -435,7 +439,11 @@ def sample(
     model = _CountedModel(denoiser, cond or {}, xw, check_finite)
 
     noise: NoiseFn
-    if noise_seeds is not None:
+    if step_noise is not None:
+        if generator is not None or noise_seeds is not None:
+            raise TypeError("pass one of generator, noise_seeds or step_noise")
+        noise = RecordedNoise(step_noise, grid, xw.shape, work, xw.device)
+    elif noise_seeds is not None:
         if generator is not None:
             raise TypeError("pass generator or noise_seeds, not both")
         noise_seeds = [int(s) for s in noise_seeds]

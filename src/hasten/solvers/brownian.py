@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DEPTH", "SIGMA_RANGE", "BrownianNoise", "IndependentNoise"]
+__all__ = ["DEPTH", "SIGMA_RANGE", "BrownianNoise", "IndependentNoise", "RecordedNoise"]
 
 SIGMA_RANGE = (1e-5, 1e5)  # noise levels a Brownian path covers (VE sigma; flow models' t_max is ~1e4)
 DEPTH = 20  # leaves 2.2e-5 apart in log sigma: far finer than any grid's steps
@@ -66,6 +66,36 @@ class IndependentNoise:
             rows = [torch.randn(self.shape[1:], generator=g, dtype=self.dtype) for g in self.generator]
             return torch.stack(rows).to(self.device)
         return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
+
+
+class RecordedNoise:
+    """Given noise, one tensor per step of a grid: what an inversion recorded (:mod:`hasten.edit`).
+
+    A stochastic step from ``grid[i]`` to ``grid[i + 1]`` gets ``maps[i]``, so replaying a recorded run reproduces
+    it exactly; a move that is not one of the grid's steps (a solver that draws noise inside a step) is refused,
+    since no noise was recorded for it.
+    """
+
+    def __init__(self, maps: Tensor | Sequence[Tensor], grid: Sequence[float], shape: Sequence[int],
+                 dtype: torch.dtype, device: torch.device):  # fmt: skip
+        steps = len(grid) - 1
+        if len(maps) != steps:
+            raise ValueError(f"step_noise has {len(maps)} entries for a grid of {steps} steps (one per step)")
+        self.maps = []
+        for i, m in enumerate(maps):
+            if tuple(m.shape) != tuple(shape):
+                raise ValueError(f"step_noise[{i}] has shape {tuple(m.shape)}; x has {tuple(shape)}")
+            self.maps.append(m.to(device=device, dtype=dtype))
+        self.index = {(float(grid[i]), float(grid[i + 1])): i for i in range(steps)}
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        i = self.index.get((float(sigma), float(sigma_next)))
+        if i is None:
+            raise ValueError(
+                f"recorded noise covers the grid's steps only; the solver asked for the move {sigma:g} -> "
+                f"{sigma_next:g} inside a step: replay it with a one-evaluation-per-step solver (ddpm, ddim)"
+            )
+        return self.maps[i]
 
 
 class BrownianNoise:
