@@ -9,6 +9,8 @@ The public API in one place::
     acc = hasten.accelerate_(unet, hasten.accel.DeepCacheConfig(interval=3))   # feature caching
     hasten.quantize_(model, hasten.QuantConfig(weights=8, activations=8), calibration=...)   # int8
     model = hasten.from_pipeline(pipe, prompt="a red bicycle")   # a diffusers pipeline as a hasten model
+    inv = hasten.invert(model, images01, labels=y)   # images -> noise space (exact DDPM inversion)
+    edited = hasten.edit(model, inv, to_label=3).images01   # the same noise under another class
     recipe = hasten.load_recipe("recipe.json")   # from `hasten optimize`: sampler + cache + quantisation
     images = hasten.generate(recipe.load_model(), 16, recipe=recipe).images01
     hasten.distill(teacher="mnist-dit", method="progressive", nfe=2, minutes=30, out="student")   # a student
@@ -19,6 +21,7 @@ The public API in one place::
 from . import accel, distill, models, prune, quant, schedules, solvers, tune  # noqa: F401  (hasten.distill and hasten.prune are also verbs)
 from .accel import AccelConfig, accelerate_
 from .config import Config
+from .editing import Inversion, edit, invert
 from .generate import Generation, generate
 from .models import (
     CFGDenoiser,
@@ -71,6 +74,7 @@ __all__ = [
     "FlowDenoiser",
     "FlowMatching",
     "Generation",
+    "Inversion",
     "LoadedModel",
     "ModelInfo",
     "NoiseSchedule",
@@ -92,10 +96,12 @@ __all__ = [
     "accelerate_",
     "available",
     "bundled_models",
+    "edit",
     "from_pipeline",
     "generate",
     "get_sigmas",
     "get_solver",
+    "invert",
     "karras",
     "load",
     "load_plan",

@@ -159,7 +159,10 @@ def sample(
     batch_size: SampleBatchOption = 256,
     seed: Annotated[int | None, typer.Option(help="noise seed [default: the recipe's, else 0]")] = None,
     out: Annotated[pathlib.Path, typer.Option(help="PNG grid to write")] = pathlib.Path("grid.png"),
-    save: Annotated[pathlib.Path | None, typer.Option(help="also write raw samples to this .npz")] = None,
+    save: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="also write the images to this .npz (samples [N, C, H, W] in [0, 1]; labels if any)"),
+    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(help="classifier-free guidance scale (default: 1 = none, the plan's, or the pipeline's)"),
@@ -294,7 +297,10 @@ def sample(
     save_grid(result.images01, out)
     if save is not None:
         with atomic_path(save) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz"
-            np.savez_compressed(fh, samples=result.images01.numpy().astype(np.float32))
+            arrays = {"samples": result.images01.numpy().astype(np.float32)}
+            if result.labels is not None:
+                arrays["labels"] = result.labels.numpy().astype(np.int64)
+            np.savez_compressed(fh, **arrays)
     used_seed = the_recipe.seed if seed is None else seed
     used_guidance = the_recipe.effective_guidance
     data = {
@@ -417,6 +423,174 @@ def _non_finite(err: Exception, guidance: float | None) -> str:
         return (f"{err}; the guidance scale {guidance:g} is the likely cause (it multiplies the difference between "
                 "the conditional and unconditional predictions): try a scale below 20")  # fmt: skip
     return f"{err}; the model diverged on this sampler: try more steps, another solver or a smaller guidance scale"
+
+
+@app.command()
+def edit(
+    images: Annotated[
+        pathlib.Path,
+        typer.Option(
+            help=".npz with samples [N, C, H, W] in [0, 1] (and labels for a class-conditional model), "
+            "as `hasten sample --save` writes"
+        ),
+    ],
+    save: Annotated[pathlib.Path, typer.Option(help=".npz to write: the edited samples and their labels")],
+    model: Annotated[
+        str | None, typer.Option(help="bundled model name or a model folder [default: mnist-unet]")
+    ] = None,
+    to_label: Annotated[
+        int | None, typer.Option(help="target class for every image [default: the source labels: reconstruction]")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="ddpm-inversion (exact), cyclediffusion (exact) or ddim-inversion (approximate)")
+    ] = "ddpm-inversion",
+    steps: Annotated[int, typer.Option(min=1, help="sampler steps (the grid of the inversion and the edit)")] = 50,
+    schedule: Annotated[str, typer.Option(help="discretisation (as in `hasten sample`)")] = "auto",
+    skip: Annotated[
+        int, typer.Option(min=0, help="start the edit this many steps into the grid (keeps more of the source)")
+    ] = 0,
+    eta: Annotated[
+        float | None,
+        typer.Option(
+            help="noise fraction of the stochastic methods' sampler [default: 1 for ddpm-inversion, 0.1 for "
+            "cyclediffusion]"
+        ),
+    ] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance while editing [default: the model's]")] = None,
+    source_guidance: Annotated[
+        float | None, typer.Option(help="guidance while inverting [default: the model's]")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the inversion's noise draws")] = 0,
+    batch_size: SampleBatchOption = 256,
+    out: Annotated[pathlib.Path | None, typer.Option(help="PNG grid: sources above, edits below")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    pipeline: PipelineOption = None,
+    prompt: PromptOption = None,
+    to_prompt: Annotated[list[str] | None, typer.Option(help="--pipeline: the target prompt (repeatable)")] = None,
+    negative_prompt: NegativePromptOption = None,
+    prompt_embeds: PromptEmbedsOption = None,
+    to_prompt_embeds: Annotated[
+        pathlib.Path | None, typer.Option(help="--pipeline: safetensors of the encoded target prompts")
+    ] = None,
+    class_label: ClassLabelOption = None,
+    to_class_label: Annotated[
+        list[int] | None, typer.Option(help="--pipeline (DiT): the target class (repeatable)")
+    ] = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    allow_pickle: AllowPickleOption = False,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Invert images into a model's noise space and sample them under another class (or, with --pipeline, another
+    prompt). With the source condition the stochastic methods give the images back exactly; the PSNR to the
+    source is printed either way."""
+    import numpy as np
+    import torch
+
+    from .._io import atomic_path
+    from ..editing import ENCODERS
+    from ..editing import edit as run_edit
+    from ..viz import save_grid
+
+    _check_writable(save, "--save")
+    if out is not None:
+        _check_writable(out, "--out")
+    device = _check_device(device)
+    _check_guidance(guidance)
+    _check_guidance(source_guidance)
+    if method not in ENCODERS:
+        _fail(f"--method {method!r} is unknown; allowed: {', '.join(ENCODERS)}")
+    targets = {"--to-prompt": to_prompt, "--to-prompt-embeds": to_prompt_embeds, "--to-class-label": to_class_label}
+    if pipeline is None and any(v is not None for v in targets.values()):
+        _fail(f"{', '.join(k for k, v in targets.items() if v is not None)} go with --pipeline DIR (a bundled "
+              "model's target is --to-label)")  # fmt: skip
+    if pipeline is not None and model is not None:
+        _fail("give --model or --pipeline, not both")
+    if pipeline is not None and to_label is not None:
+        _fail("--to-label is a bundled model's class; a pipeline's target is --to-prompt, --to-prompt-embeds or "
+              "--to-class-label")  # fmt: skip
+    if not images.is_file():
+        _fail(f"--images {images}: no such file")
+    try:
+        with np.load(images, allow_pickle=False) as data:
+            if "samples" not in data:
+                _fail(f"--images {images} has no 'samples' array (keys: {', '.join(data.files) or 'none'})")
+            pixels = torch.from_numpy(np.asarray(data["samples"], dtype=np.float32))
+            labels = torch.from_numpy(np.asarray(data["labels"]).astype(np.int64)) if "labels" in data else None
+    except (OSError, ValueError) as err:
+        _fail(f"--images {images}: not a readable .npz ({err})")
+    source = _pipeline_source(
+        pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, allow_pickle=allow_pickle
+    )
+    try:
+        if source is None:
+            from ..models.zoo import load
+
+            loaded = load(model or "mnist-unet", device=device)
+            target = loaded
+        else:
+            loaded = source.load(device=device)
+            target = _edit_target(loaded, source, to_prompt, to_prompt_embeds, to_class_label)
+            labels = None  # a pipeline's condition is its prompt
+        inversion_labels = labels if loaded.info.num_classes else None
+        if loaded.info.num_classes and labels is None:
+            _fail(f"{loaded.info.name} is class-conditional: --images needs a 'labels' array (one per image)")
+        result = run_edit(
+            target, pixels, to_label=to_label, skip=skip, guidance=guidance, batch_size=batch_size,
+            labels=inversion_labels, method=method, steps=steps, schedule=schedule, eta=eta, seed=seed,
+            source_guidance=source_guidance,
+        )  # fmt: skip
+    except FloatingPointError as err:
+        _fail(_non_finite(err, guidance))
+    except (FileNotFoundError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    edited = result.images01
+    mse = ((edited.double() - pixels.double()) ** 2).flatten(1).mean(dim=1)
+    psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-20))).mean())
+    with atomic_path(save) as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no ".npz"
+        arrays = {"samples": edited.numpy().astype(np.float32)}
+        if result.labels is not None:
+            arrays["labels"] = result.labels.numpy().astype(np.int64)
+        np.savez_compressed(fh, **arrays)
+    if out is not None:
+        columns = min(len(pixels), 16)
+        save_grid(torch.cat([pixels[:columns], edited[:columns]]), out, nrow=columns)
+    data = {
+        "model": loaded.info.name, "method": method, "steps": steps, "schedule": schedule, "skip": skip, "eta": eta,
+        "n": len(pixels), "to_label": to_label, "guidance": guidance, "source_guidance": source_guidance,
+        "seed": seed, "nfe_inversion": steps, "nfe_edit": result.nfe, "seconds_edit": result.seconds,
+        "psnr_to_source": psnr, "save": str(save), "out": None if out is None else str(out),
+    }  # fmt: skip
+    target_text = "" if to_label is None else f" to label {to_label}"
+    _emit(fmt, data, f"{loaded.info.name}: {len(pixels)} images edited{target_text} with {method} ({steps} steps, "
+                     f"skip {skip}), {result.nfe} NFE, {result.seconds:.2f} s; PSNR to the source {psnr:.1f} dB "
+                     f"-> {save}")  # fmt: skip
+
+
+def _edit_target(loaded: Any, source: Any, to_prompt: Any, to_prompt_embeds: Any, to_class_label: Any) -> Any:
+    """The pipeline model of an edit's target condition: the same pipeline, conditioned on the --to-* options."""
+    from ..pipelines import from_pipeline
+
+    given = [v for v in (to_prompt, to_prompt_embeds, to_class_label) if v]
+    if len(given) != 1:
+        _fail("--pipeline edits need exactly one target: --to-prompt, --to-prompt-embeds or --to-class-label")
+    tensors: dict[str, Any] = {}
+    if to_prompt_embeds is not None:
+        from safetensors.torch import load_file
+
+        from ..bench.matrix import PIPELINE_EMBEDS
+
+        if not to_prompt_embeds.is_file():
+            _fail(f"--to-prompt-embeds {to_prompt_embeds}: no such file")
+        tensors = load_file(str(to_prompt_embeds))
+        unknown = sorted(set(tensors) - set(PIPELINE_EMBEDS))
+        if unknown:
+            _fail(f"--to-prompt-embeds: unknown tensors {unknown}; allowed: {', '.join(PIPELINE_EMBEDS)}")
+    return from_pipeline(
+        loaded.pipeline, prompt=list(to_prompt) if to_prompt else None, negative_prompt=source.negative_prompt,
+        class_labels=list(to_class_label) if to_class_label else None, guidance=source.guidance, height=source.height,
+        width=source.width, name=loaded.info.name, **tensors,
+    )  # fmt: skip
 
 
 @app.command()

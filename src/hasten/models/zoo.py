@@ -283,6 +283,15 @@ class LoadedModel:
 
         return from_model_space(x)
 
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the images :meth:`to_images` returns and :meth:`from_images` takes."""
+        return tuple(self.info.image_shape)
+
+    def from_images(self, images01: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> model space, the inverse of :meth:`to_images` (latent models: the encoder's mean)."""
+        return images01 * 2.0 - 1.0
+
 
 def bundled_models() -> list[str]:
     """Names of the models shipped with hasten."""

@@ -25,6 +25,7 @@ these adapters reproduce.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -174,32 +175,63 @@ class PipelineModel(LoadedModel):
     def unconditional(self) -> dict[str, Tensor] | None:
         return self.uncond
 
-    @torch.no_grad()
-    def to_images(self, x: Tensor) -> Tensor:
-        vae = getattr(self.pipeline, "vae", None)
-        if vae is None:  # a pixel-space model: [-1, 1] -> [0, 1]
-            return super().to_images(x)
-        if self.family == "FluxTransformer2DModel":
-            x = self.pipeline._unpack_latents(x, *self.image_size, self.pipeline.vae_scale_factor)
-        config = vae.config
+    def _latent_affine(self) -> tuple[Any, Any]:
+        """``(a, b)`` with VAE latent ``= x / a + b`` for model-space latents ``x`` (the pipeline's scaling)."""
+        config = self.pipeline.vae.config
         if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
             mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
             std = torch.tensor(config.latents_std).view(1, -1, 1, 1)
-            x = x * std / config.scaling_factor + mean
-        else:
-            x = x / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+            return config.scaling_factor / std, mean
+        return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+
+    @contextlib.contextmanager
+    def _vae_dtype(self):
+        """The VAE's dtype for a decode or encode: SDXL's overflows in float16, so its pipeline runs it in float32
+        (``force_upcast``), and so do we."""
+        vae = self.pipeline.vae
         param = next(vae.parameters())
-        # SDXL's VAE overflows in float16; its pipeline decodes in float32 (force_upcast), and so do we
-        upcast = param.dtype == torch.float16 and getattr(config, "force_upcast", False)
-        dtype = torch.float32 if upcast else param.dtype
+        upcast = param.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         try:
-            images = [vae.decode(c.to(param.device, dtype)).sample.float().cpu() for c in x.split(_DECODE_BATCH)]
+            yield param.device, torch.float32 if upcast else param.dtype
         finally:
             if upcast:
                 vae.to(torch.float16)
-        return (torch.cat(images) / 2 + 0.5).clamp(0.0, 1.0)
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        vae = getattr(self.pipeline, "vae", None)
+        return tuple(self.info.image_shape) if vae is None else (vae.config.in_channels, *self.image_size)
+
+    @torch.no_grad()
+    def to_images(self, x: Tensor) -> Tensor:
+        if getattr(self.pipeline, "vae", None) is None:  # a pixel-space model: [-1, 1] -> [0, 1]
+            return super().to_images(x)
+        if self.family == "FluxTransformer2DModel":
+            x = self.pipeline._unpack_latents(x, *self.image_size, self.pipeline.vae_scale_factor)
+        a, b = self._latent_affine()
+        x = x / a + b
+        with self._vae_dtype() as (device, dtype):
+            vae = self.pipeline.vae
+            decoded = [vae.decode(c.to(device, dtype)).sample.float().cpu() for c in x.split(_DECODE_BATCH)]
+        return (torch.cat(decoded) / 2 + 0.5).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def from_images(self, images01: Tensor) -> Tensor:
+        """Images in [0, 1] -> latents: the mean of the VAE encoder's distribution, scaled as the pipeline scales
+        latents (so :meth:`to_images` of it is the VAE's reconstruction), packed for Flux."""
+        if getattr(self.pipeline, "vae", None) is None:
+            return super().from_images(images01)
+        pixels = images01 * 2.0 - 1.0
+        with self._vae_dtype() as (device, dtype):
+            encoded = [self.pipeline.vae.encode(c.to(device, dtype)).latent_dist.mean.float().cpu()
+                       for c in pixels.split(_DECODE_BATCH)]  # fmt: skip
+        a, b = self._latent_affine()
+        z = (torch.cat(encoded) - b) * a
+        if self.family == "FluxTransformer2DModel":
+            z = self.pipeline._pack_latents(z, *z.shape)
+        return z.to(images01.dtype)
 
 
 def from_pipeline(

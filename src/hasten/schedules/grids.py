@@ -164,7 +164,7 @@ def from_timesteps(schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor,
 
     With ``final="sigma_min"`` the grid ends at the last given timestep.
     """
-    ts = _f64(torch.as_tensor(timesteps)).flatten()
+    ts = _f64(timesteps if isinstance(timesteps, Tensor) else torch.as_tensor(timesteps, dtype=torch.float64)).flatten()
     if ts.numel() < 1:
         raise ValueError("timesteps must not be empty")
     if torch.any(ts < schedule.t_min - 1e-9) or torch.any(ts > schedule.t_max + 1e-9):
@@ -175,7 +175,8 @@ def from_timesteps(schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor,
 
 def from_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
     """Validate an explicit list of VE sigmas: 1-D, finite, non-negative, strictly descending, n >= 1."""
-    s = _f64(torch.as_tensor(sigmas))
+    # a list of Python floats is read in float64 (as_tensor's default float32 would round the levels)
+    s = _f64(sigmas if isinstance(sigmas, Tensor) else torch.as_tensor(sigmas, dtype=torch.float64))
     if s.ndim > 1:  # e.g. a [B, N] batch of grids: every sample of one call shares one grid
         raise ValueError(f"sigmas must be 1-D (one grid for the whole batch), got shape {tuple(s.shape)}")
     s = s.flatten()
