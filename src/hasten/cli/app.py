@@ -488,7 +488,7 @@ def edit(
     import torch
 
     from .._io import atomic_path
-    from ..editing import ENCODERS
+    from ..editing import ENCODERS, invert
     from ..editing import edit as run_edit
     from ..viz import save_grid
 
@@ -535,11 +535,12 @@ def edit(
         inversion_labels = labels if loaded.info.num_classes else None
         if loaded.info.num_classes and labels is None:
             _fail(f"{loaded.info.name} is class-conditional: --images needs a 'labels' array (one per image)")
-        result = run_edit(
-            target, pixels, to_label=to_label, skip=skip, guidance=guidance, batch_size=batch_size,
-            labels=inversion_labels, method=method, steps=steps, schedule=schedule, eta=eta, seed=seed,
-            source_guidance=source_guidance,
+        # inverted under the source condition (labels, or the source prompt), replayed under the target's
+        inversion = invert(
+            loaded, pixels, labels=inversion_labels, method=method, steps=steps, schedule=schedule, eta=eta,
+            guidance=source_guidance, seed=seed, batch_size=batch_size,
         )  # fmt: skip
+        result = run_edit(target, inversion, to_label=to_label, skip=skip, guidance=guidance, batch_size=batch_size)
     except FloatingPointError as err:
         _fail(_non_finite(err, guidance))
     except (FileNotFoundError, KeyError, TypeError, ValueError, RuntimeError) as err:

@@ -335,9 +335,11 @@ def edit(
         model: The model the inversion was made with (its network: refused otherwise), carrying the target
             condition: for a class-conditional model ``to_label``; for a pipeline model, the target prompt it was
             made with (``hasten.from_pipeline(pipe, prompt=...)`` on the same pipeline).
-        source: An :class:`Inversion`, or images ``[N, C, H, W]`` in [0, 1]: they are inverted first with
-            ``invert_options`` (``labels``, ``method``, ``steps``, ``schedule``, ``eta``, ``seed``, and
-            ``source_guidance`` for the encoding's guidance) and the edit replays that inversion.
+        source: An :class:`Inversion`, or images ``[N, C, H, W]`` in [0, 1]: they are inverted first, with ``model``
+            and ``invert_options`` (``labels``, ``method``, ``steps``, ``schedule``, ``eta``, ``seed``, and
+            ``source_guidance`` for the encoding's guidance), and the edit replays that inversion. A pipeline
+            model's condition is its prompt, so a prompt-to-prompt edit inverts with the source prompt's model first
+            (``hasten.invert(source_model, images)``) and passes that inversion with the target prompt's model.
         to_label: The target class (one for all, or one per image); default: the source labels (reconstruction).
         skip: Start ``skip`` steps into the grid, from the inversion's state there (the edit-friendly paper's
             ``T_skip``, CycleDiffusion's early start): larger keeps more of the source.
