@@ -1,5 +1,6 @@
 """One More Step (hasten.oms): the start and first-level prediction from SNR 0, its module, generate and the CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -231,3 +232,26 @@ def test_bundled_module_matches_the_mnist_models():
     oms = load_oms("mnist")
     assert oms.record["rmse_to_class_mean"] < 0.1
     oms.check_model(hasten.load("mnist-unet"))
+
+
+def test_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
+    import hasten.oms as oms_module
+
+    config = OMSTrainConfig(batch_size=8, width=2, label_channels=1, max_steps=6)
+    real_save = oms_module.save_oms
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after its last checkpoint, before the module is written
+
+    monkeypatch.setattr(oms_module, "save_oms", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_oms(tmp_path / "a.safetensors", config, progress=False)
+    monkeypatch.setattr(oms_module, "save_oms", real_save)
+    with pytest.raises(ValueError, match="other settings"):  # the checkpoint is of another run: refused
+        train_oms(tmp_path / "a.safetensors", dataclasses.replace(config, lr=0.5), progress=False)
+    more = dataclasses.replace(config, max_steps=12)
+    resumed = train_oms(tmp_path / "a.safetensors", more, progress=False)
+    straight = train_oms(tmp_path / "b.safetensors", more, progress=False)
+    assert resumed["resumed_from"] == 6 and resumed["steps"] == straight["steps"] == 12
+    a, b = load_oms(tmp_path / "a.safetensors").net.state_dict(), load_oms(tmp_path / "b.safetensors").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
