@@ -222,6 +222,8 @@ def test_cli_sample_with_oms(trained, tiny, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["oms"] == str(out) and data["nfe"] == 2
+    text = RUNNER.invoke(app, [*args, "--oms", str(out)])
+    assert text.exit_code == 0 and f"+ OMS {out}, 2 NFE" in text.output
     bad = RUNNER.invoke(app, [*args, "--oms", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code == 2 and "no OMS module at" in bad.output
 

@@ -341,7 +341,7 @@ def sample(
     _emit(
         fmt,
         data,
-        f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
+        f"{loaded.info.name}: {n} images with {description}{'' if oms is None else f' + OMS {oms}'}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
     )
 
