@@ -40,7 +40,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -54,6 +53,7 @@ from hasten.generate import default_labels, guided_denoiser
 from hasten.metrics.quality import evaluate_images
 from hasten.schedules.grids import get_sigmas
 from hasten.seeds import initial_noise, step_seeds
+from hasten.train import machine_description
 
 VARIANTS = ("base", "oms_mean", "oms_mean_first", "oms_module", "first_x0_mean", "true_marginal")
 
@@ -236,8 +236,7 @@ def main(argv=None) -> int:
     result.update({
         "model": model.info.name, "fingerprint": model.fingerprint, "n": args.n, "seed": args.seed,
         "alphas_cumprod_last": float(model.schedule.alphas_cumprod[-1]), "sigma_max": model.schedule.sigma_max,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}",
+        "machine": f"{machine_description(torch.device('cpu'))}, torch {torch.__version__}",
         "module": None if module is None else {"path": args.module, "record": module.record},
     })  # fmt: skip
     result["first_level_prediction"] = first_level_prediction(model, means, seed=args.seed)
@@ -275,11 +274,16 @@ def main(argv=None) -> int:
             print(json.dumps({k: row[k] for k in ("sampler", "variant", "fd", "label_accuracy", "ink_mean",
                   "ink_std", "class_ink_abs_error", "class_mean_image_corr", "class_lowfreq_rmse_7x7")}
                   | {"change": row.get("mean_abs_change_vs_base")}), file=sys.stderr)  # fmt: skip
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(args.out)
+            write_json(args.out, result)
+    write_json(args.out, result)  # the header (module cost, first-level prediction) even when every row was done
     return 0
+
+
+def write_json(path: pathlib.Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
