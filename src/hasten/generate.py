@@ -177,6 +177,7 @@ def generate(
     state_dtype: torch.dtype = torch.float32,
     noise: str = NOISE_CONVENTION,
     gather: bool = True,
+    oms: Any = None,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -205,6 +206,10 @@ def generate(
     returns the whole set, in index order; ``seconds`` is then the slowest process's sampling time. With
     ``gather=False`` each process keeps its own rows (``rows`` says which; ``labels`` are theirs): what a
     measurement that gathers only per-sample results uses (:func:`hasten.evaluate_model`), so images never travel.
+
+    ``oms`` (a :class:`hasten.oms.OneMoreStep`, from :func:`hasten.oms.load_oms`) starts every batch from the
+    module's prediction at SNR 0 and stands it in for the model's prediction at the grid's first level (that call
+    is still counted in ``nfe``, but the network does not run); it composes with a recipe, a plan and a cache.
     """
     if recipe is not None:
         given = {
@@ -227,7 +232,8 @@ def generate(
         recipe.check_model(model)
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
-            callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather, **recipe.generate_kwargs(),
+            callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather, oms=oms,
+            **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
     if plan is None and sigmas is None:
@@ -242,7 +248,7 @@ def generate(
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
-                state_dtype=state_dtype, noise=noise, gather=gather, **solver_options,
+                state_dtype=state_dtype, noise=noise, gather=gather, oms=oms, **solver_options,
             )  # fmt: skip
     skip = None if plan is None else plan.skip
     if skip is not None:
@@ -256,7 +262,7 @@ def generate(
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
-                state_dtype=state_dtype, noise=noise, gather=gather, **solver_options,
+                state_dtype=state_dtype, noise=noise, gather=gather, oms=oms, **solver_options,
             )  # fmt: skip
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -292,6 +298,8 @@ def generate(
     mine = [i for rows in batches for i in rows]
     initial = initial_noise(seed, mine, model.info.image_shape, convention=noise, total=n)
     scale = model.schedule.initial_noise_scale(float(sigmas[0]))
+    if oms is not None:
+        oms.check_model(model, float(sigmas[0]))
     outputs, nfe, offset = [], 0, 0
     installed = accelerator_of(model)
     stats_before = None if installed is None else installed.stats
@@ -306,9 +314,12 @@ def generate(
             randomness: dict[str, Any] = {"noise_seeds": step_seeds(seed, rows)}
         else:
             randomness = {"generator": torch.Generator(device=device).manual_seed(seed + 1 + rows.start)}
+        run_denoiser, x_start = denoiser, x.to(state_dtype) * scale
+        if oms is not None:  # One More Step: the start and the first-level prediction from SNR 0
+            x_start, run_denoiser = oms.begin(denoiser, x.to(state_dtype), batch_labels, float(sigmas[0]), guidance)
         result = sample(
-            denoiser,
-            (x.to(state_dtype) * scale).to(device),
+            run_denoiser,
+            x_start.to(device),
             sigmas,
             solver,
             cond=cond,

@@ -208,6 +208,13 @@ def sample(
     height: HeightOption = None,
     width: WidthOption = None,
     allow_pickle: AllowPickleOption = False,
+    oms: Annotated[
+        str | None,
+        typer.Option(
+            help="One More Step: an OMS module (.safetensors from hasten.oms.train_oms, or a bundled name: mnist) "
+            "predicts the start at SNR 0 and the model's first-level prediction"
+        ),
+    ] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Sample a model (or a diffusers pipeline) and write an image grid; prints NFE and sampling seconds
@@ -263,6 +270,10 @@ def sample(
                 schedule=schedule, steps=steps, guidance=guidance,
             )  # fmt: skip
             the_recipe.check_model(loaded)
+        if oms is not None:
+            from ..oms import load_oms
+
+            oms_module = load_oms(oms, loaded)
     except (FileNotFoundError, PlanError, RecipeError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err))
     except KeyError as err:
@@ -285,7 +296,8 @@ def sample(
                 progress.advance(task)
 
         _agree("sample", loaded, the_recipe, n=n, seed=seed, label=label, batch_size=batch_size)
-        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size)
+        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size,
+                          oms=None if oms is None else oms_module)  # fmt: skip
     except FloatingPointError as err:
         scale = the_recipe.effective_guidance
         _fail(_non_finite(err, loaded.default_guidance if scale is None else scale))
@@ -323,6 +335,7 @@ def sample(
         "device": str(torch.device(device)),
         "accel": None if accel is None else str(accel),
         "accel_stats": result.accel_stats,
+        "oms": oms,
     }
     cache = ""
     if result.accel_stats is not None:
@@ -334,7 +347,7 @@ def sample(
     _emit(
         fmt,
         data,
-        f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
+        f"{loaded.info.name}: {n} images with {description}{'' if oms is None else f' + OMS {oms}'}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
     )
 
