@@ -7,7 +7,8 @@ Rows (one model, one reward, ``ddpm`` at ``--steps`` steps, noise seed ``--seed`
   ``1 + K (S - 1)`` evaluations (the kept candidate's x0 estimate is the next step's network call).
 * ``best-of-N``: N plain draws per sample (seeds ``hasten.reward_baselines.draw_seed``), the best kept; ``N S``
   evaluations, N the smallest with ``N S >= 1 + K (S - 1)`` (the baseline gets at least SVDD's budget). Draw 0 is
-  the plain row's run, and best-of-4 is the first 4 draws of best-of-8: exactly ``best_of_n`` (tests check it).
+  the plain row's run, and best-of-4 is the first 4 draws of best-of-8: the draws (seeds) and tie rule of
+  ``hasten.reward_baselines.best_of_n``, without sampling the shared draws twice.
 * ``gradient-K``: classifier guidance by the reward of the x0 estimate (``gradient_guided``), each call counted
   as 3 evaluations (forward + backward), at ``ceil((1 + K (S - 1)) / 3)`` steps; its scale is the best mean
   reward on ``--tune-n`` samples of another seed (``--tune-seed``) among ``--scales``. Only for a reward with a
@@ -183,7 +184,7 @@ def main() -> None:
                 return {**summary(g.rewards), **quality(g.images01, g.labels), "evaluations_per_sample": 3 * g.nfe,
                         "nfe": g.nfe, "seconds": g.seconds, "scale": scale, "steps": g_steps}  # fmt: skip
 
-            row(f"gradient-{3 * g_steps}", gradient)
+            row(f"gradient-{3 * g_steps}-scale{scale:g}", gradient)
     print(f"-> {path}")
 
 
