@@ -92,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             replay = hasten.edit(model, inversion)
             values = psnr(replay.images01, images)
             row = {"method": method, "steps": steps, "n": len(images), "psnr_mean": float(values.mean()),
-                   "psnr_min": float(values.min()), "seconds": time.perf_counter() - start}  # fmt: skip
+                   "psnr_min": float(values.min()), "max_abs_error": float((replay.images01 - images).abs().max()),
+                   "seconds": time.perf_counter() - start}  # fmt: skip
             result["reconstruction"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.edit_n < 1:  # reconstruction only
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+        return 0
     sources, source_labels = held_out_sources(args.edit_n)
     # every source to every other class: repeat each source 9 times
     targets = torch.stack([torch.tensor([c for c in range(10) if c != int(y)]) for y in source_labels]).flatten()

@@ -19,6 +19,7 @@ from .accel import AccelStats, accelerate_, accelerator_of
 from .accel.skip import installed_skip, skip_blocks, skip_by_block
 from .models.guidance import CFGDenoiser, ThresholdedDenoiser
 from .models.zoo import LoadedModel
+from .rewards import REWARD_SOLVER, get_reward, reward_solver
 from .schedules.grids import get_sigmas
 from .schedules.noise import NoiseSchedule
 from .seeds import NOISE_CONVENTION, check_convention, initial_noise, step_seeds
@@ -46,6 +47,7 @@ class Generation:
     accel_stats: dict[str, Any] | None = None  # what an installed cache did (hasten.accel.AccelStats)
     samples: Tensor | None = None  # the samples in model space (latents for a latent pipeline)
     rows: range | None = None  # the sample indices held (a process's own under torchrun with gather=False)
+    rewards: Tensor | None = None  # the reward of each image, when sampled with one (hasten.rewards)
 
 
 def guided_denoiser(model: LoadedModel, guidance: float):
@@ -178,6 +180,9 @@ def generate(
     noise: str = NOISE_CONVENTION,
     gather: bool = True,
     oms: Any = None,
+    reward: Any = None,
+    particles: int = 1,
+    alpha: float = 0.0,
     **solver_options: Any,
 ) -> Generation:
     """Sample ``n`` images; ``seconds`` is the sampling time alone (no loading), NFE counted per batch.
@@ -210,6 +215,13 @@ def generate(
     ``oms`` (a :class:`hasten.oms.OneMoreStep`, from :func:`hasten.oms.load_oms`) starts every batch from the
     module's prediction at SNR 0 and stands it in for the model's prediction at the grid's first level (that call
     is still counted in ``nfe``, but the network does not run); it composes with a recipe, a plan and a cache.
+
+    ``reward`` (a registered name such as ``"class:3"``, ``"ink"``, ``"symmetry"``, or any callable ``images01 ->
+    [N]``, :mod:`hasten.rewards`) steers sampling without gradients (SVDD, :mod:`hasten.solvers.svdd`): every
+    stochastic step draws ``particles`` candidates from the solver's ancestral step (``ddpm`` unless a solver is
+    named) and keeps the best by the reward of its x0 estimate (``alpha = 0``) or one drawn with weights
+    ``softmax(reward / alpha)``. ``nfe`` counts every candidate's network call; ``rewards`` holds each image's reward.
+    ``particles=1`` is plain sampling, bit for bit.
     """
     if recipe is not None:
         given = {
@@ -233,9 +245,17 @@ def generate(
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
             callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather, oms=oms,
-            **recipe.generate_kwargs(),
+            reward=reward, particles=particles, alpha=alpha, **recipe.generate_kwargs(),
         )  # fmt: skip
     seed = 0 if seed is None else seed
+    if reward is None and particles != 1:
+        raise ValueError(f"particles={particles!r} chooses among candidates by a reward; pass reward= as well")
+    if reward is not None:
+        if plan is not None or accel is not None:
+            # a plan fixes every step's solver; a cache assumes one network call per step on one trajectory
+            raise ValueError(f"reward guidance cannot run with {'a plan' if plan is not None else 'a cache (accel)'}")
+        reward = get_reward(reward)
+        solver = REWARD_SOLVER if solver is None else solver
     if plan is None and sigmas is None:
         solver, steps, schedule, solver_options, guidance = resolve_sampler(
             model, solver, steps, schedule, solver_options, guidance
@@ -285,6 +305,8 @@ def generate(
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, model.schedule)
     solver_options = options_for_model(solver, solver_options, model, guidance)
+    if reward is not None:  # SVDD around the named ancestral step
+        solver, solver_options = reward_solver(model, reward, particles, alpha, solver, solver_options), {}
     device = next(itertools.chain(model.network.parameters(), model.network.buffers())).device
     check_convention(noise)
     sharded = distributed.sharding()
@@ -341,7 +363,11 @@ def generate(
     stats = None if installed is None else installed.stats.since(stats_before)
     if sharded:
         stats = AccelStats.combine(distributed.gather_json(None if stats is None else dataclasses.asdict(stats)))
+    rewards = None
+    if reward is not None:
+        with torch.no_grad():
+            rewards = reward(images).detach().cpu()
     return Generation(
         images.cpu(), labels, nfe, seconds, sigmas.tolist(), None if stats is None else stats.as_dict(), samples.cpu(),
-        held,
+        held, rewards,
     )  # fmt: skip

@@ -175,6 +175,19 @@ def sample(
             "[default: the model's own sampler's, else auto]"
         ),
     ] = None,
+    reward: Annotated[
+        str | None,
+        typer.Option(
+            help="steer sampling by a reward without gradients (SVDD): class:<digit>, ink, symmetry; the solver "
+            "must be ancestral [default solver with a reward: ddpm]"
+        ),
+    ] = None,
+    particles: Annotated[
+        int, typer.Option(min=1, help="candidates per step for --reward (1: plain sampling, scored)")
+    ] = 1,
+    alpha: Annotated[
+        float, typer.Option(min=0.0, help="--reward temperature: 0 keeps the best candidate, > 0 draws by softmax")
+    ] = 0.0,
     plan: Annotated[
         pathlib.Path | None, typer.Option(help="a plan from `hasten tune` (replaces --solver, --steps, --schedule)")
     ] = None,
@@ -227,6 +240,7 @@ def sample(
     from ..distributed import shard_batches
     from ..generate import generate, resolve_sampler
     from ..recipe import Recipe, RecipeError, load_recipe
+    from ..rewards import REWARD_SOLVER, get_reward
     from ..solvers import parse_solver
     from ..tune.plan import PlanError
     from ..viz import save_grid
@@ -248,7 +262,11 @@ def sample(
     source = _pipeline_source(
         pipeline, prompt, negative_prompt, prompt_embeds, class_label, height, width, allow_pickle=allow_pickle
     )
+    if particles != 1 and reward is None:
+        _fail(f"--particles {particles} chooses among candidates by a reward; give --reward too")
     try:
+        if reward is not None:
+            get_reward(reward)  # an unknown name or bad argument fails before loading
         if recipe is not None:
             the_recipe = load_recipe(recipe)
             loaded = the_recipe.load_model(device=device)
@@ -256,6 +274,8 @@ def sample(
             from ..models.zoo import load
 
             solver_name, solver_options = (None, {}) if solver is None else parse_solver(solver)
+            if reward is not None and solver_name is None:
+                solver_name = REWARD_SOLVER  # reward guidance draws candidates from an ancestral step
             loaded = load(model or "mnist-dit", device=device) if source is None else source.load(device=device)
             _set_quant_execution(loaded, execution)
             # the model's own sampler when no sampler flag is given (a distilled student's); with --plan the
@@ -296,8 +316,10 @@ def sample(
                 progress.advance(task)
 
         _agree("sample", loaded, the_recipe, n=n, seed=seed, label=label, batch_size=batch_size)
-        result = generate(loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size,
-                          oms=None if oms is None else oms_module)  # fmt: skip
+        result = generate(
+            loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size, reward=reward,
+            particles=particles, alpha=alpha, oms=None if oms is None else oms_module,
+        )  # fmt: skip
     except FloatingPointError as err:
         scale = the_recipe.effective_guidance
         _fail(_non_finite(err, loaded.default_guidance if scale is None else scale))
@@ -336,6 +358,11 @@ def sample(
         "accel": None if accel is None else str(accel),
         "accel_stats": result.accel_stats,
         "oms": oms,
+        "reward": reward,
+        "particles": particles,
+        "alpha": alpha,
+        "reward_mean": None if result.rewards is None else float(result.rewards.mean()),
+        "reward_p10": None if result.rewards is None else float(result.rewards.quantile(0.1)),
     }
     cache = ""
     if result.accel_stats is not None:
@@ -344,11 +371,17 @@ def sample(
             f", cache: {st['reused']} of {st['calls']} network calls reused, "
             f"{st['saved_fraction']:.0%} of the work skipped"
         )
+    scored = ""
+    if result.rewards is not None:
+        scored = (
+            f", reward {reward} with {particles} particle(s): mean {data['reward_mean']:.4g}, "
+            f"10th percentile {data['reward_p10']:.4g}"
+        )
     _emit(
         fmt,
         data,
         f"{loaded.info.name}: {n} images with {description}{'' if oms is None else f' + OMS {oms}'}, {result.nfe} NFE, "
-        f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache} -> {out}",
+        f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache}{scored} -> {out}",
     )
 
 

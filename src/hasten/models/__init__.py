@@ -2,7 +2,7 @@
 
 from .adapters import Denoiser, EpsDenoiser, FlowDenoiser, NetworkDenoiser, VDenoiser, X0Denoiser
 from .analytic import GaussianMixture, ProductMixture, as_network, point_set
-from .guidance import CFGDenoiser, DynamicThreshold, ThresholdedDenoiser
+from .guidance import CFGDenoiser, DynamicThreshold, RewardGradientDenoiser, ThresholdedDenoiser
 
 __all__ = [
     "CFGDenoiser",
@@ -13,6 +13,7 @@ __all__ = [
     "GaussianMixture",
     "NetworkDenoiser",
     "ProductMixture",
+    "RewardGradientDenoiser",
     "ThresholdedDenoiser",
     "VDenoiser",
     "X0Denoiser",

@@ -5,7 +5,8 @@ in ``eps`` at a fixed noise level, because ``x0 = x - sigma * eps`` is affine in
 
 Reference: Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, Eq. 6; Saharia et al., Imagen,
 2022, Sec. 2.3 (dynamic thresholding); Lu et al., DPM-Solver++, 2022, Sec. 4 (thresholding for
-data-prediction solvers).
+data-prediction solvers); Chung et al., "Diffusion Posterior Sampling", ICLR 2023, and Bansal et al.,
+"Universal Guidance", 2023 (the gradient of a reward of the x0 estimate).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .._context import guidance_branch
 from ..config import Config
 from .adapters import Denoiser, as_sigma
 
-__all__ = ["CFGDenoiser", "DynamicThreshold", "ThresholdedDenoiser"]
+__all__ = ["CFGDenoiser", "DynamicThreshold", "RewardGradientDenoiser", "ThresholdedDenoiser"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +145,43 @@ class CFGDenoiser(Denoiser):
             d_cond, d_uncond = both.chunk(2)
             denoised = d_uncond + self.scale * (d_cond - d_uncond)
         return self.threshold(denoised) if self.threshold is not None else denoised
+
+
+class RewardGradientDenoiser(Denoiser):
+    """Classifier (gradient) guidance by a reward of the x0 estimate: ``D' = D + sigma^2 * scale * grad_x r(D(x))``.
+
+    ``sigma^2 grad_x log p`` is how a score term enters the data prediction (``D = x + sigma^2 grad log p_sigma``),
+    and ``r(D(x, sigma))`` stands in for ``log p(y | x)`` (the posterior-mean approximation of DPS / universal
+    guidance), so ``scale`` is the weight of the reward. Every call backpropagates through the network: about two
+    forward passes more (on the bundled UNet on a CPU, forward + backward took 2.8x a forward), which a fair
+    comparison counts (:attr:`evaluations_per_call`).
+
+    Args:
+        denoiser: Any denoiser ``D(x, sigma, **cond)``.
+        value: ``value(x0_hat) -> [B]``, differentiable (:func:`hasten.rewards.model_value` of a reward).
+        scale: Guidance weight (0: the plain denoiser, with the gradient still computed).
+
+    Reference: Chung et al., DPS, ICLR 2023, Alg. 1 (gradient through the x0 estimate); Bansal et al., "Universal
+    Guidance for Diffusion Models", 2023, Eq. 6 (forward guidance).
+    """
+
+    evaluations_per_call = 3  # a forward pass plus a backward pass counted as two
+
+    def __init__(self, denoiser: Callable[..., Tensor], value: Callable[[Tensor], Tensor], scale: float) -> None:
+        super().__init__()
+        if not math.isfinite(scale):
+            raise ValueError(f"reward guidance scale must be finite, got {scale}")
+        self.denoiser, self.value, self.scale = denoiser, value, float(scale)
+        if hasattr(denoiser, "schedule"):  # a model's denoiser carries its schedule (LoadedModel.schedule reads it)
+            self.schedule = denoiser.schedule
+        self.sigma_min = getattr(denoiser, "sigma_min", 0.0)
+        self.sigma_max = getattr(denoiser, "sigma_max", math.inf)
+
+    def forward(self, x: Tensor, sigma: float | Tensor, **cond: Any) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        with torch.enable_grad():
+            inputs = x.detach().requires_grad_(True)
+            denoised = self.denoiser(inputs, sigma, **cond)
+            (gradient,) = torch.autograd.grad(self.value(denoised).sum(), inputs)
+        weight = (sigma**2 * self.scale).to(denoised.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return (denoised + weight * gradient.to(denoised.dtype)).detach()

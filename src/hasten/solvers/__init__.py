@@ -3,7 +3,7 @@
 ``available()`` lists the registered names; ``get_solver(name, **options)`` builds one.
 """
 
-from . import consistency, dpm_solver_v3, euler, gamma, learned, multistep, per_step, plms, singlestep, unipc  # noqa: F401  (register the solvers)
+from . import consistency, dpm_solver_v3, euler, gamma, learned, multistep, per_step, plms, singlestep, svdd, unipc  # noqa: F401  (register the solvers)
 from ._base import (
     DEFAULT_SOLVER,
     OPTION_RESOLVERS,
@@ -33,6 +33,7 @@ from .multistep import DPMSolverMultistep, MultistepState
 from .per_step import PerStepSolver
 from .plms import PLMS, PLMSState
 from .singlestep import DPMSolverPPSDE, DPMSolverSinglestep, SinglestepState
+from .svdd import SoftValueDecoding, SVDDState
 from .unipc import UniPC, UniPCState
 
 __all__ = [
@@ -57,8 +58,10 @@ __all__ = [
     "OptionResolver",
     "PLMSState",
     "PerStepSolver",
+    "SVDDState",
     "SampleOutput",
     "SinglestepState",
+    "SoftValueDecoding",
     "Solver",
     "StepHook",
     "StepInfo",

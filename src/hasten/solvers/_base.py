@@ -46,7 +46,9 @@ __all__ = [
     "sample",
 ]
 
-NoiseFn = Callable[[float, float], Tensor]  # noise(sigma, sigma_next): standard normal noise of that move
+# noise(sigma, sigma_next): standard normal noise of that move; noise(sigma, sigma_next, draw=k), k >= 1: extra
+# independent draws for the same move (candidate moves, hasten.solvers.svdd), per row reproducible like the first
+NoiseFn = Callable[..., Tensor]
 
 
 class NonFiniteOutputError(FloatingPointError):

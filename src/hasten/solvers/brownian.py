@@ -10,6 +10,11 @@ is ``sigma'^2 (B(tau') - B(tau))`` exactly, so those updates are the SDE's own n
 of it. :class:`IndependentNoise` draws fresh noise per call (diffusers' and k-diffusion's ancestral
 samplers).
 
+Every source also answers ``noise(sigma, sigma_next, draw=k)`` for ``k >= 1``: further standard normal tensors
+for the same move, independent of the move's own noise (``draw=0``) and of each other, and per row reproducible
+like it. A sampler that weighs several candidate moves (SVDD, :mod:`hasten.solvers.svdd`) takes them from here,
+so its candidate 0 is exactly the plain sampler's move.
+
 The tree: dyadic nodes in ``u = log sigma`` over ``[log SIGMA_RANGE[0], log SIGMA_RANGE[1]]``, ``DEPTH``
 levels; a node's value is the Brownian-bridge sample between its two parents (in ``tau``) with noise from
 a generator seeded by ``(seed, level, index)``, so values never depend on the order of queries. A point
@@ -61,7 +66,8 @@ class IndependentNoise:
         if isinstance(generator, list | tuple) and len(generator) != self.shape[0]:
             raise ValueError(f"{len(generator)} row generators for {self.shape[0]} rows")
 
-    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+    def __call__(self, sigma: float, sigma_next: float, draw: int = 0) -> Tensor:
+        """Fresh noise; an extra ``draw`` is one more fresh draw (from the same generators, after the move's own)."""
         if isinstance(self.generator, list | tuple):
             rows = [torch.randn(self.shape[1:], generator=g, dtype=self.dtype) for g in self.generator]
             return torch.stack(rows).to(self.device)
@@ -88,7 +94,9 @@ class RecordedNoise:
             self.maps.append(m.to(device=device, dtype=dtype))
         self.index = {(float(grid[i]), float(grid[i + 1])): i for i in range(steps)}
 
-    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+    def __call__(self, sigma: float, sigma_next: float, draw: int = 0) -> Tensor:
+        if draw:
+            raise ValueError(f"recorded noise holds one draw per step; a sampler asked for extra draw {draw}")
         i = self.index.get((float(sigma), float(sigma_next)))
         if i is None:
             raise ValueError(
@@ -117,8 +125,15 @@ class BrownianNoise:
         self._nodes: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._points: OrderedDict[float, Tensor] = OrderedDict()
 
-    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        """Standard normal noise of the move ``sigma -> sigma_next`` (both in ``SIGMA_RANGE``, distinct)."""
+    def __call__(self, sigma: float, sigma_next: float, draw: int = 0) -> Tensor:
+        """Standard normal noise of the move ``sigma -> sigma_next`` (both in ``SIGMA_RANGE``, distinct).
+
+        ``draw >= 1`` is an extra draw for the same move, off the path: seeded by ``(seed, draw, sigma, sigma_next)``
+        (per row with row seeds), so it never depends on the order of queries or on the rows beside it.
+        """
+        if draw:
+            key = ("draw", int(draw), struct.pack("<dd", sigma, sigma_next))
+            return self._normal(*key).to(self.device)
         if sigma == sigma_next:
             raise ValueError(f"a Brownian increment needs two distinct noise levels, got {sigma} twice")
         increment = self.value(sigma_next) - self.value(sigma)
