@@ -609,9 +609,9 @@ def _load_ensemble(
                 {k.removeprefix("aggregator."): v for k, v in tensors.items()}
             )
         except RuntimeError as err:
-            raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the recorded blocks: {err}") from None
-        if dtype is not None:
-            network.aggregator.to(dtype=dtype)  # type: ignore[union-attr]
+            detail = " ".join(line.strip() for line in str(err).splitlines())[:400]
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the recorded blocks: {detail}") from None
+        # the aggregator stays float32 whatever the members' dtype (its weights are cast per fused tensor)
         network.eval().requires_grad_(False)
         denoiser = make_denoiser(network, info)
     digest = hashlib.sha256(weights_fingerprint(folder, WEIGHTS_FILE).encode())
