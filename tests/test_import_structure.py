@@ -138,7 +138,7 @@ def test_registrations_need_no_import_of_the_registrant():
         "from hasten.models.zoo import FOLDER_FORMATS; "
         "print(sorted(OPTION_RESOLVERS.names()), FOLDER_FORMATS.names())"
     )
-    assert _run(code) == "['dpm_solver_v3'] ['diffusers', 'quantization', 'target_level']"
+    assert _run(code) == "['dpm_solver_v3'] ['diffusers', 'ensemble', 'quantization', 'target_level']"
 
 
 def test_quantised_folder_loads_through_the_zoo_alone(tiny_model, tmp_path):

@@ -18,7 +18,7 @@ The public API in one place::
 
 # quant and tune also register extension points on import (a folder format, an option resolver), before
 # any hasten.* submodule is used: see docs/architecture.md, "Import structure".
-from . import accel, distill, models, prune, quant, schedules, solvers, tune  # noqa: F401  (hasten.distill and hasten.prune are also verbs)
+from . import accel, distill, ensemble, models, prune, quant, schedules, solvers, tune  # noqa: F401  (hasten.distill and hasten.prune are also verbs)
 from .accel import AccelConfig, accelerate_
 from .config import Config
 from .editing import Inversion, edit, invert

@@ -1,5 +1,5 @@
-"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train, distill, optimize
-(--format json)."""
+"""``hasten`` command line: sample, evaluate, bench, report, tune, quantize, accelerate, train, distill, ensemble,
+optimize (--format json)."""
 
 from __future__ import annotations
 
@@ -1423,6 +1423,96 @@ def distill(
         data_out,
         f"distilled a {nfe}-NFE {method} student of {teacher}: {result.steps} updates, {result.seconds / 60:.1f} min, "
         f"loss {result.final_loss:.4g} -> {result.folder} (hasten sample --model {result.folder})",
+    )
+
+
+@app.command()
+def ensemble(
+    members: Annotated[
+        list[str], typer.Argument(help="bundled model names or model folders (the first one's schedule)")
+    ],
+    out: Annotated[
+        pathlib.Path, typer.Option(help="the ensemble's model folder (must be new unless --resume/--force)")
+    ],
+    method: Annotated[str, typer.Option(help="afa (learned feature aggregation) or average (output average)")] = "afa",
+    weights: Annotated[
+        str | None, typer.Option(help="average: comma-separated weights summing to 1 [default: equal]")
+    ] = None,
+    blocks: Annotated[
+        str | None, typer.Option(help="afa: comma-separated blocks to fuse [default: every block and conv_out]")
+    ] = None,
+    minutes: Annotated[float | None, typer.Option(help="afa: training time in all, across resumes")] = None,
+    batch_size: Annotated[int, typer.Option(help="afa: images per update")] = 32,
+    lr: Annotated[float, typer.Option(help="afa: AdamW learning rate")] = 1e-3,
+    hidden: Annotated[int, typer.Option(help="afa: width of the attention heads")] = 16,
+    cfg_dropout: Annotated[float, typer.Option(help="afa: share of labels replaced by the null class")] = 0.1,
+    checkpoint_minutes: Annotated[float, typer.Option(help="afa: checkpoint interval")] = 5.0,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue the AFA run in --out (same settings)")] = False,
+    force: Annotated[bool, typer.Option(help="replace the ensemble in an --out folder that holds files")] = False,
+    name: Annotated[str | None, typer.Option(help="the ensemble's name [default: the folder's]")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="afa: stop after this many updates (smoke tests)")
+    ] = None,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Combine models into one (`hasten sample --model OUT` runs it): the output average (any architectures), or
+    AFA, which trains a small attention that fuses same-architecture UNets' block features. See
+    docs/guide/ensembling.md."""
+    from ..ensemble import METHODS, EnsembleConfig, build_ensemble
+
+    device = _check_device(device)
+    if method not in METHODS:
+        _fail(f"--method {method!r} is not an ensemble method; allowed: {', '.join(METHODS)}")
+    parsed_weights: tuple[float, ...] = ()
+    if weights is not None:
+        try:
+            parsed_weights = tuple(float(w) for w in weights.split(","))
+        except ValueError:
+            _fail(f"--weights {weights!r} must be comma-separated numbers, e.g. 0.5,0.5")
+    parsed_blocks = tuple(b.strip() for b in blocks.split(",")) if blocks is not None else ()
+    if any(not b for b in parsed_blocks):
+        _fail(f"--blocks {blocks!r} names an empty block; give module names such as up_blocks.2,conv_out")
+    for flag, value in (("--minutes", minutes), ("--checkpoint-minutes", checkpoint_minutes), ("--lr", lr)):
+        if value is not None and not 0 < value < float("inf"):
+            _fail(f"{flag} must be a finite number > 0, got {value}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give a folder path")
+    for member in members:
+        if pathlib.Path(member).exists() and pathlib.Path(member).resolve() == out.resolve():
+            _fail(f"--out {out} is member {member!r}; write the ensemble to another folder")
+    try:
+        config = EnsembleConfig.create(
+            members=tuple(members), method=method, weights=parsed_weights, blocks=parsed_blocks, hidden=hidden,
+            minutes=minutes, batch_size=batch_size, lr=lr, cfg_dropout=cfg_dropout,
+            checkpoint_minutes=checkpoint_minutes, seed=seed,
+        )  # fmt: skip
+        result = build_ensemble(
+            config, out, resume=resume, overwrite=force, device=device, max_steps=max_steps,
+            progress=fmt is OutputFormat.text, name=name,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, KeyError, TypeError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    data_out = {
+        "out": str(result.folder),
+        "method": result.method,
+        "members": list(members),
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    trained = (
+        f", {result.steps} updates, {result.seconds / 60:.1f} min, loss {result.final_loss:.4g}"
+        if result.method == "afa"
+        else ""
+    )
+    _emit(
+        fmt,
+        data_out,
+        f"{result.method} ensemble of {len(members)} models{trained} -> {result.folder} "
+        f"(hasten sample --model {result.folder})",
     )
 
 

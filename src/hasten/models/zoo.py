@@ -46,7 +46,11 @@ __all__ = [
 BUNDLED = pathlib.Path(__file__).parent / "weights"
 FORMAT_VERSION = 1
 DIFFUSERS_FORMAT = "diffusers"
-FORMAT_RECORDS = ("quantization", "target_level")  # fields of hasten.json whose presence means another format
+FORMAT_RECORDS = (
+    "quantization",
+    "target_level",
+    "ensemble",
+)  # fields of hasten.json whose presence means another format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +60,17 @@ class FolderFormat:
     Args:
         weights_file: The file holding the weights (what the fingerprint hashes, what ``bytes_on_disk`` counts).
         load_network: ``(network_class, folder) -> nn.Module``: the network with its weights, on the CPU.
+        load_model: Instead of ``load_network``, for a folder that is more than one network (an ensemble of
+            other models): ``(folder, info, device=, dtype=) -> LoadedModel``, the whole model.
     """
 
     weights_file: str
-    load_network: Callable[[Any, pathlib.Path], nn.Module]
+    load_network: Callable[[Any, pathlib.Path], nn.Module] | None = None
+    load_model: Callable[..., LoadedModel] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.load_network is None) == (self.load_model is None):
+            raise TypeError("a FolderFormat takes exactly one of load_network and load_model")
 
 
 FOLDER_FORMATS: Registry[FolderFormat] = Registry("model folder format")
@@ -93,6 +104,8 @@ class ModelInfo:
     # What structured pruning removed (hasten.prune): the shapes and widths the network differs from its config
     # in (models/structure.py; every folder format's loader applies it), importance, speed-up, MACs, parameters.
     pruning: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # An ensemble of other models (hasten.ensemble): method, members with their fingerprints, fused blocks
+    ensemble: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder_format(self) -> str:
@@ -325,6 +338,9 @@ def load(
     from safetensors import SafetensorError
 
     folder_format = get_folder_format(info.folder_format, folder)
+    if folder_format.load_model is not None:
+        return folder_format.load_model(folder, info, device=device, dtype=dtype)
+    assert folder_format.load_network is not None
     try:
         network = folder_format.load_network(_network_class(info.arch), folder)
     except (OSError, RuntimeError, SafetensorError) as err:  # a missing, truncated or damaged weights file
