@@ -213,3 +213,40 @@ def test_cli_builds_samples_and_refuses_bad_input(tmp_path):
     result = runner.invoke(app, ["ensemble", "mnist-unet", "--method", "average", "--out", str(out), "--force"])
     assert result.exit_code == 0, result.output
     assert len(hasten.load(out).members) == 1
+
+
+def test_average_of_pipeline_models_in_memory():
+    """hasten.ensemble.average over hasten.from_pipeline models: the denoiser is the weighted sum of the members',
+    images decode through the first member's VAE, and members conditioned otherwise are refused."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+    from hasten.ensemble import average
+
+    pipe_a, kwargs = tiny_pipelines.stable_diffusion()
+    pipe_b, _ = tiny_pipelines.stable_diffusion()
+    with torch.no_grad():
+        for p in pipe_b.unet.parameters():  # a "fine-tune": the same architecture, other weights
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    conditions = {k: v[:1] for k, v in kwargs.items()}
+    a = hasten.from_pipeline(pipe_a, **conditions, height=16, width=16)
+    b = hasten.from_pipeline(pipe_b, **conditions, height=16, width=16)
+    both = average([a, b], [0.25, 0.75])
+    x = torch.randn(2, *a.info.image_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 3.0)
+    cond = both.conditioning(None, range(2))
+    expected = 0.25 * a.denoiser(x, sigma, **cond) + 0.75 * b.denoiser(x, sigma, **cond)
+    torch.testing.assert_close(both.denoiser(x, sigma, **cond), expected)
+    out = hasten.generate(both, 2, steps=3)
+    assert out.images01.shape == (2, 3, 16, 16) and out.nfe == 3
+    only_a = hasten.generate(average([a, b], [1.0, 0.0]), 2, steps=3)
+    torch.testing.assert_close(only_a.images01, hasten.generate(a, 2, steps=3).images01)
+    second_prompt = {
+        "prompt_embeds": kwargs["prompt_embeds"][1:],
+        "negative_prompt_embeds": conditions["negative_prompt_embeds"],
+    }
+    other = hasten.from_pipeline(pipe_b, **second_prompt, height=16, width=16)
+    with pytest.raises(ValueError, match="conditioned otherwise"):
+        average([a, other])
+    with pytest.raises(ValueError, match="weights"):
+        average([a, b], [0.5, 0.6])

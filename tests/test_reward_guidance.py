@@ -248,3 +248,20 @@ def test_gradient_guided_generation(tiny_model):
     zero = gradient_guided(model, 2, "symmetry", 0.0, steps=3, solver="ddpm", seed=0)
     assert torch.allclose(zero.images01, plain.images01, atol=1e-5) and zero.nfe == 3
     assert torch.allclose(zero.rewards, symmetry(zero.images01))
+
+
+def test_reward_guidance_on_a_pipeline_model():
+    """SVDD on a latent pipeline (hasten.from_pipeline): every candidate's x0 estimate is decoded by the pipeline's
+    VAE for the reward; one particle is plain ddpm bit for bit and the NFE counts every candidate."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+
+    pipe, kwargs = tiny_pipelines.stable_diffusion()
+    model = hasten.from_pipeline(pipe, **kwargs, height=16, width=16)
+    plain = hasten.generate(model, 3, solver="ddpm", steps=4)
+    one = hasten.generate(model, 3, steps=4, reward="symmetry", particles=1)
+    assert torch.equal(one.images01, plain.images01)
+    four = hasten.generate(model, 3, steps=4, reward="symmetry", particles=4)
+    assert four.nfe == 1 + 4 * 3
+    assert four.rewards.shape == (3,) and four.images01.shape == (3, 3, 16, 16)

@@ -78,6 +78,22 @@ def check_choice(option: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ValueError(f"{option} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Config):
+    """A resumable run's settings (training, distillation, aggregator or head training).
+
+    :meth:`resume_key` is what a resumed run must repeat: every field but its budget (``BUDGET``), so a run can be
+    continued for longer, or stopped sooner, without being taken for another one."""
+
+    BUDGET: ClassVar[tuple[str, ...]] = ("minutes", "checkpoint_minutes")
+
+    def resume_key(self) -> dict[str, Any]:
+        data = self.to_dict()
+        for name in self.BUDGET:
+            data.pop(name)
+        return data
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, Config):
         return value.to_dict()

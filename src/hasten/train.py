@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import Config
+from .config import Config, RunConfig
 from .data import load_dataset, to_model_space
 from .models.zoo import ModelInfo, build_network, save_model
 from .progress import BudgetProgress
@@ -42,7 +42,7 @@ OBJECTIVES = ("eps", "v", "flow")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(Config):
+class TrainConfig(RunConfig):
     """Settings of one training run (everything but the time budget must match to resume)."""
 
     arch: str = "unet"
@@ -67,12 +67,6 @@ class TrainConfig(Config):
             raise ValueError("minutes and checkpoint_minutes must be > 0")
         if self.batch_size < 1 or not 0 <= self.cfg_dropout < 1 or not 0 < self.ema_decay < 1:
             raise ValueError("need batch_size >= 1, 0 <= cfg_dropout < 1, 0 < ema_decay < 1")
-
-    def resume_key(self) -> dict[str, Any]:
-        data = self.to_dict()
-        data.pop("minutes")
-        data.pop("checkpoint_minutes")
-        return data
 
 
 @dataclasses.dataclass

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import Config
+from ..config import RunConfig
 from ..hooks import add_hook, remove_hooks
 from .hooks import TECHNIQUES, AccelConfig, Accelerator, CallState, check_window, window_steps
 
@@ -430,7 +430,7 @@ def _passthrough(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 
 @dataclasses.dataclass(frozen=True)
-class ExitTrainConfig(Config):
+class ExitTrainConfig(RunConfig):
     """Settings of one exit-head training run (all but the time budget must match to resume)."""
 
     type_tag: ClassVar[str] = "exit_heads_training"
@@ -442,12 +442,6 @@ class ExitTrainConfig(Config):
     label_dropout: float = 0.1
     checkpoint_minutes: float = 2.0
     seed: int = 0
-
-    def resume_key(self) -> dict[str, Any]:
-        data = self.to_dict()
-        data.pop("minutes")
-        data.pop("checkpoint_minutes")
-        return data
 
 
 def checkpoint_folder(out: str | os.PathLike) -> pathlib.Path:

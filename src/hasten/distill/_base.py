@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import Config
+from ..config import Config, RunConfig
 from ..models.zoo import LoadedModel, ModelInfo, load, make_denoiser, save_model, without_label_dropout
 from ..registry import Registry
 from ..schedules.grids import get_sigmas
@@ -42,7 +42,7 @@ class NoOptions(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig(Config):
+class DistillConfig(RunConfig):
     """Settings of one distillation run (all but ``minutes`` and ``checkpoint_minutes`` must match to resume).
 
     Args:
@@ -87,12 +87,6 @@ class DistillConfig(Config):
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if not isinstance(self.options, dict):
             raise TypeError(f"options must be a mapping of the method's options, got {type(self.options).__name__}")
-
-    def resume_key(self) -> dict[str, Any]:
-        data = self.to_dict()
-        data.pop("minutes")
-        data.pop("checkpoint_minutes")
-        return data
 
 
 class DistillMethod(ABC):

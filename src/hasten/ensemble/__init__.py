@@ -9,9 +9,11 @@ from .build import EnsembleConfig, EnsembleResult, build_ensemble
 from .model import (
     METHODS,
     Aggregator,
+    AveragedModel,
     EnsembleModel,
     FeatureEnsemble,
     OutputAverage,
+    average,
     check_members,
     default_blocks,
 )
@@ -19,11 +21,13 @@ from .model import (
 __all__ = [
     "METHODS",
     "Aggregator",
+    "AveragedModel",
     "EnsembleConfig",
     "EnsembleModel",
     "EnsembleResult",
     "FeatureEnsemble",
     "OutputAverage",
+    "average",
     "build_ensemble",
     "check_members",
     "default_blocks",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import RunConfig
 from .model import (
     METHODS,
     build_afa_network,
@@ -37,7 +37,7 @@ __all__ = ["EnsembleConfig", "EnsembleResult", "build_ensemble"]
 
 
 @dataclasses.dataclass(frozen=True)
-class EnsembleConfig(Config):
+class EnsembleConfig(RunConfig):
     """Settings of one ensemble (all but ``minutes`` and ``checkpoint_minutes`` must match to resume).
 
     Args:
@@ -87,12 +87,6 @@ class EnsembleConfig(Config):
             raise ValueError(f"need batch_size >= 1 and hidden >= 1, got {self.batch_size}, {self.hidden}")
         if not 0 <= self.cfg_dropout < 1:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-
-    def resume_key(self) -> dict[str, Any]:
-        data = self.to_dict()
-        data.pop("minutes")
-        data.pop("checkpoint_minutes")
-        return data
 
 
 @dataclasses.dataclass

@@ -487,6 +487,75 @@ class EnsembleModel(LoadedModel):
         return (self.folder / WEIGHTS_FILE).stat().st_size + sum(m.bytes_on_disk() for m in self.members)
 
 
+@dataclasses.dataclass
+class AveragedModel(EnsembleModel):
+    """The output average of models already in memory (:func:`average`): what it needs beyond its denoiser
+    (conditioning, guidance's unconditional inputs, decoding and encoding images) comes from the first member, so
+    ``hasten.from_pipeline`` models average as bundled ones do."""
+
+    def bytes_on_disk(self) -> int:
+        return sum(m.bytes_on_disk() for m in self.members)
+
+    @property
+    def default_guidance(self) -> float:  # type: ignore[override]
+        return self.members[0].default_guidance
+
+    @property
+    def x0_processing(self):  # type: ignore[override]
+        return self.members[0].x0_processing
+
+    @property
+    def condition_key(self) -> str:  # type: ignore[override]
+        return self.members[0].condition_key
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        return self.members[0].pixel_shape
+
+    def conditioning(self, labels: Tensor | None, rows: range) -> dict[str, Tensor]:
+        return self.members[0].conditioning(labels, rows)
+
+    def unconditional(self) -> dict[str, Tensor] | None:
+        return self.members[0].unconditional()
+
+    def to_images(self, x: Tensor) -> Tensor:
+        return self.members[0].to_images(x)
+
+    def from_images(self, images01: Tensor) -> Tensor:
+        return self.members[0].from_images(images01)
+
+
+def average(models: Sequence[LoadedModel], weights: Sequence[float] | None = None, *, name: str | None = None
+            ) -> AveragedModel:  # fmt: skip
+    """The output average of loaded models, in memory: bundled models, model folders or pipeline models.
+
+    ``weights`` default to equal. Members are checked as for a saved average (image shape, classes, the first
+    member's noise levels within every member's); pipeline members must also be conditioned alike (the same
+    prompt encoding, ``condition_key``), since the first member's conditioning is passed to all of them. To save an
+    average of model folders, use :func:`hasten.ensemble.build_ensemble` instead.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("an ensemble needs at least one member")
+    specs = [m.info.name for m in models]
+    check_members(models, specs, "average")
+    for i, member in enumerate(models[1:], start=1):
+        if member.condition_key != models[0].condition_key:
+            raise ValueError(
+                f"{_label(i, specs[i])} is conditioned otherwise than member 1 ({specs[0]!r}): an average passes one "
+                "conditioning to every member, so build them with the same prompt (or prompt_embeds)"
+            )
+    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    check_weights(weights, len(models))
+    denoiser = OutputAverage([m.denoiser for m in models], torch.tensor(weights, dtype=torch.float64))
+    info = ensemble_info(name or "average(" + ", ".join(specs) + ")", models, specs, "average", {"weights": weights})
+    digest = hashlib.sha256(json.dumps(weights).encode())
+    for member in models:
+        digest.update(member.fingerprint.encode())
+    network = nn.ModuleList([m.network for m in models])
+    return AveragedModel(denoiser, network, info, models[0].folder, digest.hexdigest()[:16], members=models)
+
+
 def member_spec(name_or_path: str | os.PathLike) -> str:
     """How ``hasten.json`` names a member: a bundled name as given, a folder as an absolute path."""
     text = str(name_or_path)

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import RunConfig
 
 __all__ = [
     "MIN_SIGMA",
@@ -252,7 +252,7 @@ def bundled_oms() -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OMSTrainConfig(Config):
+class OMSTrainConfig(RunConfig):
     """Settings of one OMS training run (all but the time budget must match to resume)."""
 
     type_tag: ClassVar[str] = "oms_training"
@@ -268,11 +268,7 @@ class OMSTrainConfig(Config):
     checkpoint_minutes: float = 1.0
     seed: int = 0
 
-    def resume_key(self) -> dict[str, Any]:
-        data = self.to_dict()
-        for budget in ("minutes", "max_steps", "checkpoint_minutes"):
-            data.pop(budget)
-        return data
+    BUDGET: ClassVar[tuple[str, ...]] = ("minutes", "max_steps", "checkpoint_minutes")
 
 
 def checkpoint_folder(out: str | os.PathLike) -> pathlib.Path:
