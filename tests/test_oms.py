@@ -223,9 +223,43 @@ def test_cli_sample_with_oms(trained, tiny, tmp_path):
     data = json.loads(result.output)
     assert data["oms"] == str(out) and data["nfe"] == 2
     text = RUNNER.invoke(app, [*args, "--oms", str(out)])
-    assert text.exit_code == 0 and f"+ OMS {out}, 2 NFE" in text.output
+    assert text.exit_code == 0 and f"+ oms[{out.stem}], 2 NFE" in text.output
     bad = RUNNER.invoke(app, [*args, "--oms", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code == 2 and "no OMS module at" in bad.output
+    recipe = tmp_path / "recipe.json"
+    hasten.save_recipe(hasten.Recipe.from_files(hasten.load(tiny), steps=2, oms=str(out)), recipe)
+    both = RUNNER.invoke(app, ["sample", "--recipe", str(recipe), "--oms", str(out), "--out", str(tmp_path / "g.png")])
+    assert both.exit_code == 2 and "drop --oms" in both.output
+    by_recipe = RUNNER.invoke(app, ["sample", "--recipe", str(recipe), "--n", "2", "--out", str(tmp_path / "r.png"),
+                                    "--format", "json"])  # fmt: skip
+    assert by_recipe.exit_code == 0, by_recipe.output
+    assert json.loads(by_recipe.output)["recipe_digest"] == data["recipe_digest"]
+
+
+def test_a_recipe_carries_the_oms_module(trained, tiny, tmp_path):
+    """One More Step is a recipe ingredient: generate(recipe) applies it, its file is identified by fingerprint,
+    a changed file is refused unless forced, and recipes without it keep the digests they had."""
+    out, _ = trained
+    model = hasten.load(tiny)
+    plain = hasten.Recipe.from_files(model, steps=2)
+    assert "oms" not in plain.to_dict()  # recipes written before OMS read and hash as before
+    recipe = hasten.Recipe.from_files(model, steps=2, oms=str(out))
+    assert recipe.oms_fingerprint and recipe.digest() != plain.digest()
+    assert "oms[" in recipe.describe()
+    again = hasten.Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again == recipe
+    by_recipe = hasten.generate(model, 3, recipe=recipe, seed=4)
+    by_hand = hasten.generate(model, 3, steps=2, seed=4, oms=load_oms(out))
+    assert torch.equal(by_recipe.images01, by_hand.images01)
+    with pytest.raises(TypeError, match="do not also pass oms"):
+        hasten.generate(model, 1, recipe=recipe, oms=load_oms(out))
+    changed = dict(recipe.to_dict(), oms_fingerprint="0" * 16)
+    with pytest.raises(hasten.RecipeError, match="changed since the recipe was written"):
+        hasten.Recipe.from_dict(changed)
+    forced = hasten.Recipe.from_dict(dict(changed, forced=["oms"]))  # a recipe written with force=True
+    assert forced.forced == ("oms",)
+    with pytest.raises(hasten.RecipeError, match="no OMS module at"):
+        hasten.Recipe.from_files(model, steps=2, oms=str(tmp_path / "missing.safetensors"))
 
 
 def test_bundled_module_matches_the_mnist_models():

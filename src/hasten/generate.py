@@ -159,6 +159,15 @@ def collect(
     return samples, images, nfe, held
 
 
+def _with_oms(kwargs: dict[str, Any], oms: Any) -> dict[str, Any]:
+    """A recipe's generate() arguments with the caller's One More Step module, unless the recipe has its own."""
+    if oms is None:
+        return kwargs
+    if kwargs.get("oms") is not None:
+        raise TypeError("the recipe supplies its One More Step module; do not also pass oms")
+    return kwargs | {"oms": oms}
+
+
 def generate(
     model: LoadedModel,
     n: int,
@@ -244,8 +253,8 @@ def generate(
         recipe.check_model(model)
         return generate(
             model, n, seed=recipe.seed if seed is None else seed, label=label, batch_size=batch_size,
-            callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather, oms=oms,
-            reward=reward, particles=particles, alpha=alpha, **recipe.generate_kwargs(),
+            callback=callback, state_dtype=state_dtype, noise=recipe.noise, gather=gather,
+            reward=reward, particles=particles, alpha=alpha, **_with_oms(recipe.generate_kwargs(), oms),
         )  # fmt: skip
     seed = 0 if seed is None else seed
     if reward is None and particles != 1:

@@ -51,7 +51,7 @@ RECIPE_FORMAT = "hasten-recipe"
 RECIPE_SCHEMA_VERSION = 1
 LIBRARIES = ("hasten", "diffusers")
 EXECUTIONS = ("auto", "kernel", "float8", "simulated")
-FORCEABLE = ("model", "plan", "cache", "quant", "teacher")
+FORCEABLE = ("model", "plan", "cache", "quant", "teacher", "oms")
 
 
 class RecipeError(ValueError):
@@ -114,6 +114,8 @@ class Recipe:
     quant_peer: str | None = None
     seed: int = 0
     noise: str = NOISE_CONVENTION
+    oms: str | None = None
+    oms_fingerprint: str = ""
     forced: tuple[str, ...] = ()
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     force: dataclasses.InitVar[bool] = False
@@ -163,6 +165,10 @@ class Recipe:
             self._check_cache(force, forced)
         elif self.cache_setting:
             raise RecipeError("recipe has a cache_setting but no cache")
+        if self.oms is not None:
+            self._check_oms(force, forced)
+        elif self.oms_fingerprint:
+            raise RecipeError("recipe has an oms_fingerprint but no oms")
         if self.quant is not None:
             self._check_quant(force, forced)
         elif self.execution != "auto":
@@ -275,6 +281,27 @@ class Recipe:
                 )
             forced.add("quant")
 
+    def _check_oms(self, force: bool, forced: set[str]) -> None:
+        """A One More Step module (:mod:`hasten.oms`): it exists, and is the file the recipe was written with."""
+        from .oms import oms_fingerprint
+
+        if self.library != "hasten":
+            raise RecipeError(f"One More Step is hasten's; a {self.library} sampler cannot start from it")
+        if not isinstance(self.oms, str) or not self.oms:
+            raise RecipeError(f"recipe oms must be a bundled OMS name or a file path, got {self.oms!r}")
+        try:
+            actual = oms_fingerprint(self.oms)
+        except FileNotFoundError as err:
+            raise RecipeError(str(err)) from None
+        if self.oms_fingerprint and actual != self.oms_fingerprint:
+            if not force and "oms" not in forced:
+                raise RecipeError(
+                    f"the OMS module {self.oms!r} changed since the recipe was written (file {actual}, recipe "
+                    f"{self.oms_fingerprint}); rewrite the recipe, or force it"
+                )
+            forced.add("oms")
+        object.__setattr__(self, "oms_fingerprint", self.oms_fingerprint or actual)
+
     def check_model(self, model: Any) -> None:
         """Refuse sampling ``model`` with this recipe: other weights, or a cache that cannot hook its network.
 
@@ -294,6 +321,13 @@ class Recipe:
                 accelerate_(model, self.cache).remove()  # installs on this network, or says why it cannot
             except (TypeError, ValueError) as err:
                 raise RecipeError(f"the recipe's cache cannot apply to {model.info.name!r}: {err}") from None
+        if self.oms is not None:
+            from .oms import load_oms
+
+            try:
+                load_oms(self.oms, model)
+            except ValueError as err:
+                raise RecipeError(f"the recipe's OMS module cannot start {model.info.name!r}: {err}") from None
 
     # -- identity ----------------------------------------------------------------------------------------
 
@@ -330,6 +364,8 @@ class Recipe:
             data.pop(key)
         if data["quant_fingerprint"]:  # quantised weights are identified by their fingerprint, wherever they lie
             data["quant"] = None
+        if data.get("oms") is not None:  # an OMS module is identified by its file's fingerprint, wherever it lies
+            data["oms"] = None
         if data["plan"] is not None:  # a plan's scores and search record do not change what it samples
             data["plan"] = {k: v for k, v in data["plan"].items() if k not in ("scores", "search")}
         return data
@@ -363,6 +399,10 @@ class Recipe:
                 f"this recipe runs {what}: sample it with hasten.bench.runner.sample_recipe, not hasten.generate"
             )
         kwargs: dict[str, Any] = {"guidance": self.guidance, "accel": self.cache}
+        if self.oms is not None:
+            from .oms import load_oms
+
+            kwargs["oms"] = load_oms(self.oms)
         if self.plan is not None:
             return kwargs | {"plan": self.plan, "force_plan": True}  # checked against the recipe's weights above
         return kwargs | {"solver": self.solver, "steps": self.steps, "schedule": self.schedule, **self.options}
@@ -407,6 +447,8 @@ class Recipe:
             "execution": self.execution,
             "seed": self.seed,
             "noise": self.noise,
+            # written only when set, so the recipes written before One More Step keep their digests
+            **({"oms": self.oms, "oms_fingerprint": self.oms_fingerprint} if self.oms is not None else {}),
             "forced": list(self.forced),
             "provenance": dict(self.provenance),
         }
@@ -509,6 +551,8 @@ def describe_recipe(data: Mapping[str, Any], *, steps: bool = True) -> str:
     if data["quant"] is not None:
         parts.append(f"quant[{pathlib.Path(data['quant']).name}]")
     parts += [peer for peer in (data["cache_peer"], data["quant_peer"]) if peer is not None]
+    if data.get("oms") is not None:
+        parts.append(f"oms[{pathlib.Path(data['oms']).stem}]")
     guidance = data["guidance"] if data["guidance"] is not None or plan is None else plan.guidance
     if guidance not in (None, 1.0):
         parts.append(f"w={guidance:g}")

@@ -255,7 +255,7 @@ def sample(
             ("--model", model, None), ("--solver", solver, None), ("--steps", steps, None),
             ("--schedule", schedule, None), ("--plan", plan, None), ("--accel", accel, None),
             ("--guidance", guidance, None), ("--execution", execution, "auto"), ("--pipeline", pipeline, None),
-            ("--force-plan", force_plan, False),
+            ("--force-plan", force_plan, False), ("--oms", oms, None),
         ) if value != default]  # fmt: skip
         if given:
             _fail(f"--recipe names the model and the whole sampler; drop {', '.join(given)} (or edit the recipe)")
@@ -287,13 +287,9 @@ def sample(
             # never written
             the_recipe = Recipe.from_files(
                 loaded, plan=plan, accel=accel, force=force or force_plan, solver=solver_name, options=solver_options,
-                schedule=schedule, steps=steps, guidance=guidance,
+                schedule=schedule, steps=steps, guidance=guidance, oms=None if oms is None else str(oms),
             )  # fmt: skip
             the_recipe.check_model(loaded)
-        if oms is not None:
-            from ..oms import load_oms
-
-            oms_module = load_oms(oms, loaded)
     except (FileNotFoundError, PlanError, RecipeError, ValueError, TypeError, RuntimeError) as err:
         _fail(str(err))
     except KeyError as err:
@@ -318,7 +314,7 @@ def sample(
         _agree("sample", loaded, the_recipe, n=n, seed=seed, label=label, batch_size=batch_size)
         result = generate(
             loaded, n, recipe=the_recipe, seed=seed, label=label, callback=tick, batch_size=batch_size, reward=reward,
-            particles=particles, alpha=alpha, oms=None if oms is None else oms_module,
+            particles=particles, alpha=alpha,
         )  # fmt: skip
     except FloatingPointError as err:
         scale = the_recipe.effective_guidance
@@ -357,7 +353,7 @@ def sample(
         "device": str(torch.device(device)),
         "accel": None if accel is None else str(accel),
         "accel_stats": result.accel_stats,
-        "oms": oms,
+        "oms": the_recipe.oms,
         "reward": reward,
         "particles": particles,
         "alpha": alpha,
@@ -380,7 +376,7 @@ def sample(
     _emit(
         fmt,
         data,
-        f"{loaded.info.name}: {n} images with {description}{'' if oms is None else f' + OMS {oms}'}, {result.nfe} NFE, "
+        f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache}{scored} -> {out}",
     )
 

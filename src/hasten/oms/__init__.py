@@ -58,6 +58,8 @@ __all__ = [
     "OneMoreStep",
     "bundled_oms",
     "load_oms",
+    "oms_file",
+    "oms_fingerprint",
     "save_oms",
     "train_oms",
 ]
@@ -215,16 +217,27 @@ def save_oms(net: OMSNet, path: str | os.PathLike, data: str, record: dict[str, 
     return path
 
 
+def oms_file(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """The file of an OMS module: a bundled name (``"mnist"``) or a path; FileNotFoundError naming both kinds."""
+    path = WEIGHTS / f"{name_or_path}.safetensors" if str(name_or_path) in bundled_oms() else pathlib.Path(name_or_path)
+    if not path.is_file():
+        bundled = ", ".join(bundled_oms()) or "none"
+        raise FileNotFoundError(f"no OMS module at {str(path)!r} (a .safetensors file, or a bundled name: {bundled})")
+    return path
+
+
+def oms_fingerprint(name_or_path: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of an OMS module's file: what a recipe records of it."""
+    import hashlib
+
+    return hashlib.sha256(oms_file(name_or_path).read_bytes()).hexdigest()[:16]
+
+
 def load_oms(path: str | os.PathLike, model: Any = None) -> OneMoreStep:
     """Load an OMS module file (checked against ``model`` when given); ``"mnist"`` loads the bundled one."""
     from safetensors import SafetensorError, safe_open
 
-    if str(path) in bundled_oms():
-        path = WEIGHTS / f"{path}.safetensors"
-    path = pathlib.Path(path)
-    if not path.is_file():
-        bundled = ", ".join(bundled_oms()) or "none"
-        raise FileNotFoundError(f"no OMS module at {str(path)!r} (a .safetensors file, or a bundled name: {bundled})")
+    path = oms_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
