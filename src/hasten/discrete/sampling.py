@@ -1,0 +1,241 @@
+"""Samplers of masked diffusion models, the exact categorical draw, and an exact toy model.
+
+A masked model is ``model(x) -> logits [B, L, V]``: the distribution of each position's clean value given the
+sequence ``x`` (``[B, L]`` integers in ``0..V``, ``V`` = MASK). It is time-agnostic (MDLM's SUBS network), which is
+what lets a sampler skip calls while nothing changes and lets the first-hitting sampler ignore time altogether.
+Every sampler counts network evaluations per sequence (a call on a subset of rows counts for those rows only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..registry import Registry
+from .masking import LogLinearMask
+
+__all__ = [
+    "DISCRETE_SAMPLERS",
+    "AncestralSampler",
+    "DiscreteSample",
+    "DiscreteSampler",
+    "FirstHittingSampler",
+    "JointTable",
+    "categorical",
+    "get_discrete_sampler",
+    "sample_discrete",
+]
+
+MaskedModel = Callable[[Tensor], Tensor]
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def categorical(logits: Tensor, generator: torch.Generator | None = None, dtype: str = "float64") -> Tensor:
+    """One draw per row of ``logits`` (``[..., V]``) by Gumbel-max: ``argmax(logits + G)``, ``G = -log(-log U)``.
+
+    ``dtype="float64"`` (default) draws ``U`` and adds in float64. ``"float32"`` is the common implementation the
+    paper below examines: a float32 uniform is at most ``1 - 2^-24``, so ``G <= 16.6`` and the Gumbel tail is cut,
+    which lowers the effective temperature (rare values are drawn less often than their probability) — small
+    per draw, visible over the hundreds of draws a many-step sampler makes.
+
+    Reference: Zheng et al., "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit
+    Inaccurate Categorical Sampling", ICLR 2025, Sec. 4.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"categorical dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    work = DTYPES[dtype]
+    u = torch.rand(logits.shape, generator=generator, dtype=work, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(work).tiny)))
+    return torch.argmax(logits.to(work) + gumbel, dim=-1)
+
+
+@dataclasses.dataclass
+class DiscreteSample:
+    tokens: Tensor  # [B, L]
+    calls: Tensor  # [B]: network evaluations of each sequence
+
+    @property
+    def nfe(self) -> int:
+        return int(self.calls.max()) if self.calls.numel() else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSampler(Config):
+    """Base of the masked-diffusion samplers: ``run(model, x, mask_id, generator)`` from an all-MASK ``x``."""
+
+    categorical_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.categorical_dtype not in DTYPES:
+            raise ValueError(f"categorical_dtype must be one of {', '.join(DTYPES)}, got {self.categorical_dtype!r}")
+
+    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
+        raise NotImplementedError
+
+
+DISCRETE_SAMPLERS: Registry[type[DiscreteSampler]] = Registry("discrete sampler")
+
+
+def _evaluate(model: MaskedModel, x: Tensor, mask_id: int) -> Tensor:
+    logits = model(x)
+    if logits.shape[:2] != x.shape or logits.shape[-1] != mask_id:
+        raise ValueError(f"the masked model returned logits {tuple(logits.shape)} for tokens {tuple(x.shape)}; "
+                         f"expected [B, L, {mask_id}] (one logit per clean value, MASK = {mask_id})")  # fmt: skip
+    return logits
+
+
+@DISCRETE_SAMPLERS.register("ancestral")
+@dataclasses.dataclass(frozen=True)
+class AncestralSampler(DiscreteSampler):
+    """The reverse process on ``steps`` uniform times (MDLM's ``ddpm_cache``; "tau-leaping" for masked models).
+
+    From ``t`` to ``s < t`` every masked position is unmasked with probability ``(alpha_s - alpha_t) / (1 -
+    alpha_t)``, to a value drawn from ``p_theta(. | x_t)``; the last step (``s = 0``) unmasks the rest. A
+    sequence is re-evaluated only when one of its tokens changed since its last evaluation (the network is
+    time-agnostic), so its calls are at most the number of steps at which something was unmasked. Exact in law
+    only as ``steps`` grows: within a step, positions are unmasked independently given ``x_t``.
+
+    Reference: Sahoo et al., MDLM, NeurIPS 2024, Sec. 3.4 (``ddpm_cache``); Austin et al., D3PM, NeurIPS 2021.
+    """
+
+    steps: int = 128
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
+        schedule = LogLinearMask(self.eps)
+        calls = torch.zeros(x.shape[0], dtype=torch.long)
+        logits: Tensor | None = None
+        stale = torch.ones(x.shape[0], dtype=torch.bool)
+        for i in range(self.steps):
+            t, s = 1 - i / self.steps, 1 - (i + 1) / self.steps
+            masked = x == mask_id
+            if not bool(masked.any()):
+                break
+            if bool(stale.any()):
+                rows = stale.nonzero().flatten()
+                fresh = _evaluate(model, x[rows], mask_id)
+                logits = fresh if logits is None else logits.to(fresh.dtype).index_copy(0, rows, fresh)
+                calls[rows] += 1
+            unmask = 1.0 if s == 0 else (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
+            move = torch.rand(x.shape, generator=generator, dtype=torch.float64) < unmask
+            values = categorical(logits, generator, self.categorical_dtype)
+            change = masked & move
+            x = torch.where(change, values, x)
+            stale = change.any(dim=1) & (x == mask_id).any(dim=1)  # a finished sequence needs no more calls
+        return DiscreteSample(x, calls)
+
+
+@DISCRETE_SAMPLERS.register("first_hitting")
+@dataclasses.dataclass(frozen=True)
+class FirstHittingSampler(DiscreteSampler):
+    """The first-hitting sampler: one event per call, each unmasking ``tokens_per_call`` positions.
+
+    With ``n`` positions masked at time ``t`` the next unmask time is ``tau = t * u^(1/n)`` (log-linear ``alpha``);
+    a time-agnostic network does not need it, so the sampler only picks a masked position uniformly and draws its
+    value from ``p_theta(. | x)``: exactly the reverse process's law, in exactly ``L`` calls for ``L`` positions
+    (``tokens_per_call = 1``). ``tokens_per_call = k`` unmasks ``k`` positions per call, each from its own marginal
+    given the same ``x`` (the paper's parallel variant: ``ceil(L / k)`` calls, no longer exact).
+
+    Reference: Zheng et al., ICLR 2025, Sec. 3 (Algorithm 1, first-hitting sampler) and Sec. 3.2 (parallel).
+    """
+
+    tokens_per_call: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.tokens_per_call, int) or self.tokens_per_call < 1:
+            raise ValueError(f"tokens_per_call must be an integer >= 1, got {self.tokens_per_call!r}")
+
+    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
+        calls = torch.zeros(x.shape[0], dtype=torch.long)
+        while True:
+            masked = x == mask_id
+            left = masked.sum(dim=1)
+            if not bool((left > 0).any()):
+                break
+            rows = (left > 0).nonzero().flatten()
+            logits = _evaluate(model, x[rows], mask_id)
+            calls[rows] += 1
+            # k masked positions per row, uniformly: the k largest of uniform scores among the masked ones
+            scores = torch.rand(masked[rows].shape, generator=generator, dtype=torch.float64)
+            scores = scores.masked_fill(~masked[rows], -1.0)
+            k = min(self.tokens_per_call, int(left[rows].max()))
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+            chosen &= masked[rows]
+            values = categorical(logits, generator, self.categorical_dtype)
+            x = x.clone()
+            x[rows] = torch.where(chosen, values, x[rows])
+        return DiscreteSample(x, calls)
+
+
+def get_discrete_sampler(name: str | DiscreteSampler, **options: Any) -> DiscreteSampler:
+    if isinstance(name, DiscreteSampler):
+        if options:
+            raise TypeError("options go with a sampler name, not with a configured sampler")
+        return name
+    return DISCRETE_SAMPLERS.get(name).create(**options)
+
+
+def sample_discrete(
+    model: MaskedModel,
+    n: int,
+    length: int,
+    vocab: int,
+    sampler: str | DiscreteSampler = "first_hitting",
+    *,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> DiscreteSample:
+    """``n`` sequences of ``length`` tokens with values in ``0..vocab-1``, from all-MASK (MASK = ``vocab``)."""
+    if n < 1 or length < 1 or vocab < 1:
+        raise ValueError(f"n, length and vocab must be >= 1, got {n}, {length}, {vocab}")
+    chosen = get_discrete_sampler(sampler, **options)
+    x = torch.full((n, length), vocab, dtype=torch.long)
+    return chosen.run(model, x, vocab, generator)
+
+
+class JointTable:
+    """An exact masked model of a joint distribution over ``V^L`` (a table): the test fixture with a known answer.
+
+    ``model(x)`` returns, for every position, the log of ``p(x^l = v | the unmasked tokens of x)``, computed by
+    summing the table over every sequence consistent with ``x``."""
+
+    def __init__(self, table: Tensor) -> None:
+        table = torch.as_tensor(table, dtype=torch.float64)
+        if table.ndim < 1 or torch.any(table < 0) or not math.isclose(float(table.sum()), 1.0, rel_tol=1e-9):
+            raise ValueError("table must be a non-negative [V, V, ..., V] tensor summing to 1")
+        self.vocab, self.length = table.shape[0], table.ndim
+        if any(d != self.vocab for d in table.shape):
+            raise ValueError(f"every axis of the table must have the vocabulary size, got {tuple(table.shape)}")
+        self.table = table
+        grid = list(itertools.product(range(self.vocab), repeat=self.length))
+        self.sequences = torch.tensor(grid, dtype=torch.long)  # [V^L, L], in the table's flat order
+        self.calls = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.length:
+            raise ValueError(f"this table is over sequences of length {self.length}; got tokens {tuple(x.shape)}")
+        self.calls += 1
+        observed = x != self.vocab  # [B, L]
+        agree = (self.sequences[None] == x[:, None]) | ~observed[:, None]  # [B, V^L, L]
+        weights = self.table.flatten()[None] * agree.all(dim=2)  # [B, V^L]
+        onehot = torch.nn.functional.one_hot(self.sequences, self.vocab).to(torch.float64)  # [V^L, L, V]
+        marginal = torch.einsum("bc,clv->blv", weights, onehot)
+        marginal = marginal / marginal.sum(dim=2, keepdim=True)
+        return torch.log(marginal.clamp_min(1e-300))
+
+    def probability(self, tokens: Tensor) -> Tensor:
+        """The table's probability of each row of ``tokens`` (``[B, L]``)."""
+        return self.table[tuple(tokens.T)]

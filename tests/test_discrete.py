@@ -1,0 +1,111 @@
+"""Masked diffusion (hasten.discrete): the MDLM weight and carry-over, the exact categorical draw, and the samplers'
+laws and call counts on an exact joint table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from hasten.discrete import (
+    DISCRETE_SAMPLERS,
+    JointTable,
+    LogLinearMask,
+    categorical,
+    mdlm_loss,
+    sample_discrete,
+)
+
+
+def _table(vocab=2, length=3, seed=0) -> JointTable:
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.rand((vocab,) * length, generator=gen, dtype=torch.float64) ** 3  # far from a product of marginals
+    return JointTable(table / table.sum())
+
+
+def _frequencies(model: JointTable, tokens: torch.Tensor) -> torch.Tensor:
+    index = (tokens * model.vocab ** torch.arange(model.length - 1, -1, -1)).sum(dim=1)
+    return torch.bincount(index, minlength=model.vocab**model.length).double()
+
+
+def _total_variation(model: JointTable, tokens: torch.Tensor) -> float:
+    return 0.5 * float((_frequencies(model, tokens) / len(tokens) - model.table.flatten()).abs().sum())
+
+
+def test_mdlm_weight_is_one_over_t_and_unmasked_positions_cost_nothing():
+    schedule = LogLinearMask()
+    t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(schedule.loss_weight(t), 1 / t)
+    x0 = torch.tensor([[0, 1, 1]])
+    logits = torch.tensor([[[2.0, -1.0], [0.5, 0.2], [-3.0, 1.0]]])
+    none_masked = mdlm_loss(logits, x0, x0, torch.tensor([0.5]), 2, schedule)
+    assert float(none_masked) == 0.0
+    x_t = torch.tensor([[2, 1, 2]])  # positions 0 and 2 masked
+    nll = -torch.log_softmax(logits[0], dim=-1)
+    expected = (nll[0, 0] + nll[2, 1]) / 0.5
+    torch.testing.assert_close(mdlm_loss(logits, x0, x_t, torch.tensor([0.5]), 2, schedule), expected.view(1))
+    masked = schedule.mask(torch.zeros(1, 20000, dtype=torch.long), torch.tensor([0.25]), 2,
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    assert abs(float((masked == 2).double().mean()) - (1 - 1e-3) * 0.25) < 0.01
+
+
+def test_float64_gumbel_draws_match_their_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    draws = categorical(probs.log().expand(40000, 4), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).double()
+    assert stats.chisquare(counts.numpy(), (probs * 40000).numpy()).pvalue > 1e-3
+    with pytest.raises(ValueError, match="float16"):
+        categorical(probs.log(), dtype="float16")
+
+
+def test_first_hitting_sampler_reproduces_the_joint_in_length_calls():
+    model = _table()
+    out = sample_discrete(model, 20000, 3, 2, "first_hitting", generator=torch.Generator().manual_seed(1))
+    expected = (model.table.flatten() * 20000).numpy()
+    assert stats.chisquare(_frequencies(model, out.tokens).numpy(), expected).pvalue > 1e-3
+    assert out.nfe == 3 and bool((out.calls == 3).all())  # one call per unmasked token, exactly
+    assert model.calls == 3
+
+
+def test_parallel_first_hitting_is_cheaper_and_no_longer_exact():
+    model = _table()
+    out = sample_discrete(
+        model, 20000, 3, 2, "first_hitting", tokens_per_call=2, generator=torch.Generator().manual_seed(1)
+    )
+    assert out.nfe == 2  # ceil(3 / 2)
+    assert _total_variation(model, out.tokens) > 0.05
+
+
+def test_ancestral_sampler_converges_as_steps_grow_and_counts_its_calls():
+    model = _table()
+    distances = []
+    for steps in (1, 4, 256):
+        model.calls = 0
+        out = sample_discrete(model, 20000, 3, 2, "ancestral", steps=steps, generator=torch.Generator().manual_seed(2))
+        distances.append(_total_variation(model, out.tokens))
+        assert out.nfe <= min(steps, 3)  # a sequence is evaluated again only after a change, at most L times
+        assert model.calls >= out.nfe
+    assert distances[0] > distances[1] > distances[2]
+    assert distances[2] < 0.015
+
+
+def test_every_sampler_is_registered_and_bad_input_is_refused():
+    assert set(DISCRETE_SAMPLERS.names()) >= {"ancestral", "first_hitting"}
+    model = _table()
+    with pytest.raises(KeyError, match="tau"):
+        sample_discrete(model, 2, 3, 2, "tau")
+    with pytest.raises(ValueError, match="steps"):
+        sample_discrete(model, 2, 3, 2, "ancestral", steps=0)
+    with pytest.raises(ValueError, match="tokens_per_call"):
+        sample_discrete(model, 2, 3, 2, "first_hitting", tokens_per_call=0)
+    with pytest.raises(ValueError, match="length 3"):
+        sample_discrete(model, 2, 4, 2, "first_hitting")  # the model knows 3 positions
+    with pytest.raises(ValueError, match=r"expected \[B, L, 3\]"):
+        sample_discrete(model, 2, 3, 3, "first_hitting")  # a vocabulary mismatch
+    with pytest.raises(ValueError, match="n, length and vocab"):
+        sample_discrete(model, 0, 3, 2)
+    with pytest.raises(ValueError, match="summing to 1"):
+        JointTable(torch.ones(2, 2))
+    assert math.isclose(float(model.probability(torch.tensor([[0, 1, 1]]))), float(model.table[0, 1, 1]))
