@@ -2,16 +2,18 @@
 
 A masked diffusion model (MDM) corrupts every token independently into a MASK state; at time ``t`` a token is
 still itself with probability ``alpha_t`` (:class:`LogLinearMask`: ``alpha_t = 1 - (1 - eps) t``). Its network is
-*time-agnostic*: ``model(x) -> logits [B, L, V]`` over the clean value of every position given the partly masked
-sequence ``x`` (``[B, L]`` integers, MASK = ``V``). This package holds the objective (:func:`mdlm_loss`), the exact
-categorical draw (:func:`categorical`, float64 Gumbel-max by default) and the samplers (:data:`DISCRETE_SAMPLERS`:
-the ancestral sampler with call caching, the first-hitting sampler, its parallel variant), each counting its
-network calls. Nothing here touches the continuous contract.
+*time-agnostic*: ``model(x, rows) -> logits [B, L, V]`` over the clean value of every position given the partly
+masked sequence ``x`` (``[B, L]`` integers, MASK = ``V``; ``rows`` the batch rows ``x`` holds). This package holds
+the objective (:func:`mdlm_loss`), the exact categorical draw (:func:`categorical`, float64 Gumbel-max by default),
+the samplers (:data:`DISCRETE_SAMPLERS`: the ancestral sampler with call caching, the first-hitting sampler, its
+parallel variant), each counting its network calls, and :class:`MaskedUNet` / :func:`train_masked`, which train
+one on binarised images (no bundled model, CLI or bench yet). Nothing here touches the continuous contract.
 """
 
 from __future__ import annotations
 
 from .masking import LogLinearMask, mdlm_loss
+from .model import MaskedTrainConfig, MaskedUNet, binarise, load_masked, train_masked
 from .sampling import (
     DISCRETE_SAMPLERS,
     AncestralSampler,
@@ -30,8 +32,13 @@ __all__ = [
     "FirstHittingSampler",
     "JointTable",
     "LogLinearMask",
+    "MaskedTrainConfig",
+    "MaskedUNet",
+    "binarise",
     "categorical",
     "get_discrete_sampler",
+    "load_masked",
     "mdlm_loss",
     "sample_discrete",
+    "train_masked",
 ]

@@ -1,9 +1,11 @@
 """Samplers of masked diffusion models, the exact categorical draw, and an exact toy model.
 
-A masked model is ``model(x) -> logits [B, L, V]``: the distribution of each position's clean value given the
-sequence ``x`` (``[B, L]`` integers in ``0..V``, ``V`` = MASK). It is time-agnostic (MDLM's SUBS network), which is
-what lets a sampler skip calls while nothing changes and lets the first-hitting sampler ignore time altogether.
-Every sampler counts network evaluations per sequence (a call on a subset of rows counts for those rows only).
+A masked model is ``model(x, rows) -> logits [B, L, V]``: the distribution of each position's clean value given
+the sequence ``x`` (``[B, L]`` integers in ``0..V``, ``V`` = MASK); ``rows`` (``[B]``) says which sequences of the
+batch ``x`` holds, so per-sequence conditioning (class labels) follows a call on a subset of them. It is
+time-agnostic (MDLM's SUBS network), which is what lets a sampler skip calls while nothing changes and lets the
+first-hitting sampler ignore time altogether. Every sampler counts network evaluations per sequence (a call on a
+subset of rows counts for those rows only).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = [
     "sample_discrete",
 ]
 
-MaskedModel = Callable[[Tensor], Tensor]
+MaskedModel = Callable[[Tensor, Tensor], Tensor]  # (tokens [B, L], batch rows [B]) -> logits [B, L, V]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -83,8 +85,8 @@ class DiscreteSampler(Config):
 DISCRETE_SAMPLERS: Registry[type[DiscreteSampler]] = Registry("discrete sampler")
 
 
-def _evaluate(model: MaskedModel, x: Tensor, mask_id: int) -> Tensor:
-    logits = model(x)
+def _evaluate(model: MaskedModel, x: Tensor, rows: Tensor, mask_id: int) -> Tensor:
+    logits = model(x, rows)
     if logits.shape[:2] != x.shape or logits.shape[-1] != mask_id:
         raise ValueError(f"the masked model returned logits {tuple(logits.shape)} for tokens {tuple(x.shape)}; "
                          f"expected [B, L, {mask_id}] (one logit per clean value, MASK = {mask_id})")  # fmt: skip
@@ -125,7 +127,7 @@ class AncestralSampler(DiscreteSampler):
                 break
             if bool(stale.any()):
                 rows = stale.nonzero().flatten()
-                fresh = _evaluate(model, x[rows], mask_id)
+                fresh = _evaluate(model, x[rows], rows, mask_id)
                 logits = fresh if logits is None else logits.to(fresh.dtype).index_copy(0, rows, fresh)
                 calls[rows] += 1
             unmask = 1.0 if s == 0 else (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
@@ -166,7 +168,7 @@ class FirstHittingSampler(DiscreteSampler):
             if not bool((left > 0).any()):
                 break
             rows = (left > 0).nonzero().flatten()
-            logits = _evaluate(model, x[rows], mask_id)
+            logits = _evaluate(model, x[rows], rows, mask_id)
             calls[rows] += 1
             # k masked positions per row, uniformly: the k largest of uniform scores among the masked ones
             scores = torch.rand(masked[rows].shape, generator=generator, dtype=torch.float64)
@@ -209,7 +211,7 @@ def sample_discrete(
 class JointTable:
     """An exact masked model of a joint distribution over ``V^L`` (a table): the test fixture with a known answer.
 
-    ``model(x)`` returns, for every position, the log of ``p(x^l = v | the unmasked tokens of x)``, computed by
+    ``model(x, rows)`` returns, for every position, the log of ``p(x^l = v | the unmasked tokens of x)``, computed by
     summing the table over every sequence consistent with ``x``."""
 
     def __init__(self, table: Tensor) -> None:
@@ -224,7 +226,7 @@ class JointTable:
         self.sequences = torch.tensor(grid, dtype=torch.long)  # [V^L, L], in the table's flat order
         self.calls = 0
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.length:
             raise ValueError(f"this table is over sequences of length {self.length}; got tokens {tuple(x.shape)}")
         self.calls += 1

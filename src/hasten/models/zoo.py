@@ -373,6 +373,10 @@ def make_denoiser(network: nn.Module, info: ModelInfo) -> NetworkDenoiser:
         denoiser = X0Denoiser(network, schedule)
     elif info.objective == "flow":
         denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
+    elif info.objective == "mdlm":
+        raise ValueError(
+            f"{info.name} is a masked (discrete) diffusion model: load it with hasten.discrete.load_masked"
+        )
     else:
         raise ValueError(f"unknown objective {info.objective!r}; known: {', '.join(OBJECTIVES)}")
     if info.consistency:
