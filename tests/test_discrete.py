@@ -79,6 +79,25 @@ def test_parallel_first_hitting_is_cheaper_and_no_longer_exact():
     assert _total_variation(model, out.tokens) > 0.05
 
 
+def test_every_unmasking_order_is_exact_with_exact_conditionals():
+    """One token per call: left to right and most-confident-first (an order that depends on the tokens drawn so far)
+    both reproduce the joint, by the chain rule; with two tokens per call left to right is no longer exact."""
+    model = _table()
+    expected = (model.table.flatten() * 20000).numpy()
+    ordered = sample_discrete(model, 20000, 3, 2, "first_hitting", order="left_to_right",
+                              generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert stats.chisquare(_frequencies(model, ordered.tokens).numpy(), expected).pvalue > 1e-3
+    assert ordered.nfe == 3
+    confident = sample_discrete(model, 20000, 3, 2, "first_hitting", order="confidence",
+                                generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert stats.chisquare(_frequencies(model, confident.tokens).numpy(), expected).pvalue > 1e-3
+    pairs = sample_discrete(model, 20000, 3, 2, "first_hitting", order="left_to_right", tokens_per_call=2,
+                            generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert pairs.nfe == 2 and _total_variation(model, pairs.tokens) > 0.05
+    with pytest.raises(ValueError, match="order must be one of"):
+        sample_discrete(model, 2, 3, 2, "first_hitting", order="entropy")
+
+
 def test_ancestral_sampler_converges_as_steps_grow_and_counts_its_calls():
     model = _table()
     distances = []
