@@ -6,7 +6,6 @@ This is the library behind ``hasten sample``; ``bench`` reuses it so both measur
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -316,7 +315,7 @@ def generate(
     solver_options = options_for_model(solver, solver_options, model, guidance)
     if reward is not None:  # SVDD around the named ancestral step
         solver, solver_options = reward_solver(model, reward, particles, alpha, solver, solver_options), {}
-    device = next(itertools.chain(model.network.parameters(), model.network.buffers())).device
+    device = model.device
     check_convention(noise)
     sharded = distributed.sharding()
     if sharded and noise != NOISE_CONVENTION:

@@ -307,6 +307,17 @@ class TrainingLoop:
         self.checkpoint()
         return counters
 
+    def record(self, trained: nn.Module, device: torch.device) -> dict[str, Any]:
+        """The training record every run writes beside its result (callers add their own fields): the settings,
+        steps, images, time, final loss, the step it resumed from, the machine and ``trained``'s parameter count."""
+        counters = self.counters
+        return {
+            "config": self.config.to_dict(), "steps": counters["step"], "images_seen": counters["images"],
+            "seconds": round(counters["seconds"], 1), "final_loss_ema": counters["loss_ema"],
+            "resumed_from": self.resumed_from, "machine": machine_description(device),
+            "parameters": sum(p.numel() for p in trained.parameters()),
+        }  # fmt: skip
+
     def _go_on(self, max_steps: int | None) -> bool:
         return self.counters["seconds"] < self.budget and (max_steps is None or self.counters["step"] < max_steps)
 

@@ -503,7 +503,7 @@ def train_exit_heads(
     Reference: DeeDiff (Tang et al., 2023) Eq. 8 with a frozen backbone, plus an unweighted layer loss.
     """
     from ..data import load_dataset, to_model_space
-    from ..train import TrainingLoop, machine_description
+    from ..train import TrainingLoop
 
     out = pathlib.Path(out)
     if out.exists() and not force:
@@ -538,7 +538,7 @@ def train_exit_heads(
         folder, config, {"heads": heads}, {"opt": opt}, gen, budget_seconds=minutes * 60.0,
         checkpoint_minutes=config.checkpoint_minutes, label="exit heads", progress=progress,
     )  # fmt: skip
-    resumed_from = loop.resume(device)
+    loop.resume(device)
     schedule, denoiser = model.schedule, model.denoiser
     dtype = next(network.parameters()).dtype
 
@@ -565,13 +565,8 @@ def train_exit_heads(
         opt.step()
         return float(loss.detach())
 
-    counters = loop.run(step, batch_size=batch_size, max_steps=max_steps)
-    record = {
-        "model": model.info.name, "model_fingerprint": model.fingerprint, "config": config.to_dict(),
-        "steps": counters["step"], "images_seen": counters["images"], "seconds": round(counters["seconds"], 1),
-        "final_loss_ema": counters["loss_ema"], "resumed_from": resumed_from, "machine": machine_description(device),
-        "parameters": sum(p.numel() for p in heads.parameters()),
-    }  # fmt: skip
+    loop.run(step, batch_size=batch_size, max_steps=max_steps)
+    record = {"model": model.info.name, "model_fingerprint": model.fingerprint} | loop.record(heads, device)
     save_exit_heads(heads, out, network, record)
     shutil.rmtree(folder, ignore_errors=True)
     return record

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, ClassVar
 
 import torch
@@ -114,8 +112,8 @@ def train_masked(
     (objective ``mdlm``, the vocabulary, the training record), written at the end; the checkpoint lives in the
     same folder meanwhile, as with ``hasten train``. Returns the training record."""
     from ..data import load_dataset
-    from ..models.zoo import ModelInfo
-    from ..train import TrainingLoop, ema_update, machine_description
+    from ..models.zoo import ModelInfo, save_model
+    from ..train import TrainingLoop, ema_update
 
     config = MaskedTrainConfig() if config is None else config
     folder = pathlib.Path(out)
@@ -140,7 +138,7 @@ def train_masked(
         folder, config, {"model": net, "ema": ema}, {"opt": opt}, gen, budget_seconds=config.minutes * 60.0,
         checkpoint_minutes=config.checkpoint_minutes, label="masked training", progress=progress,
     )  # fmt: skip
-    resumed_from = loop.resume(torch.device("cpu"))
+    loop.resume(torch.device("cpu"))
     params = list(net.parameters())
 
     def step(index: int) -> float:
@@ -166,31 +164,16 @@ def train_masked(
         ema_update(ema, net, index, config.ema_decay)
         return float(loss.detach())
 
-    counters = loop.run(step, batch_size=config.batch_size, max_steps=config.max_steps)
-    record = {
-        "config": config.to_dict(), "steps": counters["step"], "images_seen": counters["images"],
-        "seconds": round(counters["seconds"], 1), "final_loss_ema": counters["loss_ema"],
-        "resumed_from": resumed_from, "machine": machine_description(torch.device("cpu")),
-        "parameters": sum(p.numel() for p in ema.parameters()), "weights": "EMA", "vocab": VOCAB,
+    loop.run(step, batch_size=config.batch_size, max_steps=config.max_steps)
+    record = loop.record(ema, torch.device("cpu")) | {
+        "weights": "EMA",
+        "vocab": VOCAB,
         "tokens": "pixels >= 128 of the uint8 images",
-    }  # fmt: skip
+    }
     info = ModelInfo(name=folder.name, arch="unet", objective=OBJECTIVE, image_shape=dataset.shape,
                      num_classes=num_classes, data=config.data, training=record)  # fmt: skip
-    _save(ema, info, folder)
+    save_model(ema.unet, info, folder)  # the UNet's diffusers files; hasten.json last, so it marks a finished run
     return record
-
-
-def _save(net: MaskedUNet, info: Any, folder: pathlib.Path) -> None:
-    """The UNet's diffusers files and hasten.json, each moved in atomically; hasten.json last (it marks the end)."""
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
-    try:
-        net.unet.save_pretrained(tmp, safe_serialization=True)
-        for path in tmp.iterdir():
-            os.replace(path, folder / path.name)
-        (tmp / "hasten.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-        os.replace(tmp / "hasten.json", folder / "hasten.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_masked(folder: str | os.PathLike) -> tuple[MaskedUNet, Any]:

@@ -79,8 +79,11 @@ class DiscreteSampler(Config):
         if self.categorical_dtype not in DTYPES:
             raise ValueError(f"categorical_dtype must be one of {', '.join(DTYPES)}, got {self.categorical_dtype!r}")
 
-    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
-        raise NotImplementedError
+    def run(
+        self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None
+    ) -> DiscreteSample:  # pragma: no cover - interface
+        """Unmask ``x`` (``[B, L]``, all ``mask_id``) into a sample; returns the tokens and each row's calls."""
+        raise TypeError(f"{type(self).__name__} does not implement run()")
 
 
 DISCRETE_SAMPLERS: Registry[type[DiscreteSampler]] = Registry("discrete sampler")

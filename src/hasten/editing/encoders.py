@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -171,11 +170,6 @@ def _cond(model: LoadedModel, labels: Tensor | None, rows: range, device: torch.
     return {k: v.to(device) for k, v in model.conditioning(labels, rows).items()}
 
 
-def _device(model: LoadedModel) -> torch.device:
-    tensor = next(itertools.chain(model.network.parameters(), model.network.buffers()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
 @torch.no_grad()
 def invert(
     model: LoadedModel,
@@ -227,7 +221,7 @@ def invert(
         raise ValueError(f"an inversion needs a grid that ends at sigma = 0 (the image); {schedule!r} ends at "
                          f"{grid[-1]:g}")  # fmt: skip
     denoiser = guided_denoiser(model, guidance)
-    device = _device(model)
+    device = model.device
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     parts: dict[str, list[Tensor]] = {"source": [], "states": [], "noise": [], "final": []}
     nfe = 0
@@ -375,7 +369,7 @@ def edit(
         labels = _check_labels(model, to_label, n, "to_label")
     guidance = model.default_guidance if guidance is None else float(guidance)
     denoiser = guided_denoiser(model, guidance)
-    device = _device(model)
+    device = model.device
     grid = tuple(inversion.sigmas.tolist())[skip:]
     outputs, nfe = [], 0
     start = time.perf_counter()

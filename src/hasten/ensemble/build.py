@@ -169,7 +169,7 @@ def build_ensemble(
 
 def _train_afa(config, folder, members, specs, device, max_steps, progress, name) -> EnsembleResult:
     from ..data import load_dataset, to_model_space
-    from ..train import TrainingLoop, _loss, machine_description
+    from ..train import TrainingLoop, _loss
 
     first = members[0].info
     if not first.data:
@@ -222,15 +222,7 @@ def _train_afa(config, folder, members, specs, device, max_steps, progress, name
         return loss.item()
 
     counters = loop.run(step, batch_size=config.batch_size, max_steps=max_steps)
-    training = {
-        "config": config.to_dict(),
-        "steps": counters["step"],
-        "images_seen": counters["images"],
-        "seconds": round(counters["seconds"], 1),
-        "final_loss_ema": counters["loss_ema"],
-        "machine": machine_description(device),
-        "parameters": sum(p.numel() for p in trainable),
-    }
+    training = loop.record(aggregator, device)
     extra = {"blocks": list(blocks), "hidden": config.hidden, "training": training}
     info = ensemble_info(name, members, specs, "afa", extra)
     tensors = {f"aggregator.{k}": v for k, v in aggregator.state_dict().items()}

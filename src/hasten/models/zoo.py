@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -297,6 +298,12 @@ class LoadedModel:
         return from_model_space(x)
 
     @property
+    def device(self) -> torch.device:
+        """Where the network's parameters (or buffers) live; the CPU for a network with neither."""
+        tensor = next(itertools.chain(self.network.parameters(), self.network.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    @property
     def pixel_shape(self) -> tuple[int, ...]:
         """``(C, H, W)`` of the images :meth:`to_images` returns and :meth:`from_images` takes."""
         return tuple(self.info.image_shape)
@@ -395,7 +402,8 @@ def _consistency_sigma_min(record: dict[str, Any]) -> float:
 
 
 def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -> pathlib.Path:
-    """Write the model files (diffusers format + hasten.json) into ``folder``, each file atomically."""
+    """Write the model files (diffusers format + hasten.json) into ``folder``, each file atomically; hasten.json
+    last, so a folder that has it is complete (what a resumable run checks to tell a finished folder)."""
     import shutil
 
     folder = pathlib.Path(folder)
@@ -404,7 +412,7 @@ def save_model(network: nn.Module, info: ModelInfo, folder: str | os.PathLike) -
     try:
         network.save_pretrained(tmp, safe_serialization=True)
         (tmp / "hasten.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-        for path in tmp.iterdir():
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "hasten.json"):
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

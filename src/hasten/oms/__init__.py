@@ -305,7 +305,7 @@ def train_oms(
     exact per-label mean of the training images (the optimum), averaged over 64 noise draws per label.
     """
     from ..data import load_dataset, to_model_space
-    from ..train import TrainingLoop, ema_update, machine_description
+    from ..train import TrainingLoop, ema_update
 
     config = OMSTrainConfig() if config is None else config
     out = pathlib.Path(out)
@@ -343,7 +343,7 @@ def train_oms(
         folder, config, {"net": net, "ema": ema}, {"opt": opt}, gen, budget_seconds=config.minutes * 60.0,
         checkpoint_minutes=config.checkpoint_minutes, label="oms", progress=progress,
     )  # fmt: skip
-    resumed_from = loop.resume(torch.device("cpu"))
+    loop.resume(torch.device("cpu"))
 
     def step(index: int) -> float:
         idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
@@ -360,14 +360,10 @@ def train_oms(
         ema_update(ema, net, index, config.ema_decay)
         return float(loss.detach())
 
-    counters = loop.run(step, batch_size=config.batch_size, max_steps=config.max_steps)
-    record = {
-        "config": config.to_dict(), "steps": counters["step"], "images_seen": counters["images"],
-        "seconds": round(counters["seconds"], 1), "final_loss_ema": counters["loss_ema"],
-        "resumed_from": resumed_from, "machine": machine_description(torch.device("cpu")),
-        "parameters": sum(p.numel() for p in ema.parameters()),
+    loop.run(step, batch_size=config.batch_size, max_steps=config.max_steps)
+    record = loop.record(ema, torch.device("cpu")) | {
         "rmse_to_class_mean": rmse_to_class_mean(OneMoreStep(ema, config.data), images, labels, num_classes),
-    }  # fmt: skip
+    }
     save_oms(ema, out, config.data, record)
     shutil.rmtree(folder, ignore_errors=True)
     return record
