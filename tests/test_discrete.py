@@ -143,16 +143,17 @@ def test_masked_training_resumes_exactly_and_the_folder_samples(tmp_path):
     (tmp_path / "resumed" / "hasten.json").unlink()  # the first half's end: continue the run
     resumed = train_masked(tmp_path / "resumed", config, progress=False)
     assert straight["steps"] == resumed["steps"] == 4 and resumed["resumed_from"] == 2
-    a, info = load_masked(tmp_path / "straight")
-    b, _ = load_masked(tmp_path / "resumed")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+    a = load_masked(tmp_path / "straight")
+    b = load_masked(tmp_path / "resumed")
+    info = a.info
+    for (name, p), q in zip(a.network.state_dict().items(), b.network.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert info.objective == "mdlm" and info.training["vocab"] == 2
     with pytest.raises(ValueError, match="load_masked"):
         hasten.load(tmp_path / "straight")
     labels = torch.tensor([3, 7])
     out = sample_discrete(
-        lambda x, rows: a(x, labels[rows]), 2, 784, 2, "ancestral", steps=4, generator=torch.Generator().manual_seed(0)
+        a.model(labels), 2, 784, 2, "ancestral", steps=4, generator=torch.Generator().manual_seed(0)
     )
     assert out.tokens.shape == (2, 784) and int(out.tokens.max()) <= 1 and out.nfe <= 4
     with pytest.raises(ValueError, match="not a masked diffusion model"):

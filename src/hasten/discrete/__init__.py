@@ -12,14 +12,16 @@ one on binarised images (no bundled model, CLI or bench yet). Nothing here touch
 
 from __future__ import annotations
 
+from .generate import MaskedDiffusionModel, MaskedGeneration, generate_masked, is_masked_folder, load_masked
 from .masking import LogLinearMask, mdlm_loss
-from .model import MaskedTrainConfig, MaskedUNet, binarise, load_masked, train_masked
+from .model import MaskedTrainConfig, MaskedUNet, binarise, train_masked
 from .sampling import (
     DISCRETE_SAMPLERS,
     AncestralSampler,
     DiscreteSample,
     FirstHittingSampler,
     JointTable,
+    RowGenerators,
     categorical,
     get_discrete_sampler,
     sample_discrete,
@@ -32,11 +34,16 @@ __all__ = [
     "FirstHittingSampler",
     "JointTable",
     "LogLinearMask",
+    "MaskedDiffusionModel",
+    "MaskedGeneration",
     "MaskedTrainConfig",
     "MaskedUNet",
+    "RowGenerators",
     "binarise",
     "categorical",
+    "generate_masked",
     "get_discrete_sampler",
+    "is_masked_folder",
     "load_masked",
     "mdlm_loss",
     "sample_discrete",

@@ -13,7 +13,6 @@ docs/architecture.md, "Masked diffusion".
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, ClassVar
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from .masking import LogLinearMask, mdlm_loss
 
-__all__ = ["OBJECTIVE", "MaskedTrainConfig", "MaskedUNet", "binarise", "load_masked", "train_masked"]
+__all__ = ["OBJECTIVE", "MaskedTrainConfig", "MaskedUNet", "binarise", "train_masked"]
 
 OBJECTIVE = "mdlm"  # hasten.json's objective of a masked diffusion model folder
 VOCAB = 2  # binarised pixels: 0 (ink absent) and 1 (ink present); MASK = 2
@@ -174,22 +173,3 @@ def train_masked(
                      num_classes=num_classes, data=config.data, training=record)  # fmt: skip
     save_model(ema.unet, info, folder)  # the UNet's diffusers files; hasten.json last, so it marks a finished run
     return record
-
-
-def load_masked(folder: str | os.PathLike) -> tuple[MaskedUNet, Any]:
-    """A masked diffusion folder -> ``(network in eval mode, ModelInfo)``; other folders are refused by name."""
-    from diffusers import UNet2DModel
-
-    from ..models.zoo import ModelInfo
-
-    folder = pathlib.Path(folder)
-    meta = folder / "hasten.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no hasten.json)")
-    info = ModelInfo.from_dict(json.loads(meta.read_text()))
-    if info.objective != OBJECTIVE:
-        raise ValueError(f"{folder} holds a {info.objective!r} model, not a masked diffusion model ({OBJECTIVE!r})")
-    unet = UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
-    vocab = int(info.training.get("vocab", VOCAB))
-    net = MaskedUNet(unet, vocab, tuple(info.image_shape[1:]))
-    return net.eval().requires_grad_(False), info

@@ -30,6 +30,7 @@ __all__ = [
     "DiscreteSampler",
     "FirstHittingSampler",
     "JointTable",
+    "RowGenerators",
     "categorical",
     "get_discrete_sampler",
     "sample_discrete",
@@ -40,7 +41,37 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ORDERS = ("random", "left_to_right", "confidence")
 
 
-def categorical(logits: Tensor, generator: torch.Generator | None = None, dtype: str = "float64") -> Tensor:
+class RowGenerators:
+    """One generator per sequence of a batch, so a sequence's draws do not depend on which others share its batch
+    or on the batch size (the discrete half of hasten's noise convention, :mod:`hasten.seeds`). Samplers take it
+    wherever they take a generator; a draw for a subset of the batch passes the rows it is for."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+Randomness = torch.Generator | RowGenerators | None
+
+
+def uniform(shape: tuple[int, ...], generator: Randomness, rows: Tensor | None = None, dtype=torch.float64) -> Tensor:
+    """``U[0, 1)`` draws of ``shape`` (``[B, ...]``): from one generator, or row by row from :class:`RowGenerators`
+    (``rows`` the batch rows the ``B`` draws are for; all of them by default)."""
+    if not isinstance(generator, RowGenerators):
+        return torch.rand(shape, generator=generator, dtype=dtype)
+    indices = range(shape[0]) if rows is None else rows.tolist()
+    if len(indices) != shape[0]:
+        raise ValueError(f"{shape[0]} rows of draws asked for, {len(indices)} row indices given")
+    if not len(indices):
+        return torch.empty(shape, dtype=dtype)
+    return torch.stack([torch.rand(shape[1:], generator=generator.generators[r], dtype=dtype) for r in indices])
+
+
+def categorical(
+    logits: Tensor, generator: Randomness = None, dtype: str = "float64", rows: Tensor | None = None
+) -> Tensor:
     """One draw per row of ``logits`` (``[..., V]``) by Gumbel-max: ``argmax(logits + G)``, ``G = -log(-log U)``.
 
     ``dtype="float64"`` (default) draws ``U`` and adds in float64. ``"float32"`` is the common implementation the
@@ -54,7 +85,7 @@ def categorical(logits: Tensor, generator: torch.Generator | None = None, dtype:
     if dtype not in DTYPES:
         raise ValueError(f"categorical dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     work = DTYPES[dtype]
-    u = torch.rand(logits.shape, generator=generator, dtype=work, device=logits.device)
+    u = uniform(tuple(logits.shape), generator, rows, work).to(logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(work).tiny)))
     return torch.argmax(logits.to(work) + gumbel, dim=-1)
 
@@ -80,10 +111,15 @@ class DiscreteSampler(Config):
             raise ValueError(f"categorical_dtype must be one of {', '.join(DTYPES)}, got {self.categorical_dtype!r}")
 
     def run(
-        self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None
+        self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness
     ) -> DiscreteSample:  # pragma: no cover - interface
         """Unmask ``x`` (``[B, L]``, all ``mask_id``) into a sample; returns the tokens and each row's calls."""
         raise TypeError(f"{type(self).__name__} does not implement run()")
+
+    def check_length(self, length: int) -> None:
+        """Refuse, before any work, settings this sampler cannot meet on sequences of ``length`` tokens."""
+        if length < 1:
+            raise ValueError(f"sequences must have at least one token, got length {length}")
 
 
 DISCRETE_SAMPLERS: Registry[type[DiscreteSampler]] = Registry("discrete sampler")
@@ -106,7 +142,9 @@ class AncestralSampler(DiscreteSampler):
     alpha_t)``, to a value drawn from ``p_theta(. | x_t)``; the last step (``s = 0``) unmasks the rest. A
     sequence is re-evaluated only when one of its tokens changed since its last evaluation (the network is
     time-agnostic), so its calls are at most the number of steps at which something was unmasked. Exact in law
-    only as ``steps`` grows: within a step, positions are unmasked independently given ``x_t``.
+    only as ``steps`` grows: within a step, positions are unmasked independently given ``x_t``. Each position's
+    step is one categorical draw over the ``V`` values and "still masked" (MDLM's ``_ddpm_caching_update``), which
+    is where ``categorical_dtype="float32"`` loses the rare outcomes at many steps.
 
     Reference: Sahoo et al., MDLM, NeurIPS 2024, Sec. 3.4 (``ddpm_cache``); Austin et al., D3PM, NeurIPS 2021.
     """
@@ -119,7 +157,7 @@ class AncestralSampler(DiscreteSampler):
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
 
-    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
+    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness) -> DiscreteSample:
         schedule = LogLinearMask(self.eps)
         calls = torch.zeros(x.shape[0], dtype=torch.long)
         logits: Tensor | None = None
@@ -135,9 +173,13 @@ class AncestralSampler(DiscreteSampler):
                 logits = fresh if logits is None else logits.to(fresh.dtype).index_copy(0, rows, fresh)
                 calls[rows] += 1
             unmask = 1.0 if s == 0 else (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
-            move = torch.rand(x.shape, generator=generator, dtype=torch.float64) < unmask
-            values = categorical(logits, generator, self.categorical_dtype)
-            change = masked & move
+            # one draw over V + 1 outcomes, as MDLM draws it: value v with unmask * p(v), still MASK with 1 - unmask
+            # (the float32 path's truncated Gumbel tail shows at many steps, where unmask * p(v) is tiny)
+            stay = torch.full((*logits.shape[:2], 1), math.log1p(-unmask) if unmask < 1 else -math.inf,
+                              dtype=torch.float64, device=logits.device)  # fmt: skip
+            joint = torch.cat([logits.to(torch.float64).log_softmax(-1) + math.log(unmask), stay], dim=-1)
+            values = categorical(joint, generator, self.categorical_dtype)
+            change = masked & (values != mask_id)
             x = torch.where(change, values, x)
             stale = change.any(dim=1) & (x == mask_id).any(dim=1)  # a finished sequence needs no more calls
         return DiscreteSample(x, calls)
@@ -168,6 +210,7 @@ class FirstHittingSampler(DiscreteSampler):
 
     tokens_per_call: int = 1
     order: str = "random"
+    calls: int | None = None  # a call budget instead of tokens_per_call: ceil(L / calls) tokens per call
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,8 +218,29 @@ class FirstHittingSampler(DiscreteSampler):
             raise ValueError(f"tokens_per_call must be an integer >= 1, got {self.tokens_per_call!r}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.calls is not None:
+            if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 1:
+                raise ValueError(f"calls must be an integer >= 1, got {self.calls!r}")
+            if self.tokens_per_call != 1:
+                raise ValueError("give calls or tokens_per_call, not both (calls sets the tokens per call)")
 
-    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: torch.Generator | None) -> DiscreteSample:
+    def check_length(self, length: int) -> None:
+        super().check_length(length)
+        if self.calls is not None and self.calls > length:
+            raise ValueError(
+                f"a call budget of {self.calls} cannot be met on {length} tokens: the first-hitting sampler "
+                f"unmasks at least one token per call, so it makes at most {length} calls"
+            )
+        if self.tokens_per_call > length:
+            raise ValueError(f"tokens_per_call {self.tokens_per_call} exceeds the {length} tokens of a sequence")
+
+    def per_call(self, length: int) -> int:
+        """Tokens unmasked per call on sequences of ``length`` tokens."""
+        return self.tokens_per_call if self.calls is None else -(-length // self.calls)
+
+    def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness) -> DiscreteSample:
+        self.check_length(x.shape[1])
+        per_call = self.per_call(x.shape[1])
         calls = torch.zeros(x.shape[0], dtype=torch.long)
         while True:
             masked = x == mask_id
@@ -187,18 +251,18 @@ class FirstHittingSampler(DiscreteSampler):
             logits = _evaluate(model, x[rows], rows, mask_id)
             calls[rows] += 1
             # k masked positions per row: the k largest scores among the masked ones
-            scores = self._scores(logits, masked[rows], generator).masked_fill(~masked[rows], -math.inf)
-            k = min(self.tokens_per_call, int(left[rows].max()))
+            scores = self._scores(logits, masked[rows], generator, rows).masked_fill(~masked[rows], -math.inf)
+            k = min(per_call, int(left[rows].max()))
             chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
             chosen &= masked[rows]
-            values = categorical(logits, generator, self.categorical_dtype)
+            values = categorical(logits, generator, self.categorical_dtype, rows)
             x = x.clone()
             x[rows] = torch.where(chosen, values, x[rows])
         return DiscreteSample(x, calls)
 
-    def _scores(self, logits: Tensor, masked: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _scores(self, logits: Tensor, masked: Tensor, generator: Randomness, rows: Tensor) -> Tensor:
         if self.order == "random":  # uniform among the masked positions
-            return torch.rand(masked.shape, generator=generator, dtype=torch.float64)
+            return uniform(tuple(masked.shape), generator, rows).to(masked.device)
         if self.order == "left_to_right":
             return -torch.arange(masked.shape[1], dtype=torch.float64).expand(masked.shape)
         return torch.log_softmax(logits.to(torch.float64), dim=-1).amax(dim=-1)  # confidence
@@ -219,7 +283,7 @@ def sample_discrete(
     vocab: int,
     sampler: str | DiscreteSampler = "first_hitting",
     *,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
     **options: Any,
 ) -> DiscreteSample:
     """``n`` sequences of ``length`` tokens with values in ``0..vocab-1``, from all-MASK (MASK = ``vocab``)."""

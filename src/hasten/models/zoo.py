@@ -382,7 +382,8 @@ def make_denoiser(network: nn.Module, info: ModelInfo) -> NetworkDenoiser:
         denoiser = FlowDenoiser(network, schedule, time_scale=info.time_scale)  # type: ignore[arg-type]
     elif info.objective == "mdlm":
         raise ValueError(
-            f"{info.name} is a masked (discrete) diffusion model: load it with hasten.discrete.load_masked"
+            f"{info.name} is a masked (discrete) diffusion model: load it with hasten.discrete.load_masked (the "
+            "CLI's sample and bench take it by name)"
         )
     else:
         raise ValueError(f"unknown objective {info.objective!r}; known: {', '.join(OBJECTIVES)}")
