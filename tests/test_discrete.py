@@ -152,9 +152,7 @@ def test_masked_training_resumes_exactly_and_the_folder_samples(tmp_path):
     with pytest.raises(ValueError, match="load_masked"):
         hasten.load(tmp_path / "straight")
     labels = torch.tensor([3, 7])
-    out = sample_discrete(
-        a.model(labels), 2, 784, 2, "ancestral", steps=4, generator=torch.Generator().manual_seed(0)
-    )
+    out = sample_discrete(a.model(labels), 2, 784, 2, "ancestral", steps=4, generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 784) and int(out.tokens.max()) <= 1 and out.nfe <= 4
     with pytest.raises(ValueError, match="not a masked diffusion model"):
         load_masked(hasten.models.zoo.BUNDLED / "mnist-unet")
