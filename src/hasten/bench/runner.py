@@ -417,7 +417,8 @@ def run_bench(
     and key are those of one process; its ``seconds`` are measured as run, and ``environment`` records how.
 
     ``config.model == "gmm"`` benchmarks hasten's solvers on the analytic mixture instead: exact errors
-    (``rmse_ref`` is the RMSE to the exact probability-flow solution), no FD, in seconds.
+    (``rmse_ref`` is the RMSE to the exact probability-flow solution), no FD, in seconds. A masked (discrete)
+    model's bench compares its discrete samplers at equal call budgets (:mod:`hasten.bench.masked`).
     """
     started = time.perf_counter()
     folder = pathlib.Path(out)
@@ -425,6 +426,12 @@ def run_bench(
         raise BenchError(f"shard must be one of {', '.join(SHARDS)}, got {shard!r}")
     if config.model == "gmm":
         return _run_gmm(config, folder, resume, on_row, started)
+    from ..discrete import is_masked_folder
+
+    if config.pipeline is None and is_masked_folder(config.model):
+        from .masked import run_masked_bench
+
+        return run_masked_bench(config, folder, resume, on_row, started)
     _QUANTIZED.clear()
     _STUDENTS.clear()
     own_scheduler = None

@@ -250,6 +250,22 @@ def sample(
         _check_writable(save, "--save")
     device = _check_device(device)
     _check_guidance(guidance)
+    from ..discrete import is_masked_folder
+
+    if model is not None and is_masked_folder(model):
+        not_for_masked = [name for name, value, default in (
+            ("--schedule", schedule, None), ("--plan", plan, None), ("--force-plan", force_plan, False),
+            ("--accel", accel, None), ("--recipe", recipe, None), ("--force", force, False),
+            ("--execution", execution, "auto"), ("--pipeline", pipeline, None), ("--prompt", prompt, None),
+            ("--negative-prompt", negative_prompt, None), ("--prompt-embeds", prompt_embeds, None),
+            ("--class-label", class_label, None), ("--height", height, None), ("--width", width, None),
+            ("--oms", oms, None), ("--reward", reward, None), ("--particles", particles, 1), ("--alpha", alpha, 0.0),
+        ) if value != default]  # fmt: skip
+        if not_for_masked:
+            _fail(f"{model} is a masked (discrete) diffusion model; {', '.join(not_for_masked)} appl"
+                  f"{'ies' if len(not_for_masked) == 1 else 'y'} to continuous models only")  # fmt: skip
+        _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt)
+        return
     if recipe is not None:
         given = [name for name, value, default in (
             ("--model", model, None), ("--solver", solver, None), ("--steps", steps, None),
@@ -379,6 +395,65 @@ def sample(
         f"{loaded.info.name}: {n} images with {description}, {result.nfe} NFE, "
         f"{result.seconds:.2f} s ({n / result.seconds:.1f} images/s){cache}{scored} -> {out}",
     )
+
+
+def _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt) -> None:
+    """`hasten sample --model <masked model>`: a discrete sampler (--solver: ancestral or first_hitting with
+    options; --steps: the call budget) from all-MASK sequences; the grid and --save as for continuous models."""
+    import numpy as np
+    import torch
+
+    from .._io import atomic_path
+    from ..discrete import generate_masked, load_masked, parse_discrete_sampler
+    from ..viz import save_grid
+
+    try:
+        sampler = parse_discrete_sampler(solver, steps)
+        loaded = load_masked(model, device=device)
+        sampler.check_length(loaded.length)
+        labels = loaded.labels(n, label)
+        loaded.model(labels, 1.0 if guidance is None else guidance)  # checks guidance against the labels
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    if _under_torchrun():
+        _fail(f"{model} is a masked model; its sampling is not sharded over processes: run it without torchrun")
+    progress = None
+    if fmt is OutputFormat.text and sys.stderr.isatty():
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+    try:
+        task = None if progress is None else progress.add_task("sampling", total=n)
+        if progress is not None:
+            progress.start()
+        result = generate_masked(
+            loaded, n, sampler, seed=0 if seed is None else seed, labels=labels,
+            guidance=1.0 if guidance is None else guidance, batch_size=batch_size,
+            callback=None if progress is None else (lambda done, total: progress.update(task, completed=done)),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    finally:
+        if progress is not None:
+            progress.stop()
+    save_grid(result.images01, out)
+    if save is not None:
+        with atomic_path(save) as tmp, open(tmp, "wb") as fh:
+            arrays = {"samples": result.images01.numpy().astype(np.float32), "tokens": result.tokens.numpy()}
+            if result.labels is not None:
+                arrays["labels"] = result.labels.numpy().astype(np.int64)
+            np.savez_compressed(fh, **arrays)
+    description = sampler.describe()
+    data = {
+        "model": loaded.info.name, "solver": description, "sampler": sampler.to_dict(), "n": n,
+        "seed": 0 if seed is None else seed, "guidance": 1.0 if guidance is None else guidance, "label": label,
+        "nfe": result.nfe, "mean_calls": result.mean_calls, "seconds": result.seconds,
+        "images_per_second": n / result.seconds, "out": str(out), "save": None if save is None else str(save),
+        "device": str(torch.device(device)),
+    }  # fmt: skip
+    _emit(fmt, data, f"{loaded.info.name}: {n} images with {description}, {result.nfe} network calls "
+                     f"({result.mean_calls:.1f} per sample on average), {result.seconds:.2f} s "
+                     f"({n / result.seconds:.1f} images/s) -> {out}")  # fmt: skip
 
 
 def _agree(command: str, loaded: Any = None, recipe: Any = None, **settings: Any) -> None:
@@ -807,6 +882,17 @@ def bench(
             _fail(f"--peer none means no peer rows; do not name others with it, got {', '.join(peer)}")
         extra["peers"] = () if peer == ["none"] else tuple(peer)
         extra["strict_peers"] = True
+    from ..discrete import is_masked_folder
+
+    if pipeline is None and is_masked_folder(model):  # a masked model: its discrete samplers at call budgets
+        from ..bench.masked import MASKED_SOLVERS, MASKED_STEPS
+
+        if preset not in MASKED_STEPS:
+            _fail(f"--preset {preset} measures continuous samplers; a masked model takes {', '.join(MASKED_STEPS)}")
+        extra.setdefault("solvers", MASKED_SOLVERS)
+        extra.setdefault("steps", MASKED_STEPS[preset])
+        extra["schedules"] = ("auto",)
+        extra.setdefault("peers", ())
     if pipeline is None and guidance is not None:
         _fail("--guidance goes with --pipeline DIR (bundled models take the preset's guidance scales)")
     _check_guidance(guidance)
@@ -834,8 +920,9 @@ def bench(
     def on_row(row, i, total):
         if fmt is OutputFormat.text and _is_main():
             fd = "–" if row.get("fd") is None else f"{row['fd']:.1f}"
+            error = "–" if row.get("rmse_ref") is None else f"{row['rmse_ref']:.4f}"
             typer.echo(f"[{i}/{total}] {row['label']}: NFE {row['nfe']}, {row['seconds']:.2f} s, FD {fd}, "
-                       f"RMSE {row['rmse_ref']:.4f}", err=True)  # fmt: skip
+                       f"RMSE {error}", err=True)  # fmt: skip
 
     try:
         _agree("bench", config=config.to_dict(), resume=resume, shard=shard)
@@ -913,6 +1000,7 @@ class Objective(str, Enum):
     eps = "eps"
     v = "v"
     flow = "flow"
+    mdlm = "mdlm"
 
 
 @app.command()
@@ -1286,7 +1374,11 @@ def train(
     arch: Annotated[Arch, typer.Option(help="network")] = Arch.unet,
     data: Annotated[str, typer.Option(help="mnist or emoji")] = "mnist",
     objective: Annotated[
-        Objective, typer.Option(help="eps / v (DDPM schedule) or flow (flow matching)")
+        Objective,
+        typer.Option(
+            help="eps / v (DDPM schedule), flow (flow matching), or mdlm (a masked diffusion model of the images "
+            "binarised at 0.5: 784 tokens of 2 values; --arch unet)"
+        ),
     ] = Objective.eps,
     minutes: Annotated[float, typer.Option(help="total training time, across resumes")] = 10.0,
     batch_size: Annotated[int, typer.Option(help="images per step")] = 128,
@@ -1313,6 +1405,10 @@ def train(
             _fail(f"--out {out} holds a model but no training checkpoint (a model of another run, or a copy); "
                   "training would replace it: use another folder, or --force")  # fmt: skip
         _check_output_folder(out, "--out", force=force)
+    if objective is Objective.mdlm:
+        _train_masked(out, arch, data, minutes, batch_size, lr, ema_decay, checkpoint_minutes, seed, device,
+                      max_steps, fmt)  # fmt: skip
+        return
     try:
         config = TrainConfig(
             arch=arch.value,
@@ -1342,6 +1438,30 @@ def train(
         f"trained {result.steps} steps ({result.images} images, {result.seconds / 60:.1f} min), "
         f"loss {result.final_loss:.4f} -> {result.folder}",
     )
+
+
+def _train_masked(out, arch, data, minutes, batch_size, lr, ema_decay, checkpoint_minutes, seed, device, max_steps,
+                  fmt) -> None:  # fmt: skip
+    """`hasten train --objective mdlm`: the masked diffusion trainer (hasten.discrete.train_masked), same loop."""
+    from ..discrete import MaskedTrainConfig, train_masked
+
+    if arch is not Arch.unet:
+        _fail(f"--objective mdlm trains a UNet over one-hot tokens; --arch {arch.value} is not available for it")
+    try:
+        config = MaskedTrainConfig(
+            data=data, minutes=minutes, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+            checkpoint_minutes=checkpoint_minutes, seed=seed, **({} if max_steps is None else {"max_steps": max_steps}),
+        )  # fmt: skip
+        record = train_masked(out, config, progress=fmt is OutputFormat.text, device=device)
+    except (KeyError, ValueError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    data_out = {
+        "out": str(out), "steps": record["steps"], "images": record["images_seen"], "seconds": record["seconds"],
+        "final_loss": record["final_loss_ema"], "resumed_from_step": record.get("resumed_from"),
+    }  # fmt: skip
+    minutes_trained = record["seconds"] / 60
+    _emit(fmt, data_out, f"trained {record['steps']} steps ({record['images_seen']} images, {minutes_trained:.1f} "
+                         f"min), loss {record['final_loss_ema']:.4f} -> {out}")  # fmt: skip
 
 
 @app.command()

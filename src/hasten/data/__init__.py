@@ -31,6 +31,7 @@ __all__ = [
     "DATASETS",
     "EMOJI_CATEGORIES",
     "ImageSet",
+    "binarised",
     "emoji_category",
     "from_model_space",
     "load_dataset",
@@ -182,13 +183,23 @@ def load_emoji(size: int = 32, split: str = "train") -> ImageSet:
                     "CC-BY 4.0 (Twemoji)")  # fmt: skip
 
 
+def binarised(images: ImageSet) -> ImageSet:
+    """The images with every pixel set to 0 or 255 at the half-brightness threshold (``>= 128``): the data a
+    masked diffusion model of binary tokens learns (:func:`hasten.discrete.binarise`), and its quality reference."""
+    binary = torch.where(images.images >= 128, 255, 0).to(torch.uint8)
+    return dataclasses.replace(images, name=f"{images.name}-binary", images=binary)
+
+
 DATASETS: Registry[Callable[[], ImageSet]] = Registry("data set")
 DATASETS.add("mnist", lambda: load_mnist("train"))
 DATASETS.add("mnist-heldout", lambda: load_mnist("heldout"))
+DATASETS.add("mnist-binary", lambda: binarised(load_mnist("train")))
+DATASETS.add("mnist-binary-heldout", lambda: binarised(load_mnist("heldout")))
 DATASETS.add("emoji", lambda: load_emoji(split="train"))
 DATASETS.add("emoji-heldout", lambda: load_emoji(split="heldout"))
 
 
 def load_dataset(name: str) -> ImageSet:
-    """Load a bundled data set by name: ``mnist``, ``mnist-heldout``, ``emoji`` or ``emoji-heldout``."""
+    """Load a bundled data set by name: ``mnist``, ``mnist-heldout``, ``mnist-binary``, ``mnist-binary-heldout``
+    (binarised at 0.5), ``emoji`` or ``emoji-heldout``."""
     return DATASETS.get(name)()

@@ -24,6 +24,7 @@ from .sampling import (
     RowGenerators,
     categorical,
     get_discrete_sampler,
+    parse_discrete_sampler,
     sample_discrete,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "is_masked_folder",
     "load_masked",
     "mdlm_loss",
+    "parse_discrete_sampler",
     "sample_discrete",
     "train_masked",
 ]

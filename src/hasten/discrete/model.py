@@ -103,13 +103,19 @@ class MaskedTrainConfig(RunConfig):
 
 
 def train_masked(
-    out: str | os.PathLike, config: MaskedTrainConfig | None = None, *, progress: bool = True
+    out: str | os.PathLike,
+    config: MaskedTrainConfig | None = None,
+    *,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train a masked diffusion model of binarised ``config.data`` into the folder ``out``; rerun to resume.
 
     The folder is a diffusers ``UNet2DModel`` folder (the network inside :class:`MaskedUNet`) plus ``hasten.json``
     (objective ``mdlm``, the vocabulary, the training record), written at the end; the checkpoint lives in the
-    same folder meanwhile, as with ``hasten train``. Returns the training record."""
+    same folder meanwhile, as with ``hasten train`` (``hasten train --objective mdlm`` runs this). The batches and
+    masks are drawn on the CPU from the run's generator, so a run resumes exactly on any ``device``. Returns the
+    training record."""
     from ..data import load_dataset
     from ..models.zoo import ModelInfo, save_model
     from ..train import TrainingLoop, ema_update
@@ -128,8 +134,9 @@ def train_masked(
     grid = tuple(dataset.shape[1:])
     schedule, mask_id = LogLinearMask(config.eps), VOCAB
     torch.manual_seed(config.seed)
-    net = MaskedUNet.build(VOCAB, grid, num_classes).train()
-    ema = MaskedUNet.build(VOCAB, grid, num_classes).eval().requires_grad_(False)
+    device = torch.device(device)
+    net = MaskedUNet.build(VOCAB, grid, num_classes).to(device).train()
+    ema = MaskedUNet.build(VOCAB, grid, num_classes).to(device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
@@ -137,7 +144,7 @@ def train_masked(
         folder, config, {"model": net, "ema": ema}, {"opt": opt}, gen, budget_seconds=config.minutes * 60.0,
         checkpoint_minutes=config.checkpoint_minutes, label="masked training", progress=progress,
     )  # fmt: skip
-    loop.resume(torch.device("cpu"))
+    loop.resume(device)
     params = list(net.parameters())
 
     def step(index: int) -> float:
@@ -153,6 +160,8 @@ def train_masked(
         ) % 1
         t = (1 - config.eps) * u + config.eps
         x_t = schedule.mask(x0, t, mask_id, gen)
+        x0, x_t, t = x0.to(device), x_t.to(device), t.to(device)
+        y = None if y is None else y.to(device)
         loss = mdlm_loss(net(x_t, y), x0, x_t, t, mask_id, schedule).mean() / x0.shape[1]  # per token
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
@@ -164,12 +173,12 @@ def train_masked(
         return float(loss.detach())
 
     loop.run(step, batch_size=config.batch_size, max_steps=config.max_steps)
-    record = loop.record(ema, torch.device("cpu")) | {
+    record = loop.record(ema, device) | {
         "weights": "EMA",
         "vocab": VOCAB,
         "tokens": "pixels >= 128 of the uint8 images",
     }
     info = ModelInfo(name=folder.name, arch="unet", objective=OBJECTIVE, image_shape=dataset.shape,
                      num_classes=num_classes, data=config.data, training=record)  # fmt: skip
-    save_model(ema.unet, info, folder)  # the UNet's diffusers files; hasten.json last, so it marks a finished run
+    save_model(ema.unet.cpu(), info, folder)  # the UNet's diffusers files; hasten.json last, so it marks a finished run
     return record

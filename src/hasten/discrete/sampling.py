@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ __all__ = [
     "RowGenerators",
     "categorical",
     "get_discrete_sampler",
+    "parse_discrete_sampler",
     "sample_discrete",
 ]
 
@@ -116,6 +117,15 @@ class DiscreteSampler(Config):
         """Unmask ``x`` (``[B, L]``, all ``mask_id``) into a sample; returns the tokens and each row's calls."""
         raise TypeError(f"{type(self).__name__} does not implement run()")
 
+    def describe(self) -> str:
+        """The registered name with the options that differ from their defaults: ``first_hitting(calls=64)``."""
+        name = next(
+            (n for n in DISCRETE_SAMPLERS.names() if DISCRETE_SAMPLERS.get(n) is type(self)), type(self).__name__
+        )
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]  # fmt: skip
+        return f"{name}({', '.join(changed)})" if changed else name
+
     def check_length(self, length: int) -> None:
         """Refuse, before any work, settings this sampler cannot meet on sequences of ``length`` tokens."""
         if length < 1:
@@ -149,6 +159,7 @@ class AncestralSampler(DiscreteSampler):
     Reference: Sahoo et al., MDLM, NeurIPS 2024, Sec. 3.4 (``ddpm_cache``); Austin et al., D3PM, NeurIPS 2021.
     """
 
+    BUDGET: ClassVar[str] = "steps"  # the option a call budget (`--steps`) sets
     steps: int = 128
     eps: float = 1e-3
 
@@ -208,6 +219,7 @@ class FirstHittingSampler(DiscreteSampler):
     semi-autoregressive variants).
     """
 
+    BUDGET: ClassVar[str] = "calls"
     tokens_per_call: int = 1
     order: str = "random"
     calls: int | None = None  # a call budget instead of tokens_per_call: ceil(L / calls) tokens per call
@@ -266,6 +278,24 @@ class FirstHittingSampler(DiscreteSampler):
         if self.order == "left_to_right":
             return -torch.arange(masked.shape[1], dtype=torch.float64).expand(masked.shape)
         return torch.log_softmax(logits.to(torch.float64), dim=-1).amax(dim=-1)  # confidence
+
+
+def parse_discrete_sampler(spec: str | None = None, steps: int | None = None) -> DiscreteSampler:
+    """A sampler from a CLI spec (``"first_hitting:order=confidence"``; default ``first_hitting``) and a network-call
+    budget ``steps``: the ancestral sampler's steps, or the first-hitting sampler's ``calls`` (refused where the spec
+    sets them already, or for a sampler that takes no budget)."""
+    from ..solvers._base import split_spec
+
+    name, options = split_spec(spec or "first_hitting")
+    if steps is not None:
+        kind = DISCRETE_SAMPLERS.get(name)
+        budget = getattr(kind, "BUDGET", None)
+        if budget is None:
+            raise ValueError(f"the {name} sampler takes no call budget; drop --steps")
+        if budget in options or (budget == "calls" and options.get("tokens_per_call", 1) != 1):
+            raise ValueError(f"--steps {steps} and the spec's {budget}/tokens_per_call both set the budget; give one")
+        options[budget] = steps
+    return get_discrete_sampler(name, **options)
 
 
 def get_discrete_sampler(name: str | DiscreteSampler, **options: Any) -> DiscreteSampler:

@@ -3,6 +3,8 @@
 ``evaluate_mnist(samples)`` compares generated digits with the 5,000 held-out MNIST digits (never seen
 in training) in the bundled MNIST feature network's space, and checks for copies of training digits;
 ``evaluate_emoji(samples)`` does the same for 32x32 emoji against the held-out Twemoji split.
+``data="mnist-binary"`` compares binary digits (a masked diffusion model's) with the held-out digits binarised at 0.5,
+in the MNIST feature network's space.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from .. import distributed
 from .._io import atomic_path, cache_dir, write_text_atomic
-from ..data import load_emoji, load_mnist
+from ..data import binarised, load_emoji, load_mnist
 from .fd import frechet_distance, gaussian_stats, precision_recall
 from .features import feature_net_fingerprint, features
 
@@ -35,7 +37,9 @@ def _split(data: str, split: str):
         return load_mnist(split)
     if data == "emoji":
         return load_emoji(split=split)
-    raise KeyError(f"no quality metrics for data {data!r}; available: mnist, emoji")
+    if data == "mnist-binary":  # binarised at 0.5: the reference of a masked model of binary tokens
+        return binarised(load_mnist(split))
+    raise KeyError(f"no quality metrics for data {data!r}; available: mnist, mnist-binary, emoji")
 
 
 @functools.lru_cache(maxsize=4)

@@ -289,6 +289,14 @@ def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
 
     Values are parsed as JSON when they can be (numbers, true/false), else kept as strings.
     """
+    name, options = split_spec(spec)
+    get_solver(name, **options)  # validates the name and every option now, not mid-run
+    return name, options
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,..."`` -> ``(name, options)``, values parsed as JSON where they can be; no validation (the
+    spec grammar of every sampler registry: continuous solvers and discrete samplers)."""
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -299,7 +307,6 @@ def parse_solver(spec: str) -> tuple[str, dict[str, Any]]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    get_solver(name, **options)  # validates the name and every option now, not mid-run
     return name, options
 
 
