@@ -158,3 +158,88 @@ def test_masked_training_resumes_exactly_and_the_folder_samples(tmp_path):
         load_masked(hasten.models.zoo.BUNDLED / "mnist-unet")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         MaskedTrainConfig(batch_size=0)
+
+
+# --- the loaded model, generate_masked, the CLI and bench -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_masked(tmp_path_factory):
+    """A masked model folder after two training steps on binarised MNIST (random-ish, but the real architecture)."""
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    folder = tmp_path_factory.mktemp("masked") / "mdm"
+    argv = ["train", "--objective", "mdlm", "--out", str(folder), "--batch-size", "4", "--max-steps", "2"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    return folder
+
+
+def test_generate_masked_is_batch_independent_and_counts_calls(tiny_masked):
+    """Sample j depends on (seed, j) alone: batches of 1, 2 and 3 give the same tokens; calls are exact."""
+    from hasten.discrete import generate_masked, load_masked
+
+    model = load_masked(tiny_masked)
+    a = generate_masked(model, 3, "first_hitting", calls=3, seed=5, batch_size=3)
+    b = generate_masked(model, 3, "first_hitting", calls=3, seed=5, batch_size=1)
+    assert torch.equal(a.tokens, b.tokens) and a.calls.tolist() == [3, 3, 3]
+    c = generate_masked(model, 2, "ancestral", steps=3, seed=5, batch_size=2, guidance=2.0, label=4)
+    assert c.labels.tolist() == [4, 4] and c.nfe <= 3 and set(c.images01.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(generate_masked(model, 3, "first_hitting", calls=3, seed=6).tokens, a.tokens)
+    with pytest.raises(ValueError, match="call budget of 800 cannot be met on 784 tokens"):
+        generate_masked(model, 1, "first_hitting", calls=800)
+    with pytest.raises(ValueError, match=r"label must be an integer in 0\.\.9"):
+        generate_masked(model, 1, label=10)
+    with pytest.raises(ValueError, match="continuous images"):
+        model.from_images(torch.full((1, 1, 28, 28), 0.3))
+    assert torch.equal(model.from_images(torch.full((1, 1, 28, 28), 0.6), threshold=0.5), torch.ones(1, 784).long())
+    with pytest.raises(ValueError, match=r"takes images \[N, 1, 28, 28\]"):
+        model.from_images(torch.zeros(1, 3, 28, 28), threshold=0.5)
+    with pytest.raises(ValueError, match="continuous\\) model, not a masked"):
+        load_masked("mnist-unet")
+
+
+def test_sample_and_bench_a_masked_model_from_the_cli(tiny_masked, tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from hasten.cli.app import app
+
+    runner = CliRunner()
+    grid, saved = tmp_path / "grid.png", tmp_path / "s.npz"
+    argv = ["sample", "--model", str(tiny_masked), "--solver", "first_hitting:order=confidence", "--steps", "2",
+            "--n", "3", "--out", str(grid), "--save", str(saved), "--format", "json"]  # fmt: skip
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert data["nfe"] == 2 and data["solver"] == "first_hitting(order='confidence', calls=2)" and grid.exists()
+    with np.load(saved) as arrays:
+        assert arrays["tokens"].shape == (3, 784) and arrays["labels"].tolist() == [0, 1, 2]
+    for extra, words in (
+        (["--solver", "dpmpp_2m"], "unknown discrete sampler 'dpmpp_2m'"),
+        (["--schedule", "karras", "--oms", "mnist"], "--schedule, --oms apply to continuous models only"),
+        (["--solver", "first_hitting", "--steps", "785"], "cannot be met on 784 tokens"),
+        (["--solver", "ancestral:steps=4", "--steps", "2"], "both set the budget"),
+        (["--guidance", "2", "--label", "12"], "label must be an integer in 0..9"),
+    ):
+        res = runner.invoke(app, ["sample", "--model", str(tiny_masked), "--out", str(tmp_path / "x.png"), *extra])
+        assert res.exit_code == 2 and words in res.output, (extra, res.output)
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_masked), "--n", "10", "--steps", "2", "--solver", "ancestral",
+            "--solver", "first_hitting", "--out", str(out)]  # fmt: skip
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["solver"] for r in rows] == ["ancestral(steps=2)", "first_hitting(calls=2)"]
+    assert all(r["fd"] > 0 and r["reference_data"] == "mnist-binary" and r["nfe"] <= 2 for r in rows)
+    assert (out / "report.html").exists()
+    res = runner.invoke(
+        app, ["bench", "--model", str(tiny_masked), "--preset", "caching", "--out", str(tmp_path / "b")]
+    )
+    assert res.exit_code == 2 and "measures continuous samplers" in res.output
+    res = runner.invoke(app, ["bench", "--model", str(tiny_masked), "--peer", "ddim", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--peer rows apply to continuous models only" in res.output, res.output

@@ -151,7 +151,7 @@ def load_masked(name_or_path: str | os.PathLike, *, device: str | torch.device =
     if info.objective != OBJECTIVE:
         raise ValueError(f"{name_or_path} holds a {info.objective!r} (continuous) model, not a masked diffusion model "
                          f"({OBJECTIVE!r}): load it with hasten.load")  # fmt: skip
-    unet = UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
+    unet = UNet2DModel.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
     vocab = int(info.training.get("vocab", 2))
     net = MaskedUNet(unet, vocab, tuple(info.image_shape[1:])).to(device).eval().requires_grad_(False)
     return MaskedDiffusionModel(net, info, folder, weights_fingerprint(folder, info.weights_file))
