@@ -139,7 +139,7 @@ def test_gmm_bench_exact_errors_fall_with_nfe(tmp_path):
 
 def test_results_of_an_older_matrix_resume_after_new_options_appear():
     """A folder written before BenchConfig gained an option (absent there, at its default now) still resumes."""
-    from hasten.bench.runner import _same_matrix
+    from hasten.bench.store import _same_matrix
 
     config = BenchConfig(model="mnist-dit").to_dict()
     new = {"config": config, "model_fingerprint": "f", "entries": ["a"]}

@@ -199,6 +199,10 @@ def test_generate_masked_is_batch_independent_and_counts_calls(tiny_masked):
         model.from_images(torch.zeros(1, 3, 28, 28), threshold=0.5)
     with pytest.raises(ValueError, match="continuous\\) model, not a masked"):
         load_masked("mnist-unet")
+    import hasten
+
+    with pytest.raises(TypeError, match="generate_masked"):  # the reverse: a masked model on the continuous path
+        hasten.generate(model, 1)
 
 
 def test_sample_and_bench_a_masked_model_from_the_cli(tiny_masked, tmp_path):

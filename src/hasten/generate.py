@@ -231,6 +231,10 @@ def generate(
     ``softmax(reward / alpha)``. ``nfe`` counts every candidate's network call; ``rewards`` holds each image's reward.
     ``particles=1`` is plain sampling, bit for bit.
     """
+    if getattr(model, "mask_id", None) is not None:  # a hasten.discrete.MaskedDiffusionModel: tokens, not noise
+        raise TypeError(
+            f"{model.info.name} is a masked (discrete) diffusion model: sample it with hasten.discrete.generate_masked"
+        )
     if recipe is not None:
         given = {
             name: value

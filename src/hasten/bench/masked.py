@@ -17,6 +17,8 @@ from typing import Any
 
 from ..metrics.quality import evaluate_images
 from ..viz import save_grid
+from .matrix import MATRIX_VERSION
+from .store import BenchError, _environment, _Results, _stamp
 
 __all__ = ["MASKED_SOLVERS", "MASKED_STEPS", "masked_rows", "run_masked_bench"]
 
@@ -53,7 +55,6 @@ def masked_rows(config: Any, length: int) -> list[tuple[str, Any, float]]:
 def run_masked_bench(config: Any, folder: pathlib.Path, resume: bool, on_row, started: float) -> list[dict[str, Any]]:
     """Run (or continue) a masked model's bench into ``folder`` (the continuous bench's files and resume rules)."""
     from ..discrete import generate_masked, load_masked
-    from .runner import MATRIX_VERSION, BenchError, _environment, _Results, _stamp
 
     extras = [flag for flag, given in (("--plan", config.plans), ("--accel", config.accels),
                                        ("--quant", config.quants), ("--recipe", config.recipes),
