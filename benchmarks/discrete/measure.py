@@ -36,8 +36,10 @@ from hasten.metrics.quality import evaluate_images, real_vs_real_fd
 def _machine() -> dict:
     from hasten.train import machine_description
 
-    return {"machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
-            "python": sys.version.split()[0], "platform": platform.platform(), "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(), "threads": torch.get_num_threads(),
+    }  # fmt: skip
 
 
 def floor(args: argparse.Namespace) -> dict:
