@@ -11,6 +11,7 @@ reference solve: a discrete sampler has no converged trajectory to compare to, s
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import statistics
 from typing import Any
@@ -50,6 +51,14 @@ def masked_rows(config: Any, length: int) -> list[tuple[str, Any, float]]:
                 key = f"{sampler.describe()}-g{guidance:g}"
                 rows.append((key, sampler, float(guidance)))
     return rows
+
+
+def series_name(sampler: Any, guidance: float) -> str:
+    """The sampler without its call budget (one line of the FD-calls plot per series)."""
+    budget = type(sampler).BUDGET
+    default = next(f.default for f in dataclasses.fields(sampler) if f.name == budget)
+    name = dataclasses.replace(sampler, **{budget: default}).describe()
+    return name + (f", guidance {guidance:g}" if guidance != 1 else "")
 
 
 def run_masked_bench(config: Any, folder: pathlib.Path, resume: bool, on_row, started: float) -> list[dict[str, Any]]:
@@ -97,7 +106,8 @@ def run_masked_bench(config: Any, folder: pathlib.Path, resume: bool, on_row, st
             save_grid(out.images01[:50], grids / f"{key}.png", nrow=10, scale=2)
             row = {
                 "key": key, "label": sampler.describe() + (f", guidance {guidance:g}" if guidance != 1 else ""),
-                "kind": "discrete", "library": "hasten", "solver": sampler.describe(), "sampler": sampler.to_dict(),
+                "kind": "discrete", "series": series_name(sampler, guidance), "library": "hasten",
+                "solver": sampler.describe(), "sampler": sampler.to_dict(),
                 "options": {}, "schedule": None, "steps": getattr(sampler, "steps", None), "guidance": guidance,
                 "nfe": out.nfe, "mean_calls": out.mean_calls, "seconds": seconds, "seconds_all": times,
                 "images_per_second": config.n / seconds, "rmse_ref": None, "psnr_ref": None, "grid": f"grids/{key}.png",

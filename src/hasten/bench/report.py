@@ -79,7 +79,10 @@ def row_kind(row: dict[str, Any]) -> str:
 
 
 def _series_name(row: dict[str, Any]) -> str:
-    """A line across step counts: the recipe's description without its step count (a plan is its own point)."""
+    """A line across step counts: the recipe's description without its step count (a plan is its own point); a
+    masked model's row names its series (the sampler without its call budget)."""
+    if "series" in row:
+        return row["series"]
     if "recipe" in row:
         return describe_recipe(row["recipe"], steps=False)
     return re.sub(r"\b\d+ steps, ", "", row["label"])  # a version-1 row: its label without the step count
