@@ -408,8 +408,9 @@ def _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidanc
     from ..viz import save_grid
 
     try:
-        sampler = parse_discrete_sampler(solver, steps)
         loaded = load_masked(model, device=device)
+        own = solver is None and steps is None  # no sampler setting: the model's own sampler
+        sampler = loaded.default_sampler() if own else parse_discrete_sampler(solver, steps)
         sampler.check_length(loaded.length)
         labels = loaded.labels(n, label)
         loaded.model(labels, 1.0 if guidance is None else guidance)  # checks guidance against the labels

@@ -77,6 +77,19 @@ class MaskedDiffusionModel:
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
+    def default_sampler(self) -> DiscreteSampler:
+        """The model's own sampler (``hasten.json``'s ``sampler``: ``{"solver": name, "options": {...}}``, chosen
+        from its measured FD-calls curve) or, without one, the exact first-hitting sampler (``L`` calls)."""
+        own = self.info.sampler
+        if not own:
+            return get_discrete_sampler(DEFAULT_SAMPLER)
+        try:
+            return get_discrete_sampler(own["solver"], **own.get("options", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{self.folder / 'hasten.json'}: its sampler {own!r} is not a discrete sampler ({err})"
+            ) from None
+
     def labels(self, n: int, label: int | None = None) -> Tensor | None:
         """``label`` for all ``n`` sequences, or the classes in turn (0, 1, ..., 0, ...); None if unconditional."""
         k = self.info.num_classes
@@ -184,7 +197,7 @@ def row_generators(seed: int, indices: range) -> RowGenerators:
 def generate_masked(
     model: MaskedDiffusionModel,
     n: int,
-    sampler: str | DiscreteSampler = DEFAULT_SAMPLER,
+    sampler: str | DiscreteSampler | None = None,
     *,
     seed: int = 0,
     label: int | None = None,
@@ -194,7 +207,8 @@ def generate_masked(
     callback=None,
     **options: Any,
 ) -> MaskedGeneration:
-    """``n`` samples of ``model`` by a discrete sampler (a registered name with ``options``, or a configured one).
+    """``n`` samples of ``model`` by a discrete sampler (a registered name with ``options``, or a configured one;
+    None: the model's own, :meth:`MaskedDiffusionModel.default_sampler`).
 
     Sample ``j`` depends only on ``(seed, j)`` and its label, not on the batch it shares. ``labels`` (``[n]``)
     overrides ``label``'s classes-in-turn default. ``callback(done, n)`` after each batch."""
@@ -202,7 +216,12 @@ def generate_masked(
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chosen = get_discrete_sampler(sampler, **options)
+    if sampler is None:
+        if options:
+            raise TypeError(f"sampler options {sorted(options)} need a sampler name")
+        chosen = model.default_sampler()
+    else:
+        chosen = get_discrete_sampler(sampler, **options)
     chosen.check_length(model.length)
     if labels is None:
         labels = model.labels(n, label)
