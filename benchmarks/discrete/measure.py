@@ -4,10 +4,10 @@ float32-vs-float64 categorical sampling effect at many steps.
     python benchmarks/discrete/measure.py floor --out benchmarks/results/discrete/floor.json
     python benchmarks/discrete/measure.py precision --model mnist-mdm --out benchmarks/results/discrete/precision.json
 
-``floor``: the bundled continuous models (``--continuous``, each at ``--solver``/``--steps``) sampled from held-out
-seeds, their images binarised at 0.5 and scored like a masked model's samples (FD etc. against the held-out digits
-binarised at 0.5, ``data="mnist-binary"``), beside the binarised real-vs-real FD at the same n (training digits vs
-the held-out statistics): the numbers the masked model's FD is judged against.
+``floor``: the bundled continuous models (``--continuous``, each at every ``--setting solver:steps``) sampled from
+held-out seeds, their images binarised at 0.5 and scored like a masked model's samples (FD etc. against the
+held-out digits binarised at 0.5, ``data="mnist-binary"``), beside the binarised real-vs-real FD at the same n
+(training digits vs the held-out statistics): the numbers the masked model's FD is judged against.
 
 ``precision``: the ancestral sampler at ``--many-steps`` steps with the categorical draw in float64 and in float32,
 from the same per-sample seeds: FD, precision, recall, the share of ink pixels, the mean per-pixel variance across
@@ -46,13 +46,15 @@ def floor(args: argparse.Namespace) -> dict:
     rows = []
     for name in args.continuous:
         model = hasten.load(name)
-        for steps in args.steps:
-            gen = hasten.generate(model, args.n, solver=args.solver, steps=steps, seed=args.seed)
+        for setting in args.setting:
+            solver, _, steps = setting.rpartition(":")
+            steps = int(steps)
+            gen = hasten.generate(model, args.n, solver=solver, steps=steps, seed=args.seed)
             binary = (gen.images01 >= 0.5).float()
             binary_q = evaluate_images(binary, gen.labels, data="mnist-binary")
             grey_q = evaluate_images(gen.images01, gen.labels, data="mnist")
             rows.append({
-                "model": name, "solver": args.solver, "steps": steps, "nfe": gen.nfe, "n": args.n, "seed": args.seed,
+                "model": name, "solver": solver, "steps": steps, "nfe": gen.nfe, "n": args.n, "seed": args.seed,
                 "fd_binarised_vs_binary_heldout": binary_q["fd"], "precision": binary_q["precision"],
                 "recall": binary_q["recall"], "label_accuracy": binary_q.get("label_accuracy"),
                 "fd_grey_vs_grey_heldout": grey_q["fd"],
@@ -112,8 +114,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)  # seed 0 is the bench's: these are held-out seeds
     parser.add_argument("--continuous", nargs="+", default=["mnist-unet", "mnist-dit"])
-    parser.add_argument("--solver", default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--setting", nargs="+", default=["dpmpp_2m:10", "ddpm:50"])
     parser.add_argument("--model", default="mnist-mdm")
     parser.add_argument("--many-steps", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--batch-size", type=int, default=128)
