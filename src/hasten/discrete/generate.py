@@ -202,7 +202,7 @@ def generate_masked(
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chosen = get_discrete_sampler(sampler, **options)
+    chosen = get_discrete_sampler(sampler, **options).bind(model)
     chosen.check_length(model.length)
     if labels is None:
         labels = model.labels(n, label)
