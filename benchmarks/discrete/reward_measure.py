@@ -9,8 +9,9 @@ Two judges, never the same network:
   (``RewardNet``, cached; SVDD values candidates by it and DRAKES backpropagates through it);
 * the HELD-OUT oracle: hasten's bundled MNIST classifier (``class:<digit>``, trained on grey-level digits, never
   used for steering): its log-probability of the digit and the share it classifies as the digit. Its features are
-  also the FD space, so FD is computed against the 5,000 held-out digits binarised at 0.5 (floor: binarised training
-  digits vs the same, at the same n).
+  also the FD space: FD against the 5,000 held-out digits binarised at 0.5, and against the held-out digits of the
+  target class alone (a perfect steered set is far from all ten classes by construction; the class FD says whether
+  its digits look like real ones of that class). Floors: binarised training digits (of the class) vs the same.
 
 Each row: both rewards (mean), both shares of the digit, FD, network calls per sequence (mean, max), sampling
 seconds (one thread). DRAKES is trained by ``--train-drakes MINUTES`` into ``--drakes`` (resumable) and reports its
@@ -41,8 +42,10 @@ from hasten.discrete.svdd import DiscreteSVDD
 from hasten.metrics.fd import frechet_distance, gaussian_stats
 from hasten.metrics.features import features
 from hasten.rewards import Reward, get_reward
+from hasten.viz import save_grid
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "results" / "discrete" / "reward.json"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "guide"
 
 
 class RewardNet(nn.Module):
@@ -101,13 +104,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--particles", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--drakes", default=None, help="DRAKES folder (trained there by --train-drakes)")
+    parser.add_argument("--drakes", default=None, help="DRAKES folder (trained there by --train-drakes); its rows are "
+                        "named by its alpha")  # fmt: skip
     parser.add_argument("--train-drakes", type=float, default=0.0, help="DRAKES training minutes (0: only measure)")
     parser.add_argument("--truncate", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--grid", type=int, default=0,
+                        help="also save each row's first GRID samples (the same sequences: per-sequence seeds) as "
+                        "docs/guide/discrete-reward-<row>.png")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -142,12 +149,17 @@ def main() -> None:
                          "threads": torch.get_num_threads()}  # fmt: skip
     rows = record["rows"]
 
-    held, _ = binary("heldout")
-    ref_feats, _ = features(held, "mnist")
-    mu_ref, cov_ref = gaussian_stats(ref_feats)
-    train_images, _ = binary("train")
-    floor_feats, _ = features(train_images[: args.n], "mnist")
-    record["fd_floor_binarised_real_vs_real"] = frechet_distance(*gaussian_stats(floor_feats), mu_ref, cov_ref)
+    # references: every held-out digit, and the held-out digits of the target class (a set of good 3s is far from
+    # all digits by construction, so the class FD is the one that tells good 3s from bad); floors: training digits
+    held, held_labels = binary("heldout")
+    train_images, train_labels = binary("train")
+    ref_all = gaussian_stats(features(held, "mnist")[0])
+    ref_digit = gaussian_stats(features(held[held_labels == digit], "mnist")[0])
+    floor_all = features(train_images[: args.n], "mnist")[0]
+    floor_digit = features(train_images[train_labels == digit][: args.n], "mnist")[0]
+    record["fd_floor_binarised_real_vs_real"] = frechet_distance(*gaussian_stats(floor_all), *ref_all)
+    record["fd_floor_digit_real_vs_real"] = frechet_distance(*gaussian_stats(floor_digit), *ref_digit)
+    record["fd_floor_digit_n"] = len(floor_digit)
 
     def save() -> None:
         OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +168,14 @@ def main() -> None:
         tmp.replace(OUT)
 
     def measure(name: str, sampler, loaded=model, extra: dict | None = None) -> None:
-        if name in rows:
+        picture = DOCS / f"discrete-reward-{name}.png"
+        if args.grid and not picture.exists():
+            x = torch.full((args.grid, loaded.length), loaded.mask_id, dtype=torch.long)
+            labels = torch.full((args.grid,), null, dtype=torch.long)
+            out = sampler.bind(loaded).run(loaded.model(labels), x, loaded.mask_id,
+                                           row_generators(args.seed, range(args.grid)))  # fmt: skip
+            save_grid(loaded.to_images(out.tokens), picture, nrow=8)
+        if "fd_heldout_digit" in rows.get(name, {}):
             print(f"{name}: kept")
             return
         labels = torch.full((args.n,), null, dtype=torch.long)
@@ -175,7 +194,8 @@ def main() -> None:
             "training_net_share_digit": float((net(images).argmax(1) == digit).double().mean()),
             "oracle_reward_mean": float(r_oracle.mean()),
             "oracle_share_digit": float((logits.argmax(1) == digit).double().mean()),
-            "fd_binarised_heldout": frechet_distance(*gaussian_stats(feats), mu_ref, cov_ref),
+            "fd_binarised_heldout": frechet_distance(*gaussian_stats(feats), *ref_all),
+            "fd_heldout_digit": frechet_distance(*gaussian_stats(feats), *ref_digit),
             "ink": float(images.mean()),
             "calls_mean": float(out.calls.double().mean()), "calls_max": int(out.calls.max()),
             "seconds": seconds, "n": args.n, **(extra or {}),
@@ -183,7 +203,8 @@ def main() -> None:
         save()
         r = rows[name]
         print(f"{name}: reward {r['training_reward_mean']:.3f} oracle {r['oracle_reward_mean']:.3f} "
-              f"share(oracle) {r['oracle_share_digit']:.3f} FD {r['fd_binarised_heldout']:.2f} "
+              f"share(oracle) {r['oracle_share_digit']:.3f} FD {r['fd_binarised_heldout']:.0f} "
+              f"FD({digit}s) {r['fd_heldout_digit']:.0f} "
               f"calls {r['calls_mean']:.1f} {seconds:.0f} s", flush=True)  # fmt: skip
 
     base = {"name": "ancestral", "steps": args.steps}
@@ -194,10 +215,12 @@ def main() -> None:
     if args.drakes and (pathlib.Path(args.drakes) / "hasten.json").exists():
         tuned = load_masked(args.drakes)
         info = tuned.info.training
-        record["drakes_training"] = {k: info[k] for k in ("config", "steps", "seconds", "machine", "drakes")}
-        measure("drakes", plain, tuned, {"training_seconds": info["seconds"], "training_steps": info["steps"]})
+        tag = f"drakes-alpha{info['drakes']['alpha']:g}"
+        record.setdefault("drakes_training", {})[tag] = {k: info[k] for k in ("config", "steps", "seconds", "machine",
+                                                                               "drakes")}  # fmt: skip
+        measure(tag, plain, tuned, {"training_seconds": info["seconds"], "training_steps": info["steps"]})
         for k in args.particles[-1:]:
-            measure(f"drakes+svdd-{k}", DiscreteSVDD(base=base, reward=train_reward, particles=k), tuned,
+            measure(f"{tag}+svdd-{k}", DiscreteSVDD(base=base, reward=train_reward, particles=k), tuned,
                     {"particles": k})  # fmt: skip
     save()
     print(f"-> {OUT}")
