@@ -85,7 +85,8 @@ class DiscreteSVDD(DiscreteSampler):
         particles: Candidates per event, ``K >= 1``; 1 is the base sampler.
         alpha: 0 keeps the best candidate; ``alpha > 0`` draws one with weights ``softmax(v / alpha)``.
         completion: How a candidate's remaining MASKs are filled to value it: ``"argmax"`` (the official code's
-            choice) or ``"sample"`` (one draw from ``p_theta``).
+            choice) or ``"sample"`` (one draw from ``p_theta``, in ``categorical_dtype``; the base sampler's moves
+            use its own).
         images: ``tokens [N, L] -> images [N, C, H, W]`` in [0, 1]; :func:`~hasten.discrete.generate_masked` binds
             the loaded model's (``bind``). Not plain data, nor is a callable reward: such a sampler is built per
             run, not written into recipes.
