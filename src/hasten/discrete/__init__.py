@@ -7,11 +7,13 @@ masked sequence ``x`` (``[B, L]`` integers, MASK = ``V``; ``rows`` the batch row
 the objective (:func:`mdlm_loss`), the exact categorical draw (:func:`categorical`, float64 Gumbel-max by default),
 the samplers (:data:`DISCRETE_SAMPLERS`: the ancestral sampler with call caching, the first-hitting sampler, its
 parallel variant), each counting its network calls, and :class:`MaskedUNet` / :func:`train_masked`, which train
-one on binarised images (no bundled model, CLI or bench yet). Nothing here touches the continuous contract.
+one on binarised images (no bundled model, CLI or bench yet), and reward steering: :class:`DiscreteSVDD` (the
+``svdd`` sampler) and DRAKES fine-tuning (:func:`fine_tune`). Nothing here touches the continuous contract.
 """
 
 from __future__ import annotations
 
+from .drakes import DrakesConfig, fine_tune
 from .generate import MaskedDiffusionModel, MaskedGeneration, generate_masked, is_masked_folder, load_masked
 from .masking import LogLinearMask, mdlm_loss
 from .model import MaskedTrainConfig, MaskedUNet, binarise, train_masked
@@ -27,11 +29,14 @@ from .sampling import (
     parse_discrete_sampler,
     sample_discrete,
 )
+from .svdd import DiscreteSVDD
 
 __all__ = [
     "DISCRETE_SAMPLERS",
     "AncestralSampler",
+    "DiscreteSVDD",
     "DiscreteSample",
+    "DrakesConfig",
     "FirstHittingSampler",
     "JointTable",
     "LogLinearMask",
@@ -42,6 +47,7 @@ __all__ = [
     "RowGenerators",
     "binarise",
     "categorical",
+    "fine_tune",
     "generate_masked",
     "get_discrete_sampler",
     "is_masked_folder",

@@ -219,9 +219,9 @@ def generate_masked(
     if sampler is None:
         if options:
             raise TypeError(f"sampler options {sorted(options)} need a sampler name")
-        chosen = model.default_sampler()
+        chosen = model.default_sampler().bind(model)
     else:
-        chosen = get_discrete_sampler(sampler, **options)
+        chosen = get_discrete_sampler(sampler, **options).bind(model)
     chosen.check_length(model.length)
     if labels is None:
         labels = model.labels(n, label)

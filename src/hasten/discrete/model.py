@@ -57,15 +57,24 @@ class MaskedUNet(nn.Module):
         return cls(unet, vocab, grid)
 
     def forward(self, tokens: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        b, length = tokens.shape
+        length = tokens.shape[1]
         if length != self.grid[0] * self.grid[1]:
             raise ValueError(f"this network takes {self.grid[0]}x{self.grid[1]} = {self.grid[0] * self.grid[1]} "
                              f"tokens, got {length}")  # fmt: skip
         if int(tokens.max()) > self.vocab or int(tokens.min()) < 0:
             raise ValueError(f"tokens must lie in 0..{self.vocab} ({self.vocab} = MASK)")
         onehot = F.one_hot(tokens, self.vocab + 1).to(next(self.unet.parameters()).dtype)  # [B, L, V + 1]
+        return self.forward_onehot(onehot, class_labels)
+
+    def forward_onehot(self, onehot: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The logits ``[B, L, V]`` of one-hot (or relaxed, rows on the simplex) tokens ``[B, L, V + 1]``:
+        differentiable in ``onehot``, which DRAKES's relaxed sampling needs."""
+        b, length, channels = onehot.shape
+        if length != self.grid[0] * self.grid[1] or channels != self.vocab + 1:
+            raise ValueError(f"this network takes one-hot tokens [B, {self.grid[0] * self.grid[1]}, "
+                             f"{self.vocab + 1}], got {tuple(onehot.shape)}")  # fmt: skip
         image = onehot.transpose(1, 2).reshape(b, self.vocab + 1, *self.grid)
-        timestep = torch.zeros(b, device=tokens.device)  # time-agnostic
+        timestep = torch.zeros(b, device=onehot.device)  # time-agnostic
         out = self.unet(image, timestep, class_labels=class_labels).sample  # [B, V, H, W]
         return out.reshape(b, self.vocab, length).transpose(1, 2)
 

@@ -131,6 +131,11 @@ class DiscreteSampler(Config):
         if length < 1:
             raise ValueError(f"sequences must have at least one token, got length {length}")
 
+    def bind(self, model: Any) -> DiscreteSampler:
+        """This sampler for a loaded model (:func:`~hasten.discrete.generate.generate_masked` calls it): itself,
+        unless the sampler needs more of the model than its logits (discrete SVDD needs its tokens-to-images map)."""
+        return self
+
 
 DISCRETE_SAMPLERS: Registry[type[DiscreteSampler]] = Registry("discrete sampler")
 
@@ -169,12 +174,10 @@ class AncestralSampler(DiscreteSampler):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
 
     def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness) -> DiscreteSample:
-        schedule = LogLinearMask(self.eps)
         calls = torch.zeros(x.shape[0], dtype=torch.long)
         logits: Tensor | None = None
         stale = torch.ones(x.shape[0], dtype=torch.bool)
         for i in range(self.steps):
-            t, s = 1 - i / self.steps, 1 - (i + 1) / self.steps
             masked = x == mask_id
             if not bool(masked.any()):
                 break
@@ -183,17 +186,29 @@ class AncestralSampler(DiscreteSampler):
                 fresh = _evaluate(model, x[rows], rows, mask_id)
                 logits = fresh if logits is None else logits.to(fresh.dtype).index_copy(0, rows, fresh)
                 calls[rows] += 1
-            unmask = 1.0 if s == 0 else (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
-            # one draw over V + 1 outcomes, as MDLM draws it: value v with unmask * p(v), still MASK with 1 - unmask
-            # (the float32 path's truncated Gumbel tail shows at many steps, where unmask * p(v) is tiny)
-            stay = torch.full((*logits.shape[:2], 1), math.log1p(-unmask) if unmask < 1 else -math.inf,
-                              dtype=torch.float64, device=logits.device)  # fmt: skip
-            joint = torch.cat([logits.to(torch.float64).log_softmax(-1) + math.log(unmask), stay], dim=-1)
-            values = categorical(joint, generator, self.categorical_dtype)
-            change = masked & (values != mask_id)
-            x = torch.where(change, values, x)
+            moved = self.move(logits, x, i, generator)
+            change = moved != x
+            x = moved
             stale = change.any(dim=1) & (x == mask_id).any(dim=1)  # a finished sequence needs no more calls
         return DiscreteSample(x, calls)
+
+    def unmask_probability(self, i: int) -> float:
+        """The chance that a position masked at step ``i``'s start (time ``1 - i / steps``) is unmasked by it."""
+        schedule = LogLinearMask(self.eps)
+        t, s = 1 - i / self.steps, 1 - (i + 1) / self.steps
+        return 1.0 if s == 0 else (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
+
+    def move(self, logits: Tensor, x: Tensor, i: int, generator: Randomness) -> Tensor:
+        """Step ``i``'s transition of every row of ``x`` given the network's ``logits`` at ``x`` (MASK = ``V``)."""
+        unmask = self.unmask_probability(i)
+        # one draw over V + 1 outcomes, as MDLM draws it: value v with unmask * p(v), still MASK with 1 - unmask
+        # (the float32 path's truncated Gumbel tail shows at many steps, where unmask * p(v) is tiny)
+        stay = torch.full((*logits.shape[:2], 1), math.log1p(-unmask) if unmask < 1 else -math.inf,
+                          dtype=torch.float64, device=logits.device)  # fmt: skip
+        joint = torch.cat([logits.to(torch.float64).log_softmax(-1) + math.log(unmask), stay], dim=-1)
+        values = categorical(joint, generator, self.categorical_dtype)
+        mask_id = logits.shape[-1]
+        return torch.where((x == mask_id) & (values != mask_id), values, x)
 
 
 @DISCRETE_SAMPLERS.register("first_hitting")
@@ -262,15 +277,21 @@ class FirstHittingSampler(DiscreteSampler):
             rows = (left > 0).nonzero().flatten()
             logits = _evaluate(model, x[rows], rows, mask_id)
             calls[rows] += 1
-            # k masked positions per row: the k largest scores among the masked ones
-            scores = self._scores(logits, masked[rows], generator, rows).masked_fill(~masked[rows], -math.inf)
-            k = min(per_call, int(left[rows].max()))
-            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
-            chosen &= masked[rows]
-            values = categorical(logits, generator, self.categorical_dtype, rows)
             x = x.clone()
-            x[rows] = torch.where(chosen, values, x[rows])
+            x[rows] = self.move(logits, x[rows], per_call, generator, rows)
         return DiscreteSample(x, calls)
+
+    def move(self, logits: Tensor, x: Tensor, per_call: int, generator: Randomness, rows: Tensor) -> Tensor:
+        """One event on the batch rows ``rows`` (``x`` holds them, each with a masked token): ``per_call`` of
+        each row's masked positions unmasked to values drawn from the network's ``logits`` at ``x``."""
+        masked = x == logits.shape[-1]
+        # k masked positions per row: the k largest scores among the masked ones
+        scores = self._scores(logits, masked, generator, rows).masked_fill(~masked, -math.inf)
+        k = min(per_call, int(masked.sum(dim=1).max()))
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+        chosen &= masked
+        values = categorical(logits, generator, self.categorical_dtype, rows)
+        return torch.where(chosen, values, x)
 
     def _scores(self, logits: Tensor, masked: Tensor, generator: Randomness, rows: Tensor) -> Tensor:
         if self.order == "random":  # uniform among the masked positions
