@@ -190,8 +190,11 @@ def test_generate_masked_is_batch_independent_and_counts_calls(tiny_masked):
     assert not torch.equal(generate_masked(model, 3, "first_hitting", calls=3, seed=6).tokens, a.tokens)
     with pytest.raises(ValueError, match="call budget of 800 cannot be met on 784 tokens"):
         generate_masked(model, 1, "first_hitting", calls=800)
-    with pytest.raises(ValueError, match=r"label must be an integer in 0\.\.9"):
-        generate_masked(model, 1, label=10)
+    with pytest.raises(ValueError, match=r"label must be an integer in 0\.\.10"):
+        generate_masked(model, 1, label=11)
+    assert generate_masked(model, 1, "first_hitting", label=10, calls=2).labels.tolist() == [10]  # the null class: unconditional
+    with pytest.raises(ValueError, match="null class 10 is the unconditional model"):
+        generate_masked(model, 1, "first_hitting", label=10, calls=2, guidance=2.0)
     with pytest.raises(ValueError, match="continuous images"):
         model.from_images(torch.full((1, 1, 28, 28), 0.3))
     assert torch.equal(model.from_images(torch.full((1, 1, 28, 28), 0.6), threshold=0.5), torch.ones(1, 784).long())
@@ -228,7 +231,7 @@ def test_sample_and_bench_a_masked_model_from_the_cli(tiny_masked, tmp_path):
         (["--schedule", "karras", "--oms", "mnist"], "--schedule, --oms apply to continuous models only"),
         (["--solver", "first_hitting", "--steps", "785"], "cannot be met on 784 tokens"),
         (["--solver", "ancestral:steps=4", "--steps", "2"], "both set the budget"),
-        (["--guidance", "2", "--label", "12"], "label must be an integer in 0..9"),
+        (["--guidance", "2", "--label", "12"], "label must be an integer in 0..10"),
     ):
         res = runner.invoke(app, ["sample", "--model", str(tiny_masked), "--out", str(tmp_path / "x.png"), *extra])
         assert res.exit_code == 2 and words in res.output, (extra, res.output)

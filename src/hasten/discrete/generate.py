@@ -91,7 +91,8 @@ class MaskedDiffusionModel:
             ) from None
 
     def labels(self, n: int, label: int | None = None) -> Tensor | None:
-        """``label`` for all ``n`` sequences, or the classes in turn (0, 1, ..., 0, ...); None if unconditional."""
+        """``label`` for all ``n`` sequences, or the classes in turn (0, 1, ..., 0, ...); None if unconditional.
+        ``label = num_classes`` is the null class the model trained with: its unconditional distribution."""
         k = self.info.num_classes
         if not k:
             if label is not None:
@@ -99,17 +100,19 @@ class MaskedDiffusionModel:
             return None
         if label is None:
             return torch.arange(n) % k
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
-            raise ValueError(f"label must be an integer in 0..{k - 1} for {self.info.name!r}, got {label!r}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= k:
+            raise ValueError(f"label must be an integer in 0..{k} for {self.info.name!r} ({k}: the null class, "
+                             f"unconditional), got {label!r}")  # fmt: skip
         return torch.full((n,), label, dtype=torch.long)
 
     def model(self, labels: Tensor | None = None, guidance: float = 1.0):
         """The sampler's ``model(x, rows) -> logits [B, L, V]`` for sequences labelled ``labels`` (``[N]``)."""
         if not isinstance(guidance, int | float) or isinstance(guidance, bool) or not guidance >= 0:
             raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
-        if guidance != 1.0 and labels is None:
-            raise ValueError(f"guidance {guidance:g} needs class labels (a conditional model); use guidance 1")
         null = self.info.num_classes  # the class trained as "no label" (label dropout)
+        if guidance != 1.0 and (labels is None or bool((labels == null).any())):
+            raise ValueError(f"guidance {guidance:g} needs class labels 0..{null - 1} (the null class {null} is "
+                             "the unconditional model itself); use guidance 1")  # fmt: skip
         device = self.device
 
         @torch.no_grad()
@@ -229,8 +232,8 @@ def generate_masked(
         raise ValueError("give label or labels, not both")
     elif labels.shape != (n,) or not model.info.num_classes:
         raise ValueError(f"labels must be [n] = [{n}] class indices of a conditional model, got {tuple(labels.shape)}")
-    elif int(labels.min()) < 0 or int(labels.max()) >= model.info.num_classes:
-        raise ValueError(f"labels must lie in 0..{model.info.num_classes - 1}")
+    elif int(labels.min()) < 0 or int(labels.max()) > model.info.num_classes:
+        raise ValueError(f"labels must lie in 0..{model.info.num_classes} ({model.info.num_classes}: the null class)")
     tokens, calls = [], []
     start = time.perf_counter()
     for first in range(0, n, batch_size):
