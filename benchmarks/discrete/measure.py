@@ -3,6 +3,7 @@ float32-vs-float64 categorical sampling effect at many steps.
 
     python benchmarks/discrete/measure.py floor --out benchmarks/results/discrete/floor.json
     python benchmarks/discrete/measure.py precision --model mnist-mdm --out benchmarks/results/discrete/precision.json
+    python benchmarks/discrete/measure.py card --model mnist-mdm --out benchmarks/results/discrete/card.json
 
 ``floor``: the bundled continuous models (``--continuous``, each at every ``--setting solver:steps``) sampled from
 held-out seeds, their images binarised at 0.5 and scored like a masked model's samples (FD etc. against the
@@ -13,6 +14,8 @@ held-out digits binarised at 0.5, ``data="mnist-binary"``), beside the binarised
 from the same per-sample seeds: FD, precision, recall, the share of ink pixels, the mean per-pixel variance across
 samples of one class (diversity) and the mean number of isolated ink pixels per image (ink with no ink among its 4
 neighbours: the stray dots a lower sampling temperature removes), beside the same statistics of held-out digits.
+``card``: the model's own sampler at each ``--guidance`` (n samples, held-out seeds), with sample grids.
+
 The per-step unmask probability at T steps is about 1 / (T t); times a value's probability it falls below the
 float32 Gumbel cut (a uniform below 1 - 2^-24 caps the noise at 16.6) for unlikely values at T of thousands.
 """
@@ -107,9 +110,31 @@ def precision(args: argparse.Namespace) -> dict:
             "fd_real_vs_real_binary": real_vs_real_fd(args.n, data="mnist-binary")}  # fmt: skip
 
 
+def card(args: argparse.Namespace) -> dict:
+    """The model's own sampler at each ``--guidance``, n samples from held-out seeds: the model card's table."""
+    from hasten.discrete import generate_masked, load_masked
+    from hasten.viz import save_grid
+
+    model = load_masked(args.model)
+    rows = []
+    for guidance in args.guidance:
+        gen = generate_masked(model, args.n, seed=args.seed, guidance=guidance, batch_size=args.batch_size)
+        q = evaluate_images(gen.images01, gen.labels, data="mnist-binary")
+        grid = args.out.parent / f"{model.info.name}-guidance{guidance:g}.png"
+        save_grid(gen.images01[:100], grid, nrow=10, scale=2)
+        rows.append({
+            "sampler": gen.sampler.describe(), "guidance": guidance, "n": args.n, "seed": args.seed, "nfe": gen.nfe,
+            **{k: q.get(k) for k in ("fd", "fd_real_vs_real", "precision", "recall", "confidence", "label_accuracy",
+                                     "memorised_share")},
+            "seconds": gen.seconds, "grid": grid.name,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return {"model": args.model, "fingerprint": model.fingerprint, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("floor", "precision"))
+    parser.add_argument("what", choices=("floor", "precision", "card"))
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)  # seed 0 is the bench's: these are held-out seeds
@@ -118,9 +143,10 @@ def main() -> None:
     parser.add_argument("--model", default="mnist-mdm")
     parser.add_argument("--many-steps", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     args = parser.parse_args()
     started = time.perf_counter()
-    result = floor(args) if args.what == "floor" else precision(args)
+    result = {"floor": floor, "precision": precision, "card": card}[args.what](args)
     result |= {"environment": _machine(), "wall_seconds": time.perf_counter() - started,
                "command": " ".join(sys.argv)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
