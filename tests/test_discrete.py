@@ -227,8 +227,17 @@ def test_sample_and_bench_a_masked_model_from_the_cli(tiny_masked, tmp_path):
     assert data["nfe"] == 2 and data["solver"] == "first_hitting(order='confidence', calls=2)" and grid.exists()
     with np.load(saved) as arrays:
         assert arrays["tokens"].shape == (3, 784) and arrays["labels"].tolist() == [0, 1, 2]
+    argv = ["sample", "--model", str(tiny_masked), "--steps", "2", "--n", "2", "--reward", "symmetry", "--particles",
+            "2", "--out", str(grid), "--format", "json"]  # fmt: skip
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert data["solver"] == "svdd(base=first_hitting(calls=2), reward='symmetry', particles=2)"
+    assert data["nfe"] <= 1 + 2 * (2 - 1) and data["reward_mean"] <= 0  # SVDD's calls: 1 + K (events - 1)
     for extra, words in (
         (["--solver", "dpmpp_2m"], "unknown discrete sampler 'dpmpp_2m'"),
+        (["--particles", "3"], "give --reward too"),
+        (["--reward", "nope"], "unknown reward 'nope'"),
         (["--schedule", "karras", "--oms", "mnist"], "--schedule, --oms apply to continuous models only"),
         (["--solver", "first_hitting", "--steps", "785"], "cannot be met on 784 tokens"),
         (["--solver", "ancestral:steps=4", "--steps", "2"], "both set the budget"),

@@ -259,12 +259,15 @@ def sample(
             ("--execution", execution, "auto"), ("--pipeline", pipeline, None), ("--prompt", prompt, None),
             ("--negative-prompt", negative_prompt, None), ("--prompt-embeds", prompt_embeds, None),
             ("--class-label", class_label, None), ("--height", height, None), ("--width", width, None),
-            ("--oms", oms, None), ("--reward", reward, None), ("--particles", particles, 1), ("--alpha", alpha, 0.0),
+            ("--oms", oms, None),
         ) if value != default]  # fmt: skip
         if not_for_masked:
             _fail(f"{model} is a masked (discrete) diffusion model; {', '.join(not_for_masked)} appl"
                   f"{'ies' if len(not_for_masked) == 1 else 'y'} to continuous models only")  # fmt: skip
-        _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt)
+        if particles != 1 and reward is None:
+            _fail(f"--particles {particles} chooses among candidates by a reward; give --reward too")
+        _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt,
+                       reward=reward, particles=particles, alpha=alpha)  # fmt: skip
         return
     if recipe is not None:
         given = [name for name, value, default in (
@@ -397,9 +400,12 @@ def sample(
     )
 
 
-def _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt) -> None:
+def _sample_masked(
+    model, solver, steps, n, batch_size, seed, out, save, guidance, label, device, fmt, *, reward, particles, alpha
+) -> None:
     """`hasten sample --model <masked model>`: a discrete sampler (--solver: ancestral or first_hitting with
-    options; --steps: the call budget) from all-MASK sequences; the grid and --save as for continuous models."""
+    options; --steps: the call budget) from all-MASK sequences, steered by discrete SVDD around it with --reward;
+    the grid and --save as for continuous models."""
     import numpy as np
     import torch
 
@@ -411,6 +417,12 @@ def _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidanc
         loaded = load_masked(model, device=device)
         own = solver is None and steps is None  # no sampler setting: the model's own sampler
         sampler = loaded.default_sampler() if own else parse_discrete_sampler(solver, steps)
+        if reward is not None:  # discrete SVDD: K candidate moves of the named sampler, valued by the reward
+            from ..discrete.svdd import DiscreteSVDD
+            from ..rewards import get_reward
+
+            get_reward(reward)  # an unknown name or bad argument fails before sampling
+            sampler = DiscreteSVDD(base=sampler, reward=reward, particles=particles, alpha=alpha)
         sampler.check_length(loaded.length)
         labels = loaded.labels(n, label)
         loaded.model(labels, 1.0 if guidance is None else guidance)  # checks guidance against the labels
@@ -450,11 +462,18 @@ def _sample_masked(model, solver, steps, n, batch_size, seed, out, save, guidanc
         "seed": 0 if seed is None else seed, "guidance": 1.0 if guidance is None else guidance, "label": label,
         "nfe": result.nfe, "mean_calls": result.mean_calls, "seconds": result.seconds,
         "images_per_second": n / result.seconds, "out": str(out), "save": None if save is None else str(save),
-        "device": str(torch.device(device)),
+        "device": str(torch.device(device)), "reward": reward, "particles": particles, "alpha": alpha,
     }  # fmt: skip
+    scored = ""
+    if reward is not None:
+        from ..rewards import get_reward
+
+        values = get_reward(reward)(result.images01).detach().cpu().double()
+        data |= {"reward_mean": float(values.mean()), "reward_p10": float(values.quantile(0.1))}
+        scored = f", reward {reward} with {particles} particle(s): mean {data['reward_mean']:.4g}"
     _emit(fmt, data, f"{loaded.info.name}: {n} images with {description}, {result.nfe} network calls "
                      f"({result.mean_calls:.1f} per sample on average), {result.seconds:.2f} s "
-                     f"({n / result.seconds:.1f} images/s) -> {out}")  # fmt: skip
+                     f"({n / result.seconds:.1f} images/s){scored} -> {out}")  # fmt: skip
 
 
 def _agree(command: str, loaded: Any = None, recipe: Any = None, **settings: Any) -> None:

@@ -122,8 +122,12 @@ class DiscreteSampler(Config):
         name = next(
             (n for n in DISCRETE_SAMPLERS.names() if DISCRETE_SAMPLERS.get(n) is type(self)), type(self).__name__
         )
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != f.default]  # fmt: skip
+
+        def shown(value: Any) -> str:
+            return value.describe() if isinstance(value, DiscreteSampler) else repr(value)
+
+        changed = [f"{f.name}={shown(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if f.compare and getattr(self, f.name) != f.default]  # fmt: skip
         return f"{name}({', '.join(changed)})" if changed else name
 
     def check_length(self, length: int) -> None:
