@@ -80,6 +80,16 @@ def _isolated_ink(images: torch.Tensor) -> torch.Tensor:
     return (ink & (neighbours == 0)).flatten(1).sum(1).double()
 
 
+def float32_win_ratio(q: float) -> float:
+    """How often a float32 Gumbel-max draw picks an outcome of probability ``q`` against one of ``1 - q``, as a
+    share of ``q`` (1: exact). torch.rand's float32 uniforms are ``k / 2^24``; the sum runs over all of them."""
+    import numpy as np
+
+    u = np.arange(1, 2**24, dtype=np.float64) / 2**24
+    cut = -np.log(-np.log(u)) + np.log(q) - np.log1p(-q)  # the value wins when the other's Gumbel is below this
+    return float(np.exp(-np.exp(-cut)).sum() / 2**24 / q)
+
+
 def precision(args: argparse.Namespace) -> dict:
     from hasten.discrete import generate_masked, load_masked
 
@@ -106,8 +116,10 @@ def precision(args: argparse.Namespace) -> dict:
     real_stats = {"ink_share": float(real.mean()), "isolated_ink_pixels": float(_isolated_ink(real).mean()),
                   "within_class_pixel_variance": float(torch.stack(
                       [real[heldout.labels[: args.n] == c].var(0).mean() for c in range(10)]).mean())}  # fmt: skip
+    ratios = {f"{q:.0e}": float32_win_ratio(q) for q in (1e-4, 1e-5, 1e-6, 1e-7, 3e-8, 1e-8)}
     return {"model": args.model, "fingerprint": model.fingerprint, "rows": rows, "heldout_binary": real_stats,
-            "fd_real_vs_real_binary": real_vs_real_fd(args.n, data="mnist-binary")}  # fmt: skip
+            "fd_real_vs_real_binary": real_vs_real_fd(args.n, data="mnist-binary"),
+            "float32_draw_rate_over_probability": ratios}  # fmt: skip
 
 
 def card(args: argparse.Namespace) -> dict:
