@@ -239,6 +239,14 @@ class FirstHittingSampler(DiscreteSampler):
         return self.tokens_per_call if self.calls is None else -(-length // self.calls)
 
     def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness) -> DiscreteSample:
+        return self.unmask(model, x, mask_id, generator)
+
+    def unmask(
+        self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness,
+        draw: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> DiscreteSample:  # fmt: skip
+        """The sampler's loop. ``draw(logits, x_rows, rows) -> values [b, L]`` replaces the factorised draw of the
+        values an event may unmask (the hook of the energy-corrected sampler, :mod:`hasten.discrete.energy`)."""
         self.check_length(x.shape[1])
         per_call = self.per_call(x.shape[1])
         calls = torch.zeros(x.shape[0], dtype=torch.long)
@@ -255,7 +263,10 @@ class FirstHittingSampler(DiscreteSampler):
             k = min(per_call, int(left[rows].max()))
             chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
             chosen &= masked[rows]
-            values = categorical(logits, generator, self.categorical_dtype, rows)
+            if draw is None:
+                values = categorical(logits, generator, self.categorical_dtype, rows)
+            else:
+                values = draw(logits, x[rows], rows)
             x = x.clone()
             x[rows] = torch.where(chosen, values, x[rows])
         return DiscreteSample(x, calls)
