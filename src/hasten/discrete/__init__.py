@@ -12,6 +12,7 @@ one on binarised images (no bundled model, CLI or bench yet). Nothing here touch
 
 from __future__ import annotations
 
+from .energy import AutoregressiveEnergy, EnergyCorrectedSampler, train_autoregressive
 from .generate import MaskedDiffusionModel, MaskedGeneration, generate_masked, is_masked_folder, load_masked
 from .masking import LogLinearMask, mdlm_loss
 from .model import MaskedTrainConfig, MaskedUNet, binarise, train_masked
@@ -30,7 +31,9 @@ from .sampling import (
 __all__ = [
     "DISCRETE_SAMPLERS",
     "AncestralSampler",
+    "AutoregressiveEnergy",
     "DiscreteSample",
+    "EnergyCorrectedSampler",
     "FirstHittingSampler",
     "JointTable",
     "LogLinearMask",
@@ -47,5 +50,6 @@ __all__ = [
     "load_masked",
     "mdlm_loss",
     "sample_discrete",
+    "train_autoregressive",
     "train_masked",
 ]
