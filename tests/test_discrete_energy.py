@@ -256,3 +256,29 @@ def test_pixelcnn_is_causal_and_trains_and_resumes(tmp_path):
     assert nll < 0.6 * 16 * math.log(2), nll  # well below the 11.1 nats of independent fair bits
     with pytest.raises(FileExistsError):
         train_autoregressive(tmp_path / "ar", config, tokens=tokens, grid=(4, 4), progress=False)
+
+
+def test_conditional_energy_gets_the_labels_of_the_masked_model():
+    """A masked-model callable carries its batch's labels (MaskedDiffusionModel.model sets ``.labels``); the
+    sampler rebinds a conditional energy to them, and the energy sees batch rows, as the masked model does."""
+    table = correlated_table()
+    joint = JointTable(table)
+
+    def model(x, rows):
+        return joint(x, rows)
+
+    model.labels = torch.tensor([3, 1, 4, 1, 5])
+    seen = {}
+
+    class Conditional(AutoregressiveEnergy):
+        def for_labels(self, labels):
+            seen["labels"] = labels
+            return super().for_labels(labels)
+
+        def log_prob(self, x0, rows):
+            seen.setdefault("rows", set()).update(rows.tolist())
+            return super().log_prob(x0, rows)
+
+    sampler = EnergyCorrectedSampler(energy=Conditional(TableChain(table)), k=2, calls=2, window=(0.0, 1.0))
+    sampler.run(model, torch.full((5, L), V), V, torch.Generator().manual_seed(0))
+    assert torch.equal(seen["labels"], model.labels) and seen["rows"] == set(range(5))

@@ -30,6 +30,7 @@ Recurrent Neural Networks", ICML 2016 (masked convolutions, type A/B).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -263,7 +264,9 @@ class AutoregressiveEnergy:
         self.model, self.labels = model, labels
 
     def for_labels(self, labels: Tensor | None) -> AutoregressiveEnergy:
-        return AutoregressiveEnergy(self.model, labels)
+        bound = copy.copy(self)
+        bound.labels = labels
+        return bound
 
     @torch.no_grad()
     def log_prob(self, x0: Tensor, rows: Tensor) -> Tensor:
