@@ -10,6 +10,9 @@ Cost is counted twice: network calls + energy evaluations per sequence, and seco
         --energy runs/ar-mnist --out benchmarks/results/discrete/edlm.json
 
 Results are written after every run and a rerun skips the runs the file already holds (same settings).
+``--ar-samples`` scores the energy model's own samples (784 AR passes each; the law the AR correction tends to as
+``k`` grows) into the same file. Settings also record the masked model's held-out negative ELBO beside the energy
+model's held-out NLL: which of the two is the better model of the data decides whether the correction can help.
 """
 
 from __future__ import annotations
@@ -100,6 +103,24 @@ def held_out_nll(energy_folder: str, count: int = 1000) -> float:
         return round(-float(ar.log_prob(tokens, held.labels[:count]).mean()), 2)
 
 
+def masked_nelbo(model, count: int = 256, draws: int = 8, seed: int = 0) -> float:
+    """The masked model's negative ELBO (an upper bound on its NLL, nats per digit) on binarised held-out digits:
+    the MDLM loss averaged over ``draws`` antithetic time draws. Beside the AR's exact NLL it says which of the
+    two models is the better model of the data: the AR correction can only help if the AR is."""
+    from hasten.discrete import LogLinearMask, mdlm_loss
+
+    held = _split("mnist", "heldout")
+    x0, y = (held.images[:count] >= 128).long().flatten(1), held.labels[:count]
+    schedule, gen, losses = LogLinearMask(1e-3), torch.Generator().manual_seed(seed), []
+    with torch.no_grad():
+        for _ in range(draws):
+            u = (torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(count) / count) % 1
+            t = (1 - 1e-3) * u + 1e-3
+            x_t = schedule.mask(x0, t, model.mask_id, gen)
+            losses.append(mdlm_loss(model.network(x_t, y), x0, x_t, t, model.mask_id, schedule))
+    return round(float(torch.stack(losses).double().mean()), 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="masked model: bundled name or folder")
@@ -122,8 +143,10 @@ def main() -> None:
         result = {"energy": str(args.energy), "n": args.n, "seconds": drawn["seconds"], "ar_passes": drawn["ar_passes"],
                   **score(drawn["images01"], labels, binary_reference(args.n))}  # fmt: skip
         print(json.dumps(result), flush=True)
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+        out = pathlib.Path(args.out)  # beside the runs, under "autoregressive_samples"
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results | {"autoregressive_samples": result}, indent=2, default=str))
         return
 
     torch.set_grad_enabled(False)
@@ -144,6 +167,8 @@ def main() -> None:
     ref = binary_reference(args.n)
     results["settings"]["fd_real_vs_real_binarised"] = round(ref["floor"], 3)
     results["settings"]["energy_heldout_nll_nats"] = held_out_nll(args.energy)
+    if "model_heldout_nelbo_nats" not in results["settings"]:
+        results["settings"]["model_heldout_nelbo_nats"] = masked_nelbo(model)
     plan = [("first_hitting", {"calls": c}) for c in args.plain_calls] + [
         ("edlm", {"calls": c, "k": k, "energy": str(args.energy), "window": tuple(args.window),
                   "temperature": args.temperature})
