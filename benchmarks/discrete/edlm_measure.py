@@ -167,8 +167,14 @@ def main() -> None:
     ref = binary_reference(args.n)
     results["settings"]["fd_real_vs_real_binarised"] = round(ref["floor"], 3)
     results["settings"]["energy_heldout_nll_nats"] = held_out_nll(args.energy)
+    trained = json.loads((pathlib.Path(args.energy) / "autoregressive.json").read_text())
+    results["settings"]["energy_network"] = trained["network"] | {
+        key: trained["training"][key] for key in ("steps", "images_seen", "seconds", "parameters", "machine")
+    }
     if "model_heldout_nelbo_nats" not in results["settings"]:
         results["settings"]["model_heldout_nelbo_nats"] = masked_nelbo(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
     plan = [("first_hitting", {"calls": c}) for c in args.plain_calls] + [
         ("edlm", {"calls": c, "k": k, "energy": str(args.energy), "window": tuple(args.window),
                   "temperature": args.temperature})
