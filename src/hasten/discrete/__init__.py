@@ -14,6 +14,7 @@ one on binarised images (no bundled model, CLI or bench yet), and reward steerin
 from __future__ import annotations
 
 from .drakes import DrakesConfig, fine_tune
+from .energy import AutoregressiveEnergy, EnergyCorrectedSampler, train_autoregressive
 from .generate import MaskedDiffusionModel, MaskedGeneration, generate_masked, is_masked_folder, load_masked
 from .masking import LogLinearMask, mdlm_loss
 from .model import MaskedTrainConfig, MaskedUNet, binarise, train_masked
@@ -34,9 +35,11 @@ from .svdd import DiscreteSVDD
 __all__ = [
     "DISCRETE_SAMPLERS",
     "AncestralSampler",
+    "AutoregressiveEnergy",
     "DiscreteSVDD",
     "DiscreteSample",
     "DrakesConfig",
+    "EnergyCorrectedSampler",
     "FirstHittingSampler",
     "JointTable",
     "LogLinearMask",
@@ -55,5 +58,6 @@ __all__ = [
     "mdlm_loss",
     "parse_discrete_sampler",
     "sample_discrete",
+    "train_autoregressive",
     "train_masked",
 ]

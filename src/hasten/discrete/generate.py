@@ -125,6 +125,7 @@ class MaskedDiffusionModel:
             cond, uncond = both.float().log_softmax(-1).chunk(2)
             return (guidance * cond + (1 - guidance) * uncond).log_softmax(-1)
 
+        evaluate.labels = labels  # what a sampler's own conditional parts (an EDLM energy) are given
         return evaluate
 
     def to_images(self, tokens: Tensor) -> Tensor:

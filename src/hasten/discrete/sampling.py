@@ -270,6 +270,14 @@ class FirstHittingSampler(DiscreteSampler):
         return self.tokens_per_call if self.calls is None else -(-length // self.calls)
 
     def run(self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness) -> DiscreteSample:
+        return self.unmask(model, x, mask_id, generator)
+
+    def unmask(
+        self, model: MaskedModel, x: Tensor, mask_id: int, generator: Randomness,
+        draw: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> DiscreteSample:  # fmt: skip
+        """The sampler's loop. ``draw(logits, x_rows, rows) -> values [b, L]`` replaces the factorised draw of the
+        values an event may unmask (the hook of the energy-corrected sampler, :mod:`hasten.discrete.energy`)."""
         self.check_length(x.shape[1])
         per_call = self.per_call(x.shape[1])
         calls = torch.zeros(x.shape[0], dtype=torch.long)
@@ -282,19 +290,26 @@ class FirstHittingSampler(DiscreteSampler):
             logits = _evaluate(model, x[rows], rows, mask_id)
             calls[rows] += 1
             x = x.clone()
-            x[rows] = self.move(logits, x[rows], per_call, generator, rows)
+            x[rows] = self.move(logits, x[rows], per_call, generator, rows, draw)
         return DiscreteSample(x, calls)
 
-    def move(self, logits: Tensor, x: Tensor, per_call: int, generator: Randomness, rows: Tensor) -> Tensor:
+    def move(
+        self, logits: Tensor, x: Tensor, per_call: int, generator: Randomness, rows: Tensor,
+        draw: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
         """One event on the batch rows ``rows`` (``x`` holds them, each with a masked token): ``per_call`` of
-        each row's masked positions unmasked to values drawn from the network's ``logits`` at ``x``."""
+        each row's masked positions unmasked to values drawn from the network's ``logits`` at ``x`` (or by
+        ``draw(logits, x, rows)``, the energy-corrected sampler's hook)."""
         masked = x == logits.shape[-1]
         # k masked positions per row: the k largest scores among the masked ones
         scores = self._scores(logits, masked, generator, rows).masked_fill(~masked, -math.inf)
         k = min(per_call, int(masked.sum(dim=1).max()))
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
         chosen &= masked
-        values = categorical(logits, generator, self.categorical_dtype, rows)
+        if draw is None:
+            values = categorical(logits, generator, self.categorical_dtype, rows)
+        else:
+            values = draw(logits, x, rows)
         return torch.where(chosen, values, x)
 
     def _scores(self, logits: Tensor, masked: Tensor, generator: Randomness, rows: Tensor) -> Tensor:
