@@ -117,6 +117,9 @@ def _plot(rows: list[dict[str, Any]], x: str, y: str, path: pathlib.Path, xlabel
             ax.plot(xs, ys, "*", color="crimson", ms=11, label=name, zorder=5)
         elif row_kind(pts[0]) == "student":
             ax.plot(xs, ys, "D", color=STUDENT_COLOUR, ms=7, label=name, zorder=5)
+        elif row_kind(pts[0]) == "discrete":  # a masked model's samplers: one colour per sampler
+            colour = plt.get_cmap("tab10")(sorted(series).index(name) % 10)
+            ax.plot(xs, ys, "o-", color=colour, lw=1.4, ms=4, label=name, zorder=4)
         elif not crowded or name in named:
             colour = COLOURS.get(lib, OTHER_COLOUR)
             ax.plot(xs, ys, "o-" if lib == "hasten" else "s--", color=colour, alpha=0.8 if crowded else 0.55,
