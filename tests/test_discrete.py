@@ -188,6 +188,13 @@ def test_generate_masked_is_batch_independent_and_counts_calls(tiny_masked):
     c = generate_masked(model, 2, "ancestral", steps=3, seed=5, batch_size=2, guidance=2.0, label=4)
     assert c.labels.tolist() == [4, 4] and c.nfe <= 3 and set(c.images01.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(generate_masked(model, 3, "first_hitting", calls=3, seed=6).tokens, a.tokens)
+    from hasten.discrete import EnergyCorrectedSampler
+
+    def flat(x0, x_t, rows, proposal):  # a constant energy: the corrected sampler's cost is still counted
+        return torch.zeros(x0.shape[0], dtype=torch.float64)
+
+    corrected = generate_masked(model, 2, EnergyCorrectedSampler(energy=flat, k=2, calls=2, window=(0.0, 1.0)))
+    assert a.energy_calls is None and corrected.energy_calls.shape == (2,) and int(corrected.energy_calls.min()) > 0
     with pytest.raises(ValueError, match="call budget of 800 cannot be met on 784 tokens"):
         generate_masked(model, 1, "first_hitting", calls=800)
     with pytest.raises(ValueError, match=r"label must be an integer in 0\.\.10"):

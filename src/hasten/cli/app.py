@@ -463,14 +463,17 @@ def _sample_masked(
         "nfe": result.nfe, "mean_calls": result.mean_calls, "seconds": result.seconds,
         "images_per_second": n / result.seconds, "out": str(out), "save": None if save is None else str(save),
         "device": str(torch.device(device)), "reward": reward, "particles": particles, "alpha": alpha,
+        "mean_energy_calls": None if result.energy_calls is None else float(result.energy_calls.double().mean()),
     }  # fmt: skip
     scored = ""
+    if result.energy_calls is not None:
+        scored = f", {data['mean_energy_calls']:.1f} energy evaluations per sample"
     if reward is not None:
         from ..rewards import get_reward
 
         values = get_reward(reward)(result.images01).detach().cpu().double()
         data |= {"reward_mean": float(values.mean()), "reward_p10": float(values.quantile(0.1))}
-        scored = f", reward {reward} with {particles} particle(s): mean {data['reward_mean']:.4g}"
+        scored += f", reward {reward} with {particles} particle(s): mean {data['reward_mean']:.4g}"
     _emit(fmt, data, f"{loaded.info.name}: {n} images with {description}, {result.nfe} network calls "
                      f"({result.mean_calls:.1f} per sample on average), {result.seconds:.2f} s "
                      f"({n / result.seconds:.1f} images/s){scored} -> {out}")  # fmt: skip

@@ -182,6 +182,7 @@ class MaskedGeneration:
     calls: Tensor  # [N] network evaluations of each sequence
     seconds: float  # sampling alone
     sampler: DiscreteSampler
+    energy_calls: Tensor | None = None  # [N] energy evaluations of each sequence (an energy-corrected sampler's)
 
     @property
     def nfe(self) -> int:
@@ -235,7 +236,7 @@ def generate_masked(
         raise ValueError(f"labels must be [n] = [{n}] class indices of a conditional model, got {tuple(labels.shape)}")
     elif int(labels.min()) < 0 or int(labels.max()) > model.info.num_classes:
         raise ValueError(f"labels must lie in 0..{model.info.num_classes} ({model.info.num_classes}: the null class)")
-    tokens, calls = [], []
+    tokens, calls, energy_calls = [], [], []
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         rows = range(first, min(n, first + batch_size))
@@ -244,10 +245,13 @@ def generate_masked(
         out = chosen.run(model.model(batch_labels, guidance), x, model.mask_id, row_generators(seed, rows))
         tokens.append(out.tokens.cpu())
         calls.append(out.calls)
+        if getattr(out, "energy_calls", None) is not None:
+            energy_calls.append(out.energy_calls)
         if callback is not None:
             callback(rows.stop, n)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     all_tokens = torch.cat(tokens)
-    return MaskedGeneration(all_tokens, model.to_images(all_tokens), labels, torch.cat(calls), seconds, chosen)
+    energy = torch.cat(energy_calls) if energy_calls else None
+    return MaskedGeneration(all_tokens, model.to_images(all_tokens), labels, torch.cat(calls), seconds, chosen, energy)
