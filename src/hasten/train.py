@@ -198,6 +198,27 @@ def _read_checkpoint(folder: pathlib.Path, device: torch.device) -> tuple[dict[s
     )
 
 
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    params: list[nn.Parameter],
+    grad_clip: float,
+    *,
+    lr: float | None = None,
+    warmup_steps: int = 1,
+    index: int = 0,
+) -> None:
+    """One update as every hasten trainer makes it: with ``lr``, the learning rate warmed up linearly over
+    ``warmup_steps`` (step ``index``); then backward, gradients clipped to norm ``grad_clip``, the optimiser step."""
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (index + 1) / warmup_steps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def ema_update(ema: nn.Module, net: nn.Module, step: int, decay: float) -> None:
     """One EMA step with a warm-up, so early averages are not dominated by the random initialisation."""
     rate = min(decay, (1 + step) / (10 + step))
@@ -398,13 +419,9 @@ def train(
             y = labels[idx].clone()
             drop = torch.rand(config.batch_size, generator=gen, device=device) < config.cfg_dropout
             y[drop] = num_classes  # the null class
-        for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
         loss = _loss(model, x0, y, config.objective, ab, gen, rows=rows) * share
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net_params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, net_params, config.grad_clip, lr=config.lr, warmup_steps=config.warmup_steps,
+                       index=index)  # fmt: skip
         ema_update(ema, net, index, config.ema_decay)
         # DDP averages the gradients over the processes; the loop sums the values: each returns its weighted share
         return loss.item() / distributed.world_size()

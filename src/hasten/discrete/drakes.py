@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import RunConfig
 from .model import OBJECTIVE, MaskedUNet
@@ -180,7 +180,7 @@ def fine_tune(
     """
     from ..models.zoo import ModelInfo, save_model
     from ..rewards import get_reward
-    from ..train import TrainingLoop, ema_update
+    from ..train import TrainingLoop, ema_update, optimizer_step
     from .generate import load_masked
 
     folder = pathlib.Path(out)
@@ -220,10 +220,7 @@ def fine_tune(
             raise ValueError(f"reward {config.reward!r} has no gradient in the images; DRAKES backpropagates "
                              "through it (use SVDD for a reward without one)")  # fmt: skip
         loss = -r.mean() + config.alpha * kl.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, config.grad_clip)
         ema_update(ema, net, index, config.ema_decay)
         # the reward and KL of the last batch, kept in the checkpoint (the loop restores "method." counters)
         loop.counters["method.reward"] = float(r.detach().mean())

@@ -169,7 +169,7 @@ def train_autoregressive(
     from safetensors.torch import save_file
 
     from .._io import atomic_path, write_text_atomic
-    from ..train import TrainingLoop, ema_update
+    from ..train import TrainingLoop, ema_update, optimizer_step
     from .model import binarise
 
     config = ARTrainConfig() if config is None else config
@@ -215,12 +215,8 @@ def train_autoregressive(
             y = labels[idx].clone()
             y[torch.rand(config.batch_size, generator=gen) < config.label_dropout] = num_classes  # no class
         loss = -net.log_prob(x0, y).float().mean() / x0.shape[1]  # nats per token
-        for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, config.grad_clip, lr=config.lr, warmup_steps=config.warmup_steps,
+                       index=index)  # fmt: skip
         ema_update(ema, net, index, config.ema_decay)
         return float(loss.detach())
 

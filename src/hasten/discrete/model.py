@@ -127,7 +127,7 @@ def train_masked(
     training record."""
     from ..data import load_dataset
     from ..models.zoo import ModelInfo, save_model
-    from ..train import TrainingLoop, ema_update
+    from ..train import TrainingLoop, ema_update, optimizer_step
 
     config = MaskedTrainConfig() if config is None else config
     folder = pathlib.Path(out)
@@ -172,12 +172,8 @@ def train_masked(
         x0, x_t, t = x0.to(device), x_t.to(device), t.to(device)
         y = None if y is None else y.to(device)
         loss = mdlm_loss(net(x_t, y), x0, x_t, t, mask_id, schedule).mean() / x0.shape[1]  # per token
-        for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (index + 1) / config.warmup_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, config.grad_clip, lr=config.lr, warmup_steps=config.warmup_steps,
+                       index=index)  # fmt: skip
         ema_update(ema, net, index, config.ema_decay)
         return float(loss.detach())
 
