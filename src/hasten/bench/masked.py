@@ -63,8 +63,12 @@ def series_name(sampler: Any, guidance: float) -> str:
 
 def run_masked_bench(config: Any, folder: pathlib.Path, resume: bool, on_row, started: float) -> list[dict[str, Any]]:
     """Run (or continue) a masked model's bench into ``folder`` (the continuous bench's files and resume rules)."""
+    from .. import distributed
     from ..discrete import generate_masked, load_masked
 
+    if distributed.sharding():  # every process would sample every row and write the same files
+        raise BenchError(f"{config.model} is a masked model; its bench is not sharded over processes: run it "
+                         "without torchrun")  # fmt: skip
     extras = [flag for flag, given in (("--plan", config.plans), ("--accel", config.accels),
                                        ("--quant", config.quants), ("--recipe", config.recipes),
                                        ("--student", config.students), ("--pipeline", config.pipeline),

@@ -1476,7 +1476,7 @@ def _train_masked(out, arch, data, minutes, batch_size, lr, ema_decay, checkpoin
             checkpoint_minutes=checkpoint_minutes, seed=seed, **({} if max_steps is None else {"max_steps": max_steps}),
         )  # fmt: skip
         record = train_masked(out, config, progress=fmt is OutputFormat.text, device=device)
-    except (KeyError, ValueError) as err:
+    except (FileExistsError, KeyError, ValueError) as err:  # FileExistsError: --force cannot replace a finished one
         _fail(str(err.args[0]) if err.args else str(err))
     data_out = {
         "out": str(out), "steps": record["steps"], "images": record["images_seen"], "seconds": record["seconds"],
