@@ -81,6 +81,43 @@ def test_pruned_networks_keep_their_shapes_and_a_zero_ratio_changes_nothing(name
         assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.375])
+def test_a_unet_loses_whole_groupnorm_groups_and_the_groups_it_keeps_normalise_as_before(ratio):
+    """Torch-Pruning alone removes the same positions from every GroupNorm group (32 channels in 16 groups can
+    only become 16 groups of one, which changes every group's statistics); hasten removes whole groups, so a
+    kept group's normalised output is the unpruned norm's, exactly."""
+    model = load("mnist-unet")
+    base = model.network
+    small = surgery.example_inputs(base, model.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    pruned = surgery.copy_with_gradients(base)
+    surgery.prune_channels(pruned, small, ratio, imp.channel_importance("magnitude"))
+    checked = 0
+    for name, module in base.named_modules():
+        if not (name.endswith("resnets.0") and hasattr(module, "norm2")):
+            continue
+        theirs, ours = module, pruned.get_submodule(name)
+        size = theirs.norm2.num_channels // theirs.norm2.num_groups
+        # the conv before norm2 keeps whole output filters: find each kept filter among the unpruned ones
+        before, after = theirs.conv1.weight.flatten(1), ours.conv1.weight.flatten(1)
+        kept = [int((before[:, : after.shape[1]] - row).abs().sum(1).argmin()) if after.shape[1] == before.shape[1]
+                else None for row in after]  # fmt: skip
+        if None in kept:  # its input was pruned too: match on the bias, unique per filter
+            kept = [int((theirs.conv1.bias - b).abs().argmin()) for b in ours.conv1.bias]
+        assert len(kept) == int(round(theirs.norm2.num_channels * (1 - ratio)))
+        groups = sorted({k // size for k in kept})
+        assert sorted(kept) == [g * size + j for g in groups for j in range(size)]  # whole groups
+        assert ours.norm2.num_groups == len(groups)
+        h = torch.randn(3, theirs.norm2.num_channels, 7, 7)
+        kept_t = torch.tensor(sorted(kept))
+        with torch.no_grad():
+            order = torch.tensor(kept).argsort()
+            expected = theirs.norm2(h)[:, kept_t]
+            got = ours.norm2(h[:, torch.tensor(kept)])[:, order]
+        torch.testing.assert_close(got, expected)
+        checked += 1
+    assert checked >= 4
+
+
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):
     settings = dict(ratio=0.5, batch_size=4, finetune_minutes=5, progress=False, steps=4, importance="magnitude")
     hasten.prune(tiny_model, tmp_path / "a", max_steps=4, **settings)

@@ -159,16 +159,19 @@ def prune_channels(
         ]  # fmt: skip
     else:
         ignored = [_output_layer(network)]
+    norms = {m: m.num_channels // m.num_groups for m in network.modules() if isinstance(m, nn.GroupNorm)}
     was_training, grads = network.training, [p.requires_grad for p in network.parameters()]
     network.eval().requires_grad_(True)  # the dependency graph traces autograd: a frozen network shows nothing
     try:
         pruner = tp.pruner.MetaPruner(
-            network, inputs, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
-            num_heads=heads, prune_head_dims=True, prune_num_heads=False, round_to=round_to,
-            forward_fn=lambda module, example: _call(module, example),
+            network, inputs, importance=_WholeNormGroups(importance, norms) if norms else importance,
+            pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads, prune_head_dims=True,
+            prune_num_heads=False, round_to=round_to, forward_fn=lambda module, example: _call(module, example),
+            customized_pruners={nn.GroupNorm: _GroupNormChannels()},
         )  # fmt: skip
         for group in pruner.step(interactive=True):
             group.prune()
+        _regroup_norms(norms)
     finally:
         for module, processor in zip(attention, processors, strict=True):
             module.set_processor(processor)
@@ -177,6 +180,87 @@ def prune_channels(
             p.requires_grad_(flag)
     _sync_widths(network)
     return network
+
+
+def _group_norm_pruner_base() -> type:
+    from torch_pruning.pruner.function import GroupNormPruner
+
+    return GroupNormPruner
+
+
+class _GroupNormChannels(_group_norm_pruner_base()):  # type: ignore[misc]
+    """Torch-Pruning's GroupNorm handler, told the norm has no channel groups of its own.
+
+    Torch-Pruning treats a GroupNorm like a grouped convolution: it removes the same positions from every group,
+    so 32 channels in 16 groups can only become 16 channels in 16 groups of one, which changes every group's
+    statistics (a diffusion UNet pruned that way did not recover in a 30-minute fine-tune). Here the norm's
+    channels are pruned like any other's; :class:`_WholeNormGroups` makes the ranking take whole groups and
+    :func:`_regroup_norms` sets ``num_groups`` afterwards, so the groups that stay see exactly the statistics they
+    saw before."""
+
+    def get_in_channel_groups(self, layer: nn.GroupNorm) -> int:
+        return 1
+
+    def get_out_channel_groups(self, layer: nn.GroupNorm) -> int:
+        return 1
+
+
+class _WholeNormGroups:
+    """A Torch-Pruning importance whose channels that share a GroupNorm group share one score (their mean).
+
+    Ranked by that score, the lowest ``k`` channels are whole groups whenever ``k`` is a multiple of the group
+    size (the ratio decides ``k``; a UNet's widths are usually multiples of every group size at round ratios).
+    Groups are joined across the norms a channel reaches (a skip connection feeds two norms); a norm that sees
+    this dependency group's channels only partly in a group (a concatenation that splits a group) is not used
+    for the ranking: its grouping cannot be kept and :func:`_regroup_norms` regroups it."""
+
+    def __init__(self, base: Any, group_sizes: dict[nn.Module, int]) -> None:
+        self.base, self.group_sizes = base, group_sizes
+
+    def __call__(self, group: Any) -> Tensor | None:
+        imp = self.base(group)
+        if imp is None:
+            return None
+        parent = list(range(len(imp)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for item in group:
+            module = item.dep.target.module
+            size = self.group_sizes.get(module)
+            if size is None or item.root_idxs is None:
+                continue
+            blocks: dict[int, list[int]] = {}
+            for idx, root in zip(item.idxs, item.root_idxs, strict=True):
+                blocks.setdefault(int(idx) // size, []).append(int(root))
+            for members in blocks.values():
+                if len(members) == size:  # the whole norm group is in this dependency group
+                    for other in members[1:]:
+                        parent[find(other)] = find(members[0])
+        roots = torch.tensor([find(i) for i in range(len(imp))], device=imp.device)
+        mean = torch.zeros_like(imp).index_add_(0, roots, imp) / torch.bincount(roots, minlength=len(imp)).clamp(
+            min=1
+        ).to(imp)
+        # ties between two groups with equal means would interleave them in the ranking: break them by group
+        return mean[roots] + roots.to(imp) * torch.finfo(imp.dtype).eps * mean.abs().max().clamp(min=1e-30)
+
+
+def _regroup_norms(group_sizes: dict[nn.Module, int]) -> None:
+    """After pruning, give every GroupNorm its old group size back (``num_groups = channels / size``), or the
+    nearest group count that divides its channels when whole groups could not be kept."""
+    for norm, size in group_sizes.items():
+        channels = norm.num_channels
+        if channels % size == 0:
+            norm.num_groups = channels // size
+            continue
+        want = max(1, round(channels / size))
+        norm.num_groups = min(
+            (g for g in range(1, channels + 1) if channels % g == 0), key=lambda g: (abs(g - want), -g)
+        )
 
 
 def _output_layer(network: nn.Module) -> nn.Module:
