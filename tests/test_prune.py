@@ -97,13 +97,9 @@ def test_a_unet_loses_whole_groupnorm_groups_and_the_groups_it_keeps_normalise_a
             continue
         theirs, ours = module, pruned.get_submodule(name)
         size = theirs.norm2.num_channels // theirs.norm2.num_groups
-        # the conv before norm2 keeps whole output filters: find each kept filter among the unpruned ones
-        before, after = theirs.conv1.weight.flatten(1), ours.conv1.weight.flatten(1)
-        kept = [int((before[:, : after.shape[1]] - row).abs().sum(1).argmin()) if after.shape[1] == before.shape[1]
-                else None for row in after]  # fmt: skip
-        if None in kept:  # its input was pruned too: match on the bias, unique per filter
-            kept = [int((theirs.conv1.bias - b).abs().argmin()) for b in ours.conv1.bias]
-        assert len(kept) == int(round(theirs.norm2.num_channels * (1 - ratio)))
+        # the conv before norm2 keeps whole output filters: find each kept one by its bias (unique per filter)
+        kept = [int((theirs.conv1.bias - b).abs().argmin()) for b in ours.conv1.bias]
+        assert len(kept) == round(theirs.norm2.num_channels * (1 - ratio))
         groups = sorted({k // size for k in kept})
         assert sorted(kept) == [g * size + j for g in groups for j in range(size)]  # whole groups
         assert ours.norm2.num_groups == len(groups)
@@ -116,6 +112,30 @@ def test_a_unet_loses_whole_groupnorm_groups_and_the_groups_it_keeps_normalise_a
         torch.testing.assert_close(got, expected)
         checked += 1
     assert checked >= 4
+
+
+def test_levels_prune_only_the_named_unet_resolution_levels():
+    model = load("mnist-unet")
+    base = model.network
+    small = surgery.example_inputs(base, model.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    pruned = surgery.copy_with_gradients(base)
+    surgery.prune_channels(pruned, small, 0.5, imp.channel_importance("magnitude"), levels=[1, 2])
+    assert pruned.conv_in.out_channels == 32 and pruned.down_blocks[0].resnets[0].conv2.out_channels == 32
+    assert pruned.up_blocks[2].resnets[-1].conv2.out_channels == 32  # level 0 kept
+    assert pruned.down_blocks[1].resnets[0].conv2.out_channels == 32  # level 1: 64 -> 32
+    assert pruned.mid_block.resnets[0].conv2.out_channels == 32  # level 2 (the mid block): 64 -> 32
+    with torch.no_grad():
+        assert surgery._call(pruned, small).shape == surgery._call(base, small).shape
+    with pytest.raises(ValueError, match=r"levels \[3\]: this UNet has levels 0..2"):
+        surgery.prune_channels(surgery.copy_with_gradients(base), small, 0.5, imp.channel_importance("magnitude"),
+                               levels=[3])  # fmt: skip
+    dit = load("mnist-dit")
+    dit_inputs = surgery.example_inputs(dit.network, dit.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    with pytest.raises(TypeError, match="levels are a UNet's resolution levels"):
+        surgery.prune_channels(dit.network, dit_inputs, 0.5, imp.channel_importance("magnitude"), levels=[0])
+    with pytest.raises(ValueError, match="levels"):
+        PruneOptions.create(ratio=0.5, levels=[-1])
+    assert PruneOptions.create(ratio=0.5, levels=[2, 1, 2]).levels == (1, 2)
 
 
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):

@@ -133,15 +133,18 @@ def prune_channels(
     importance: Any,
     *,
     round_to: int | None = None,
+    levels: Sequence[int] | None = None,
 ) -> nn.Module:
     """Prune ``network`` in place: ``ratio`` of every prunable group's channels (see the module docstring), the
-    lowest by ``importance`` (a Torch-Pruning importance; a Taylor importance reads the parameters' ``.grad``)."""
+    lowest by ``importance`` (a Torch-Pruning importance; a Taylor importance reads the parameters' ``.grad``).
+    ``levels`` (UNets): only the channels of these resolution levels (0 = full resolution) are pruned."""
     import torch_pruning as tp
     from diffusers.models.attention_processor import AttnProcessor
 
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"the pruning ratio must be in [0, 1), got {ratio}")
     kind = network_kind(network)
+    kept_levels = {} if levels is None else {m: 0.0 for m in _layers_outside(network, levels)}
     attention = _attention_modules(network)
     processors = [m.processor for m in attention]
     for module in attention:
@@ -165,7 +168,8 @@ def prune_channels(
     try:
         pruner = tp.pruner.MetaPruner(
             network, inputs, importance=_WholeNormGroups(importance, norms) if norms else importance,
-            pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads, prune_head_dims=True,
+            pruning_ratio=ratio, pruning_ratio_dict=kept_levels, ignored_layers=ignored, num_heads=heads,
+            prune_head_dims=True,
             prune_num_heads=False, round_to=round_to, forward_fn=lambda module, example: _call(module, example),
             customized_pruners={nn.GroupNorm: _GroupNormChannels()},
         )  # fmt: skip
@@ -261,6 +265,30 @@ def _regroup_norms(group_sizes: dict[nn.Module, int]) -> None:
         norm.num_groups = min(
             (g for g in range(1, channels + 1) if channels % g == 0), key=lambda g: (abs(g - want), -g)
         )
+
+
+def _layers_outside(network: nn.Module, levels: Sequence[int]) -> list[nn.Module]:
+    """The convolutions and linear layers of a UNet's resolution levels not in ``levels`` (their widths are
+    kept): ``down_blocks[i]`` is level ``i``, ``up_blocks[j]`` level ``L - 1 - j``, the mid block level ``L - 1``,
+    ``conv_in`` level 0. Only layers are named, not norms: a group's width belongs to the layers that write it
+    (a skip's norm in the next level's block reads it)."""
+    if network_kind(network) != "unet":
+        raise TypeError(f"levels are a UNet's resolution levels; {type(network).__name__} has none")
+    depth = len(network.down_blocks)
+    bad = sorted({int(v) for v in levels if not 0 <= int(v) < depth})
+    if bad or not levels:
+        raise ValueError(f"levels {list(levels)}: this UNet has levels 0..{depth - 1}")
+    by_level: dict[int, list[nn.Module]] = {0: [network.conv_in]}
+    for i, block in enumerate(network.down_blocks):
+        by_level.setdefault(i, []).append(block)
+    for j, block in enumerate(network.up_blocks):
+        by_level.setdefault(depth - 1 - j, []).append(block)
+    if getattr(network, "mid_block", None) is not None:
+        by_level.setdefault(depth - 1, []).append(network.mid_block)
+    keep = [level for level in by_level if level not in {int(v) for v in levels}]
+    return [
+        m for level in keep for part in by_level[level] for m in part.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
 
 
 def _output_layer(network: nn.Module) -> nn.Module:
