@@ -136,6 +136,9 @@ def test_levels_prune_only_the_named_unet_resolution_levels():
     with pytest.raises(ValueError, match="levels"):
         PruneOptions.create(ratio=0.5, levels=[-1])
     assert PruneOptions.create(ratio=0.5, levels=[2, 1, 2]).levels == (1, 2)
+    assert PruneOptions.create(ratio=0.5, levels="1,2").levels == (1, 2)  # as --option levels=1,2 passes it
+    with pytest.raises(ValueError, match="levels must be UNet level numbers"):
+        PruneOptions.create(ratio=0.5, levels="one")
 
 
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):

@@ -96,7 +96,11 @@ class PruneOptions(Config):
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("importance", self.importance, IMPORTANCES)
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
-        object.__setattr__(self, "levels", tuple(sorted({int(v) for v in self.levels})))
+        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels  # "1,2" from the CLI
+        try:
+            object.__setattr__(self, "levels", tuple(sorted({int(v) for v in levels})))
+        except (TypeError, ValueError):
+            raise ValueError(f"levels must be UNet level numbers such as 1,2; got {self.levels!r}") from None
         if self.levels and (self.structure != "channels" or min(self.levels) < 0):
             raise ValueError(f"levels {list(self.levels)} must be UNet resolution levels >= 0 (structure 'channels')")
         if self.structure == "channels":
