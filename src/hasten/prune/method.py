@@ -71,6 +71,8 @@ class PruneOptions(Config):
             per MAC than at 16 or 32.
         levels: UNets only: the resolution levels (0 = the full-resolution one, as in ``block_out_channels``)
             whose channels are pruned; the others keep their widths. Empty: every level.
+        mlp_ratio: Transformers only: the share of each MLP's hidden width removed (None: ``ratio``, which then
+            applies to the attention head dimension alone when this is set).
         taylor_levels, taylor_threshold, importance_batch: The Taylor importance's grid, early stop and batch.
         output_weight, data_weight, feature_weight, spectral_alpha: The fine-tune's loss (module docstring).
         solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
@@ -82,6 +84,7 @@ class PruneOptions(Config):
     importance: str = "taylor"
     round_to: int | None = None
     levels: tuple[int, ...] = ()
+    mlp_ratio: float | None = None
     taylor_levels: int = 32
     taylor_threshold: float = 0.05
     importance_batch: int = 64
@@ -117,6 +120,8 @@ class PruneOptions(Config):
                 raise ValueError("ratio is for structure 'channels'; structure 'blocks' takes blocks")
             if self.importance != "output_change":
                 raise ValueError(f"blocks are ranked by importance 'output_change', got {self.importance!r}")
+        if self.mlp_ratio is not None and (self.structure != "channels" or not 0.0 <= self.mlp_ratio < 1.0):
+            raise ValueError(f"mlp_ratio must be in [0, 1) with structure 'channels', got {self.mlp_ratio}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError(f"round_to must be None or >= 1, got {self.round_to}")
         if self.taylor_levels < 1 or self.importance_batch < 1:
@@ -227,7 +232,7 @@ class PruneMethod(DistillMethod):
         inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
         prune_channels(
             network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to,
-            levels=options.levels or None,
+            levels=options.levels or None, mlp_ratio=options.mlp_ratio,
         )  # fmt: skip
 
     def example_cond(self, n: int) -> dict[str, Tensor]:

@@ -114,12 +114,18 @@ def _transformer_roots(network: nn.Module) -> tuple[list[nn.Module], dict[nn.Mod
             for proj in (attn.to_q, attn.to_k, attn.to_v):
                 roots.append(proj)
                 heads[proj] = attn.heads
+    return roots + _mlp_inputs(network), heads
+
+
+def _mlp_inputs(network: nn.Module) -> list[nn.Module]:
+    """The first linear layer of every transformer block's MLP (its output is the hidden width)."""
+    layers = []
+    for block in network.transformer_blocks:
         ff = getattr(block, "ff", None)
-        if ff is not None:
-            first = next((m for m in ff.modules() if isinstance(m, nn.Linear)), None)
-            if first is not None:
-                roots.append(first)
-    return roots, heads
+        first = None if ff is None else next((m for m in ff.modules() if isinstance(m, nn.Linear)), None)
+        if first is not None:
+            layers.append(first)
+    return layers
 
 
 def _attention_modules(network: nn.Module) -> list[nn.Module]:
@@ -134,17 +140,25 @@ def prune_channels(
     *,
     round_to: int | None = None,
     levels: Sequence[int] | None = None,
+    mlp_ratio: float | None = None,
 ) -> nn.Module:
     """Prune ``network`` in place: ``ratio`` of every prunable group's channels (see the module docstring), the
     lowest by ``importance`` (a Torch-Pruning importance; a Taylor importance reads the parameters' ``.grad``).
-    ``levels`` (UNets): only the channels of these resolution levels (0 = full resolution) are pruned."""
+    ``levels`` (UNets): only the channels of these resolution levels (0 = full resolution) are pruned.
+    ``mlp_ratio`` (transformers): the MLPs' hidden widths lose this share instead of ``ratio``."""
     import torch_pruning as tp
     from diffusers.models.attention_processor import AttnProcessor
 
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"the pruning ratio must be in [0, 1), got {ratio}")
     kind = network_kind(network)
-    kept_levels = {} if levels is None else {m: 0.0 for m in _layers_outside(network, levels)}
+    part_ratios = {} if levels is None else {m: 0.0 for m in _layers_outside(network, levels)}
+    if mlp_ratio is not None:
+        if kind != "transformer":
+            raise TypeError(f"mlp_ratio is for a transformer's MLPs; {type(network).__name__} is a UNet (see levels)")
+        if not 0.0 <= mlp_ratio < 1.0:
+            raise ValueError(f"mlp_ratio must be in [0, 1), got {mlp_ratio}")
+        part_ratios |= {m: mlp_ratio for m in _mlp_inputs(network)}
     attention = _attention_modules(network)
     processors = [m.processor for m in attention]
     for module in attention:
@@ -168,7 +182,7 @@ def prune_channels(
     try:
         pruner = tp.pruner.MetaPruner(
             network, inputs, importance=_WholeNormGroups(importance, norms) if norms else importance,
-            pruning_ratio=ratio, pruning_ratio_dict=kept_levels, ignored_layers=ignored, num_heads=heads,
+            pruning_ratio=ratio, pruning_ratio_dict=part_ratios, ignored_layers=ignored, num_heads=heads,
             prune_head_dims=True,
             prune_num_heads=False, round_to=round_to, forward_fn=lambda module, example: _call(module, example),
             customized_pruners={nn.GroupNorm: _GroupNormChannels()},
