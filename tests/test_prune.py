@@ -141,6 +141,24 @@ def test_levels_prune_only_the_named_unet_resolution_levels():
         PruneOptions.create(ratio=0.5, levels="one")
 
 
+def test_mlp_ratio_sets_the_transformer_mlp_width_apart_from_the_attention():
+    model = load("mnist-dit")
+    small = surgery.example_inputs(model.network, model.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    pruned = surgery.copy_with_gradients(model.network)
+    surgery.prune_channels(pruned, small, 0.25, imp.channel_importance("magnitude"), mlp_ratio=0.5)
+    for block in pruned.transformer_blocks:
+        assert block.attn1.to_q.out_features == 96  # 4 heads x 32 -> 4 x 24
+        assert surgery._mlp_inputs(pruned)[0].out_features == 256  # 512 -> 256
+    with torch.no_grad():
+        assert surgery._call(pruned, small).shape == surgery._call(model.network, small).shape
+    unet = load("mnist-unet")
+    inputs = surgery.example_inputs(unet.network, unet.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    with pytest.raises(TypeError, match="mlp_ratio is for a transformer"):
+        surgery.prune_channels(unet.network, inputs, 0.25, imp.channel_importance("magnitude"), mlp_ratio=0.5)
+    with pytest.raises(ValueError, match="mlp_ratio must be in"):
+        PruneOptions.create(ratio=0.25, mlp_ratio=1.0)
+
+
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):
     settings = dict(ratio=0.5, batch_size=4, finetune_minutes=5, progress=False, steps=4, importance="magnitude")
     hasten.prune(tiny_model, tmp_path / "a", max_steps=4, **settings)
