@@ -42,7 +42,9 @@ __all__ = ["ONE_CALL_SOLVERS", "GuidanceDistillation", "GuidanceOptions", "level
 # Deterministic solvers that make exactly one network call per step at every step count (so the student's NFE
 # is its step count); the third-order multistep solvers are not among them: their start-up costs an extra call.
 ONE_CALL_SOLVERS = ("dpmpp_2m", "unipc", "dpm_solver_2m", "euler", "ddim")
-WEIGHTINGS = ("auto", "snr_trunc", "snr_plus_one", "snr", "uniform")
+WEIGHTINGS = ("auto", "snr_trunc", "snr_plus_one", "snr", "uniform", "min_snr")
+# Min-SNR-gamma's gamma (Hang et al., ICCV 2023: 5 in the paper's experiments).
+MIN_SNR_GAMMA = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,10 @@ class GuidanceOptions(Config):
 
 def level_weight(sigma: Tensor, weighting: str) -> Tensor:
     """The per-row weight of an x0 error at VE levels ``sigma`` [B] (``SNR = 1 / sigma^2``); ``weighting`` is one of
-    :data:`WEIGHTINGS` other than ``auto``."""
+    :data:`WEIGHTINGS` other than ``auto``. ``snr`` is the noise loss of a noise-predicting network; ``min_snr``
+    caps it at :data:`MIN_SNR_GAMMA` so the nearly clean levels do not dominate; ``snr_trunc`` (at least 1) puts
+    most of a time-uniform batch's weight on the noisiest levels, where a noise-predicting network's x0 is least
+    precise."""
     snr = sigma.pow(-2)
     if weighting == "snr_trunc":
         return snr.clamp_min(1.0)
@@ -81,6 +86,8 @@ def level_weight(sigma: Tensor, weighting: str) -> Tensor:
         return snr
     if weighting == "uniform":
         return torch.ones_like(snr)
+    if weighting == "min_snr":  # Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy"
+        return snr.clamp_max(MIN_SNR_GAMMA)
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS[1:])}; got {weighting!r}")
 
 

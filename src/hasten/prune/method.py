@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .._io import write_text_atomic
 from ..config import Config, check_choice
 from ..distill._base import METHOD_WORK, DistillConfig, DistillMethod, check_schedule, register_method
-from ..distill.guidance import ONE_CALL_SOLVERS, level_weight
+from ..distill.guidance import ONE_CALL_SOLVERS, WEIGHTINGS, level_weight
 from ..hooks import add_hook, remove_hooks
 from ..models.structure import apply_structure, structure_of
 from .importance import channel_importance, taylor_gradients
@@ -75,6 +75,9 @@ class PruneOptions(Config):
             applies to the attention head dimension alone when this is set).
         taylor_levels, taylor_threshold, importance_batch: The Taylor importance's grid, early stop and batch.
         output_weight, data_weight, feature_weight, spectral_alpha: The fine-tune's loss (module docstring).
+        weighting: How the x0 errors are weighted across noise levels (:func:`hasten.distill.guidance.level_weight`):
+            ``snr_trunc`` (default), ``min_snr`` (less weight on the noisiest levels: for noise-predicting UNets,
+            whose x0 error there is large and matters little), ``snr``, ``snr_plus_one``, ``uniform``.
         solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
     """
 
@@ -92,11 +95,13 @@ class PruneOptions(Config):
     data_weight: float = 0.0
     feature_weight: float = 0.0
     spectral_alpha: float = 0.0
+    weighting: str = FINETUNE_WEIGHTING
     solver: str = "dpmpp_2m"
     schedule: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("structure", self.structure, STRUCTURES)
+        check_choice("weighting", self.weighting, WEIGHTINGS[1:])
         check_choice("importance", self.importance, IMPORTANCES)
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels  # "1,2" from the CLI
@@ -308,7 +313,7 @@ class PruneMethod(DistillMethod):
         options = self.options
         sigma = self.training_sigmas(x0.shape[0])
         x = x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * self.randn_like(x0)
-        weight = level_weight(sigma, FINETUNE_WEIGHTING)
+        weight = level_weight(sigma, options.weighting)
         handles: list[Any] = []
         try:
             if options.feature_weight:
