@@ -159,6 +159,17 @@ def test_mlp_ratio_sets_the_transformer_mlp_width_apart_from_the_attention():
         PruneOptions.create(ratio=0.25, mlp_ratio=1.0)
 
 
+def test_min_snr_weighting_caps_the_noise_loss_weight_at_gamma():
+    from hasten.distill.guidance import level_weight
+
+    sigma = torch.tensor([0.1, 0.5, 1.0, 3.0, 157.0])
+    torch.testing.assert_close(level_weight(sigma, "min_snr"), torch.tensor([5.0, 4.0, 1.0, 1 / 9, 1 / 157**2]))
+    torch.testing.assert_close(level_weight(sigma, "snr_trunc"), torch.tensor([100.0, 4.0, 1.0, 1.0, 1.0]))
+    assert PruneOptions.create(ratio=0.5).weighting == "snr_trunc"
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        PruneOptions.create(ratio=0.5, weighting="auto")
+
+
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):
     settings = dict(ratio=0.5, batch_size=4, finetune_minutes=5, progress=False, steps=4, importance="magnitude")
     hasten.prune(tiny_model, tmp_path / "a", max_steps=4, **settings)
