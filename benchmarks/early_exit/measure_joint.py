@@ -87,6 +87,36 @@ def quality(model, steps: int, seed: int, n: int, config: EarlyExitConfig | None
     }
 
 
+@torch.no_grad()
+def head_errors(model, heads_path: str, teacher, fractions=(0.9, 0.5, 0.1), n: int = 256) -> dict:
+    """Per exit and time (fraction of the schedule's range, 1 = noise): the head's relative RMS error to the
+    *teacher's* output on held-out digits, its estimate u and the true mean tanh error it estimates; and the
+    full-depth network's relative error to the teacher."""
+    from hasten.accel.early_exit import capture_blocks, load_exit_heads, patch_means
+    from hasten.data import load_dataset, to_model_space
+
+    data = load_dataset("mnist-heldout")
+    x0, labels = to_model_space(data.images[:n]).float(), data.labels[:n].long()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    heads = load_exit_heads(heads_path, model.network)
+    schedule = teacher.schedule
+    out = {}
+    for frac in fractions:
+        t = torch.full((n,), schedule.t_min + (schedule.t_max - schedule.t_min) * frac, dtype=torch.float64)
+        x = (schedule.alpha(t).view(-1, 1, 1, 1) * x0 + schedule.sigma(t).view(-1, 1, 1, 1) * noise).float()
+        timestep = teacher.denoiser.model_time(schedule.ve_sigma(t)).float()
+        y = teacher.network(x, timestep, class_labels=labels).sample
+        own, hidden, cond = capture_blocks(model.network, x, timestep, labels)
+        row = {"full_depth_rel_error": float((own - y).norm() / y.norm()), "exits": []}
+        for i in range(heads.num_exits):
+            g = heads.output(i, hidden[i], cond)
+            true = float(patch_means(torch.tanh((g - y).abs()), heads.patch_size).mean())
+            u = float(heads.uncertainty(i, hidden[i], cond).mean())
+            row["exits"].append({"rel_error": float((g - y).norm() / y.norm()), "u": u, "true_tanh_error": true})
+        out[str(frac)] = row
+    return out
+
+
 def paired_speed(teacher, student, steps: int, config: EarlyExitConfig, n: int, repeats: int) -> dict:
     """CPU time and wall clock of the teacher's and the exiting student's sampling, same noise, alternating."""
     times: dict[str, list[tuple[float, float]]] = {"teacher": [], "exit": []}
@@ -127,6 +157,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--timing-n", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frozen-heads", help="heads of the teacher trained frozen, for the head-error table")
     parser.add_argument("--baselines-only", action="store_true", help="only the teacher's rows (while training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -151,6 +182,11 @@ def main() -> None:
         return
     student = hasten.load(args.student)
     heads = str(pathlib.Path(args.student) / EXIT_HEADS_FILE)
+    result["head_errors"] = {"joint": rows.get("heads/joint", lambda: head_errors(student, heads, teacher))}
+    if args.frozen_heads:
+        result["head_errors"]["frozen"] = rows.get(
+            "heads/frozen", lambda: head_errors(teacher, args.frozen_heads, teacher)
+        )
     for steps in args.steps:
         base_cal = rows.rows[f"teacher/{steps}/{CALIBRATION_SEED}/{args.calib_n}"]["fd"]
         base = rows.rows[f"teacher/{steps}/{HELDOUT_SEED}/{args.n}"]["fd"]
