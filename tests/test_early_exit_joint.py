@@ -75,6 +75,10 @@ def test_the_joint_loss_is_the_output_error_plus_the_weighted_exits():
     assert float(parts["output"]) == pytest.approx(float(output), rel=1e-5)
     assert float(parts["exits"]) == pytest.approx(float(exits), rel=1e-5)
     assert float(parts["total"]) == pytest.approx(2.0 * float(output) + 0.5 * float(exits), rel=1e-5)
+    squared = EarlyExitOptions(exit_weighting="depth_squared").layer_weights(3)
+    assert squared.tolist() == [1.0, 4.0, 9.0] and EarlyExitOptions(exit_weighting="uniform").layer_weights(
+        2
+    ).tolist() == [1.0, 1.0]
     # the exits' loss trains the backbone too (DeeDiff's joint training): block 0 gets its gradient
     parts["exits"].backward()
     assert net.transformer_blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
@@ -121,7 +125,7 @@ def test_the_joint_fine_tune_resumes_exactly(tiny_model, tmp_path):
         ({"output_weight": 0}, "output_weight 0"),
         ({"noisy_weight": -1}, "noisy_weight must be a finite number >= 0"),
         ({"heads_lr_scale": 0}, "heads_lr_scale must be a finite number > 0"),
-        ({"exit_weighting": "late"}, "exit_weighting must be one of 'depth', 'uniform'; got 'late'"),
+        ({"exit_weighting": "late"}, "exit_weighting must be one of 'depth', 'depth_squared', 'uniform'; got 'late'"),
         ({"solver": "heun"}, "solver"),
     ],
 )

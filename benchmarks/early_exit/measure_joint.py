@@ -30,7 +30,7 @@ from hasten.metrics.quality import evaluate_images
 
 SOLVER = "dpmpp_2m"
 CALIBRATION_SEED, HELDOUT_SEED = 1000, 0
-THRESHOLDS = (0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.27, 0.4)
+THRESHOLDS = (0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4)
 
 
 def ladders(heads: str) -> list[list[EarlyExitConfig]]:

@@ -44,7 +44,7 @@ from .guidance import ONE_CALL_SOLVERS
 __all__ = ["EXIT_HEADS_FILE", "EarlyExitOptions", "EarlyExitStudent", "JointExitMethod", "joint_exit_loss"]
 
 EXIT_HEADS_FILE = "exit-heads.safetensors"  # in the student's folder, beside its network
-EXIT_WEIGHTINGS = ("depth", "uniform")
+EXIT_WEIGHTINGS = ("depth", "depth_squared", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,8 @@ class EarlyExitOptions(Config):
         output_weight: Weight of the full-depth output's error to the teacher (20: pilots on mnist-dit at weight
             1 and 4 let the full-depth network drift to +16% and +11% FD in 200 updates; see the guide).
         exit_weight: Weight of the exits' loss.
-        exit_weighting: ``depth`` (exit ``i`` weighted ``i + 1``) or ``uniform``.
+        exit_weighting: ``depth`` (exit ``i`` weighted ``i + 1``), ``depth_squared`` (``(i + 1)^2``: the last
+            exits, the only ones a tight budget uses, get most of it) or ``uniform``.
         noisy_weight: A sample at time fraction ``s`` (1 = noise) weighs ``1 + noisy_weight * s`` in the exits'
             loss (0: all times alike).
         heads_lr_scale: The heads' and estimators' learning rate as a multiple of the run's (they start far
@@ -102,8 +103,11 @@ class EarlyExitOptions(Config):
 
     def layer_weights(self, num_exits: int) -> Tensor:
         """The weight of each exit in the exits' loss (normalised by :func:`exit_loss`)."""
+        depth = torch.arange(1, num_exits + 1, dtype=torch.float32)
         if self.exit_weighting == "depth":
-            return torch.arange(1, num_exits + 1, dtype=torch.float32)
+            return depth
+        if self.exit_weighting == "depth_squared":
+            return depth**2
         return torch.ones(num_exits)
 
 
