@@ -61,7 +61,7 @@ def test_the_joint_loss_is_the_output_error_plus_the_weighted_exits():
     teacher, net = tiny_dit_seeded(0), tiny_dit_seeded(1)
     heads = varied_heads(net)
     student = EarlyExitStudent(net, heads)
-    options = EarlyExitOptions(output_weight=2.0, exit_weight=0.5, noisy_weight=3.0)
+    options = EarlyExitOptions(output_weight=2.0, exit_weight=0.5, noisy_weight=3.0, exit_weighting="depth")
     gen = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([100.0, 500.0, 900.0]), torch.tensor([0, 1, 0])
     fraction = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)

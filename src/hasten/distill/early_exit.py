@@ -11,8 +11,8 @@ output there, the loss is
 * ``output_weight * mean |f_student - y|^2``: the full-depth student stays the teacher's function;
 * ``exit_weight *`` :func:`hasten.accel.early_exit.exit_loss` of the student's heads on the student's hidden
   tokens against the *teacher's* ``y`` (DeeDiff's estimator regression and uncertainty-aware layer loss, plus
-  the plain layer loss), its gradient flowing into the backbone. ``exit_weighting="depth"`` weighs exit ``i``
-  by ``i + 1`` (the late exits, which skip less, are the ones a quality budget can use most);
+  the plain layer loss), its gradient flowing into the backbone. ``exit_weighting="depth_squared"`` weighs exit
+  ``i`` by ``(i + 1)^2`` (the late exits, which skip less, are the ones a quality budget can use);
   ``noisy_weight`` weighs a sample at time fraction ``s`` (1 = pure noise) by ``1 + noisy_weight * s``, since
   exits pay in the noisy steps, whose errors the later steps correct.
 
@@ -69,7 +69,7 @@ class EarlyExitOptions(Config):
 
     output_weight: float = 20.0
     exit_weight: float = 1.0
-    exit_weighting: str = "depth"
+    exit_weighting: str = "depth_squared"
     noisy_weight: float = 5.0
     heads_lr_scale: float = 30.0
     init_heads: str | None = None
