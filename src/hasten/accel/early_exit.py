@@ -22,7 +22,9 @@ the network's output space), and per exit layer the loss is
   is never excused from being right where its estimator says it is unsure;
 
 summed over the three and averaged over the exit layers. One estimator per layer (not per time step: the
-reproduction found per-step estimators hardly ever exit with a frozen backbone).
+reproduction found per-step estimators hardly ever exit with a frozen backbone). DeeDiff's joint training of
+the backbone with its heads is the distillation method ``early_exit`` (:mod:`hasten.distill.early_exit`),
+which uses the same loss on the trained network's hidden tokens.
 
 Threshold: ``threshold`` at the first step, ramping linearly to ``final_threshold`` at the last (None: the
 same everywhere). Exits are allowed only when the threshold at the step is above zero: a threshold of 0
@@ -202,19 +204,43 @@ class ExitHeads(nn.Module):
         return torch.sigmoid(self.uem_out[i](features)[..., 0])
 
 
-def exit_loss(heads: ExitHeads, hidden: list[Tensor], conditioning: Tensor, target: Tensor) -> dict[str, Tensor]:
+def exit_loss(
+    heads: ExitHeads,
+    hidden: list[Tensor],
+    conditioning: Tensor,
+    target: Tensor,
+    *,
+    layer_weights: Tensor | None = None,
+    sample_weights: Tensor | None = None,
+) -> dict[str, Tensor]:
     """The training loss of every exit (see the module docstring): ``total`` and its parts, each averaged over
-    the exit layers. ``hidden[i]``: block ``i``'s output tokens; ``target``: the full network's output."""
+    the exit layers. ``hidden[i]``: block ``i``'s output tokens; ``target``: the full network's output (the
+    frozen teacher's, also when the backbone is trained with the heads).
+
+    ``layer_weights`` [num_exits] makes the average over the exits a weighted one (normalised to sum 1) and
+    ``sample_weights`` [B] the average over the batch (normalised to mean 1); None: plain means."""
     parts = {"uncertainty": [], "ual": [], "layer": []}
+    if sample_weights is not None:
+        sample_weights = (sample_weights / sample_weights.mean()).float()
+
+    def batch_mean(per_token: Tensor) -> Tensor:  # [B, tokens] -> scalar
+        if sample_weights is None:
+            return per_token.mean()
+        return (per_token.mean(1) * sample_weights).mean()
+
     for i in range(heads.num_exits):
         err = heads.output(i, hidden[i], conditioning).float() - target.float()
         u = heads.uncertainty(i, hidden[i], conditioning).float()
         pseudo = patch_means(torch.tanh(err.detach().abs()), heads.patch_size)
         token_sq = patch_means(err.pow(2), heads.patch_size)
-        parts["uncertainty"].append((u - pseudo).pow(2).mean())
-        parts["ual"].append(((1 - u.detach()) * token_sq).mean())
-        parts["layer"].append(token_sq.mean())
-    out = {name: torch.stack(values).mean() for name, values in parts.items()}
+        parts["uncertainty"].append(batch_mean((u - pseudo).pow(2)))
+        parts["ual"].append(batch_mean((1 - u.detach()) * token_sq))
+        parts["layer"].append(batch_mean(token_sq))
+    if layer_weights is None:
+        out = {name: torch.stack(values).mean() for name, values in parts.items()}
+    else:
+        weights = (layer_weights / layer_weights.sum()).float()
+        out = {name: (torch.stack(values) * weights).sum() for name, values in parts.items()}
     out["total"] = out["uncertainty"] + out["ual"] + out["layer"]
     return out
 
@@ -450,8 +476,9 @@ def checkpoint_folder(out: str | os.PathLike) -> pathlib.Path:
     return out.with_name(out.name + ".train")
 
 
-def capture_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels: Tensor | None):
-    """The full network's output and every block's output tokens, in one forward (no gradient)."""
+def forward_with_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels: Tensor | None):
+    """The full network's output, every block's output tokens and the final layer's conditioning, in one
+    forward (gradients flow where autograd is on: the joint fine-tune trains through them)."""
     lay = DiTLayout.of(network)
     hidden: list[Tensor] = []
 
@@ -462,13 +489,18 @@ def capture_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels
 
     handles = [add_hook(block, "hasten.exit_capture", keep) for block in lay.blocks]
     try:
-        with torch.no_grad():
-            cond = {} if class_labels is None else {"class_labels": class_labels}
-            target = network(x, timestep, **cond).sample
-            conditioning = DiTLayout.conditioning(network, timestep, class_labels, hidden[0].dtype)
+        cond = {} if class_labels is None else {"class_labels": class_labels}
+        output = network(x, timestep, **cond).sample
+        conditioning = DiTLayout.conditioning(network, timestep, class_labels, hidden[0].dtype)
     finally:
         remove_hooks(handles)
-    return target, hidden, conditioning
+    return output, hidden, conditioning
+
+
+def capture_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels: Tensor | None):
+    """:func:`forward_with_blocks` without gradients (the frozen network's targets and hidden tokens)."""
+    with torch.no_grad():
+        return forward_with_blocks(network, x, timestep, class_labels)
 
 
 def train_exit_heads(

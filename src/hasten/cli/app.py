@@ -1337,7 +1337,8 @@ def accelerate_train_exits(
     """Train early-exit heads for a DiT model (backbone frozen); rerun the same command to resume.
 
     The heads are refused on any other network's weights. Use them with `hasten accelerate calibrate
-    --technique early_exit --exit-heads OUT`.
+    --technique early_exit --exit-heads OUT`. To train the network together with its heads (DeeDiff's
+    way: exits that are far better, in a new model folder), use `hasten distill --method early_exit`.
     """
     from ..accel.early_exit import train_exit_heads
     from ..models.zoo import load

@@ -8,7 +8,7 @@ built-in ones. The package is callable: ``hasten.distill(teacher=..., method=...
 import sys
 import types
 
-from . import consistency, ctm, dmd, guidance, mmd, progressive, reflow  # noqa: F401  (register the methods; ctm also the two-time folder format)
+from . import consistency, ctm, dmd, early_exit, guidance, mmd, progressive, reflow  # noqa: F401  (register the methods; ctm also the two-time folder format)
 from ._base import METHODS, DistillConfig, DistillMethod, DistillResult, NoOptions, distill, prepare, register_method
 
 __all__ = ["METHODS", "DistillConfig", "DistillMethod", "DistillResult", "NoOptions", "distill", "prepare",

@@ -151,6 +151,11 @@ class DistillMethod(ABC):
         """The network written as the student (the EMA weights by default)."""
         return self.ema
 
+    def write_extras(self, folder: pathlib.Path) -> list[str]:
+        """Write files that belong in the student's folder beside its network (called once it is saved); returns
+        lines for the model card naming them. Default: none."""
+        return []
+
     # -- tools every method uses -----------------------------------------------------------------------------
     def copy_network(self, network: nn.Module, *, trainable: bool) -> nn.Module:
         net = copy.deepcopy(network).to(self.device).float()
@@ -232,8 +237,8 @@ class DistillMethod(ABC):
         network = self.student if network is None else network
         ema = self.ema if ema is None and network is self.student else ema
         lr = self.config.lr * min(1.0, (index + 1) / 100) if lr is None else lr
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group in opt.param_groups:  # a group may run at a multiple of the run's rate (its "lr_scale")
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # under torchrun: the global batch's gradient (each process's loss is the mean over its rows)
@@ -459,7 +464,7 @@ def distill(
     info = dataclasses.replace(method.student_info, name=name or folder.name, sampler=sampler, distillation=record)
     if distributed.is_main():  # every process holds the same student; rank 0 writes it
         save_model(method.export(), info, folder)
-        _write_card(folder, info)
+        _write_card(folder, info, method.write_extras(folder))
     distributed.barrier()
     loss = counters["loss_ema"]  # a running average of exactly 0 is a loss, not a missing one
     return DistillResult(
@@ -467,7 +472,7 @@ def distill(
     )
 
 
-def _write_card(folder: pathlib.Path, info: ModelInfo) -> None:
+def _write_card(folder: pathlib.Path, info: ModelInfo, extras: list[str] | None = None) -> None:
     """A short model card: what the student is, how it was made and what it cost (quality is measured apart)."""
     from .._io import atomic_path
 
@@ -488,5 +493,6 @@ A {d["nfe"]}-step student of `{d["teacher"]}` (weights fingerprint `{d["teacher_
   teacher samples and earlier students included; final loss (running average) {d["final_loss_ema"]:.4g}.
 * **Quality:** not measured by `hasten distill`; run `hasten evaluate --model {folder.name}` or `hasten bench`.
 """
+    text += "".join(f"* {line}\n" for line in extras or [])
     with atomic_path(folder / "MODEL_CARD.md") as tmp:
         pathlib.Path(tmp).write_text(text)
