@@ -165,9 +165,9 @@ def test_min_snr_weighting_caps_the_noise_loss_weight_at_gamma():
     sigma = torch.tensor([0.1, 0.5, 1.0, 3.0, 157.0])
     torch.testing.assert_close(level_weight(sigma, "min_snr"), torch.tensor([5.0, 4.0, 1.0, 1 / 9, 1 / 157**2]))
     torch.testing.assert_close(level_weight(sigma, "snr_trunc"), torch.tensor([100.0, 4.0, 1.0, 1.0, 1.0]))
-    assert PruneOptions.create(ratio=0.5).weighting == "snr_trunc"
+    assert PruneOptions.create(ratio=0.5).weighting == "auto"
     with pytest.raises(ValueError, match="weighting must be one of"):
-        PruneOptions.create(ratio=0.5, weighting="auto")
+        PruneOptions.create(ratio=0.5, weighting="min-snr")
 
 
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):

@@ -15,8 +15,9 @@ model by distillation rather than by training on data alone:
   (normalised to mean 1), which "Made Slim" uses so the slim model keeps the high frequencies it loses first;
   0 is the plain squared error (Parseval).
 
-All errors are x0 errors weighted by ``max(1, 1 / sigma^2)`` (truncated SNR), whatever the network predicts
-(see :data:`FINETUNE_WEIGHTING`). The pruned
+All errors are x0 errors weighted per noise level (``weighting``, :func:`hasten.distill.guidance.level_weight`);
+``auto`` is Min-SNR-gamma for a noise-predicting teacher and the truncated SNR otherwise (see
+:data:`FINETUNE_WEIGHTING`). The pruned
 structure and its starting weights are kept under ``<out>/method/`` before training, so a run killed before its
 first checkpoint resumes without pruning again, and the folder's ``hasten.json`` carries the ``pruning`` record
 (structure, importance, measured speed-up, MACs and parameters before and after).
@@ -50,10 +51,12 @@ __all__ = ["IMPORTANCES", "PruneMethod", "PruneOptions", "spectral_error"]
 
 IMPORTANCES = ("taylor", "magnitude", "output_change")
 FEATURE_HOOK = "hasten.prune/features"
-# The fine-tune weighs x0 errors by max(1, SNR) whatever the network predicts: a sampler steps with the x0
-# estimate, and a noise-predicting student trained on the noise loss alone (weight SNR) kept a noise error of
-# ~0.06 at the top level, an x0 error of ~10 there (sigma 157), and sampled noise (pruned mnist-unet: FD 9350).
-FINETUNE_WEIGHTING = "snr_trunc"
+# ``weighting="auto"``, by the teacher's objective. The truncated SNR (at least 1) suits x0/v/flow networks, whose
+# x0 estimate is precise at every level. A noise-predicting network's x0 error grows with sigma (x0 = x - sigma eps):
+# under the truncated SNR most of a time-uniform batch's loss sat at sigma > 10 and the pruned mnist-unet kept x0
+# errors of 0.10-0.14 at sigma 1-10 (FD +113%); Min-SNR-gamma cut them 2-4x (FD +24%). The plain noise loss (SNR)
+# let the top level's x0 error grow to ~10 (FD 9,350, with a broken GroupNorm pruning at the time).
+FINETUNE_WEIGHTING = {"eps": "min_snr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +79,9 @@ class PruneOptions(Config):
         taylor_levels, taylor_threshold, importance_batch: The Taylor importance's grid, early stop and batch.
         output_weight, data_weight, feature_weight, spectral_alpha: The fine-tune's loss (module docstring).
         weighting: How the x0 errors are weighted across noise levels (:func:`hasten.distill.guidance.level_weight`):
-            ``snr_trunc`` (default), ``min_snr`` (less weight on the noisiest levels: for noise-predicting UNets,
-            whose x0 error there is large and matters little), ``snr``, ``snr_plus_one``, ``uniform``.
+            ``auto`` (``min_snr`` for a noise-predicting teacher, else ``snr_trunc``), ``snr_trunc``, ``min_snr``
+            (less weight on the noisiest levels, where a noise predictor's x0 error is large and matters little),
+            ``snr``, ``snr_plus_one``, ``uniform``.
         solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
     """
 
@@ -95,13 +99,13 @@ class PruneOptions(Config):
     data_weight: float = 0.0
     feature_weight: float = 0.0
     spectral_alpha: float = 0.0
-    weighting: str = FINETUNE_WEIGHTING
+    weighting: str = "auto"
     solver: str = "dpmpp_2m"
     schedule: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("structure", self.structure, STRUCTURES)
-        check_choice("weighting", self.weighting, WEIGHTINGS[1:])
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("importance", self.importance, IMPORTANCES)
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels  # "1,2" from the CLI
@@ -313,7 +317,10 @@ class PruneMethod(DistillMethod):
         options = self.options
         sigma = self.training_sigmas(x0.shape[0])
         x = x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * self.randn_like(x0)
-        weight = level_weight(sigma, options.weighting)
+        weighting = options.weighting
+        if weighting == "auto":
+            weighting = FINETUNE_WEIGHTING.get(self.teacher.info.objective, "snr_trunc")
+        weight = level_weight(sigma, weighting)
         handles: list[Any] = []
         try:
             if options.feature_weight:
