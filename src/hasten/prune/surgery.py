@@ -183,9 +183,9 @@ def prune_channels(
         pruner = tp.pruner.MetaPruner(
             network, inputs, importance=_WholeNormGroups(importance, norms) if norms else importance,
             pruning_ratio=ratio, pruning_ratio_dict=part_ratios, ignored_layers=ignored, num_heads=heads,
-            prune_head_dims=True,
-            prune_num_heads=False, round_to=round_to, forward_fn=lambda module, example: _call(module, example),
-            customized_pruners={nn.GroupNorm: _GroupNormChannels()},
+            prune_head_dims=True, prune_num_heads=False, round_to=round_to,
+            forward_fn=lambda module, example: _call(module, example),
+            customized_pruners={nn.GroupNorm: _group_norm_channels()},
         )  # fmt: skip
         for group in pruner.step(interactive=True):
             group.prune()
@@ -200,14 +200,9 @@ def prune_channels(
     return network
 
 
-def _group_norm_pruner_base() -> type:
-    from torch_pruning.pruner.function import GroupNormPruner
-
-    return GroupNormPruner
-
-
-class _GroupNormChannels(_group_norm_pruner_base()):  # type: ignore[misc]
-    """Torch-Pruning's GroupNorm handler, told the norm has no channel groups of its own.
+def _group_norm_channels() -> Any:
+    """Torch-Pruning's GroupNorm handler, told the norm has no channel groups of its own (built on first use:
+    Torch-Pruning is an optional extra, so it is not imported with this module).
 
     Torch-Pruning treats a GroupNorm like a grouped convolution: it removes the same positions from every group,
     so 32 channels in 16 groups can only become 16 channels in 16 groups of one, which changes every group's
@@ -215,12 +210,16 @@ class _GroupNormChannels(_group_norm_pruner_base()):  # type: ignore[misc]
     channels are pruned like any other's; :class:`_WholeNormGroups` makes the ranking take whole groups and
     :func:`_regroup_norms` sets ``num_groups`` afterwards, so the groups that stay see exactly the statistics they
     saw before."""
+    from torch_pruning.pruner.function import GroupNormPruner
 
-    def get_in_channel_groups(self, layer: nn.GroupNorm) -> int:
-        return 1
+    class GroupNormChannels(GroupNormPruner):
+        def get_in_channel_groups(self, layer: nn.GroupNorm) -> int:
+            return 1
 
-    def get_out_channel_groups(self, layer: nn.GroupNorm) -> int:
-        return 1
+        def get_out_channel_groups(self, layer: nn.GroupNorm) -> int:
+            return 1
+
+    return GroupNormChannels()
 
 
 class _WholeNormGroups:
