@@ -207,7 +207,7 @@ def test_refusals():
                                    DistillConfig(method="guidance", guidance=2.0), GuidanceOptions())  # fmt: skip
     for options, message in [
         ({"solver": "heun"}, "one network call per step"),
-        ({"weighting": "min_snr"}, "weighting"),
+        ({"weighting": "p2"}, "weighting"),
         ({"inputs": "noise"}, "inputs"),
         ({"trajectory_steps": 4}, "needs inputs='trajectory'"),
         ({"inputs": "trajectory", "trajectory_steps": 1}, "trajectory_steps"),
