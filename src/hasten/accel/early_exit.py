@@ -503,6 +503,18 @@ def capture_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels
         return forward_with_blocks(network, x, timestep, class_labels)
 
 
+def network_input(model: Any, x0: Tensor, fraction: Tensor, noise: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``x0`` noised at ``fraction`` [B] of the way through ``model``'s schedule (0: its cleanest time, 1: pure
+    noise), as the network itself takes it: its own ``x_t`` and its own time input. Exit heads live in the
+    network's output space, so they are trained on the network's inputs rather than the denoiser's."""
+    schedule = model.schedule
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
+    view = (-1, *([1] * (x0.ndim - 1)))
+    alpha, sigma = schedule.alpha(t).to(x0.device), schedule.sigma(t).to(x0.device)
+    x_t = (alpha.view(view) * x0 + sigma.view(view) * noise).to(dtype)
+    return x_t, model.denoiser.model_time(schedule.ve_sigma(t).to(x0.device)).to(dtype)
+
+
 def train_exit_heads(
     model: Any,
     out: str | os.PathLike,
@@ -571,7 +583,6 @@ def train_exit_heads(
         checkpoint_minutes=config.checkpoint_minutes, label="exit heads", progress=progress,
     )  # fmt: skip
     loop.resume(device)
-    schedule, denoiser = model.schedule, model.denoiser
     dtype = next(network.parameters()).dtype
 
     def step(index: int) -> float:
@@ -584,12 +595,7 @@ def train_exit_heads(
                 y[torch.rand(batch_size, generator=gen, device=device) < label_dropout] = null_class
         # a uniform time on the model's own schedule: the heads learn every noise level the sampler visits
         u = torch.rand(batch_size, generator=gen, device=device, dtype=torch.float64)
-        t = schedule.t_min + (schedule.t_max - schedule.t_min) * u
-        noise = torch.randn(x0.shape, generator=gen, device=device)
-        view = (-1, *([1] * (x0.ndim - 1)))
-        alpha, sigma = schedule.alpha(t).to(device), schedule.sigma(t).to(device)
-        x_t = (alpha.view(view) * x0 + sigma.view(view) * noise).to(dtype)
-        timestep = denoiser.model_time(schedule.ve_sigma(t).to(device)).to(dtype)
+        x_t, timestep = network_input(model, x0, u, torch.randn(x0.shape, generator=gen, device=device), dtype)
         target, hidden, cond = capture_blocks(network, x_t, timestep, y)
         loss = exit_loss(heads, hidden, cond, target)["total"]
         opt.zero_grad(set_to_none=True)

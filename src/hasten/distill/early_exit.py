@@ -36,7 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..accel.early_exit import DiTLayout, ExitHeads, exit_loss, forward_with_blocks, load_exit_heads, save_exit_heads
+from ..accel.early_exit import (
+    DiTLayout,
+    ExitHeads,
+    exit_loss,
+    forward_with_blocks,
+    load_exit_heads,
+    network_input,
+    save_exit_heads,
+)
 from ..config import Config, check_choice
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
 from .guidance import ONE_CALL_SOLVERS
@@ -187,14 +195,8 @@ class JointExitMethod(DistillMethod):
         return {"student": self.student, "ema": self.ema}, {"opt": self.opt}
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
-        schedule = self.teacher.schedule
-        n = x0.shape[0]
-        fraction = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
-        t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
-        view = (-1, *([1] * (x0.ndim - 1)))
-        alpha, sigma = schedule.alpha(t).to(self.device), schedule.sigma(t).to(self.device)
-        x = (alpha.view(view) * x0 + sigma.view(view) * self.randn_like(x0)).float()
-        timestep = self.teacher.denoiser.model_time(schedule.ve_sigma(t).to(self.device)).float()
+        fraction = torch.rand(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
+        x, timestep = network_input(self.teacher, x0, fraction, self.randn_like(x0), torch.float32)
         with torch.no_grad():
             target = self.teacher.network(x, timestep, **self.cond(labels)).sample
         loss = joint_exit_loss(self.student, target, x, timestep, labels, fraction, self.options)["total"]

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..config import Config, check_choice
 from ..solvers._base import ddim_step
 from ._base import DistillConfig, DistillMethod, check_schedule, register_method
+from .guidance import weighted_x0_loss
 
 __all__ = ["Progressive", "ProgressiveOptions", "progressive_target"]
 
@@ -157,9 +158,7 @@ class Progressive(DistillMethod):
             x_next = self.teacher_ddim(x_mid, sigma_mid, sigma_next, labels, substeps)
             target = progressive_target(x_t, x_next, sigma_t, sigma_next)
         pred = self.student_denoiser(self.student)(x_t, sigma_t, **self.cond(labels))
-        snr = sigma_t.float().pow(-2)
-        weight = snr.clamp_min(1.0) if self.options.weighting == "snr_trunc" else snr + 1.0
-        loss = (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
+        loss = weighted_x0_loss(pred, target, sigma_t.float(), self.options.weighting)
         # the learning rate decays linearly to a tenth within each round (the paper anneals to 0 per round)
         lr = self.config.lr * min(1.0, (index + 1) / 100) * (1.0 - 0.9 * min(1.0, self._round_fraction(index)))
         value = self.update(loss, index, lr=lr)
