@@ -137,6 +137,7 @@ def test_levels_prune_only_the_named_unet_resolution_levels():
         PruneOptions.create(ratio=0.5, levels=[-1])
     assert PruneOptions.create(ratio=0.5, levels=[2, 1, 2]).levels == (1, 2)
     assert PruneOptions.create(ratio=0.5, levels="1,2").levels == (1, 2)  # as --option levels=1,2 passes it
+    assert PruneOptions.create(ratio=0.5, levels=1).levels == (1,)  # --option levels=1 arrives as a number
     with pytest.raises(ValueError, match="levels must be UNet level numbers"):
         PruneOptions.create(ratio=0.5, levels="one")
 
@@ -273,6 +274,10 @@ def test_cli_refuses_bad_input_with_exit_2(tmp_path):
         (["--ratio", "0.3", "--structure", "blocks"], "needs --structure channels"),
         (["--target-speedup", "0.5"], "--target-speedup must be > 1"),
         (["--structure", "rows"], "structure must be one of"),
+        (["--ratio", "0.3", "--option", "levels=1"], "levels are a UNet's resolution levels"),
+        (["--ratio", "0.3", "--option", "weighting=p2"], "weighting must be one of"),
+        (["--model", "mnist-unet", "--ratio", "0.3", "--option", "mlp_ratio=0.5"], "mlp_ratio is for a transformer"),
+        (["--model", "mnist-unet", "--ratio", "0.3", "--option", "levels=3"], "has levels 0..2"),
     ]:
         result = runner.invoke(app, ["prune", "--model", "mnist-dit", "--out", str(out), *args])
         assert result.exit_code == 2, (args, result.output)

@@ -227,7 +227,8 @@ def prune(
             "(hasten quantize --model PRUNED)"
         )
     probe = {"ratio": ratio or 0.5} if structure == "channels" else {"blocks": tuple(blocks or (0,))}
-    PruneOptions.create(structure=structure, importance=importance, **options, **probe)  # refused now, by name
+    probed = PruneOptions.create(structure=structure, importance=importance, **options, **probe)  # refused now, by name
+    PruneMethod.check(loaded, _config(loaded, options | probe, seed), probed)  # and what does not fit the network
     saved = folder / METHOD_WORK / SELECTION_FILE
     if saved.is_file():  # a resumed run keeps what it chose (timings differ from run to run)
         selection = json.loads(saved.read_text())

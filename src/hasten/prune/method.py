@@ -108,7 +108,11 @@ class PruneOptions(Config):
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("importance", self.importance, IMPORTANCES)
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
-        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels  # "1,2" from the CLI
+        levels = self.levels
+        if isinstance(levels, str):  # "1,2" from the CLI (one level arrives as a number: --option levels=1)
+            levels = levels.split(",")
+        elif isinstance(levels, int) and not isinstance(levels, bool):
+            levels = (levels,)
         try:
             object.__setattr__(self, "levels", tuple(sorted({int(v) for v in levels})))
         except (TypeError, ValueError):
@@ -181,6 +185,13 @@ class PruneMethod(DistillMethod):
             bad = [b for b in options.blocks if not 0 <= b < count]
             if bad or len(set(options.blocks)) >= count:
                 raise ValueError(f"blocks {list(options.blocks)} must be distinct indices below {count}, leaving one")
+        if options.levels and kind != "unet":
+            raise ValueError(f"levels are a UNet's resolution levels; {teacher.info.name} is a transformer")
+        depth = len(teacher.network.down_blocks) if kind == "unet" else 0
+        if options.levels and max(options.levels) >= depth:
+            raise ValueError(f"levels {list(options.levels)}: {teacher.info.name} has levels 0..{depth - 1}")
+        if options.mlp_ratio is not None and kind != "transformer":
+            raise ValueError(f"mlp_ratio is for a transformer's MLPs; {teacher.info.name} is a UNet (see levels)")
         if options.feature_weight and kind != "transformer":
             raise ValueError(
                 "feature_weight matches block outputs of equal width: a pruned UNet's features are narrower than the "
