@@ -171,6 +171,32 @@ def test_min_snr_weighting_caps_the_noise_loss_weight_at_gamma():
         PruneOptions.create(ratio=0.5, weighting="min-snr")
 
 
+def test_lr_decay_linear_anneals_the_rate_to_a_tenth_over_the_time_budget(tiny_model, tmp_path, monkeypatch):
+    import types
+
+    import hasten.prune.method as method_module
+    from hasten.distill._base import DistillMethod
+
+    clock = iter(range(0, 1000, 5))  # every perf_counter() call is 5 s later: each update "takes" 5 s
+    monkeypatch.setattr(method_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    rates = []
+    real_update = DistillMethod.update
+
+    def update(self, loss, index, **kwargs):
+        rates.append(kwargs["lr"])
+        return real_update(self, loss, index, **kwargs)
+
+    monkeypatch.setattr(DistillMethod, "update", update)
+    settings = dict(ratio=0.5, batch_size=4, progress=False, steps=4, importance="magnitude", lr=1e-3)
+    hasten.prune(tiny_model, tmp_path / "a", finetune_minutes=0.5, max_steps=4, lr_decay="linear", **settings)
+    # 30 s budget, 5 s per update: 0, 1/6, 2/6, 3/6 of the way, times the 100-update warm-up
+    expected = [1e-3 * (i + 1) / 100 * (1 - 0.9 * i / 6) for i in range(4)]
+    assert rates == pytest.approx(expected)
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        PruneOptions.create(ratio=0.5, lr_decay="cosine")
+    assert PruneOptions.create(ratio=0.5).lr_decay == "none"
+
+
 def test_a_pruned_folder_loads_quantises_and_resumes_exactly(tiny_model, tmp_path, parsed_once):
     settings = dict(ratio=0.5, batch_size=4, finetune_minutes=5, progress=False, steps=4, importance="magnitude")
     hasten.prune(tiny_model, tmp_path / "a", max_steps=4, **settings)

@@ -228,6 +228,12 @@ class DistillMethod(ABC):
         drop = torch.rand(n, generator=self.gen, device=self.device) < self.config.cfg_dropout
         return torch.where(drop, torch.full_like(labels, info.num_classes), labels)
 
+    def scheduled_lr(self, index: int, decayed: float = 0.0) -> float:
+        """The run's learning rate at update ``index``: a 100-update linear warm-up, then, ``decayed`` (0 to 1) of the
+        way through a budget, linearly down to a tenth (a short run ends better annealed than at a constant
+        rate; progressive distillation anneals within each round)."""
+        return self.config.lr * min(1.0, (index + 1) / 100) * (1.0 - 0.9 * min(1.0, max(0.0, decayed)))
+
     def update(self, loss: Tensor, index: int, *, opt=None, network=None, ema=None, lr: float | None = None) -> float:
         """Backward, clip, optimizer step (learning rate ``lr``, default the run's with a 100-step warm-up) and
         the EMA update; returns the loss value."""
@@ -236,7 +242,7 @@ class DistillMethod(ABC):
         opt = self.opt if opt is None else opt
         network = self.student if network is None else network
         ema = self.ema if ema is None and network is self.student else ema
-        lr = self.config.lr * min(1.0, (index + 1) / 100) if lr is None else lr
+        lr = self.scheduled_lr(index) if lr is None else lr
         for group in opt.param_groups:  # a group may run at a multiple of the run's rate (its "lr_scale")
             group["lr"] = lr * group.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)

@@ -160,7 +160,7 @@ class Progressive(DistillMethod):
         pred = self.student_denoiser(self.student)(x_t, sigma_t, **self.cond(labels))
         loss = weighted_x0_loss(pred, target, sigma_t.float(), self.options.weighting)
         # the learning rate decays linearly to a tenth within each round (the paper anneals to 0 per round)
-        lr = self.config.lr * min(1.0, (index + 1) / 100) * (1.0 - 0.9 * min(1.0, self._round_fraction(index)))
+        lr = self.scheduled_lr(index, self._round_fraction(index))
         value = self.update(loss, index, lr=lr)
         self.state["round_seconds"] += time.perf_counter() - start
         return value

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import json
 import math
+import time
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from .surgery import STRUCTURES, example_inputs, flops_and_params, network_kind,
 __all__ = ["IMPORTANCES", "PruneMethod", "PruneOptions", "spectral_error"]
 
 IMPORTANCES = ("taylor", "magnitude", "output_change")
+LR_DECAYS = ("none", "linear")
 FEATURE_HOOK = "hasten.prune/features"
 # ``weighting="auto"``, by the teacher's objective. The truncated SNR (at least 1) suits x0/v/flow networks, whose
 # x0 estimate is precise at every level. A noise-predicting network's x0 error grows with sigma (x0 = x - sigma eps):
@@ -82,6 +84,8 @@ class PruneOptions(Config):
             ``auto`` (``min_snr`` for a noise-predicting teacher, else ``snr_trunc``), ``snr_trunc``, ``min_snr``
             (less weight on the noisiest levels, where a noise predictor's x0 error is large and matters little),
             ``snr``, ``snr_plus_one``, ``uniform``.
+        lr_decay: ``linear``: the learning rate falls linearly to a tenth over the fine-tune's time budget
+            (``minutes``, counted in update time across resumes); ``none``: constant after the warm-up.
         solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
     """
 
@@ -100,12 +104,14 @@ class PruneOptions(Config):
     feature_weight: float = 0.0
     spectral_alpha: float = 0.0
     weighting: str = "auto"
+    lr_decay: str = "none"
     solver: str = "dpmpp_2m"
     schedule: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("lr_decay", self.lr_decay, LR_DECAYS)
         check_choice("importance", self.importance, IMPORTANCES)
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         levels = self.levels
@@ -325,6 +331,7 @@ class PruneMethod(DistillMethod):
         return outputs, handles
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
+        start = time.perf_counter()
         options = self.options
         sigma = self.training_sigmas(x0.shape[0])
         x = x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * self.randn_like(x0)
@@ -351,4 +358,8 @@ class PruneMethod(DistillMethod):
         if options.feature_weight:
             feature = sum((s - t.detach()).pow(2).mean() for s, t in zip(student_feats, teacher_feats, strict=True))
             loss = loss + options.feature_weight * feature / len(student_feats)
-        return self.update(loss, index)
+        spent = float(self.state.get("update_seconds", 0.0))
+        decayed = spent / (self.config.minutes * 60.0) if options.lr_decay == "linear" else 0.0
+        value = self.update(loss, index, lr=self.scheduled_lr(index, decayed))
+        self.state["update_seconds"] = spent + time.perf_counter() - start
+        return value
