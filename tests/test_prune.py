@@ -174,16 +174,17 @@ def test_min_snr_weighting_caps_the_noise_loss_weight_at_gamma():
 def test_lr_decay_linear_anneals_the_rate_to_a_tenth_over_the_time_budget(tiny_model, tmp_path, monkeypatch):
     import types
 
-    import hasten.prune.method as method_module
+    import hasten.train as train_module
     from hasten.distill._base import DistillMethod
 
-    clock = iter(range(0, 1000, 5))  # every perf_counter() call is 5 s later: each update "takes" 5 s
-    monkeypatch.setattr(method_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    now = [0.0]  # the training loop's clock, moved only by updates: each update "takes" 5 s
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     rates = []
     real_update = DistillMethod.update
 
     def update(self, loss, index, **kwargs):
         rates.append(kwargs["lr"])
+        now[0] += 5.0
         return real_update(self, loss, index, **kwargs)
 
     monkeypatch.setattr(DistillMethod, "update", update)

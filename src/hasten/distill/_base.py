@@ -112,6 +112,9 @@ class DistillMethod(ABC):
         # the run folder (set by the driver before build); a method keeps work it must not redo after a kill
         # before its first checkpoint (teacher samples) in ``folder / METHOD_WORK``
         self.folder: pathlib.Path | None = None
+        # share of the run's time budget spent before the current update (the training loop's clock, across
+        # resumes; set by the driver before each step): what a budget-driven schedule reads
+        self.budget_spent = 0.0
 
     # -- what a method says about itself -------------------------------------------------------------------
     @classmethod
@@ -440,6 +443,7 @@ def distill(
             x0, y = (None if x0 is None else x0[rows]), (None if y is None else y[rows])
             step_seed = int(torch.randint(0, 2**62, (1,), generator=shared_gen, device=device))
             method.gen = rank_gen.manual_seed(step_seed + distributed.rank())
+        method.budget_spent = loop.counters["seconds"] / loop.budget
         try:
             value = method.step(index, x0, y)
         finally:

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import math
-import time
 from typing import Any
 
 import torch
@@ -85,7 +84,7 @@ class PruneOptions(Config):
             (less weight on the noisiest levels, where a noise predictor's x0 error is large and matters little),
             ``snr``, ``snr_plus_one``, ``uniform``.
         lr_decay: ``linear``: the learning rate falls linearly to a tenth over the fine-tune's time budget
-            (``minutes``, counted in update time across resumes); ``none``: constant after the warm-up.
+            (``minutes``, the training loop's clock across resumes); ``none``: constant after the warm-up.
         solver, schedule: The pruned model's default sampler, at ``nfe`` steps (the teacher's own, by default).
     """
 
@@ -331,7 +330,6 @@ class PruneMethod(DistillMethod):
         return outputs, handles
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
-        start = time.perf_counter()
         options = self.options
         sigma = self.training_sigmas(x0.shape[0])
         x = x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * self.randn_like(x0)
@@ -358,8 +356,5 @@ class PruneMethod(DistillMethod):
         if options.feature_weight:
             feature = sum((s - t.detach()).pow(2).mean() for s, t in zip(student_feats, teacher_feats, strict=True))
             loss = loss + options.feature_weight * feature / len(student_feats)
-        spent = float(self.state.get("update_seconds", 0.0))
-        decayed = spent / (self.config.minutes * 60.0) if options.lr_decay == "linear" else 0.0
-        value = self.update(loss, index, lr=self.scheduled_lr(index, decayed))
-        self.state["update_seconds"] = spent + time.perf_counter() - start
-        return value
+        decayed = self.budget_spent if options.lr_decay == "linear" else 0.0
+        return self.update(loss, index, lr=self.scheduled_lr(index, decayed))
