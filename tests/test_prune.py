@@ -142,6 +142,51 @@ def test_levels_prune_only_the_named_unet_resolution_levels():
         PruneOptions.create(ratio=0.5, levels="one")
 
 
+@pytest.mark.parametrize("levels", [None, [1, 2]])
+def test_pruning_records_which_teacher_channels_each_unet_block_output_keeps(levels):
+    """The UNet feature loss compares a pruned block output with the teacher's same channels: the record must name
+    them. Each kept filter of a block's last layer is a teacher filter, so its bias is the teacher's, exactly."""
+    model = load("mnist-unet")
+    base = model.network
+    small = surgery.example_inputs(base, model.info.image_shape, 2, {"class_labels": torch.arange(2)})
+    pruned = surgery.copy_with_gradients(base)
+    kept = {layer: list(range(layer.out_channels)) for _, layer in surgery.unet_features(pruned)}
+    surgery.prune_channels(pruned, small, 0.375, imp.channel_importance("magnitude"), levels=levels, kept=kept)
+    features = list(zip(surgery.unet_features(base), surgery.unet_features(pruned), strict=True))
+    assert len(features) == 7  # three down blocks, the mid block, three up blocks
+    narrowed = 0
+    for (_, theirs), (_, ours) in features:
+        channels = kept[ours]
+        assert len(channels) == ours.out_channels and len(set(channels)) == len(channels)
+        torch.testing.assert_close(ours.bias, theirs.bias[channels], rtol=0, atol=0)
+        narrowed += len(channels) < theirs.out_channels
+    assert narrowed >= (5 if levels else 7)
+    if levels:  # level 0 (the first down block and the last up block) keeps every channel, in order
+        assert kept[features[0][1][1]] == list(range(32)) and kept[features[-1][1][1]] == list(range(32))
+    # the recorded layer's width is the block output's width
+    outputs = []
+    hooks = [blk.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for (_, _), (blk, _) in features]  # fmt: skip
+    with torch.no_grad():
+        surgery._call(pruned, small)
+    for h in hooks:
+        h.remove()
+    assert [o.shape[1] for o in outputs] == [layer.out_channels for (_, _), (_, layer) in features]
+
+
+def test_a_unet_fine_tune_matches_block_features_and_resumes_exactly(tmp_path, parsed_once):
+    settings = dict(ratio=0.375, batch_size=2, finetune_minutes=5, progress=False, steps=4, importance="magnitude",
+                    feature_weight=1.0, levels=(1, 2))  # fmt: skip
+    hasten.prune("mnist-unet", tmp_path / "a", max_steps=2, **settings)
+    hasten.prune("mnist-unet", tmp_path / "b", max_steps=1, **settings)
+    channels = (tmp_path / "b" / "method" / "feature_channels.json").read_text()
+    hasten.prune("mnist-unet", tmp_path / "b", max_steps=2, resume=True, **settings)
+    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    for key, value in a.network.state_dict().items():
+        assert torch.equal(value, b.network.state_dict()[key]), key
+    assert channels.startswith("[[0, 1, 2")  # level 0's first block keeps its channels in order
+
+
 def test_mlp_ratio_sets_the_transformer_mlp_width_apart_from_the_attention():
     model = load("mnist-dit")
     small = surgery.example_inputs(model.network, model.info.image_shape, 2, {"class_labels": torch.arange(2)})

@@ -99,4 +99,6 @@ def _to_plain(value: Any) -> Any:
         return value.to_dict()
     if isinstance(value, tuple | list):
         return [_to_plain(v) for v in value]
+    if isinstance(value, dict):  # e.g. a distillation's options: a tuple must read back as the list JSON stores
+        return {k: _to_plain(v) for k, v in value.items()}
     return value

@@ -10,7 +10,9 @@ model by distillation rather than by training on data alone:
   the schedule's time uniform (the teacher's own function, everywhere the sampler goes);
 * ``data_weight``: the ordinary diffusion loss to the clean image (Diff-Pruning's fine-tune);
 * ``feature_weight``: every kept transformer block's output against the teacher's same block (widths of the
-  residual stream are unchanged by hasten's transformer pruning); refused for a UNet, whose widths change;
+  residual stream are unchanged by hasten's transformer pruning); for a UNet, every down, mid and up block's
+  output against the teacher's same channels (the student's channels are a subset of the teacher's: the pruning
+  records which, :func:`hasten.prune.surgery.unet_features`), so no projection has to be learned;
 * ``spectral_alpha`` > 0: the output error weighted per spatial frequency by ``|F(teacher)|^-alpha``
   (normalised to mean 1), which "Made Slim" uses so the slim model keeps the high frequencies it loses first;
   0 is the plain squared error (Parseval).
@@ -45,13 +47,22 @@ from ..distill.guidance import ONE_CALL_SOLVERS, WEIGHTINGS, level_weight
 from ..hooks import add_hook, remove_hooks
 from ..models.structure import apply_structure, structure_of
 from .importance import channel_importance, taylor_gradients
-from .surgery import STRUCTURES, example_inputs, flops_and_params, network_kind, prune_channels, remove_blocks
+from .surgery import (
+    STRUCTURES,
+    example_inputs,
+    flops_and_params,
+    network_kind,
+    prune_channels,
+    remove_blocks,
+    unet_features,
+)
 
 __all__ = ["IMPORTANCES", "PruneMethod", "PruneOptions", "spectral_error"]
 
 IMPORTANCES = ("taylor", "magnitude", "output_change")
 LR_DECAYS = ("none", "linear")
 FEATURE_HOOK = "hasten.prune/features"
+FEATURE_CHANNELS = "feature_channels.json"  # a pruned UNet's kept teacher channels per block output, beside the weights
 # ``weighting="auto"``, by the teacher's objective. The truncated SNR (at least 1) suits x0/v/flow networks, whose
 # x0 estimate is precise at every level. A noise-predicting network's x0 error grows with sigma (x0 = x - sigma eps):
 # under the truncated SNR most of a time-uniform batch's loss sat at sigma > 10 and the pruned mnist-unet kept x0
@@ -175,6 +186,8 @@ class PruneMethod(DistillMethod):
     """A pruned teacher, fine-tuned by distillation from the unpruned one (module docstring)."""
 
     Options = PruneOptions
+    # a pruned UNet's block outputs: the teacher channels each keeps (None: widths unchanged, a transformer)
+    feature_channels: list[list[int]] | None = None
 
     @classmethod
     def check(cls, teacher, config: DistillConfig, options: PruneOptions) -> None:
@@ -197,11 +210,6 @@ class PruneMethod(DistillMethod):
             raise ValueError(f"levels {list(options.levels)}: {teacher.info.name} has levels 0..{depth - 1}")
         if options.mlp_ratio is not None and kind != "transformer":
             raise ValueError(f"mlp_ratio is for a transformer's MLPs; {teacher.info.name} is a UNet (see levels)")
-        if options.feature_weight and kind != "transformer":
-            raise ValueError(
-                "feature_weight matches block outputs of equal width: a pruned UNet's features are narrower than the "
-                "teacher's; use output_weight / data_weight"
-            )
 
     @property
     def student_info(self):
@@ -252,13 +260,18 @@ class PruneMethod(DistillMethod):
         return {"taylor": taylor}
 
     def prune_scored(self, network: nn.Module) -> None:
-        """Prune the channels of ``network`` (its gradients accumulated by :meth:`score_channels`) at the ratio."""
+        """Prune the channels of ``network`` (its gradients accumulated by :meth:`score_channels`) at the ratio;
+        a UNet's block outputs keep a record of which teacher channels they hold (:attr:`feature_channels`)."""
         options = self.options
         inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
+        unet = network_kind(network) == "unet"
+        kept = {layer: list(range(layer.out_channels)) for _, layer in unet_features(network)} if unet else None
         prune_channels(
             network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to,
-            levels=options.levels or None, mlp_ratio=options.mlp_ratio,
+            levels=options.levels or None, mlp_ratio=options.mlp_ratio, kept=kept,
         )  # fmt: skip
+        if kept is not None:
+            self.feature_channels = [kept[layer] for _, layer in unet_features(network)]
 
     def example_cond(self, n: int) -> dict[str, Tensor]:
         if not self.teacher.info.num_classes:
@@ -276,6 +289,8 @@ class PruneMethod(DistillMethod):
                 remove_blocks(base, self.options.blocks)
             apply_structure(base, self.record["structure"])
             base.load_state_dict(load_file(work / "pruned.safetensors"))
+            if (work / FEATURE_CHANNELS).is_file():
+                self.feature_channels = json.loads((work / FEATURE_CHANNELS).read_text())
             network = base
         else:
             network = base
@@ -287,6 +302,8 @@ class PruneMethod(DistillMethod):
 
                 with atomic_path(work / "pruned.safetensors") as tmp:
                     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp))
+                if self.feature_channels is not None:  # before pruning.json: its presence means "pruned"
+                    write_text_atomic(work / FEATURE_CHANNELS, json.dumps(self.feature_channels) + "\n")
                 write_text_atomic(work / "pruning.json", json.dumps(self.record, indent=2) + "\n")
         self.student = self.copy_network(network, trainable=True)
         self.ema = self.copy_network(self.student, trainable=False)
@@ -313,21 +330,38 @@ class PruneMethod(DistillMethod):
         }
 
     # -- the fine-tune ---------------------------------------------------------------------------------------
-    def _features(self, network: nn.Module, keep: list[int] | None) -> tuple[list[Tensor], list[Any]]:
-        """Hooks that record the outputs of ``network``'s transformer blocks (``keep``: only these indices)."""
+    def feature_blocks(self, network: nn.Module, teacher: bool) -> list[nn.Module]:
+        """The blocks whose outputs the feature loss compares, in the same order for teacher and student: a
+        transformer's blocks (the teacher's without the removed ones), a UNet's down, mid and up blocks."""
+        if network_kind(network) == "unet":
+            return [block for block, _ in unet_features(network)]
+        blocks = list(network.transformer_blocks)
+        return [b for i, b in enumerate(blocks) if i not in self.options.blocks] if teacher else blocks
+
+    def _features(self, blocks: list[nn.Module]) -> tuple[list[Tensor], list[Any]]:
+        """Hooks that record the outputs of ``blocks`` (a down block's hidden states, not its skip tuple)."""
         outputs: list[Tensor] = []
         handles = []
-        for i, block in enumerate(network.transformer_blocks):
-            if keep is not None and i not in keep:
-                continue
+        for block in blocks:
 
             def record(forward, *args, **kwargs):
                 out = forward(*args, **kwargs)
-                outputs.append(out)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
                 return out
 
             handles.append(add_hook(block, FEATURE_HOOK, record))
         return outputs, handles
+
+    def feature_loss(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
+        """Mean over blocks of the squared error of each student block output to the teacher's same channels."""
+        channels = self.feature_channels or [None] * len(teacher_feats)
+        total = torch.zeros((), device=self.device)
+        for s, t, kept in zip(student_feats, teacher_feats, channels, strict=True):
+            t = t.detach() if kept is None else t.detach()[:, kept]
+            if s.shape != t.shape:
+                raise RuntimeError(f"student feature {tuple(s.shape)} against the teacher's {tuple(t.shape)}")
+            total = total + (s - t).pow(2).mean()
+        return total / len(student_feats)
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
         options = self.options
@@ -340,9 +374,8 @@ class PruneMethod(DistillMethod):
         handles: list[Any] = []
         try:
             if options.feature_weight:
-                kept = [i for i in range(len(self.teacher.network.transformer_blocks)) if i not in options.blocks]
-                teacher_feats, h1 = self._features(self.teacher.network, kept)
-                student_feats, h2 = self._features(self.student, None)
+                teacher_feats, h1 = self._features(self.feature_blocks(self.teacher.network, teacher=True))
+                student_feats, h2 = self._features(self.feature_blocks(self.student, teacher=False))
                 handles = h1 + h2
             target = self.teacher_denoise(x, sigma, labels) if options.output_weight or options.feature_weight else None
             pred = self.student_denoiser(self.student)(x, sigma, **self.cond(labels))
@@ -354,7 +387,6 @@ class PruneMethod(DistillMethod):
         if options.data_weight:
             loss = loss + options.data_weight * (weight * (pred - x0).pow(2).flatten(1).mean(1)).mean()
         if options.feature_weight:
-            feature = sum((s - t.detach()).pow(2).mean() for s, t in zip(student_feats, teacher_feats, strict=True))
-            loss = loss + options.feature_weight * feature / len(student_feats)
+            loss = loss + options.feature_weight * self.feature_loss(student_feats, teacher_feats)
         decayed = self.budget_spent if options.lr_decay == "linear" else 0.0
         return self.update(loss, index, lr=self.scheduled_lr(index, decayed))

@@ -48,6 +48,7 @@ __all__ = [
     "network_speedup",
     "prune_channels",
     "remove_blocks",
+    "unet_features",
 ]
 
 STRUCTURES = ("channels", "blocks")
@@ -141,11 +142,14 @@ def prune_channels(
     round_to: int | None = None,
     levels: Sequence[int] | None = None,
     mlp_ratio: float | None = None,
+    kept: dict[nn.Module, list[int]] | None = None,
 ) -> nn.Module:
     """Prune ``network`` in place: ``ratio`` of every prunable group's channels (see the module docstring), the
     lowest by ``importance`` (a Torch-Pruning importance; a Taylor importance reads the parameters' ``.grad``).
     ``levels`` (UNets): only the channels of these resolution levels (0 = full resolution) are pruned.
-    ``mlp_ratio`` (transformers): the MLPs' hidden widths lose this share instead of ``ratio``."""
+    ``mlp_ratio`` (transformers): the MLPs' hidden widths lose this share instead of ``ratio``.
+    ``kept``: layers of ``network`` as keys; each value becomes the original indices of the output channels that
+    layer keeps (what the feature loss compares a pruned feature map with)."""
     import torch_pruning as tp
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -188,6 +192,8 @@ def prune_channels(
             customized_pruners={nn.GroupNorm: _group_norm_channels()},
         )  # fmt: skip
         for group in pruner.step(interactive=True):
+            if kept:
+                _track_kept(group, pruner.DG, kept)
             group.prune()
         _regroup_norms(norms)
     finally:
@@ -198,6 +204,41 @@ def prune_channels(
             p.requires_grad_(flag)
     _sync_widths(network)
     return network
+
+
+def _track_kept(group: Any, graph: Any, kept: dict[nn.Module, list[int]]) -> None:
+    """Drop from ``kept`` the output channels ``group`` is about to remove from the layers it tracks (the indices
+    a group names are positions in the layer as it is now, after earlier groups)."""
+    from torch_pruning._helpers import to_plain_idxs
+
+    for dep, idxs in group:
+        layer = dep.target.module
+        if layer in kept and graph.is_out_channel_pruning_fn(dep.handler):
+            if len(kept[layer]) != _out_width(layer):
+                raise RuntimeError(f"kept channels of {type(layer).__name__} out of step with its width")
+            gone = {int(i) for i in to_plain_idxs(idxs)}
+            kept[layer] = [c for position, c in enumerate(kept[layer]) if position not in gone]
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def unet_features(network: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """A UNet's feature maps for feature distillation: ``(block, layer)`` for every down, mid and up block, whose
+    output's channels are ``layer``'s output channels (the sampler's convolution where the block ends in one, else
+    its last resnet's ``conv2``: attention and shortcuts add onto that same residual width)."""
+    if network_kind(network) != "unet":
+        raise TypeError(f"{type(network).__name__} is not a UNet")
+    blocks = [*network.down_blocks, *([network.mid_block] if network.mid_block is not None else []), *network.up_blocks]
+    features = []
+    for block in blocks:
+        samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None)
+        layer = getattr(samplers[-1], "conv", None) if samplers else None
+        if not isinstance(layer, nn.Conv2d):
+            layer = block.resnets[-1].conv2
+        features.append((block, layer))
+    return features
 
 
 def _group_norm_channels() -> Any:
