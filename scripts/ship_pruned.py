@@ -52,6 +52,11 @@ def main() -> None:
         for threads, t in timing["by_threads"].items()
     )
     sampler = info["sampler"]
+    c = d["config"]
+    reproduce = (
+        f"hasten prune --model {d['teacher']} {command_options(c['options'])} --lr {c['lr']:g} --batch-size "
+        f"{c['batch_size']} --ema-decay {c['ema_decay']:g} --finetune-minutes {c['minutes']:g} --out DIR"
+    )
     note = f"; {args.note}" if args.note else ""
     card = f"""# {args.name}
 
@@ -65,6 +70,7 @@ architecture's; `hasten.json`'s `pruning` record narrows it).
   {speed}; {measured["machine"]}, torch {measured["torch"]}, {measured["measured"]}.
 * **Fine-tune cost:** {d["steps"]:,} updates of batch {d["config"]["batch_size"]} in {d["seconds"] / 60:.1f} minutes
   ({d["machine"]}, {d["device"]}){note}.
+* **Fine-tune recipe:** reproduce with `{reproduce}`.
 * **Sampler (its default recipe):** `{sampler["solver"]}`, {sampler["steps"]} steps, `{sampler["schedule"]}` grid.
 
 ## Quality (FD against 5,000 held-out MNIST digits, bundled feature network, n = {measured["n"]}, seed 0, same noise)
@@ -75,6 +81,13 @@ architecture's; `hasten.json`'s `pruning` record narrows it).
 """
     (out / "MODEL_CARD.md").write_text(card)
     print(f"wrote {out}")
+
+
+def command_options(options: dict) -> str:
+    """``hasten prune`` flags for the run's options: structure, importance, ratio and blocks have flags of their own."""
+    own = ("structure", "importance", "ratio", "blocks")
+    flags = [f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items() if k in own]
+    return " ".join(flags + [f"--option {k}={v}" for k, v in options.items() if k not in own])
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ def test_cli_refuses_bad_input_with_exit_2(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["mnist-dit-pruned"])
+@pytest.mark.parametrize("name", ["mnist-dit-pruned", "mnist-unet-pruned"])
 def test_bundled_pruned_models_load_by_name_and_are_students_of_the_bundled_teacher(name):
     from hasten.recipe import student_recipe
 
