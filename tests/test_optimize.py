@@ -343,7 +343,7 @@ def test_a_bundled_pruned_model_is_tried_at_its_own_and_at_the_baselines_sampler
     info = json.loads((pruned / "hasten.json").read_text())
     info["distillation"]["method"] = "prune"
     (pruned / "hasten.json").write_text(json.dumps(info))
-    world = StudentWorld(_fake_model(), _config(tmp_path), tmp_path)
+    world = StudentWorld(_fake_model(), _config(tmp_path), tmp_path, plan_loss={3: 0.09, 4: 0.04})
     assert [r.model for r in world.student_recipes()] == ["synthetic-pruned"]
     result = world.run()
     labels = sorted(r["label"] for r in result.evaluations if r["stage"] == "students")
