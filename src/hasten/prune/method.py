@@ -266,14 +266,15 @@ class PruneMethod(DistillMethod):
         a UNet's block outputs keep a record of which teacher channels they hold (:attr:`feature_channels`)."""
         options = self.options
         inputs = example_inputs(network, self.teacher.info.image_shape, 2, self.example_cond(2))
-        unet = network_kind(network) == "unet"
-        kept = {layer: list(range(layer.out_channels)) for _, layer in unet_features(network)} if unet else None
+        # Torch-Pruning resizes layers in place, so the layers named before pruning are the pruned ones
+        layers = [layer for _, layer in unet_features(network)] if network_kind(network) == "unet" else []
+        kept = {layer: list(range(layer.out_channels)) for layer in layers}
         prune_channels(
             network, inputs, options.ratio, channel_importance(options.importance), round_to=options.round_to,
             levels=options.levels or None, mlp_ratio=options.mlp_ratio, kept=kept,
         )  # fmt: skip
-        if kept is not None:
-            self.feature_channels = [kept[layer] for _, layer in unet_features(network)]
+        if layers:
+            self.feature_channels = [kept[layer] for layer in layers]
 
     def example_cond(self, n: int) -> dict[str, Tensor]:
         if not self.teacher.info.num_classes:
