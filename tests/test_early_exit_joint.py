@@ -85,6 +85,58 @@ def test_the_joint_loss_is_the_output_error_plus_the_weighted_exits():
     assert teacher.transformer_blocks[0].attn1.to_q.weight.grad is None
 
 
+def test_the_data_weight_adds_the_data_loss_and_the_heads_learn_its_blend_while_the_estimators_track_the_teacher():
+    teacher, net = tiny_dit_seeded(0), tiny_dit_seeded(1)
+    heads = varied_heads(net)
+    student = EarlyExitStudent(net, heads)
+    options = EarlyExitOptions(output_weight=3.0, data_weight=1.0, exit_weight=0.5, noisy_weight=0.0)
+    gen = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([100.0, 500.0, 900.0]), torch.tensor([0, 1, 0])
+    fraction = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    teacher_out = teacher(x, t, class_labels=y).sample
+    data_target = torch.randn(teacher_out.shape, generator=gen)
+    parts = joint_exit_loss(student, teacher_out, x, t, y, fraction, options, data_target)
+    own, hidden, cond = capture_blocks(net, x, t, y)
+    blend = (3.0 * teacher_out + 1.0 * data_target) / 4.0
+    weights = torch.tensor([1.0, 4.0, 9.0])
+    exits = exit_loss(heads, hidden, cond, blend, layer_weights=weights, estimator_target=teacher_out)
+    assert float(parts["data"]) == pytest.approx(float((own - data_target).pow(2).mean()), rel=1e-5)
+    assert float(parts["exits"]) == pytest.approx(float(exits["total"]), rel=1e-5)
+    expected = 3.0 * float((own - teacher_out).pow(2).mean()) + float(parts["data"]) + 0.5 * float(exits["total"])
+    assert float(parts["total"]) == pytest.approx(expected, rel=1e-5)
+    # the estimators' pseudo-labels measure the error to the teacher, not to the blend: the same regression as
+    # plain distillation's, while the heads' layer loss is the blend's
+    to_teacher = exit_loss(heads, hidden, cond, teacher_out, layer_weights=weights)
+    assert float(parts["uncertainty"]) == pytest.approx(float(to_teacher["uncertainty"]), rel=1e-5)
+    assert float(parts["layer"]) != pytest.approx(float(to_teacher["layer"]), rel=1e-3)
+    # with no data weight, the blend is the teacher's output and the data loss is reported as 0
+    plain = joint_exit_loss(student, teacher_out, x, t, y, fraction, EarlyExitOptions(noisy_weight=0.0))
+    assert float(plain["data"]) == 0.0 and float(plain["layer"]) == pytest.approx(float(to_teacher["layer"]), rel=1e-5)
+    with pytest.raises(ValueError, match="data_weight > 0 needs the data's target"):
+        joint_exit_loss(student, teacher_out, x, t, y, fraction, options)
+
+
+def test_the_data_target_is_what_each_objective_trains_on():
+    from hasten.accel.early_exit import network_input, network_target
+
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    fraction = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
+    flow = load("mnist-dit")
+    x_t, _ = network_input(flow, x0, fraction, noise, torch.float64)
+    target = network_target(flow, x0, fraction, noise)
+    torch.testing.assert_close(target, noise - x0)  # the flow's velocity, whatever the time
+    # x_t moves along the target: d x_t / dt = noise - x0 for the flow's x_t = (1 - t) x0 + t noise
+    t = flow.schedule.t_min + (flow.schedule.t_max - flow.schedule.t_min) * fraction
+    torch.testing.assert_close(x_t, (1 - t).view(-1, 1, 1, 1) * x0.double() + t.view(-1, 1, 1, 1) * noise.double())
+    from hasten.train import objective_target
+
+    alpha, sigma = torch.tensor(0.6), torch.tensor(0.8)
+    torch.testing.assert_close(objective_target("eps", x0, noise, alpha, sigma), noise)
+    torch.testing.assert_close(objective_target("v", x0, noise, alpha, sigma), 0.6 * noise - 0.8 * x0)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        objective_target("x0", x0, noise, alpha, sigma)
+
+
 def test_a_joint_folder_carries_its_heads_and_threshold_zero_is_its_plain_network(tiny_model, tmp_path):
     hasten.distill(teacher=tiny_model, out=tmp_path / "s", max_steps=2, **SETTINGS)
     student = load(tmp_path / "s")
@@ -124,6 +176,7 @@ def test_the_joint_fine_tune_resumes_exactly(tiny_model, tmp_path):
         ({"exit_weight": 0}, "exit_weight 0 trains no exits"),
         ({"output_weight": 0}, "output_weight 0"),
         ({"noisy_weight": -1}, "noisy_weight must be a finite number >= 0"),
+        ({"data_weight": float("nan")}, "data_weight must be a finite number >= 0"),
         ({"heads_lr_scale": 0}, "heads_lr_scale must be a finite number > 0"),
         ({"exit_weighting": "late"}, "exit_weighting must be one of 'depth', 'depth_squared', 'uniform'; got 'late'"),
         ({"solver": "heun"}, "solver"),

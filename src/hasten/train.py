@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import distributed
 from .config import Config, RunConfig
@@ -79,6 +79,19 @@ class TrainResult:
     resumed_from_step: int
 
 
+def objective_target(objective: str, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """What a network trained on ``objective`` regresses at ``x_t = alpha * x0 + sigma * noise``: the noise
+    (``eps``), the velocity ``alpha * noise - sigma * x0`` (``v``) or the flow ``noise - x0`` (``flow``, where
+    ``alpha = 1 - t`` and ``sigma = t``). One place for the training target of every objective."""
+    if objective == "eps":
+        return noise
+    if objective == "v":
+        return alpha * noise - sigma * x0
+    if objective == "flow":
+        return noise - x0
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
 def _loss(
     net: nn.Module,
     x0: torch.Tensor,
@@ -97,16 +110,15 @@ def _loss(
     view = (-1, *([1] * (x0.ndim - 1)))
     if objective == "flow":
         t = torch.sigmoid(torch.randn(b, generator=gen, device=x0.device))  # logit-normal(0, 1)
-        x_t = (1 - t).view(view) * x0 + t.view(view) * noise
-        target = noise - x0
+        a, s = (1 - t).view(view), t.view(view)
         timestep = t * 1000.0
     else:
         idx = torch.randint(0, ab.numel(), (b,), generator=gen, device=x0.device)
         a = ab[idx].sqrt().view(view)
         s = (1 - ab[idx]).sqrt().view(view)
-        x_t = a * x0 + s * noise
-        target = noise if objective == "eps" else a * noise - s * x0
         timestep = idx
+    x_t = a * x0 + s * noise
+    target = objective_target(objective, x0, noise, a, s)
     cond = {key: value[rows] for key, value in cond.items()}
     out = net(x_t[rows], timestep[rows], **cond).sample
     return torch.mean((out.float() - target[rows]) ** 2)

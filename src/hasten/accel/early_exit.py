@@ -212,10 +212,14 @@ def exit_loss(
     *,
     layer_weights: Tensor | None = None,
     sample_weights: Tensor | None = None,
+    estimator_target: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The training loss of every exit (see the module docstring): ``total`` and its parts, each averaged over
     the exit layers. ``hidden[i]``: block ``i``'s output tokens; ``target``: the full network's output (the
-    frozen teacher's, also when the backbone is trained with the heads).
+    frozen teacher's, also when the backbone is trained with the heads). ``estimator_target``: what the
+    uncertainty estimators' pseudo-labels measure the error to, when the heads learn toward another target
+    (None: ``target``); the estimate decides an exit, so it must be the error to the network's output, not
+    to a noisy training target.
 
     ``layer_weights`` [num_exits] makes the average over the exits a weighted one (normalised to sum 1) and
     ``sample_weights`` [B] the average over the batch (normalised to mean 1); None: plain means."""
@@ -229,9 +233,11 @@ def exit_loss(
         return (per_token.mean(1) * sample_weights).mean()
 
     for i in range(heads.num_exits):
-        err = heads.output(i, hidden[i], conditioning).float() - target.float()
+        output = heads.output(i, hidden[i], conditioning).float()
+        err = output - target.float()
+        miss = err if estimator_target is None else output - estimator_target.float()
         u = heads.uncertainty(i, hidden[i], conditioning).float()
-        pseudo = patch_means(torch.tanh(err.detach().abs()), heads.patch_size)
+        pseudo = patch_means(torch.tanh(miss.detach().abs()), heads.patch_size)
         token_sq = patch_means(err.pow(2), heads.patch_size)
         parts["uncertainty"].append(batch_mean((u - pseudo).pow(2)))
         parts["ual"].append(batch_mean((1 - u.detach()) * token_sq))
@@ -513,6 +519,19 @@ def network_input(model: Any, x0: Tensor, fraction: Tensor, noise: Tensor, dtype
     alpha, sigma = schedule.alpha(t).to(x0.device), schedule.sigma(t).to(x0.device)
     x_t = (alpha.view(view) * x0 + sigma.view(view) * noise).to(dtype)
     return x_t, model.denoiser.model_time(schedule.ve_sigma(t).to(x0.device)).to(dtype)
+
+
+def network_target(model: Any, x0: Tensor, fraction: Tensor, noise: Tensor) -> Tensor:
+    """What ``model``'s network was trained to output at :func:`network_input`'s ``x_t`` (same ``x0``, ``fraction``
+    and ``noise``): the data's own target in the network's output space (:func:`hasten.train.objective_target`)."""
+    from ..train import objective_target
+
+    schedule = model.schedule
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
+    view = (-1, *([1] * (x0.ndim - 1)))
+    alpha, sigma = schedule.alpha(t).to(x0.device), schedule.sigma(t).to(x0.device)
+    target = objective_target(model.info.objective, x0.double(), noise.double(), alpha.view(view), sigma.view(view))
+    return target.to(x0.dtype)
 
 
 def train_exit_heads(

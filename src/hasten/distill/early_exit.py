@@ -9,9 +9,16 @@ images noised at a uniformly drawn time of the teacher's schedule. With ``y`` th
 output there, the loss is
 
 * ``output_weight * mean |f_student - y|^2``: the full-depth student stays the teacher's function;
+* ``data_weight * mean |f_student - y_data|^2``: the ordinary diffusion loss, ``y_data`` the network's training
+  target of the very image and noise (:func:`hasten.train.objective_target`), as the pruning fine-tune's
+  ``data_weight``; it lets the backbone move (to make room for the exits) towards the data rather than away
+  from the teacher;
 * ``exit_weight *`` :func:`hasten.accel.early_exit.exit_loss` of the student's heads on the student's hidden
-  tokens against the *teacher's* ``y`` (DeeDiff's estimator regression and uncertainty-aware layer loss, plus
-  the plain layer loss), its gradient flowing into the backbone. ``exit_weighting="depth_squared"`` weighs exit
+  tokens (DeeDiff's estimator regression and uncertainty-aware layer loss, plus the plain layer loss), its
+  gradient flowing into the backbone. The heads learn towards the full-depth output's optimum, the blend
+  ``(output_weight * y + data_weight * y_data) / (output_weight + data_weight)`` (the teacher's ``y`` when
+  ``data_weight`` is 0); the estimators always learn their error to the *teacher's* ``y``, since at sampling
+  time they decide whether an exit is close to the network's output. ``exit_weighting="depth_squared"`` weighs exit
   ``i`` by ``(i + 1)^2`` (the late exits, which skip less, are the ones a quality budget can use);
   ``noisy_weight`` weighs a sample at time fraction ``s`` (1 = pure noise) by ``1 + noisy_weight * s``, since
   exits pay in the noisy steps, whose errors the later steps correct.
@@ -43,6 +50,7 @@ from ..accel.early_exit import (
     forward_with_blocks,
     load_exit_heads,
     network_input,
+    network_target,
     save_exit_heads,
 )
 from ..config import Config, check_choice
@@ -62,6 +70,7 @@ class EarlyExitOptions(Config):
     Args:
         output_weight: Weight of the full-depth output's error to the teacher (20: pilots on mnist-dit at weight
             1 and 4 let the full-depth network drift to +16% and +11% FD in 200 updates; see the guide).
+        data_weight: Weight of the full-depth output's error to the data's own target (0: distillation only).
         exit_weight: Weight of the exits' loss.
         exit_weighting: ``depth`` (exit ``i`` weighted ``i + 1``), ``depth_squared`` (``(i + 1)^2``: the last
             exits, the only ones a tight budget uses, get most of it) or ``uniform``.
@@ -76,6 +85,7 @@ class EarlyExitOptions(Config):
     """
 
     output_weight: float = 20.0
+    data_weight: float = 0.0
     exit_weight: float = 1.0
     exit_weighting: str = "depth_squared"
     noisy_weight: float = 5.0
@@ -85,7 +95,7 @@ class EarlyExitOptions(Config):
     schedule: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("output_weight", "exit_weight", "noisy_weight"):
+        for name in ("output_weight", "data_weight", "exit_weight", "noisy_weight"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -108,6 +118,13 @@ class EarlyExitOptions(Config):
             raise ValueError(f"init_heads must be a heads file's path or None, got {self.init_heads!r}")
         check_choice("solver (one network call per step)", self.solver, ONE_CALL_SOLVERS)
         check_schedule(self.schedule)
+
+    def heads_target(self, teacher_output: Tensor, data_target: Tensor | None) -> Tensor:
+        """What the exits learn towards: the full-depth output loss's optimum (module docstring)."""
+        if not self.data_weight:
+            return teacher_output
+        total = self.output_weight + self.data_weight
+        return (self.output_weight * teacher_output + self.data_weight * data_target) / total
 
     def layer_weights(self, num_exits: int) -> Tensor:
         """The weight of each exit in the exits' loss (normalised by :func:`exit_loss`)."""
@@ -135,19 +152,28 @@ def joint_exit_loss(
     class_labels: Tensor | None,
     noise_fraction: Tensor,
     options: EarlyExitOptions,
+    data_target: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The joint loss (module docstring) of one batch: ``total``, ``output`` and the exits' parts (``exits`` and
-    :func:`exit_loss`'s ``uncertainty`` / ``ual`` / ``layer``). ``x`` and ``timestep``: the network's own input;
-    ``noise_fraction`` [B]: each sample's time as a fraction of the schedule's range (1 = pure noise)."""
+    """The joint loss (module docstring) of one batch: ``total``, ``output``, ``data`` and the exits' parts
+    (``exits`` and :func:`exit_loss`'s ``uncertainty`` / ``ual`` / ``layer``). ``x`` and ``timestep``: the
+    network's own input; ``noise_fraction`` [B]: each sample's time as a fraction of the schedule's range (1 =
+    pure noise); ``data_target``: the data's own target at ``x`` (needed when ``options.data_weight`` > 0)."""
+    if options.data_weight and data_target is None:
+        raise ValueError("data_weight > 0 needs the data's target (data_target)")
     output, hidden, conditioning = forward_with_blocks(student.network, x, timestep, class_labels)
     target = teacher_output.detach().float()
+    data = None if data_target is None else data_target.detach().float()
     parts = exit_loss(
-        student.heads, hidden, conditioning, target,
+        student.heads, hidden, conditioning, options.heads_target(target, data),
         layer_weights=options.layer_weights(student.heads.num_exits).to(x.device),
         sample_weights=1.0 + options.noisy_weight * noise_fraction.float(),
+        estimator_target=target,
     )  # fmt: skip
     out = {"output": (output.float() - target).pow(2).mean(), "exits": parts.pop("total"), **parts}
-    out["total"] = options.output_weight * out["output"] + options.exit_weight * out["exits"]
+    out["data"] = (output.float() - data).pow(2).mean() if data is not None else torch.zeros_like(out["output"])
+    out["total"] = (
+        options.output_weight * out["output"] + options.data_weight * out["data"] + options.exit_weight * out["exits"]
+    )
     return out
 
 
@@ -196,10 +222,13 @@ class JointExitMethod(DistillMethod):
 
     def step(self, index: int, x0: Tensor | None, labels: Tensor | None) -> float:
         fraction = torch.rand(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
-        x, timestep = network_input(self.teacher, x0, fraction, self.randn_like(x0), torch.float32)
+        noise = self.randn_like(x0)
+        x, timestep = network_input(self.teacher, x0, fraction, noise, torch.float32)
+        data_target = network_target(self.teacher, x0, fraction, noise).float() if self.options.data_weight else None
         with torch.no_grad():
             target = self.teacher.network(x, timestep, **self.cond(labels)).sample
-        loss = joint_exit_loss(self.student, target, x, timestep, labels, fraction, self.options)["total"]
+        loss = joint_exit_loss(self.student, target, x, timestep, labels, fraction, self.options, data_target)
+        loss = loss["total"]
         return self.update(loss, index)
 
     def export(self) -> nn.Module:
