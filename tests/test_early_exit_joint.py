@@ -72,9 +72,9 @@ def test_the_joint_loss_is_the_output_error_plus_the_weighted_exits():
     # depth weighting over 3 exits: 1, 2, 3; rows weighted 1 + 3 s
     exits = exit_loss(heads, hidden, cond, teacher_out, layer_weights=torch.tensor([1.0, 2.0, 3.0]),
                       sample_weights=1 + 3.0 * fraction)["total"]  # fmt: skip
-    assert float(parts["output"]) == pytest.approx(float(output), rel=1e-5)
-    assert float(parts["exits"]) == pytest.approx(float(exits), rel=1e-5)
-    assert float(parts["total"]) == pytest.approx(2.0 * float(output) + 0.5 * float(exits), rel=1e-5)
+    assert parts["output"].item() == pytest.approx(output.item(), rel=1e-5)
+    assert parts["exits"].item() == pytest.approx(exits.item(), rel=1e-5)
+    assert parts["total"].item() == pytest.approx(2.0 * output.item() + 0.5 * exits.item(), rel=1e-5)
     squared = EarlyExitOptions(exit_weighting="depth_squared").layer_weights(3)
     assert squared.tolist() == [1.0, 4.0, 9.0] and EarlyExitOptions(exit_weighting="uniform").layer_weights(
         2
@@ -100,18 +100,18 @@ def test_the_data_weight_adds_the_data_loss_and_the_heads_learn_its_blend_while_
     blend = (3.0 * teacher_out + 1.0 * data_target) / 4.0
     weights = torch.tensor([1.0, 4.0, 9.0])
     exits = exit_loss(heads, hidden, cond, blend, layer_weights=weights, estimator_target=teacher_out)
-    assert float(parts["data"]) == pytest.approx(float((own - data_target).pow(2).mean()), rel=1e-5)
-    assert float(parts["exits"]) == pytest.approx(float(exits["total"]), rel=1e-5)
-    expected = 3.0 * float((own - teacher_out).pow(2).mean()) + float(parts["data"]) + 0.5 * float(exits["total"])
-    assert float(parts["total"]) == pytest.approx(expected, rel=1e-5)
+    assert parts["data"].item() == pytest.approx((own - data_target).pow(2).mean().item(), rel=1e-5)
+    assert parts["exits"].item() == pytest.approx(exits["total"].item(), rel=1e-5)
+    expected = 3.0 * (own - teacher_out).pow(2).mean().item() + parts["data"].item() + 0.5 * exits["total"].item()
+    assert parts["total"].item() == pytest.approx(expected, rel=1e-5)
     # the estimators' pseudo-labels measure the error to the teacher, not to the blend: the same regression as
     # plain distillation's, while the heads' layer loss is the blend's
     to_teacher = exit_loss(heads, hidden, cond, teacher_out, layer_weights=weights)
-    assert float(parts["uncertainty"]) == pytest.approx(float(to_teacher["uncertainty"]), rel=1e-5)
-    assert float(parts["layer"]) != pytest.approx(float(to_teacher["layer"]), rel=1e-3)
+    assert parts["uncertainty"].item() == pytest.approx(to_teacher["uncertainty"].item(), rel=1e-5)
+    assert parts["layer"].item() != pytest.approx(to_teacher["layer"].item(), rel=1e-3)
     # with no data weight, the blend is the teacher's output and the data loss is reported as 0
     plain = joint_exit_loss(student, teacher_out, x, t, y, fraction, EarlyExitOptions(noisy_weight=0.0))
-    assert float(plain["data"]) == 0.0 and float(plain["layer"]) == pytest.approx(float(to_teacher["layer"]), rel=1e-5)
+    assert plain["data"].item() == 0.0 and plain["layer"].item() == pytest.approx(to_teacher["layer"].item(), rel=1e-5)
     with pytest.raises(ValueError, match="data_weight > 0 needs the data's target"):
         joint_exit_loss(student, teacher_out, x, t, y, fraction, options)
 
