@@ -10,6 +10,7 @@ CPU time (one thread, paired runs alternating, median of --repeats). Writes JSON
 Not a library feature yet: the hook lives in this script (see docs/guide/tuning.md).
 
 Usage: python benchmarks/prune/assembly_plan_probe.py OUT.json [--plan plans/mnist-dit-nfe10-fitted.json ...]
+(--run PLAN=STEPS, repeatable: time given assemblies beside the --baselines, with no search.)
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-swaps", type=int, default=6)
+    parser.add_argument(
+        "--run", action="append", default=[],
+        help="PLAN=STEPS (e.g. plans/x.json=0,1,7): time this assembly beside the baselines; skips the greedy search",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     teacher, student = hasten.load(args.teacher), hasten.load(args.student)
@@ -80,7 +85,10 @@ def main() -> None:
               "heldout": {"seed": HELDOUT_SEED, "n": args.n}, "reference": "original network, 100 steps",
               "plans": {}, "heldout_rows": []}  # fmt: skip
     candidates: list[tuple[str, frozenset[int]]] = []
-    for path in args.plan:
+    for spec in args.run:
+        path, _, steps = spec.partition("=")
+        candidates.append((path, frozenset(int(k) for k in steps.split(",") if k)))
+    for path in [] if args.run else args.plan:
         plan = load_plan(path)
         base = rmse(sample(teacher, student, plan, frozenset(), args.calib_n, CALIBRATION_SEED).images01, ref_cal)
         single = {}
