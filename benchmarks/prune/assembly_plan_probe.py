@@ -87,7 +87,10 @@ def main() -> None:
     candidates: list[tuple[str, frozenset[int]]] = []
     for spec in args.run:
         path, _, steps = spec.partition("=")
-        candidates.append((path, frozenset(int(k) for k in steps.split(",") if k)))
+        chosen = frozenset(int(k) for k in steps.split(",") if k)
+        if not chosen or not all(0 <= k < load_plan(path).num_steps for k in chosen):
+            parser.error(f"--run {spec!r}: give PLAN=STEPS with step indices 0..{load_plan(path).num_steps - 1}")
+        candidates.append((path, chosen))
     for path in [] if args.run else args.plan:
         plan = load_plan(path)
         base = rmse(sample(teacher, student, plan, frozenset(), args.calib_n, CALIBRATION_SEED).images01, ref_cal)

@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import RunConfig
 from ..hooks import add_hook, remove_hooks
+from ..train import objective_target
 from .hooks import TECHNIQUES, AccelConfig, Accelerator, CallState, check_window, window_steps
 
 HEADS_FORMAT = "hasten.exit_heads/1"
@@ -509,29 +510,29 @@ def capture_blocks(network: nn.Module, x: Tensor, timestep: Tensor, class_labels
         return forward_with_blocks(network, x, timestep, class_labels)
 
 
+def _schedule_at(model: Any, x0: Tensor, fraction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The time ``fraction`` [B] of the way through ``model``'s schedule, and its ``alpha`` and ``sigma`` shaped to
+    broadcast against ``x0``."""
+    schedule = model.schedule
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
+    view = (-1, *([1] * (x0.ndim - 1)))
+    return t, schedule.alpha(t).to(x0.device).view(view), schedule.sigma(t).to(x0.device).view(view)
+
+
 def network_input(model: Any, x0: Tensor, fraction: Tensor, noise: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``x0`` noised at ``fraction`` [B] of the way through ``model``'s schedule (0: its cleanest time, 1: pure
     noise), as the network itself takes it: its own ``x_t`` and its own time input. Exit heads live in the
     network's output space, so they are trained on the network's inputs rather than the denoiser's."""
-    schedule = model.schedule
-    t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
-    view = (-1, *([1] * (x0.ndim - 1)))
-    alpha, sigma = schedule.alpha(t).to(x0.device), schedule.sigma(t).to(x0.device)
-    x_t = (alpha.view(view) * x0 + sigma.view(view) * noise).to(dtype)
-    return x_t, model.denoiser.model_time(schedule.ve_sigma(t).to(x0.device)).to(dtype)
+    t, alpha, sigma = _schedule_at(model, x0, fraction)
+    x_t = (alpha * x0 + sigma * noise).to(dtype)
+    return x_t, model.denoiser.model_time(model.schedule.ve_sigma(t).to(x0.device)).to(dtype)
 
 
 def network_target(model: Any, x0: Tensor, fraction: Tensor, noise: Tensor) -> Tensor:
     """What ``model``'s network was trained to output at :func:`network_input`'s ``x_t`` (same ``x0``, ``fraction``
     and ``noise``): the data's own target in the network's output space (:func:`hasten.train.objective_target`)."""
-    from ..train import objective_target
-
-    schedule = model.schedule
-    t = schedule.t_min + (schedule.t_max - schedule.t_min) * fraction
-    view = (-1, *([1] * (x0.ndim - 1)))
-    alpha, sigma = schedule.alpha(t).to(x0.device), schedule.sigma(t).to(x0.device)
-    target = objective_target(model.info.objective, x0.double(), noise.double(), alpha.view(view), sigma.view(view))
-    return target.to(x0.dtype)
+    _, alpha, sigma = _schedule_at(model, x0, fraction)
+    return objective_target(model.info.objective, x0.double(), noise.double(), alpha, sigma).to(x0.dtype)
 
 
 def train_exit_heads(

@@ -224,12 +224,11 @@ class JointExitMethod(DistillMethod):
         fraction = torch.rand(x0.shape[0], generator=self.gen, device=self.device, dtype=torch.float64)
         noise = self.randn_like(x0)
         x, timestep = network_input(self.teacher, x0, fraction, noise, torch.float32)
-        data_target = network_target(self.teacher, x0, fraction, noise).float() if self.options.data_weight else None
+        data_target = network_target(self.teacher, x0, fraction, noise) if self.options.data_weight else None
         with torch.no_grad():
             target = self.teacher.network(x, timestep, **self.cond(labels)).sample
-        loss = joint_exit_loss(self.student, target, x, timestep, labels, fraction, self.options, data_target)
-        loss = loss["total"]
-        return self.update(loss, index)
+        parts = joint_exit_loss(self.student, target, x, timestep, labels, fraction, self.options, data_target)
+        return self.update(parts["total"], index)
 
     def export(self) -> nn.Module:
         return self.ema.network
