@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import distributed
 from .accel import AccelStats, accelerate_, accelerator_of
+from .accel.assembly import assemble, installed_assembly, load_student
 from .accel.skip import installed_skip, skip_blocks, skip_by_block
 from .models.guidance import CFGDenoiser, ThresholdedDenoiser
 from .models.zoo import LoadedModel
@@ -198,7 +199,10 @@ def generate(
     ``sigmas`` (a descending VE grid) overrides ``steps`` and ``schedule``, e.g. to reuse another library's
     timesteps through :func:`hasten.schedules.from_timesteps`. ``plan`` (a :class:`hasten.tune.Plan`) replaces
     the grid and the solver and sets the guidance scale it was tuned for unless ``guidance`` is given; a plan
-    made for other weights is refused unless ``force_plan``. ``accel`` (a :class:`hasten.accel.AccelConfig`)
+    made for other weights is refused unless ``force_plan``. A plan with a per-step architecture runs it for this
+    call only: its block skips (:mod:`hasten.accel.skip`), or its student (:mod:`hasten.accel.assembly`, loaded
+    beside the model and checked to be the one the plan was tuned with and to descend from the model's weights)
+    at its steps. ``accel`` (a :class:`hasten.accel.AccelConfig`)
     installs that cache on the network for this call only; its stats land in ``accel_stats`` (as they do for
     a cache installed beforehand with :func:`hasten.accelerate_`).
 
@@ -291,6 +295,20 @@ def generate(
             raise ValueError("a plan with per-step block skips cannot run under a cache (both decide which blocks "
                              "run); sample the plan without --accel, or a plan without skips")  # fmt: skip
         with skip_blocks(model.network, skip):
+            return generate(
+                model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
+                batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,
+                state_dtype=state_dtype, noise=noise, gather=gather, oms=oms, **solver_options,
+            )  # fmt: skip
+    assembly = None if plan is None else plan.assembly
+    if assembly is not None and installed_assembly(model.network) != (assembly.fingerprint, frozenset(assembly.steps)):
+        # a plan's per-step student: loaded and hooked in for this call only (the plan holds its name and steps)
+        if accelerator_of(model) is not None:
+            raise ValueError("a plan with a per-step student cannot run under a cache (the cache would reuse one "
+                             "network's features in the other's calls); sample the plan without --accel")  # fmt: skip
+        plan.check_model(model.info.name, model.fingerprint, force=force_plan)
+        student = load_student(model, assembly.student, assembly.fingerprint, lineage=not force_plan)
+        with assemble(model, student, assembly.steps):
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,
                 batch_size=batch_size, callback=callback, sigmas=sigmas, plan=plan, force_plan=force_plan,

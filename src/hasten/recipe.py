@@ -157,6 +157,11 @@ class Recipe:
                 "this recipe's plan skips blocks at some steps and a cache decides which blocks run too: they cannot "
                 "share a network (use a plain plan with the cache, or the skipping plan alone)"
             )
+        if self.plan is not None and self.plan.assembly is not None and (self.cache is not None or self.cache_peer):
+            raise RecipeError(
+                "this recipe's plan runs a student at some steps and a cache would reuse one network's features in "
+                "the other's calls (use a plain plan with the cache, or the assembled plan alone)"
+            )
         if self.cache is not None and self.cache_peer is not None:
             raise RecipeError(f"a recipe takes hasten's cache or a peer's ({self.cache_peer!r}), not both")
         if self.quant is not None and self.quant_peer is not None:

@@ -1064,6 +1064,20 @@ def tune(
             "NFE-equivalent cost (FLOP-weighted, < --nfe)"
         ),
     ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="a pruned or distilled student of --model (bundled name or folder) that runs some steps in its "
+            "place (per-step model assembly); needs --student-cost"
+        ),
+    ] = None,
+    student_cost: Annotated[
+        float | None,
+        typer.Option(
+            help="the assembled plan's largest NFE-equivalent cost (student calls count their FLOP share; < --nfe): "
+            "decides how many steps the student runs"
+        ),
+    ] = None,
     pipeline: PipelineOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = None,
@@ -1090,7 +1104,8 @@ def tune(
             nfe=nfe, minutes=minutes, guidance=loaded.default_guidance if guidance is None else guidance,
             n_search=n_search, seed=seed, use_v3=v3, n_fd=n_fd, fd_candidates=fd_candidates, n_heldout=n_heldout,
             reference_steps=reference_steps, fit_iterations=fit_iterations, fit_lr=fit_lr,
-            fit_lr_schedule=fit_lr_schedule, n_fit=n_fit, skip_cost=skip_cost,
+            fit_lr_schedule=fit_lr_schedule, n_fit=n_fit, skip_cost=skip_cost, student=student,
+            student_cost=student_cost,
         )  # fmt: skip
         plan = run_tune(loaded, config, out, resume=resume, progress=fmt is OutputFormat.text and sys.stderr.isatty())
     except (FileNotFoundError, TuneError, ValueError) as err:

@@ -215,6 +215,11 @@ class HastenScheduler(SchedulerMixin, ConfigMixin):
                 "this plan skips blocks per step (a per-step architecture), which a diffusers pipeline's loop cannot "
                 "apply; sample it with hasten.generate(model, plan=plan), or use a plan without skips"
             )
+        if getattr(plan, "assembly", None) is not None:
+            raise ValueError(
+                "this plan runs a student network at some steps (model assembly), which a scheduler cannot do (the "
+                "pipeline calls its own network); sample it with hasten.generate(model, plan=plan)"
+            )
         if model is not None:
             from ..generate import options_for_model
 

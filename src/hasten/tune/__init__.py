@@ -7,7 +7,7 @@
 
 from . import ems  # noqa: F401  (registers DPM-Solver-v3's ems="auto" option resolver)
 from .fit import FitConfig, FitResult, dpmpp_2m_weights, fit_weights
-from .plan import PLAN_SCHEMA_VERSION, Plan, PlanError, load_plan, plan_from_stock, save_plan
+from .plan import PLAN_SCHEMA_VERSION, Assembly, Plan, PlanError, load_plan, plan_from_stock, save_plan
 from .search import Candidate, SearchResult, candidate_from_plan, search
 from .tuner import STOCK_GRIDS, STOCK_SOLVERS, TuneConfig, TuneError, stock_plans, tune
 
@@ -15,6 +15,7 @@ __all__ = [
     "PLAN_SCHEMA_VERSION",
     "STOCK_GRIDS",
     "STOCK_SOLVERS",
+    "Assembly",
     "Candidate",
     "FitConfig",
     "FitResult",

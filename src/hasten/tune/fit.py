@@ -112,11 +112,14 @@ def fit_weights(
     state: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    step_denoisers: Sequence[Callable[..., Tensor] | None] | None = None,
 ) -> FitResult:
     """Fit weights and interior levels for the grid ``sigmas`` (descending, ending with 0); see the module
     docstring. ``alternatives``: other grids of as many steps the fit may start from instead (the start is
     the best of 2M and DDIM on every grid, by validation). ``validate(sigmas, coefficients, x_weights)`` returns
-    the validation RMSE of a candidate; ``state`` is a checkpoint from an earlier call with the same arguments."""
+    the validation RMSE of a candidate; ``state`` is a checkpoint from an earlier call with the same arguments.
+    ``step_denoisers`` (one per step, None for the model's own) are the denoisers of a per-step student's steps
+    (a plan's assembly, :mod:`hasten.accel.assembly`): the weights are fitted through the network that runs."""
     grids = [tuple(float(v) for v in sigmas)]
     grids += [g for g in (tuple(float(v) for v in alt) for alt in alternatives) if g not in grids]
     for grid in grids:
@@ -178,6 +181,10 @@ def fit_weights(
         optimiser.load_state_dict(_adam_from_json(state["adam"]))
 
     denoiser = guided_denoiser(model, config.guidance)
+    if step_denoisers is not None:
+        if len(step_denoisers) != len(start_grid) - 1:
+            raise ValueError(f"step_denoisers needs one per step ({len(start_grid) - 1}), got {len(step_denoisers)}")
+        denoiser = [denoiser if d is None else d for d in step_denoisers]
     network_params = [p for p in model.network.parameters() if p.requires_grad]
     noise = initial_noise(config.train_seed, range(config.n_train), model.info.image_shape)  # generate()'s noise
     labels = default_labels(model, config.n_train, None)
@@ -232,7 +239,7 @@ def fit_weights(
 
 
 def multistep_samples(
-    denoiser: Any,
+    denoiser: Any | Sequence[Any],
     model: LoadedModel,
     log_sigmas: Tensor,
     weights: list[Tensor],
@@ -243,12 +250,13 @@ def multistep_samples(
     """The ``learned_multistep`` sampler written with autograd-friendly ops: levels ``exp(log_sigmas)`` then 0,
     one weight row per step, ``a_i = r_i + x_offsets[i]`` (``r_i`` when None), from unit ``noise`` scaled as
     ``generate`` scales it (float32 state, float64 levels). Equal to ``generate`` on the corresponding plan up to
-    float rounding."""
+    float rounding. ``denoiser`` may be a sequence, one per step (a plan's per-step student)."""
+    denoisers = list(denoiser) if isinstance(denoiser, Sequence) else [denoiser] * len(weights)
     level = torch.cat([log_sigmas.exp(), torch.zeros(1, dtype=log_sigmas.dtype)])
     x = noise * float(model.schedule.initial_noise_scale(float(level[0].detach())))
     denoised: list[Tensor] = []
     for i in range(len(weights)):
-        denoised.append(denoiser(x, level[i].double().expand(len(x)), **cond).float())
+        denoised.append(denoisers[i](x, level[i].double().expand(len(x)), **cond).float())
         r = (level[i + 1] / level[i]).float()
         a = r if x_offsets is None else r + x_offsets[i]
         x = a * x + (1 - r) * sum(weights[i][j] * denoised[j] for j in range(i + 1))

@@ -7,9 +7,10 @@ is never silently applied to another model, and records its NFE, its scores and 
 Reference: Liu et al., USF / S^3, ICLR 2024 (a sampler as a sequence of per-step decisions); Li et al.,
 AutoDiffusion, ICCV 2023 (searched time steps and per-step block skipping).
 
-A plan may also carry a per-step architecture, ``skip``: the skippable blocks (:mod:`hasten.accel.skip`)
-each step leaves out. Plans without one are written exactly as before (schema 1, the same digest); a plan
-with skips is schema 2 and records its ``cost`` in NFE-equivalents (FLOP-weighted).
+A plan may also carry a per-step architecture: ``skip``, the skippable blocks (:mod:`hasten.accel.skip`)
+each step leaves out (schema 2), or ``assembly``, a cheaper student of the model that runs some of the steps
+in its place (:mod:`hasten.accel.assembly`; schema 3). Plans with neither are written exactly as before
+(schema 1, the same digest); plans with either record their ``cost`` in NFE-equivalents (FLOP-weighted).
 """
 
 from __future__ import annotations
@@ -26,15 +27,70 @@ from typing import Any
 from .._io import write_text_atomic
 from ..solvers import PerStepSolver, Solver, get_solver
 
-__all__ = ["PLAN_FORMAT", "PLAN_SCHEMA_VERSION", "Plan", "PlanError", "load_plan", "save_plan"]
+__all__ = ["PLAN_FORMAT", "PLAN_SCHEMA_VERSION", "Assembly", "Plan", "PlanError", "load_plan", "save_plan"]
 
 PLAN_FORMAT = "hasten-plan"
-PLAN_SCHEMA_VERSION = 2  # written for plans with per-step block skips; plans without are written as 1
-READABLE_SCHEMAS = (1, 2)
+# the newest schema: 3 for plans with a per-step student, 2 for per-step block skips, 1 for the plain plans
+PLAN_SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 
 
 class PlanError(ValueError):
     """A plan file that is corrupt, of another schema version, inconsistent, or made for another model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembly:
+    """Per-step model assembly: the steps (indices, sorted, at least one) at which ``student`` (a bundled model's
+    name or a model folder) answers the network calls in the model's place. ``fingerprint`` is the student's
+    weights fingerprint (a student changed since the plan was made is refused); ``call_share`` is one student call's
+    FLOPs over one of the model's (:func:`hasten.accel.assembly.call_share`), what the plan's ``cost`` counts."""
+
+    student: str
+    fingerprint: str
+    steps: tuple[int, ...]
+    call_share: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.student, str) or not self.student:
+            raise PlanError(f"plan assembly: student must name a model (bundled name or folder), got {self.student!r}")
+        if not isinstance(self.fingerprint, str) or not self.fingerprint:
+            raise PlanError(f"plan assembly: fingerprint must be the student's weights', got {self.fingerprint!r}")
+        steps = self.steps
+        if isinstance(steps, str | bytes) or not isinstance(steps, Sequence) or not steps:
+            raise PlanError(f"plan assembly: steps must be a non-empty list of step indices, got {steps!r}")
+        bad = [k for k in steps if isinstance(k, bool) or not isinstance(k, int) or k < 0]
+        if bad:
+            raise PlanError(f"plan assembly: step {bad[0]!r} is not a step index (an integer >= 0)")
+        if len(set(steps)) != len(steps):
+            raise PlanError(f"plan assembly names a step twice: {list(steps)}")
+        object.__setattr__(self, "steps", tuple(sorted(steps)))
+        share = self.call_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise PlanError(f"plan assembly: call_share must be in (0, 1] (the student's FLOPs per call over the "
+                            f"model's), got {share!r}")  # fmt: skip
+        object.__setattr__(self, "call_share", float(share))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"student": self.student, "fingerprint": self.fingerprint, "steps": list(self.steps),
+                "call_share": self.call_share}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Assembly:
+        if isinstance(data, Assembly):
+            return data
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan assembly must be a mapping (student, fingerprint, steps, call_share), got {data!r}")
+        unknown = sorted(set(data) - {"student", "fingerprint", "steps", "call_share"})
+        if unknown:
+            raise PlanError(f"plan assembly has unknown field(s) {unknown}; it takes student, fingerprint, steps and "
+                            "call_share")  # fmt: skip
+        try:
+            steps = data["steps"]
+            return cls(data["student"], data["fingerprint"], tuple(steps) if isinstance(steps, list) else steps,
+                       data["call_share"])  # fmt: skip
+        except KeyError as err:
+            raise PlanError(f"plan assembly is missing the field {err.args[0]!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +106,10 @@ class Plan:
     (:func:`hasten.accel.skip.skippable_blocks` numbers them), the blocks that step leaves out; stored sorted,
     and None when no step skips anything (such a plan is the plain plan). ``cost`` is its NFE-equivalent
     (``nfe`` minus the skipped blocks' FLOP share of each call, see :meth:`cost_with`), set by the tuner.
+
+    ``assembly`` (optional, an :class:`Assembly` or its dict) is the other per-step architecture: a student of
+    the model runs the listed steps. Its ``cost`` follows from the assembly (each swapped step's calls count
+    ``call_share``) and is set here. A plan takes skips or an assembly, not both.
     """
 
     sigmas: tuple[float, ...]
@@ -64,6 +124,7 @@ class Plan:
     search: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     skip: tuple[tuple[int, ...], ...] | None = None
     cost: float | None = None
+    assembly: Assembly | None = None
 
     def __post_init__(self) -> None:
         sig = [float(s) for s in self.sigmas]
@@ -84,7 +145,9 @@ class Plan:
             object.__setattr__(self, "steps", tuple(dict(s) for s in self.steps))
         object.__setattr__(self, "options", dict(self.options))
         object.__setattr__(self, "skip", _normalised_skip(self.skip, len(sig) - 1))
-        if self.skip is None:
+        if self.assembly is not None:
+            self._set_assembly(Assembly.from_dict(self.assembly))
+        elif self.skip is None:
             object.__setattr__(self, "cost", None)  # a plain plan costs its NFE
         if self.cost is not None and not (isinstance(self.cost, int | float) and 0 < self.cost < math.inf):
             raise PlanError(f"plan cost must be a finite number > 0 (NFE-equivalents), got {self.cost!r}")
@@ -93,9 +156,28 @@ class Plan:
         except (KeyError, TypeError, ValueError) as err:
             raise PlanError(f"plan solver {self.solver!r} with these options is invalid: {err}") from None
 
+    def _set_assembly(self, assembly: Assembly) -> None:
+        if self.skip is not None:
+            raise PlanError("a plan takes per-step block skips or a per-step student (assembly), not both")
+        late = [k for k in assembly.steps if k >= self.num_steps]
+        if late:
+            raise PlanError(f"plan assembly names step {late[0]}, but the plan has {self.num_steps} steps "
+                            f"(indices 0..{self.num_steps - 1})")  # fmt: skip
+        object.__setattr__(self, "assembly", assembly)
+        nfe = self.num_steps if self.nfe is None else self.nfe
+        cost = float(nfe - (1.0 - assembly.call_share) * nfe / self.num_steps * len(assembly.steps))
+        if self.cost is not None and not math.isclose(self.cost, cost, rel_tol=1e-6):
+            raise PlanError(f"plan cost {self.cost!r} does not match its assembly's ({cost:.6g} NFE-equivalents)")
+        object.__setattr__(self, "cost", cost)
+
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
+
+    @property
+    def per_step_architecture(self) -> str | None:
+        """``"skip"`` or ``"assembly"`` when the plan decides which network (part) runs at each step, else None."""
+        return "skip" if self.skip is not None else "assembly" if self.assembly is not None else None
 
     def build_solver(self, **overrides: Any) -> Solver:
         """The executable solver: one configured solver, or a :class:`~hasten.solvers.PerStepSolver`.
@@ -151,6 +233,9 @@ class Plan:
             cost = "" if self.cost is None else f" (cost {self.cost:.2f} NFE-equivalent)"
             skips = " ".join(f"{i}:{'-'.join(map(str, b))}" for i, b in enumerate(self.skip) if b)
             head += f"{cost}; skips step:blocks {skips}"
+        if self.assembly is not None:
+            swapped = ",".join(map(str, self.assembly.steps))
+            head += f" (cost {self.cost:.2f} NFE-equivalent); {self.assembly.student} at steps {swapped}"
         if not self.steps:
             return head
         return head + "; steps: " + " ".join(",".join(f"{k}={v}" for k, v in sorted(s.items())) for s in self.steps)
@@ -158,7 +243,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         data = {
             "format": PLAN_FORMAT,
-            "schema_version": 1 if self.skip is None else PLAN_SCHEMA_VERSION,
+            "schema_version": 3 if self.assembly is not None else 2 if self.skip is not None else 1,
             "model": self.model,
             "fingerprint": self.fingerprint,
             "guidance": self.guidance,
@@ -172,6 +257,9 @@ class Plan:
         }
         if self.skip is not None:  # a plain plan keeps schema 1's fields (and so its digest and its readers)
             data["skip"] = [list(b) for b in self.skip]
+            data["cost"] = self.cost
+        if self.assembly is not None:
+            data["assembly"] = self.assembly.to_dict()
             data["cost"] = self.cost
         return data
 
@@ -187,6 +275,8 @@ class Plan:
             )
         if version == 1 and ("skip" in data or "cost" in data):
             raise PlanError("a schema 1 plan has no per-step architecture ('skip', 'cost'); skips need schema 2")
+        if version != 3 and "assembly" in data:
+            raise PlanError(f"a schema {version} plan has no per-step student ('assembly'); assemblies need schema 3")
         try:
             return cls(
                 sigmas=tuple(data["sigmas"]), solver=data["solver"], options=data.get("options") or {},
@@ -196,6 +286,7 @@ class Plan:
                 search=data.get("search") or {},
                 skip=None if data.get("skip") is None else tuple(tuple(b) for b in data["skip"]),
                 cost=data.get("cost"),
+                assembly=None if data.get("assembly") is None else Assembly.from_dict(data["assembly"]),
             )  # fmt: skip
         except KeyError as err:
             raise PlanError(f"plan is missing the field {err.args[0]!r}") from None

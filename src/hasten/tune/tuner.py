@@ -13,6 +13,12 @@ evaluation that was running.
 With ``skip_cost`` the search is joint (AutoDiffusion): ``nfe`` steps whose per-step block skips
 (:mod:`hasten.accel.skip`) bring the plan's NFE-equivalent cost (FLOP-weighted, shares measured once on the
 network) within ``skip_cost``; the stock starts carry deterministic skip patterns within that budget.
+
+With ``student`` (a pruned or distilled student of the model) and ``student_cost``, the plan is a model assembly
+(:mod:`hasten.accel.assembly`): after the search, the steps the student runs are chosen greedily on the search
+images (each round adds the step whose swap raises the proxy error least) until the plan's NFE-equivalent cost
+(the student's calls weighted by their FLOP share) is within ``student_cost``; the fit stage, if any, then fits
+the weights and levels through the assembled sampler, so the steps adapt to the student's errors.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from .. import distributed
 from .._io import write_text_atomic
 from ..config import Config
-from ..generate import generate
+from ..generate import generate, guided_denoiser
 from ..metrics.features import FEATURE_NETS
 from ..metrics.reference import REFERENCE_SOLVER, reference_samples, rmse
 from ..models.zoo import LoadedModel
@@ -102,6 +108,10 @@ class TuneConfig(Config):
         skip_cost: Per-step architecture search (None: off): the plan takes ``nfe`` steps and skips blocks per step
             so that its NFE-equivalent cost (calls weighted by the FLOP share they keep) is at most this, which
             must be below ``nfe``. Not combined with the fit stage.
+        student: Per-step model assembly (None: off): a student of the model (bundled name or model folder; pruned
+            or distilled from the model's weights) that runs some of the ``nfe`` steps; needs ``student_cost``.
+        student_cost: The assembled plan's largest NFE-equivalent cost (the student's calls count their FLOP share
+            of a model call), below ``nfe``; decides how many steps the student runs.
     """
 
     nfe: int = 5
@@ -124,6 +134,8 @@ class TuneConfig(Config):
     n_fit: int = 128
     fit_every: int = 25
     skip_cost: float | None = None
+    student: str | None = None
+    student_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -158,6 +170,19 @@ class TuneConfig(Config):
                 raise TuneError(
                     "skip_cost (per-step block skips) cannot be combined with the fit stage (fit_iterations)"
                 )
+        if (self.student is None) != (self.student_cost is None):
+            raise TuneError("student and student_cost go together: name the student and the plan's largest "
+                            "NFE-equivalent cost (--student, --student-cost)")  # fmt: skip
+        if self.student is not None:
+            if not isinstance(self.student, str) or not self.student:
+                raise TuneError(f"student must name a model (bundled name or folder), got {self.student!r}")
+            cost = self.student_cost
+            if isinstance(cost, bool) or not (isinstance(cost, int | float) and 0 < cost < self.nfe):
+                raise TuneError(f"student_cost must be a number in (0, nfe={self.nfe}) (NFE-equivalents; at nfe or "
+                                f"above the student need run no step), got {cost!r}")  # fmt: skip
+            if self.skip_cost is not None:
+                raise TuneError("a plan takes per-step block skips (skip_cost) or a per-step student (student), "
+                                "not both")  # fmt: skip
         seeds = (self.search_seed, self.validation_seed, self.heldout_seed)
         if len(set(seeds)) != 3:
             raise TuneError(f"search_seed, validation_seed and heldout_seed must all differ, got {seeds}")
@@ -211,13 +236,15 @@ def tune(
     # and the fit stage's settings (checked against the fit's own checkpoint below; a fit may be added later).
     fit_keys = ("fit_iterations", "fit_lr", "fit_lr_schedule", "n_fit", "fit_every")
     settings = {k: v for k, v in config.to_dict().items() if k not in ("minutes", "max_evaluations", *fit_keys)}
-    if config.skip_cost is None:  # searches saved before skips existed resume unchanged
-        settings.pop("skip_cost")
+    for optional in ("skip_cost", "student", "student_cost"):  # searches saved before these resume unchanged
+        if settings[optional] is None:
+            settings.pop(optional)
     fit_settings = {k: getattr(config, k) for k in fit_keys if k != "fit_iterations"}
     identity = {"config": settings, "model": model.info.name, "fingerprint": model.fingerprint}
     cache: dict[str, dict[str, float]] = {}  # proxy evaluations by candidate key
     fd_cache: dict[str, float] = {}  # FD of the full-objective stage by candidate key
     fit_state: dict[str, Any] | None = None  # the fit stage's checkpoint
+    assembly_state: dict[str, Any] = {}  # the student-step stage's evaluations
     if state_path.exists() or out.exists():
         if not resume:
             raise TuneError(
@@ -233,6 +260,7 @@ def tune(
             cache, fd_cache = saved["cache"], saved.get("fd", {})
             fd_cache.update(cache.pop("_fd", {}))  # where states of earlier versions kept their FDs
             fit_state = saved.get("fit")
+            assembly_state = saved.get("assembly") or {}
             if fit_state is not None and fit_state.get("version") != FIT_VERSION:
                 warnings.warn(
                     f"{state_path} holds a fit made by an earlier hasten (another loss and solver family); the "
@@ -261,6 +289,20 @@ def tune(
         with torch.no_grad():  # one network call (a one-step solve), counted once
             shares = block_flop_shares(model.network, lambda: generate(model, 1, steps=1, seed=0, guidance=1.0))
         budget_pattern(config.nfe, shares, config.skip_cost, "early")  # refuses a budget no pattern reaches
+
+    student, student_share, student_swaps = None, None, 0
+    if config.student is not None:  # refused now, not after the search: a stranger, or a cost it cannot reach
+        from ..accel.assembly import call_share, load_student
+
+        student = load_student(model, config.student)
+        student_share = call_share(model, student)
+        student_swaps = math.ceil((config.nfe - config.student_cost) / max(1e-12, 1.0 - student_share) - 1e-9)
+        if student_share >= 1.0 or student_swaps > config.nfe:
+            reach = config.nfe * student_share
+            raise TuneError(
+                f"student {config.student!r} costs {student_share:.3f} of a model call (FLOPs): even at every step "
+                f"the plan costs {reach:.2f} NFE-equivalents, above student_cost {config.student_cost:g}"
+            )
 
     reference = reference_samples(
         model, config.n_search, seed=config.search_seed, guidance=config.guidance, steps=config.reference_steps
@@ -314,7 +356,8 @@ def tune(
     bar = BudgetProgress(progress, "tuning", budget)
 
     def save_state() -> None:  # after every evaluation: a kill loses at most the one running
-        write_text_atomic(state_path, json.dumps({**identity, "cache": cache, "fd": fd_cache, "fit": fit_state}))
+        write_text_atomic(state_path, json.dumps({**identity, "cache": cache, "fd": fd_cache, "fit": fit_state,
+                                                  "assembly": assembly_state}))  # fmt: skip
 
     def on_evaluation(candidate: Candidate, score: float, best: float, count: int, spent: float) -> None:
         save_state()
@@ -373,12 +416,25 @@ def tune(
     plan = chosen.to_plan(sigma_max, shares, **meta)
     chosen_key = chosen.normalised(log_max, log_min).key()
 
+    assembly_record, step_denoisers = None, None
+    if student is not None:
+        if assembly_state.get("plan") != plan.digest():  # the stage's evaluations belong to the plan it ran on
+            assembly_state = {"plan": plan.digest(), "scores": {}}
+        assembly, assembly_record = _assembly_stage(
+            plan, student, config.student, student_share, student_swaps, assembly_state["scores"],
+            lambda p: rmse(run(p, config.n_search, config.search_seed).images01, reference), save_state, progress,
+        )  # fmt: skip
+        assembly_record["cost_budget"] = config.student_cost
+        plan = dataclasses.replace(plan, assembly=assembly, cost=None)
+        student_denoiser = guided_denoiser(student, config.guidance)
+        step_denoisers = [student_denoiser if k in assembly.steps else None for k in range(plan.num_steps)]
+
     fit_record = None
     if config.fit_iterations > 0:
 
         def fitted_plan(sigmas, coefficients, x_weights) -> Plan:
             options = {"coefficients": coefficients, "x_weights": x_weights}
-            return Plan(sigmas, "learned_multistep", options, nfe=config.nfe, **meta)
+            return Plan(sigmas, "learned_multistep", options, nfe=config.nfe, assembly=plan.assembly, **meta)
 
         def validate(sigmas, coefficients, x_weights) -> float:
             candidate = fitted_plan(sigmas, coefficients, x_weights)
@@ -399,8 +455,11 @@ def tune(
                       n_train=config.n_fit, train_seed=config.search_seed, every=config.fit_every,
                       reference_steps=config.reference_steps, guidance=config.guidance, seed=config.seed),
             validate, alternatives=alternatives, state=fit_state, on_checkpoint=checkpoint, progress=progress,
+            step_denoisers=step_denoisers,
         )  # fmt: skip
         plan_validation = validation["rmse_ref_searched" if validation["kept"] == "searched" else "rmse_ref_best_stock"]
+        if plan.assembly is not None:  # the fit competes with the assembled plan, not with the steps-only one
+            plan_validation = rmse(run(plan, config.n_search, config.validation_seed).images01, val_ref)
         fit_record = {
             "method": "learned_multistep weights (c_ij and a_i) and interior levels fitted by Adam through the "
             "sampler to the reference solve's images, from DPM-Solver++(2M) or DDIM on the plan's or the best stock "
@@ -420,6 +479,11 @@ def tune(
         model, config.n_heldout, seed=config.heldout_seed, guidance=config.guidance, steps=config.reference_steps
     )
     held_fd = _fd(held_ref, model) if model.info.data in FEATURE_NETS else None  # the floor, computed once
+    if plan.assembly is not None:  # what the student's steps cost: the same plan with the model at every step
+        assembly_record["heldout_without_student"] = _heldout(
+            run(dataclasses.replace(plan, assembly=None, cost=None), config.n_heldout, config.heldout_seed),
+            held_ref, model, held_fd, config,
+        )  # fmt: skip
     scores = {
         "objective": "rmse_ref" if full_stage is None else "rmse_ref, then FD among the best",
         "search": {"rmse_ref": cache[chosen_key]["score"], "n": config.n_search, "seed": config.search_seed},
@@ -444,6 +508,7 @@ def tune(
             "method": "evolutionary search + coordinate refinement over per-step UniPC / DPM-Solver-v3 decisions "
             "(USF space)"
             + ("" if shares is None else " and per-step block skips within a FLOP-weighted cost")
+            + ("" if assembly_record is None else ", then the student's steps (greedy, search seed)")
             + (", then fitted weights" if fit_record and fit_record["kept"] == "fitted" else ""),
             "config": config.to_dict(),
             "evaluations": result.evaluations,
@@ -453,6 +518,7 @@ def tune(
             "best_proxy_rmse_ref": result.best_score,
             "full_objective": full_stage,
             "fit": fit_record,
+            "assembly": assembly_record,
             "architecture": None
             if shares is None
             else {
@@ -465,6 +531,49 @@ def tune(
     )
     save_plan(plan, out)
     return plan
+
+
+def _assembly_stage(plan, student, reference, share, swaps, scores, proxy, save_state, progress):
+    """Choose the ``swaps`` steps of ``plan`` the student runs: greedy forward selection by the proxy error.
+
+    Each round tries every step not yet chosen and keeps the one whose swap gives the lowest ``proxy`` (RMSE to
+    the reference on the search images). ``scores`` memoises evaluations by the chosen set (resume). Returns the
+    :class:`~hasten.tune.plan.Assembly` and a record of the rounds.
+    Reference: the greedy per-step choice of the model-assembly probe (benchmarks/prune/assembly_plan_probe.py);
+    AutoDiffusion searches the same space evolutionarily, which at these sizes costs more evaluations.
+    """
+    from .plan import Assembly
+
+    def assembled(steps: list[int]) -> Plan:
+        return dataclasses.replace(plan, assembly=Assembly(reference, student.fingerprint, tuple(steps), share),
+                                   cost=None)  # fmt: skip
+
+    def score(steps: list[int]) -> float:
+        key = ",".join(map(str, sorted(steps)))
+        if key not in scores:
+            scores[key] = proxy(assembled(steps)) if steps else proxy(plan)
+            save_state()
+        return scores[key]
+
+    total = sum(plan.num_steps - r for r in range(swaps)) + 1
+    bar = BudgetProgress(progress, "choosing the student's steps", total)
+    chosen: list[int] = []
+    rounds = [{"steps": [], "rmse_ref": score([])}]
+    try:
+        for _ in range(swaps):
+            options = {k: score([*chosen, k]) for k in range(plan.num_steps) if k not in chosen}
+            best = min(options, key=options.get)
+            chosen.append(best)
+            tried = {str(k): v for k, v in options.items()}  # (JSON keys: the plan file reads back equal)
+            rounds.append({"steps": sorted(chosen), "rmse_ref": options[best], "tried": tried})
+            bar.update(len(scores), f"student at steps {sorted(chosen)}  RMSE {options[best]:.5f}")
+    finally:
+        bar.close()
+    assembly = Assembly(reference, student.fingerprint, tuple(chosen), share)
+    record = {"student": reference, "fingerprint": student.fingerprint, "call_share": share,
+              "rule": "greedy forward selection by the proxy (search seed), one step a round",
+              "rounds": rounds}  # fmt: skip
+    return assembly, record
 
 
 def _candidate_from_key(key: str) -> Candidate:
