@@ -150,7 +150,7 @@ def test_a_student_of_other_weights_or_conventions_or_changed_since_is_refused(m
     dit = hasten.load("mnist-dit")
     with pytest.raises(ValueError, match="was not made from the weights of 'mnist-dit'"):
         check_student(dit, student)
-    check_student(dit, student, lineage=False)  # a forced plan: the conventions still hold
+    check_student(dit, student, ancestor=model.fingerprint)  # a plan of the tiny model forced onto mnist-dit
     with pytest.raises(ValueError, match="has objective 'eps' where 'mnist-dit' has 'flow'"):
         check_student(dit, hasten.load("mnist-unet-pruned"))
     with pytest.raises(ValueError, match="not distilled or pruned from any model"):
@@ -178,6 +178,31 @@ def test_an_assembly_plan_refuses_a_cache_a_scheduler_and_a_recipe_with_a_cache(
         HastenScheduler.from_plan(plan)
     with pytest.raises(RecipeError, match="runs a student at some steps"):
         Recipe(model=model.info.name, fingerprint=model.fingerprint, plan=plan, cache=BlockCacheConfig())
+
+
+def test_an_assembled_plan_composes_with_quantised_weights_in_a_recipe(model, pruned, tiny_model, tmp_path):
+    from hasten import Recipe
+    from hasten.quant.storage import quantize_to_folder
+
+    other = hasten.load(pruned)
+    plan = _plan(model, Assembly(pruned, other.fingerprint, (0, 3), call_share(model, other)))
+    quantize_to_folder(tiny_model, hasten.QuantConfig(weights=8, activations=None), tmp_path / "q", n=32, steps=2)
+    recipe = Recipe(model=tiny_model, fingerprint=model.fingerprint, plan=plan, quant=str(tmp_path / "q"))
+    quantised = recipe.load_model()
+    assert quantised.fingerprint != model.fingerprint  # the plan is forced onto the quantised copy by the recipe
+    own_steps = []
+
+    def record(forward, *args, **kwargs):
+        own_steps.append(hasten._context.current_run().step.index)
+        return forward(*args, **kwargs)
+
+    handle = add_hook(quantised.network, "test/record", record)
+    try:
+        with torch.no_grad():
+            gen = hasten.generate(quantised, 2, recipe=recipe)
+    finally:
+        remove_hooks([handle])
+    assert own_steps == [1, 2] and torch.isfinite(gen.images01).all()  # the float student at 0 and 3
 
 
 def test_multistep_samples_takes_one_denoiser_per_step(model):

@@ -307,7 +307,8 @@ def generate(
             raise ValueError("a plan with a per-step student cannot run under a cache (the cache would reuse one "
                              "network's features in the other's calls); sample the plan without --accel")  # fmt: skip
         plan.check_model(model.info.name, model.fingerprint, force=force_plan)
-        student = load_student(model, assembly.student, assembly.fingerprint, lineage=not force_plan)
+        # (the student must descend from the weights the plan was tuned for: the model's, unless the plan is forced)
+        student = load_student(model, assembly.student, assembly.fingerprint, ancestor=plan.fingerprint)
         with assemble(model, student, assembly.steps):
             return generate(
                 model, n, solver=solver, steps=steps, schedule=schedule, seed=seed, guidance=guidance, label=label,

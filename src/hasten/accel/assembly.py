@@ -41,11 +41,12 @@ ASSEMBLY_HOOK = "hasten.plan/assembly"
 CONVENTIONS = ("objective", "time_scale", "image_shape", "num_classes")
 
 
-def check_student(model: Any, student: Any, *, lineage: bool = True) -> None:
+def check_student(model: Any, student: Any, *, ancestor: str = "") -> None:
     """Refuse a student that cannot answer the model's network calls (a :class:`ValueError` naming why).
 
-    ``lineage=False`` skips only the weights check (a plan forced onto a fine-tune of its model); the output
-    conventions are always checked.
+    The student must descend from the weights ``ancestor`` (a fingerprint; by default the model's own). A plan
+    forced onto other weights (a fine-tune or the quantised copy of its model) passes the fingerprint it was
+    tuned for: the student must descend from those.
     """
     name, other = model.info.name, student.info.name
     for field in CONVENTIONS:
@@ -58,14 +59,13 @@ def check_student(model: Any, student: Any, *, lineage: bool = True) -> None:
                          "network at a step")  # fmt: skip
     if model.network is student.network:
         raise ValueError(f"student {other!r} is {name!r} itself (the same network object)")
-    if not lineage:
-        return
+    ancestor = ancestor or model.fingerprint
     record = student.info.distillation or {}
     ancestors = [record.get("teacher_fingerprint")] + [s.get("fingerprint") for s in record.get("lineage") or []]
-    if model.fingerprint not in ancestors:
+    if ancestor not in ancestors:
         origin = f"from {record.get('teacher')!r} (weights {str(record.get('teacher_fingerprint'))[:12]})"
         raise ValueError(
-            f"student {other!r} was not made from the weights of {name!r} ({model.fingerprint[:12]}): it was "
+            f"student {other!r} was not made from the weights of {name!r} ({ancestor[:12]}): it was "
             f"{origin if record else 'not distilled or pruned from any model'}; a student runs some steps only "
             "of the model it was pruned or distilled from"
         )
@@ -83,9 +83,10 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-def load_student(model: Any, reference: str, fingerprint: str = "", *, lineage: bool = True) -> Any:
+def load_student(model: Any, reference: str, fingerprint: str = "", *, ancestor: str = "") -> Any:
     """Load the student ``reference`` (a bundled name or a model folder) beside ``model`` (its device and dtype),
-    checked with :func:`check_student`; ``fingerprint``, when given, must be the student's weights'."""
+    checked with :func:`check_student` (``ancestor`` as there); ``fingerprint``, when given, must be the student's
+    weights'."""
     from ..models.zoo import load
 
     parameter = next(model.network.parameters(), None)
@@ -101,7 +102,7 @@ def load_student(model: Any, reference: str, fingerprint: str = "", *, lineage: 
             f"the plan was tuned with student {reference!r} of weights {fingerprint[:12]}, but {reference!r} now has "
             f"weights {student.fingerprint[:12]}: tune the plan again for these weights"
         )
-    check_student(model, student, lineage=lineage)
+    check_student(model, student, ancestor=ancestor)
     return student
 
 
