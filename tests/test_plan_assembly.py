@@ -188,6 +188,7 @@ def test_an_assembled_plan_composes_with_quantised_weights_in_a_recipe(model, pr
     plan = _plan(model, Assembly(pruned, other.fingerprint, (0, 3), call_share(model, other)))
     quantize_to_folder(tiny_model, hasten.QuantConfig(weights=8, activations=None), tmp_path / "q", n=32, steps=2)
     recipe = Recipe(model=tiny_model, fingerprint=model.fingerprint, plan=plan, quant=str(tmp_path / "q"))
+    assert f"{pathlib.Path(pruned).name} at steps 0,3, cost {plan.cost:.2f}" in recipe.describe()
     quantised = recipe.load_model()
     assert quantised.fingerprint != model.fingerprint  # the plan is forced onto the quantised copy by the recipe
     own_steps = []

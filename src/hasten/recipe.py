@@ -544,7 +544,13 @@ def describe_recipe(data: Mapping[str, Any], *, steps: bool = True) -> str:
         head = f"{data['library']}:{name}" + (f" ({count})" if steps else "")
     elif plan is not None:
         file = data["provenance"].get("plan_file") or f"plan {plan.digest()[:8]}"
-        head = f"plan[{pathlib.Path(file).name}] ({plan.num_steps} steps, NFE {plan.nfe})"
+        head = f"plan[{pathlib.Path(file).name}] ({plan.num_steps} steps, NFE {plan.nfe}"
+        if plan.assembly is not None:  # the label says which steps another network runs, and what the plan costs
+            swapped = ",".join(map(str, plan.assembly.steps))
+            head += f", {pathlib.Path(plan.assembly.student).name} at steps {swapped}, cost {plan.cost:.2f}"
+        elif plan.skip is not None and plan.cost is not None:
+            head += f", block skips, cost {plan.cost:.2f}"
+        head += ")"
     else:
         head = f"{name} ({data['schedule']}{f', {count}' if steps else ''})"
     student = data["provenance"].get("student")
