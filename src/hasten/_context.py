@@ -46,6 +46,13 @@ def current_run() -> SamplingRun | None:
     return _RUN.get()
 
 
+def current_step_index() -> int | None:
+    """The index of the solver step being taken in the innermost run; None outside a run or before its first step
+    (what per-step hooks key on: a plan's block skips, its per-step student)."""
+    run = _RUN.get()
+    return None if run is None or run.step is None else run.step.index
+
+
 @contextlib.contextmanager
 def guidance_branch(name: str) -> Iterator[None]:
     """Mark the network calls inside as belonging to one guidance branch (``"cond"``, ``"uncond"``, ...)."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._context import current_run
+from .._context import current_step_index
 from ..hooks import add_hook, hooks_of, remove_hooks
 
 __all__ = ["ASSEMBLY_HOOK", "assemble", "call_share", "check_student", "installed_assembly", "load_student"]
@@ -134,8 +134,7 @@ class _AssemblyHook:
 
     def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        run = current_run()
-        if run is None or run.step is None or run.step.index not in self.steps:
+        if current_step_index() not in self.steps:
             return forward(*args, **kwargs)
         self.swapped += 1
         return self.student(*args, **kwargs)

@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._context import current_run
+from .._context import current_step_index
 from ..hooks import HookHandle, add_hook, hooks_of, remove_hooks
 
 __all__ = [
@@ -89,8 +89,7 @@ class _SkipHook:
 
     def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        run = current_run()
-        if run is None or run.step is None or run.step.index not in self.steps:
+        if current_step_index() not in self.steps:
             return forward(*args, **kwargs)
         self.skipped += 1
         h = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
