@@ -1124,11 +1124,17 @@ def tune(
     if fit:
         fd += (f"; fit: validation RMSE {fit['validation_rmse']:.4f} (iteration {fit['best_iteration']}) vs the "
                f"plan's {fit['plan_validation_rmse']:.4f}, kept the {fit['kept']}")  # fmt: skip
+    assembly = plan.search.get("assembly")
+    if assembly:  # the stock start costs the full NFE: say what the student's steps cost and saved
+        fd += (f"; the student at steps {','.join(map(str, plan.assembly.steps))}: without it (cost {plan.nfe}) "
+               f"held-out RMSE {assembly['heldout_without_student']['rmse_ref']:.4f}")  # fmt: skip
+    cost = "" if plan.cost is None else f" (cost {plan.cost:.2f} NFE-equivalents)"
     _emit(
         fmt,
         data,
-        f"{loaded.info.name} at NFE {plan.nfe}: held-out RMSE to reference {held['rmse_ref']:.4f} vs "
-        f"{base['heldout']['rmse_ref']:.4f} for {base['label']}, the best stock start on the search noise{fd} "
+        f"{loaded.info.name} at NFE {plan.nfe}{cost}: held-out RMSE to reference {held['rmse_ref']:.4f} vs "
+        f"{base['heldout']['rmse_ref']:.4f} for {base['label']} (cost {plan.nfe}), the best stock start on the "
+        f"search noise{fd} "
         f"({plan.search['evaluations']} evaluations; every stock configuration beside it: hasten bench --preset "
         f"tuning --plan {out}, same model) -> {out}{f' (recipe: {recipe_file})' if recipe_file else ''}\n"
         f"{plan.describe()}",
