@@ -48,7 +48,7 @@ def main() -> None:
     plans = [load_plan(path) for path in args.plans]  # a missing or corrupt plan fails before any work
     torch.set_num_threads(args.threads)
     model = hasten.load(args.model)
-    for path, plan in zip(args.plans, plans, strict=True):
+    for plan in plans:
         plan.check_model(model.info.name, model.fingerprint)
     with torch.no_grad():
         reference = reference_samples(model, args.n, seed=args.seed, steps=100)

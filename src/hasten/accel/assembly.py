@@ -108,14 +108,16 @@ def load_student(model: Any, reference: str, fingerprint: str = "", *, ancestor:
 
 def call_share(model: Any, student: Any) -> float:
     """FLOPs of one student network call over one of the model's (``torch.utils.flop_counter``, as block skips and
-    the caches count), from a one-step solve of each on one image."""
-    from ..generate import generate
-
+    the caches count), each on the same one-image input at a middle noise level."""
+    labels = torch.zeros(1, dtype=torch.long) if model.info.num_classes else None
+    cond = {key: v.to(model.device) for key, v in model.conditioning(labels, range(1)).items()}
+    x = torch.zeros(1, *model.info.image_shape, device=model.device)
+    sigma = torch.ones(1, dtype=torch.float64, device=model.device)
     flops = []
     for loaded in (model, student):
         mode = FlopCounterMode(display=False)
         with torch.no_grad(), mode:
-            generate(loaded, 1, solver="euler", steps=1, schedule="auto", seed=0, guidance=1.0)
+            loaded.denoiser(x, sigma, **cond)
         flops.append(mode.get_total_flops())
     if not flops[0]:
         raise RuntimeError(f"{model.info.name}'s network call counted no FLOPs; cannot weigh its student")
