@@ -157,6 +157,13 @@ def test_a_student_of_other_weights_or_conventions_or_changed_since_is_refused(m
         load_student(model, "mnist-dit")
     with pytest.raises(ValueError, match="the same network object"):
         check_student(model, model)
+    consistency = dataclasses.replace(student, info=dataclasses.replace(student.info, consistency={"sigma_min": 0.002}))
+    with pytest.raises(ValueError, match="is a consistency model"):
+        check_student(model, consistency)
+    record = {**student.info.distillation, "guidance": 2.0}
+    guided = dataclasses.replace(student, info=dataclasses.replace(student.info, distillation=record))
+    with pytest.raises(ValueError, match="learned guidance 2"):
+        check_student(model, guided)
     stale = dataclasses.replace(_assembly(tiny_student, student, (1,)), fingerprint="0" * 16)
     with pytest.raises(ValueError, match="now has weights"):
         hasten.generate(model, 2, plan=_plan(model, stale))

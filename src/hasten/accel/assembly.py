@@ -59,8 +59,19 @@ def check_student(model: Any, student: Any, *, ancestor: str = "") -> None:
                          "network at a step")  # fmt: skip
     if model.network is student.network:
         raise ValueError(f"student {other!r} is {name!r} itself (the same network object)")
-    ancestor = ancestor or model.fingerprint
+    # students whose network means something else than the model's at the same input: a consistency function,
+    # a two-time (CTM) network, a fused ensemble, or a network that learned the guided prediction
+    for field, what in (("consistency", "a consistency model"), ("target_level", "a two-time (CTM) network"),
+                        ("ensemble", "an ensemble")):  # fmt: skip
+        if getattr(student.info, field, None):
+            raise ValueError(f"student {other!r} is {what}: its network's output is not the model's kind of "
+                             "prediction, so it cannot stand in for the network at a step")  # fmt: skip
     record = student.info.distillation or {}
+    learned = float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+    if learned != 1.0:
+        raise ValueError(f"student {other!r} learned guidance {learned:g} (a guided prediction): it cannot stand in "
+                         f"for {name!r}'s unguided network at a step")  # fmt: skip
+    ancestor = ancestor or model.fingerprint
     ancestors = [record.get("teacher_fingerprint")] + [s.get("fingerprint") for s in record.get("lineage") or []]
     if ancestor not in ancestors:
         origin = f"from {record.get('teacher')!r} (weights {str(record.get('teacher_fingerprint'))[:12]})"
