@@ -109,8 +109,7 @@ def options_for_model(
 
 def learned_guidance(model: LoadedModel) -> float:
     """The classifier-free guidance scale a distilled student learned from its teacher (1: none)."""
-    record = getattr(model.info, "distillation", None) or {}
-    return float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+    return float(getattr(model.info, "learned_guidance", 1.0))
 
 
 def resolve_sampler(

@@ -619,7 +619,7 @@ def student_recipe(
     card = {k: record[k] for k in STUDENT_RECORD}
     spent = float(record["seconds"]) + float(record["extra_seconds"]) + float(record.get("parent_seconds", 0.0))
     card["training_seconds"] = round(spent, 1)  # a student of a student counts the students before it
-    card["teacher_guidance"] = float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+    card["teacher_guidance"] = info.learned_guidance
     return Recipe(
         model=_folder_ref(folder), fingerprint=folder_fingerprint(folder), solver=sampler["solver"],
         options=sampler.get("options") or {}, schedule=sampler.get("schedule", "auto"), steps=int(sampler["steps"]),

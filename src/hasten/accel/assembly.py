@@ -67,7 +67,7 @@ def check_student(model: Any, student: Any, *, ancestor: str = "") -> None:
             raise ValueError(f"student {other!r} is {what}: its network's output is not the model's kind of "
                              "prediction, so it cannot stand in for the network at a step")  # fmt: skip
     record = student.info.distillation or {}
-    learned = float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+    learned = student.info.learned_guidance
     if learned != 1.0:
         raise ValueError(f"student {other!r} learned guidance {learned:g} (a guided prediction): it cannot stand in "
                          f"for {name!r}'s unguided network at a step")  # fmt: skip

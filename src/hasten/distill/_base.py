@@ -316,7 +316,7 @@ def lineage(teacher: LoadedModel, guidance: float) -> dict[str, Any]:
     if not parent:
         return {"teacher": teacher.info.name, "teacher_fingerprint": teacher.fingerprint, "guidance": guidance,
                 "parent_seconds": 0.0, "lineage": []}  # fmt: skip
-    inherited = float(parent.get("guidance", (parent.get("config") or {}).get("guidance", 1.0)))
+    inherited = teacher.info.learned_guidance
     if guidance != 1.0 and inherited != 1.0:
         raise ValueError(
             f"teacher {teacher.info.name!r} already learned guidance {inherited:g} from {parent['teacher']!r}; a "

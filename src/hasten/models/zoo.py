@@ -118,6 +118,12 @@ class ModelInfo:
         return declared[0] if declared else DIFFUSERS_FORMAT
 
     @property
+    def learned_guidance(self) -> float:
+        """The classifier-free guidance scale a distilled student learned from its teacher (1: none)."""
+        record = self.distillation or {}
+        return float(record.get("guidance", (record.get("config") or {}).get("guidance", 1.0)))
+
+    @property
     def weights_file(self) -> str:
         """The weights file of the folder: diffusers' for float models, the format's own otherwise."""
         return get_folder_format(self.folder_format).weights_file
