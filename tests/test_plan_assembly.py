@@ -51,6 +51,23 @@ def twin(tiny_model, tmp_path_factory):
     return str(folder)
 
 
+def _sample_recording_own_steps(network, *args, **kwargs):
+    """``hasten.generate(*args, **kwargs)`` and the steps at which ``network`` itself ran. The recording hook is
+    added before the run's assembly, so it sits inside it: it sees only the calls the network answers."""
+    own_steps = []
+
+    def record(forward, *a, **kw):
+        own_steps.append(hasten._context.current_step_index())
+        return forward(*a, **kw)
+
+    handle = add_hook(network, "test/record", record)
+    try:
+        with torch.no_grad():
+            return hasten.generate(*args, **kwargs), own_steps
+    finally:
+        remove_hooks([handle])
+
+
 def _plan(model, assembly=None, steps=4, **fields) -> Plan:
     sigmas = tuple(get_sigmas("auto", steps, model.schedule).tolist())
     return Plan(sigmas, "dpmpp_2m", nfe=steps, model=model.info.name, fingerprint=model.fingerprint,
@@ -117,19 +134,8 @@ def test_a_student_with_the_models_own_weights_at_every_step_is_the_plain_plan_b
 
 
 def test_the_student_answers_exactly_the_plans_steps_and_the_hook_comes_off(model, student, tiny_student):
-    own_steps = []
-
-    def record(forward, *args, **kwargs):
-        own_steps.append(hasten._context.current_run().step.index)
-        return forward(*args, **kwargs)
-
-    # a hook added before the assembly sits inside it: it sees only the calls the model's own network answers
-    handle = add_hook(model.network, "test/record", record)
-    try:
-        with torch.no_grad():
-            gen = hasten.generate(model, 3, plan=_plan(model, _assembly(tiny_student, student, (0, 2))), seed=1)
-    finally:
-        remove_hooks([handle])
+    plan = _plan(model, _assembly(tiny_student, student, (0, 2)))
+    gen, own_steps = _sample_recording_own_steps(model.network, model, 3, plan=plan, seed=1)
     assert own_steps == [1, 3] and gen.nfe == 4  # dpmpp_2m: one call per step; the student's two count as calls
     assert hooked_modules(model.network) == {} and installed_assembly(model.network) is None
     with torch.no_grad():
@@ -198,18 +204,7 @@ def test_an_assembled_plan_composes_with_quantised_weights_in_a_recipe(model, pr
     assert f"{pathlib.Path(pruned).name} at steps 0,3, cost {plan.cost:.2f}" in recipe.describe()
     quantised = recipe.load_model()
     assert quantised.fingerprint != model.fingerprint  # the plan is forced onto the quantised copy by the recipe
-    own_steps = []
-
-    def record(forward, *args, **kwargs):
-        own_steps.append(hasten._context.current_run().step.index)
-        return forward(*args, **kwargs)
-
-    handle = add_hook(quantised.network, "test/record", record)
-    try:
-        with torch.no_grad():
-            gen = hasten.generate(quantised, 2, recipe=recipe)
-    finally:
-        remove_hooks([handle])
+    gen, own_steps = _sample_recording_own_steps(quantised.network, quantised, 2, recipe=recipe)
     assert own_steps == [1, 2] and torch.isfinite(gen.images01).all()  # the float student at 0 and 3
 
 
