@@ -106,6 +106,10 @@ def test_a_candidate_failing_confirmation_is_not_chosen(tmp_path):
     assert result.recipe.kind == "stock" and result.chosen["label"].startswith("dpmpp_2m (karras, 6 steps)")
     failed = [r for r in result.evaluations if r.get("confirmation") and not r["confirmation"]["passed"]]
     assert [r["label"].split(" ")[0] for r in failed] == ["plan[nfe4.json]"]
+    from hasten.cli.app import _not_kept  # the summary says why a faster candidate was not chosen
+
+    assert _not_kept(result) == ["  not kept: plan[nfe4.json] (4 steps, NFE 4): 1.50x, failed confirmation (+9.0% "
+                                 f"on seed {CONFIRM_SEED})"]  # fmt: skip
 
 
 def test_an_fd_below_the_reference_is_a_loss_too(tmp_path):

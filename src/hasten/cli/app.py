@@ -1890,8 +1890,21 @@ def optimize(
              f"on seed {c['confirmation']['seed']} ({spent}) -> {out}"]  # fmt: skip
     lines += [f"  {row['step']}: {row['label']}: {row['speedup']:.2f}x, quality loss {_pct(row['quality_loss'])}"
               for row in result.path]  # fmt: skip
+    lines += _not_kept(result)
     lines.append(f"  report: {work / 'report.html'}")
     _emit(fmt, data, "\n".join(lines))
+
+
+def _not_kept(result: Any) -> list[str]:
+    """Lines for the timed candidates faster than the chosen one that failed confirmation (the baseline too), so a
+    chosen recipe slower than the baseline explains itself."""
+    chosen = result.chosen["speedup"]
+    return [
+        f"  not kept: {r['label']}: {r['speedup']:.2f}x, failed confirmation "
+        f"({_pct(r['confirmation']['quality_loss'])} on seed {r['confirmation']['seed']})"
+        for r in sorted(result.evaluations, key=lambda r: -r.get("speedup", 0.0))
+        if r.get("speedup", 0.0) > chosen and (r.get("confirmation") or {}).get("passed") is False
+    ]
 
 
 def _pct(value: float | None) -> str:
