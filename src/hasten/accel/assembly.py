@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -119,14 +118,13 @@ def load_student(model: Any, reference: str, fingerprint: str = "", *, ancestor:
 
 def _folder_stamp(reference: str) -> tuple:
     """What identifies the student folder's current contents cheaply: each file's name, size and mtime."""
-    from ..models.zoo import BUNDLED
+    from ..models.zoo import model_folder
 
-    folder = pathlib.Path(reference)
-    if not (folder / "hasten.json").is_file():
-        folder = BUNDLED / str(reference)
+    folder = model_folder(reference)
     if not folder.is_dir():
         return ()
-    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    stats = ((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 @functools.lru_cache(maxsize=4)

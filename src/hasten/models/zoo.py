@@ -324,6 +324,13 @@ def bundled_models() -> list[str]:
     return sorted(p.name for p in BUNDLED.glob("*") if (p / "hasten.json").exists())
 
 
+def model_folder(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """The folder ``load`` reads: ``name_or_path`` itself when it holds a hasten.json, else the bundled model of that
+    name (which may not exist)."""
+    folder = pathlib.Path(name_or_path)
+    return folder if (folder / "hasten.json").exists() else BUNDLED / str(name_or_path)
+
+
 def load(
     name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
@@ -332,9 +339,7 @@ def load(
     Returns:
         :class:`LoadedModel` with ``.denoiser`` (VE-form, ready for :func:`hasten.sample`) and ``.info``.
     """
-    folder = pathlib.Path(name_or_path)
-    if not (folder / "hasten.json").exists():
-        folder = BUNDLED / str(name_or_path)
+    folder = model_folder(name_or_path)
     if not (folder / "hasten.json").exists():
         raise FileNotFoundError(
             f"no hasten model {str(name_or_path)!r}; bundled models: {', '.join(bundled_models()) or '(none)'}, "
